@@ -1,0 +1,14 @@
+//! `overlan-shared`: everything the relay and the client agree on, as plain data and
+//! sans-IO logic — addresses, the wire protocol and its codecs, the VIP pool, invite
+//! URIs, configuration helpers and TLS/certificate helpers. Nothing here opens a socket.
+
+pub mod addr;
+pub mod config;
+pub mod invite;
+pub mod pool;
+pub mod tls;
+pub mod wire;
+
+pub use addr::{Subnet, SubnetError, VirtualAddr};
+pub use invite::{Invite, InviteError};
+pub use wire::ErrorCode;
