@@ -1,0 +1,356 @@
+//! `SocketPairActor`: one per virtual stream (a connect to a listener). It carries the
+//! connection through offer → accept/deny → both sides attach their QUIC streams →
+//! spliced, and supervises it: timeouts for a listener that never answers or a side
+//! that never attaches, and teardown when either side closes or its session dies. The
+//! bytes are spliced by a task it owns (one `read_chunk`/`write_chunk` loop per
+//! direction), never through its mailbox.
+
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use overlan_shared::wire::control::SocketId;
+use overlan_shared::wire::{reset_code, ErrorCode};
+use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::sync::watch;
+
+use crate::config::RelayConfig;
+use crate::router::{LocalSession, Router, SessionId};
+use crate::session::{ConnectOutcome, Notice, Offer, PairEnded, SessionActor};
+
+/// One side of a pair.
+struct Party {
+    session: LocalSession,
+    addr: SocketAddrV4,
+    stream: Option<(SendStream, RecvStream)>,
+    gone: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PairState {
+    /// Waiting for the listener's application to accept or deny.
+    Offered,
+    /// Accepted; waiting for both data streams.
+    Accepted,
+    /// Bytes flow.
+    Spliced,
+}
+
+/// A connected (or connecting) virtual stream.
+pub struct SocketPairActor {
+    socket: SocketId,
+    req: u64,
+    connector: Party,
+    listener: Party,
+    state: PairState,
+    router: Arc<Router>,
+    config: Arc<RelayConfig>,
+    cancel: Option<watch::Sender<Option<VarInt>>>,
+}
+
+impl SocketPairActor {
+    /// A pair for `connector`'s request `req` to `listener`.
+    pub fn new(
+        socket: SocketId,
+        req: u64,
+        connector: (LocalSession, SocketAddrV4),
+        listener: (LocalSession, SocketAddrV4),
+        router: Arc<Router>,
+        config: Arc<RelayConfig>,
+    ) -> Self {
+        let party = |(session, addr): (LocalSession, SocketAddrV4)| Party { session, addr, stream: None, gone: false };
+        Self {
+            socket,
+            req,
+            connector: party(connector),
+            listener: party(listener),
+            state: PairState::Offered,
+            router,
+            config,
+            cancel: None,
+        }
+    }
+
+    fn connect_failed(&self, code: ErrorCode, why: &str) {
+        let to = self.listener.addr;
+        self.connector.session.addr.do_send(ConnectOutcome {
+            req: self.req,
+            socket: self.socket,
+            result: Err((code, format!("connect {to}: {why}"))),
+        });
+    }
+
+    /// Ends the pair: resets every attached stream with `code`, tells the sessions still
+    /// there why (`notify`), and stops.
+    fn terminate(&mut self, ctx: &mut Context<Self>, code: u32, notify: ErrorCode) {
+        let code = VarInt::from_u32(code);
+        if let Some(cancel) = &self.cancel {
+            let _ = cancel.send(Some(code));
+        }
+        for party in [&mut self.connector, &mut self.listener] {
+            if let Some((mut send, mut recv)) = party.stream.take() {
+                let _ = send.reset(code);
+                let _ = recv.stop(code);
+            }
+        }
+        if self.state == PairState::Offered && !self.connector.gone {
+            self.connect_failed(notify, notify.describe());
+        }
+        for party in [&self.connector, &self.listener] {
+            if !party.gone {
+                party.session.addr.do_send(PairEnded { socket: self.socket, notify: Some(notify) });
+            }
+        }
+        ctx.stop();
+    }
+
+    fn party_mut(&mut self, session: SessionId) -> Option<&mut Party> {
+        if self.connector.session.id == session {
+            Some(&mut self.connector)
+        } else if self.listener.session.id == session {
+            Some(&mut self.listener)
+        } else {
+            None
+        }
+    }
+
+    fn maybe_splice(&mut self, ctx: &mut Context<Self>) {
+        if self.state != PairState::Accepted || self.connector.stream.is_none() || self.listener.stream.is_none() {
+            return;
+        }
+        let a = self.connector.stream.take().expect("checked above");
+        let b = self.listener.stream.take().expect("checked above");
+        let (tx, rx) = watch::channel(None);
+        self.cancel = Some(tx);
+        self.state = PairState::Spliced;
+        tracing::debug!(socket = self.socket, from = %self.connector.addr, to = %self.listener.addr, "socket spliced");
+        tokio::spawn(splice(a, b, rx, ctx.address()));
+    }
+}
+
+impl Actor for SocketPairActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.router.add_pair(self.socket, ctx.address());
+        self.listener.session.addr.do_send(Offer {
+            socket: self.socket,
+            pair: ctx.address(),
+            local: self.listener.addr,
+            peer: self.connector.addr,
+        });
+        ctx.run_later(self.config.accept_timeout, |act, ctx| {
+            if act.state == PairState::Offered {
+                act.terminate(ctx, reset_code::TIMED_OUT, ErrorCode::TimedOut);
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.router.remove_pair(self.socket);
+        for party in [&self.connector, &self.listener] {
+            party.session.addr.do_send(PairEnded { socket: self.socket, notify: None });
+        }
+    }
+}
+
+/// The listener's application answered an offer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AnswerOffer {
+    /// The answering session.
+    pub session: SessionId,
+    /// Accept, or the reason to refuse (`Denied`, `Refused`).
+    pub result: Result<(), ErrorCode>,
+}
+
+impl Handler<AnswerOffer> for SocketPairActor {
+    type Result = ();
+    fn handle(&mut self, msg: AnswerOffer, ctx: &mut Self::Context) {
+        if msg.session != self.listener.session.id || self.state != PairState::Offered {
+            return;
+        }
+        match msg.result {
+            Ok(()) => {
+                self.state = PairState::Accepted;
+                self.connector.session.addr.do_send(ConnectOutcome {
+                    req: self.req,
+                    socket: self.socket,
+                    result: Ok((self.connector.addr, self.listener.addr)),
+                });
+                ctx.run_later(self.config.attach_timeout, |act, ctx| {
+                    if act.state != PairState::Spliced {
+                        act.terminate(ctx, reset_code::TIMED_OUT, ErrorCode::TimedOut);
+                    }
+                });
+                self.maybe_splice(ctx);
+            }
+            Err(code) => {
+                self.connect_failed(code, code.describe());
+                ctx.stop();
+            }
+        }
+    }
+}
+
+/// A client opened the QUIC stream of a socket.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachStream {
+    /// The session that opened it.
+    pub session: SessionId,
+    /// That session's actor (told if the stream is rejected).
+    pub session_addr: Addr<SessionActor>,
+    /// Send half.
+    pub send: SendStream,
+    /// Receive half.
+    pub recv: RecvStream,
+}
+
+impl Handler<AttachStream> for SocketPairActor {
+    type Result = ();
+    fn handle(&mut self, mut msg: AttachStream, ctx: &mut Self::Context) {
+        let socket = self.socket;
+        let spliced = self.state == PairState::Spliced;
+        let free = matches!(self.party_mut(msg.session), Some(p) if p.stream.is_none() && !p.gone && !spliced);
+        if !free {
+            let code = VarInt::from_u32(reset_code::UNKNOWN_SOCKET);
+            let _ = msg.send.reset(code);
+            let _ = msg.recv.stop(code);
+            msg.session_addr.do_send(Notice {
+                code: ErrorCode::UnknownSocket,
+                message: format!("stream for socket {socket} rejected: not this session's socket, or already attached"),
+            });
+            return;
+        }
+        if let Some(party) = self.party_mut(msg.session) {
+            party.stream = Some((msg.send, msg.recv));
+        }
+        self.maybe_splice(ctx);
+    }
+}
+
+/// A party closes the socket at once (both directions).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseSocket {
+    /// The closing session.
+    pub session: SessionId,
+}
+
+impl Handler<CloseSocket> for SocketPairActor {
+    type Result = ();
+    fn handle(&mut self, msg: CloseSocket, ctx: &mut Self::Context) {
+        if self.party_mut(msg.session).is_some() {
+            self.terminate(ctx, reset_code::ABORTED, ErrorCode::Closed);
+        }
+    }
+}
+
+/// A party's session ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PartyGone {
+    /// The session that ended.
+    pub session: SessionId,
+}
+
+impl Handler<PartyGone> for SocketPairActor {
+    type Result = ();
+    fn handle(&mut self, msg: PartyGone, ctx: &mut Self::Context) {
+        let Some(party) = self.party_mut(msg.session) else { return };
+        party.gone = true;
+        if self.state == PairState::Offered && self.listener.gone {
+            self.connect_failed(ErrorCode::Unreachable, "unreachable (the listener's session ended)");
+            self.connector.gone = true; // already told; no second outcome
+        }
+        self.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
+    }
+}
+
+/// Both directions of the splice have ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SpliceDone;
+
+impl Handler<SpliceDone> for SocketPairActor {
+    type Result = ();
+    fn handle(&mut self, _: SpliceDone, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+async fn splice(
+    a: (SendStream, RecvStream),
+    b: (SendStream, RecvStream),
+    cancel: watch::Receiver<Option<VarInt>>,
+    pair: Addr<SocketPairActor>,
+) {
+    let (a_send, a_recv) = a;
+    let (b_send, b_recv) = b;
+    tokio::join!(pump(a_recv, b_send, cancel.clone()), pump(b_recv, a_send, cancel));
+    pair.do_send(SpliceDone);
+}
+
+/// Resolves with the cancel code once the pair is terminated; never if it is not.
+async fn cancelled(rx: &mut watch::Receiver<Option<VarInt>>) -> VarInt {
+    loop {
+        if let Some(code) = *rx.borrow_and_update() {
+            return code;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Copies one direction, carrying the end over faithfully: a finish (half-close) as a
+/// finish, a reset as a reset with the same code, a stop as a stop, a lost connection
+/// as `SESSION_LOST`.
+async fn pump(mut from: RecvStream, mut to: SendStream, mut cancel: watch::Receiver<Option<VarInt>>) {
+    let session_lost = VarInt::from_u32(reset_code::SESSION_LOST);
+    loop {
+        let read = tokio::select! {
+            biased;
+            code = cancelled(&mut cancel) => {
+                let _ = to.reset(code);
+                let _ = from.stop(code);
+                return;
+            }
+            read = from.read_chunk(usize::MAX, true) => read,
+        };
+        match read {
+            Ok(Some(chunk)) => {
+                let written = tokio::select! {
+                    biased;
+                    code = cancelled(&mut cancel) => {
+                        let _ = to.reset(code);
+                        let _ = from.stop(code);
+                        return;
+                    }
+                    written = to.write_chunk(chunk.bytes) => written,
+                };
+                if let Err(e) = written {
+                    let code = match e {
+                        WriteError::Stopped(code) => code,
+                        _ => session_lost,
+                    };
+                    let _ = from.stop(code);
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = to.finish();
+                return;
+            }
+            Err(ReadError::Reset(code)) => {
+                let _ = to.reset(code);
+                return;
+            }
+            Err(_) => {
+                let _ = to.reset(session_lost);
+                return;
+            }
+        }
+    }
+}

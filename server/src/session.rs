@@ -1,0 +1,537 @@
+//! `SessionActor`: one per joined client. It owns the client's control stream, its
+//! listeners, datagram ports and socket memberships, registers them in the router when
+//! it starts or the client asks, and releases all of it when it stops — closed,
+//! timed out (QUIC idle timeout) or replaced by a newer session of the same identity
+//! and instance. Data never passes through it: datagrams and stream splices run in
+//! tasks that read the router directly.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::BytesMut;
+use overlan_shared::tls::Fingerprint;
+use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
+use overlan_shared::wire::frame::{FrameError, RelaySideCodec};
+use overlan_shared::wire::stream::{StreamHeader, HEADER_LEN as STREAM_HEADER_LEN};
+use overlan_shared::wire::{close_code, reset_code, ErrorCode, MAX_DATAGRAM_PAYLOAD, PROTOCOL_VERSION};
+use quinn::VarInt;
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+
+use crate::config::RelayConfig;
+use crate::datagram::{run_datagram_loop, Sender};
+use crate::pair::{AnswerOffer, AttachStream, CloseSocket, PartyGone, SocketPairActor};
+use crate::router::{DatagramBinding, LocalSession, Router, SessionId};
+use crate::store::Network;
+
+/// Ephemeral virtual ports, as in IANA's dynamic range.
+pub const EPHEMERAL_PORTS: RangeInclusive<u16> = 49152..=65535;
+/// Control messages queued toward a client before it counts as stuck and is dropped.
+const CONTROL_QUEUE: usize = 4096;
+/// How long a newly opened stream has to deliver its header.
+const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The parts a session is made of, handed over by the handshake.
+pub struct SessionParts {
+    /// The client's QUIC connection.
+    pub conn: quinn::Connection,
+    /// Control stream, send half.
+    pub control_send: quinn::SendStream,
+    /// Control stream, receive half (already past the hello).
+    pub control_recv: FramedRead<quinn::RecvStream, RelaySideCodec>,
+    /// Client identity.
+    pub identity: Fingerprint,
+    /// Instance name.
+    pub instance: String,
+    /// Network joined.
+    pub network: Network,
+    /// The client's VIP.
+    pub vip: Ipv4Addr,
+}
+
+/// A socket this session takes part in.
+struct Membership {
+    pair: Addr<SocketPairActor>,
+    /// The local stream port the socket uses on this side, if it holds one (the
+    /// connecting side's ephemeral port).
+    local_port: Option<u16>,
+}
+
+/// One joined client.
+pub struct SessionActor {
+    id: SessionId,
+    conn: quinn::Connection,
+    identity: Fingerprint,
+    instance: String,
+    network: Network,
+    vip: Ipv4Addr,
+    router: Arc<Router>,
+    config: Arc<RelayConfig>,
+    control: mpsc::Sender<RelayMessage>,
+    control_recv: Option<FramedRead<quinn::RecvStream, RelaySideCodec>>,
+    listeners: HashSet<u16>,
+    datagram_ports: HashSet<u16>,
+    stream_ports: HashSet<u16>,
+    sockets: HashMap<SocketId, Membership>,
+    next_ephemeral: u16,
+    /// QUIC close code and reason used when the session stops.
+    end: (u32, String),
+}
+
+impl SessionActor {
+    /// Builds the actor; the control writer task starts at once.
+    pub fn new(parts: SessionParts, router: Arc<Router>, config: Arc<RelayConfig>) -> Self {
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        tokio::spawn(run_control_writer(parts.control_send, rx, config.max_control_frame));
+        Self {
+            id: router.next_session_id(),
+            conn: parts.conn,
+            identity: parts.identity,
+            instance: parts.instance,
+            network: parts.network,
+            vip: parts.vip,
+            router,
+            config,
+            control: tx,
+            control_recv: Some(parts.control_recv),
+            listeners: HashSet::new(),
+            datagram_ports: HashSet::new(),
+            stream_ports: HashSet::new(),
+            sockets: HashMap::new(),
+            next_ephemeral: *EPHEMERAL_PORTS.start(),
+            end: (close_code::NORMAL, "session ended".to_owned()),
+        }
+    }
+
+    fn local(&self, ctx: &Context<Self>) -> LocalSession {
+        LocalSession {
+            id: self.id,
+            addr: ctx.address(),
+            conn: self.conn.clone(),
+        }
+    }
+
+    fn net(&self) -> i64 {
+        self.network.id
+    }
+
+    /// Queues a control message; a client that lets the queue fill is cut off.
+    fn send(&mut self, ctx: &mut Context<Self>, msg: RelayMessage) {
+        if let Err(e) = self.control.try_send(msg) {
+            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                tracing::warn!(session = self.id, vip = %self.vip, "control queue full; disconnecting");
+                self.end = (close_code::PROTOCOL_VIOLATION, "control stream not read; too many unread messages".into());
+            }
+            ctx.stop();
+        }
+    }
+
+    fn fail(&mut self, ctx: &mut Context<Self>, req: u64, code: ErrorCode, message: String) {
+        self.send(ctx, RelayMessage::Failed { req, code, message });
+    }
+
+    fn disconnect(&mut self, ctx: &mut Context<Self>, code: u32, reason: String) {
+        tracing::info!(session = self.id, vip = %self.vip, %reason, "disconnecting session");
+        self.end = (code, reason);
+        ctx.stop();
+    }
+
+    /// Picks a free ephemeral port not in `used`.
+    fn ephemeral(&mut self, used: impl Fn(u16) -> bool) -> Option<u16> {
+        let span = EPHEMERAL_PORTS.len();
+        for _ in 0..span {
+            let port = self.next_ephemeral;
+            self.next_ephemeral = if port == *EPHEMERAL_PORTS.end() { *EPHEMERAL_PORTS.start() } else { port + 1 };
+            if !used(port) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    fn handle_listen(&mut self, ctx: &mut Context<Self>, req: u64, port: u16) {
+        let port = if port == 0 {
+            let in_use = self.stream_ports.clone();
+            match self.ephemeral(|p| in_use.contains(&p)) {
+                Some(p) => p,
+                None => return self.fail(ctx, req, ErrorCode::AddrInUse, "no free ephemeral stream port".into()),
+            }
+        } else {
+            port
+        };
+        if !self.stream_ports.insert(port) {
+            return self.fail(ctx, req, ErrorCode::AddrInUse, format!("listen {}:{port}: address in use", self.vip));
+        }
+        self.listeners.insert(port);
+        let local = self.local(ctx);
+        self.router.add_listener(self.net(), SocketAddrV4::new(self.vip, port), local);
+        self.send(ctx, RelayMessage::Listening { req, port });
+    }
+
+    fn handle_unlisten(&mut self, port: u16) {
+        if self.listeners.remove(&port) {
+            self.stream_ports.remove(&port);
+            self.router.remove_listener(self.net(), SocketAddrV4::new(self.vip, port), self.id);
+        }
+    }
+
+    fn handle_bind(&mut self, ctx: &mut Context<Self>, req: u64, port: u16) {
+        let port = if port == 0 {
+            let in_use = self.datagram_ports.clone();
+            match self.ephemeral(|p| in_use.contains(&p)) {
+                Some(p) => p,
+                None => return self.fail(ctx, req, ErrorCode::AddrInUse, "no free ephemeral datagram port".into()),
+            }
+        } else {
+            port
+        };
+        if !self.datagram_ports.insert(port) {
+            return self.fail(ctx, req, ErrorCode::AddrInUse, format!("bind {}:{port}: address in use", self.vip));
+        }
+        let binding = DatagramBinding {
+            session: self.id,
+            conn: self.conn.clone(),
+        };
+        self.router.bind_datagram(self.net(), SocketAddrV4::new(self.vip, port), binding);
+        self.send(ctx, RelayMessage::Bound { req, port });
+    }
+
+    fn handle_unbind(&mut self, port: u16) {
+        if self.datagram_ports.remove(&port) {
+            self.router.unbind_datagram(self.net(), SocketAddrV4::new(self.vip, port), self.id);
+        }
+    }
+
+    fn handle_connect(&mut self, ctx: &mut Context<Self>, req: u64, to: SocketAddrV4) {
+        let subnet = self.network.subnet;
+        if to.port() == 0 || !subnet.is_assignable(*to.ip()) {
+            return self.fail(
+                ctx,
+                req,
+                ErrorCode::Unreachable,
+                format!("connect {to}: unreachable (not a client address of network {} {subnet})", self.network.name),
+            );
+        }
+        let Some(_route) = self.router.route(self.net(), *to.ip()) else {
+            return self.fail(ctx, req, ErrorCode::Unreachable, format!("connect {to}: unreachable (no session has that VIP)"));
+        };
+        let Some(listener) = self.router.listener(self.net(), to) else {
+            return self.fail(ctx, req, ErrorCode::Refused, format!("connect {to}: refused (nothing listening)"));
+        };
+        let in_use = self.stream_ports.clone();
+        let Some(port) = self.ephemeral(|p| in_use.contains(&p)) else {
+            return self.fail(ctx, req, ErrorCode::AddrInUse, format!("connect {to}: no free ephemeral port"));
+        };
+        self.stream_ports.insert(port);
+        let socket = self.router.next_socket_id();
+        let local = SocketAddrV4::new(self.vip, port);
+        let pair = SocketPairActor::new(
+            socket,
+            req,
+            (self.local(ctx), local),
+            (listener, to),
+            self.router.clone(),
+            self.config.clone(),
+        )
+        .start();
+        self.sockets.insert(socket, Membership { pair, local_port: Some(port) });
+    }
+
+    fn with_socket(&mut self, ctx: &mut Context<Self>, socket: SocketId, f: impl FnOnce(&Addr<SocketPairActor>, SessionId)) {
+        match self.sockets.get(&socket) {
+            Some(m) => f(&m.pair, self.id),
+            None => self.send(
+                ctx,
+                RelayMessage::Error {
+                    code: ErrorCode::UnknownSocket,
+                    message: format!("socket {socket} is not one of this session's sockets"),
+                },
+            ),
+        }
+    }
+
+    fn handle_message(&mut self, ctx: &mut Context<Self>, msg: ClientMessage) {
+        match msg {
+            ClientMessage::Hello { .. } => {
+                self.disconnect(ctx, close_code::PROTOCOL_VIOLATION, "protocol violation: hello sent twice".into())
+            }
+            ClientMessage::Listen { req, port } => self.handle_listen(ctx, req, port),
+            ClientMessage::Unlisten { port } => self.handle_unlisten(port),
+            ClientMessage::Bind { req, port } => self.handle_bind(ctx, req, port),
+            ClientMessage::Unbind { port } => self.handle_unbind(port),
+            ClientMessage::Connect { req, to } => self.handle_connect(ctx, req, to),
+            ClientMessage::Accept { socket } => self.with_socket(ctx, socket, |pair, session| {
+                pair.do_send(AnswerOffer { session, result: Ok(()) })
+            }),
+            ClientMessage::Deny { socket } => self.with_socket(ctx, socket, |pair, session| {
+                pair.do_send(AnswerOffer { session, result: Err(ErrorCode::Denied) })
+            }),
+            ClientMessage::Close { socket } => {
+                self.with_socket(ctx, socket, |pair, session| pair.do_send(CloseSocket { session }))
+            }
+            ClientMessage::Ping { nonce } => self.send(ctx, RelayMessage::Pong { nonce }),
+        }
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let local = self.local(ctx);
+        if let Some(old) = self.router.attach_session(self.net(), self.vip, local) {
+            old.addr.do_send(Replace);
+        }
+        tracing::info!(
+            session = self.id, network = %self.network.name, vip = %self.vip,
+            identity = %self.identity, instance = %self.instance,
+            peer = %self.conn.remote_address(), "session joined"
+        );
+        let welcome = RelayMessage::Welcome {
+            protocol: PROTOCOL_VERSION,
+            session: self.id,
+            network: self.network.name.clone(),
+            vip: self.vip,
+            subnet: self.network.subnet,
+            max_datagram_payload: MAX_DATAGRAM_PAYLOAD as u32,
+            idle_timeout_ms: self.config.idle_timeout.as_millis() as u64,
+        };
+        self.send(ctx, welcome);
+        if let Some(recv) = self.control_recv.take() {
+            ctx.add_stream(recv);
+        }
+        let sender = Sender {
+            session: self.id,
+            net: self.net(),
+            vip: self.vip,
+            subnet: self.network.subnet,
+        };
+        tokio::spawn(run_datagram_loop(self.conn.clone(), self.router.clone(), sender, ctx.address()));
+        tokio::spawn(run_stream_acceptor(self.conn.clone(), self.router.clone(), self.id, ctx.address()));
+        // The QUIC idle timeout (with keep-alives) detects a dead client; when the
+        // connection ends for any reason the session ends with it.
+        let conn = self.conn.clone();
+        ctx.spawn(
+            async move { conn.closed().await }
+                .into_actor(self)
+                .map(|reason, act, ctx| {
+                    tracing::info!(session = act.id, vip = %act.vip, %reason, "connection ended");
+                    ctx.stop();
+                }),
+        );
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        let net = self.net();
+        self.router.detach_session(net, self.vip, self.id);
+        for port in self.listeners.drain() {
+            self.router.remove_listener(net, SocketAddrV4::new(self.vip, port), self.id);
+        }
+        for port in self.datagram_ports.drain() {
+            self.router.unbind_datagram(net, SocketAddrV4::new(self.vip, port), self.id);
+        }
+        for (_, m) in self.sockets.drain() {
+            m.pair.do_send(PartyGone { session: self.id });
+        }
+        let (code, reason) = &self.end;
+        self.conn.close(VarInt::from_u32(*code), reason.as_bytes());
+        tracing::info!(session = self.id, vip = %self.vip, reason = %reason, "session closed");
+    }
+}
+
+impl StreamHandler<Result<ClientMessage, FrameError>> for SessionActor {
+    fn handle(&mut self, item: Result<ClientMessage, FrameError>, ctx: &mut Self::Context) {
+        match item {
+            Ok(msg) => self.handle_message(ctx, msg),
+            Err(FrameError::Io(_)) => ctx.stop(),
+            Err(e) => self.disconnect(ctx, close_code::PROTOCOL_VIOLATION, format!("protocol violation: {e}")),
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // The client closed its control stream: it left.
+        ctx.stop();
+    }
+}
+
+/// A newer session of the same identity and instance took over.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Replace;
+
+impl Handler<Replace> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, _: Replace, ctx: &mut Self::Context) {
+        self.disconnect(ctx, close_code::REPLACED, ErrorCode::Replaced.describe().to_owned());
+    }
+}
+
+/// Something the client did was rejected outside a request; tell it.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Notice {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// Human explanation.
+    pub message: String,
+}
+
+impl Handler<Notice> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, msg: Notice, ctx: &mut Self::Context) {
+        self.send(ctx, RelayMessage::Error { code: msg.code, message: msg.message });
+    }
+}
+
+/// A socket pair offers an incoming connection to this (listening) session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Offer {
+    /// Socket id.
+    pub socket: SocketId,
+    /// The pair.
+    pub pair: Addr<SocketPairActor>,
+    /// The listener's address.
+    pub local: SocketAddrV4,
+    /// The connecting side's address.
+    pub peer: SocketAddrV4,
+}
+
+impl Handler<Offer> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, msg: Offer, ctx: &mut Self::Context) {
+        if !self.listeners.contains(&msg.local.port()) {
+            msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::Refused) });
+            return;
+        }
+        self.sockets.insert(msg.socket, Membership { pair: msg.pair, local_port: None });
+        self.send(ctx, RelayMessage::Incoming { socket: msg.socket, local: msg.local, peer: msg.peer });
+    }
+}
+
+/// The outcome of this session's `Connect`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConnectOutcome {
+    /// Request id.
+    pub req: u64,
+    /// Socket id.
+    pub socket: SocketId,
+    /// Local and peer address, or why it failed.
+    pub result: Result<(SocketAddrV4, SocketAddrV4), (ErrorCode, String)>,
+}
+
+impl Handler<ConnectOutcome> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, msg: ConnectOutcome, ctx: &mut Self::Context) {
+        match msg.result {
+            Ok((local, peer)) => self.send(ctx, RelayMessage::Connected { req: msg.req, socket: msg.socket, local, peer }),
+            Err((code, message)) => {
+                self.forget_socket(msg.socket);
+                self.fail(ctx, msg.req, code, message);
+            }
+        }
+    }
+}
+
+impl SessionActor {
+    fn forget_socket(&mut self, socket: SocketId) {
+        if let Some(m) = self.sockets.remove(&socket) {
+            if let Some(port) = m.local_port {
+                self.stream_ports.remove(&port);
+            }
+        }
+    }
+}
+
+/// A socket pair this session took part in has ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PairEnded {
+    /// Socket id.
+    pub socket: SocketId,
+    /// Tell the client why, if its stream may not have told it.
+    pub notify: Option<ErrorCode>,
+}
+
+impl Handler<PairEnded> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, msg: PairEnded, ctx: &mut Self::Context) {
+        if self.sockets.contains_key(&msg.socket) {
+            self.forget_socket(msg.socket);
+            if let Some(code) = msg.notify {
+                self.send(ctx, RelayMessage::SocketClosed { socket: msg.socket, code });
+            }
+        }
+    }
+}
+
+/// Writes queued control messages to the client, batching what is queued.
+async fn run_control_writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<RelayMessage>, max_frame: usize) {
+    let codec = RelaySideCodec::new(max_frame);
+    let mut buf = BytesMut::new();
+    while let Some(msg) = rx.recv().await {
+        let mut next = Some(msg);
+        while let Some(msg) = next.take() {
+            if let Err(e) = codec.encode_into(&msg, &mut buf) {
+                tracing::error!(error = %e, "dropping unencodable control message");
+            }
+            if buf.len() < 64 * 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = send.finish();
+}
+
+/// Accepts the QUIC streams a client opens for its sockets and hands each to its pair.
+async fn run_stream_acceptor(conn: quinn::Connection, router: Arc<Router>, session: SessionId, addr: Addr<SessionActor>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(attach_stream(send, recv, router.clone(), session, addr.clone()));
+    }
+}
+
+async fn attach_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    router: Arc<Router>,
+    session: SessionId,
+    addr: Addr<SessionActor>,
+) {
+    let mut raw = [0u8; STREAM_HEADER_LEN];
+    let header = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, recv.read_exact(&mut raw)).await {
+        Ok(Ok(())) => StreamHeader::parse(&raw).map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(format!("stream ended before its header: {e}")),
+        Err(_) => Err("stream header did not arrive in time".to_owned()),
+    };
+    let reject = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: u32| {
+        let _ = send.reset(VarInt::from_u32(code));
+        let _ = recv.stop(VarInt::from_u32(code));
+    };
+    let header = match header {
+        Ok(h) => h,
+        Err(why) => {
+            reject(&mut send, &mut recv, reset_code::BAD_HEADER);
+            addr.do_send(Notice { code: ErrorCode::ProtocolViolation, message: format!("stream rejected: {why}") });
+            return;
+        }
+    };
+    match router.pair(header.socket) {
+        Some(pair) => pair.do_send(AttachStream { session, session_addr: addr, send, recv }),
+        None => {
+            reject(&mut send, &mut recv, reset_code::UNKNOWN_SOCKET);
+            addr.do_send(Notice {
+                code: ErrorCode::UnknownSocket,
+                message: format!("stream for socket {} rejected: no such socket", header.socket),
+            });
+        }
+    }
+}
