@@ -1,1 +1,263 @@
-fn main() {}
+//! `overlan`: join an overlan network from the command line — `up`, `ip`, and `nc` for
+//! streams, datagrams and broadcasts.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use overlan_client::{default_identity_path, load_or_create_identity, Client, Error, Invite, JoinOptions, SessionState};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// overlan client: join a virtual LAN through a relay.
+#[derive(Parser, Debug)]
+#[command(name = "overlan", version, about, long_about = None)]
+struct Cli {
+    /// Invite URI from the relay operator (overlan://HOST:PORT/NETWORK?fp=..&token=..).
+    #[arg(long, global = true, env = "OVERLAN_INVITE", value_name = "URI", hide_env_values = true)]
+    invite: Option<String>,
+    /// Identity file (certificate and key), created on first use [default: ~/.config/overlan/identity.pem].
+    #[arg(long, global = true, env = "OVERLAN_IDENTITY", value_name = "PATH")]
+    identity: Option<PathBuf>,
+    /// Instance name: several instances on one machine each get their own VIP.
+    #[arg(long, global = true, env = "OVERLAN_NAME", value_name = "INSTANCE", default_value = "")]
+    name: String,
+    /// Log filter for diagnostics on stderr, e.g. info or overlan_client=debug [default: warn].
+    #[arg(long, global = true, env = "OVERLAN_LOG", value_name = "FILTER")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join, print `vip A.B.C.D`, and stay connected (reconnecting) until Ctrl-C.
+    Up,
+    /// Join and print this client's VIP alone.
+    Ip,
+    /// Netcat over the overlay: streams, datagrams (-u) and broadcasts (-u -b).
+    Nc(NcArgs),
+}
+
+#[derive(Args, Debug)]
+struct NcArgs {
+    /// Listen on PORT instead of connecting.
+    #[arg(short = 'l', long)]
+    listen: bool,
+    /// Datagrams instead of a stream: one stdin line is one datagram, one received datagram one line.
+    #[arg(short = 'u', long)]
+    udp: bool,
+    /// With -u: bind PORT and send every stdin line as a broadcast to PORT.
+    #[arg(short = 'b', long, requires = "udp")]
+    broadcast: bool,
+    /// With -u: quit this many seconds after stdin ends [default: keep receiving until Ctrl-C].
+    #[arg(short = 'q', long, value_name = "SECS")]
+    quit_after: Option<u64>,
+    /// Prefix each received datagram line with its source, `A.B.C.D:PORT `.
+    #[arg(long)]
+    show_source: bool,
+    /// `VIP PORT` to connect or send to, or `PORT` with -l / -b.
+    #[arg(value_name = "ARGS", num_args = 1..=2, required = true)]
+    args: Vec<String>,
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = filter.map(str::to_owned).unwrap_or_else(|| "warn".to_owned());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("overlan: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("overlan: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn join(cli: &Cli) -> Result<Client, String> {
+    let text = cli
+        .invite
+        .as_deref()
+        .ok_or("no invite: pass --invite URI or set OVERLAN_INVITE (ask the relay operator; the relay prints one at start)")?;
+    let invite: Invite = text.parse().map_err(|e| format!("invite: {e}"))?;
+    let path = cli.identity.clone().unwrap_or_else(default_identity_path);
+    let identity = load_or_create_identity(&path).map_err(|e| e.to_string())?;
+    let options = JoinOptions::new(invite, identity).instance(cli.name.clone());
+    Client::join(options).await.map_err(|e| format!("join: {e}"))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    match &cli.command {
+        Command::Ip => {
+            let client = join(&cli).await?;
+            println!("{}", client.vip());
+            client.leave().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up => up(join(&cli).await?).await,
+        Command::Nc(args) => nc(&cli, args).await,
+    }
+}
+
+async fn up(client: Client) -> Result<ExitCode, String> {
+    println!("vip {}", client.vip());
+    eprintln!("joined network {} ({}) as {}; Ctrl-C to leave", client.network(), client.subnet(), client.vip());
+    let mut state = client.watch_state();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                client.leave().await;
+                return Ok(ExitCode::SUCCESS);
+            }
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return Err("client stopped".into());
+                }
+                match state.borrow_and_update().clone() {
+                    SessionState::Up => eprintln!("reconnected as {}", client.vip()),
+                    SessionState::Reconnecting(why) => eprintln!("session lost ({why}); reconnecting"),
+                    SessionState::Closed(why) => return Err(why),
+                }
+            }
+        }
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    text.parse().map_err(|_| format!("{text:?} is not a port (0-65535)"))
+}
+
+fn parse_target(args: &[String]) -> Result<SocketAddrV4, String> {
+    match args {
+        [vip, port] => {
+            let ip: Ipv4Addr = vip.parse().map_err(|_| format!("{vip:?} is not a VIP (A.B.C.D)"))?;
+            Ok(SocketAddrV4::new(ip, parse_port(port)?))
+        }
+        [one] => one.parse().map_err(|_| format!("expected VIP PORT, got {one:?}")),
+        _ => Err("expected VIP PORT".into()),
+    }
+}
+
+async fn nc(cli: &Cli, args: &NcArgs) -> Result<ExitCode, String> {
+    let local_port = if args.listen || args.broadcast {
+        match args.args.as_slice() {
+            [port] => Some(parse_port(port)?),
+            _ => return Err("with -l or -b give just PORT".into()),
+        }
+    } else {
+        None
+    };
+    let client = join(cli).await?;
+    let result = if args.udp {
+        nc_datagram(&client, args, local_port).await
+    } else {
+        nc_stream(&client, args, local_port).await
+    };
+    client.leave().await;
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+async fn nc_stream(client: &Client, args: &NcArgs, listen: Option<u16>) -> Result<(), String> {
+    let stream = match listen {
+        Some(port) => {
+            let listener = client.listen(port).await.map_err(|e| format!("listen: {e}"))?;
+            eprintln!("listening on {}", listener.local_addr());
+            let (stream, peer) = listener.accept().await.map_err(|e| format!("accept: {e}"))?;
+            eprintln!("connection from {peer}");
+            stream
+        }
+        None => {
+            let target = parse_target(&args.args)?;
+            client.connect(target).await.map_err(|e| e.to_string())?
+        }
+    };
+    let peer = stream.peer_addr();
+    let (mut read, mut write) = stream.into_split();
+    let upload = async {
+        let mut stdin = tokio::io::stdin();
+        tokio::io::copy(&mut stdin, &mut write).await?;
+        write.shutdown().await
+    };
+    let download = async {
+        let mut stdout = tokio::io::stdout();
+        tokio::io::copy(&mut read, &mut stdout).await?;
+        stdout.flush().await
+    };
+    let (up, down) = tokio::join!(upload, download);
+    down.map_err(|e| e.to_string())?;
+    up.map_err(|e| format!("connection to {peer}: {e}"))?;
+    Ok(())
+}
+
+async fn nc_datagram(client: &Client, args: &NcArgs, local_port: Option<u16>) -> Result<(), String> {
+    let socket = client.bind_datagram(local_port.unwrap_or(0)).await.map_err(|e| format!("bind: {e}"))?;
+    let fixed_target = if args.broadcast {
+        Some(SocketAddrV4::new(Ipv4Addr::BROADCAST, socket.local_addr().port()))
+    } else if args.listen {
+        None
+    } else {
+        Some(parse_target(&args.args)?)
+    };
+    eprintln!("bound {} (max payload {} bytes)", socket.local_addr(), socket.max_payload());
+    let last_peer = std::sync::Mutex::new(None::<SocketAddrV4>);
+    let send = async {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Some(line) = lines.next_line().await.map_err(|e| format!("stdin: {e}"))? {
+            let target = fixed_target.or(*last_peer.lock().expect("lock"));
+            let Some(target) = target else {
+                eprintln!("overlan: no peer yet to send to (a listener replies to the last sender)");
+                continue;
+            };
+            match socket.send_to(line.as_bytes(), target).await {
+                Ok(_) => {}
+                Err(e @ Error::MessageTooLarge { .. }) => eprintln!("overlan: line of {} bytes not sent: {e}", line.len()),
+                Err(e) => return Err(format!("send to {target}: {e}")),
+            }
+        }
+        match args.quit_after {
+            Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+            None => std::future::pending::<()>().await,
+        }
+        Ok::<(), String>(())
+    };
+    let recv = async {
+        let mut stdout = tokio::io::stdout();
+        loop {
+            let d = socket.recv().await.map_err(|e| e.to_string())?;
+            *last_peer.lock().expect("lock") = Some(d.src);
+            let mut line = Vec::with_capacity(d.payload.len() + 24);
+            if args.show_source {
+                line.extend_from_slice(format!("{} ", d.src).as_bytes());
+            }
+            line.extend_from_slice(&d.payload);
+            if line.last() != Some(&b'\n') {
+                line.push(b'\n');
+            }
+            stdout.write_all(&line).await.map_err(|e| format!("stdout: {e}"))?;
+            stdout.flush().await.map_err(|e| format!("stdout: {e}"))?;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), String>(())
+    };
+    tokio::select! {
+        r = send => r,
+        r = recv => r,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}

@@ -1,0 +1,671 @@
+//! The client: joins a relay with an invite and an identity, keeps the session up
+//! (reconnecting with backoff, re-registering listeners and datagram ports), and
+//! dispatches what the relay sends — answers to requests, incoming connections,
+//! datagrams — to the sockets that wait for them.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use overlan_shared::tls::{self, Identity};
+use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
+use overlan_shared::wire::datagram::{DatagramHeader, HEADER_LEN};
+use overlan_shared::wire::frame::ClientSideCodec;
+use overlan_shared::wire::{close_code, ErrorCode, ALPN_CLIENT, DEFAULT_MAX_CONTROL_FRAME, PROTOCOL_VERSION, RELAY_SERVER_NAME};
+use overlan_shared::{Invite, Subnet};
+use quinn::VarInt;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use crate::datagram::{Datagram, DatagramSocket};
+use crate::error::Error;
+use crate::stream::{IncomingConnection, Listener, VirtualStream};
+
+/// Default idle timeout the client asks for; the relay's own may be shorter.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request to the relay may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// First reconnect delay; doubles up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest reconnect delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Incoming connections queued per listener before new ones are denied.
+const LISTEN_BACKLOG: usize = 128;
+/// Datagrams queued per socket before new ones are dropped (UDP semantics).
+const DATAGRAM_QUEUE: usize = 4096;
+
+/// How to join.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The invite: relay address, fingerprint pin, token.
+    pub invite: Invite,
+    /// This client's identity (certificate and key).
+    pub identity: Identity,
+    /// Instance name: several instances of one identity each get their own VIP.
+    pub instance: String,
+    /// QUIC idle timeout to ask for.
+    pub idle_timeout: Duration,
+    /// Reconnect after the session is lost.
+    pub reconnect: bool,
+}
+
+impl JoinOptions {
+    /// Options with defaults: no instance name, reconnect on.
+    pub fn new(invite: Invite, identity: Identity) -> Self {
+        Self {
+            invite,
+            identity,
+            instance: String::new(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            reconnect: true,
+        }
+    }
+
+    /// Sets the instance name.
+    pub fn instance(mut self, name: impl Into<String>) -> Self {
+        self.instance = name.into();
+        self
+    }
+}
+
+/// A message the relay sent about something this client did outside a request (a
+/// rejected datagram, an unknown socket id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// The relay's explanation.
+    pub message: String,
+}
+
+/// The session's state as seen by the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// Joined; sockets work.
+    Up,
+    /// Lost; reconnecting. Holds why it was lost.
+    Reconnecting(String),
+    /// Given up (replaced, unauthorized, closed). Holds why.
+    Closed(String),
+}
+
+/// One live QUIC session.
+#[derive(Clone)]
+pub(crate) struct Session {
+    pub(crate) conn: quinn::Connection,
+    control: mpsc::UnboundedSender<ClientMessage>,
+    pub(crate) generation: u64,
+}
+
+enum Register {
+    Listener(mpsc::Sender<IncomingConnection>),
+    Datagram(mpsc::Sender<Datagram>),
+}
+
+struct Pending {
+    tx: oneshot::Sender<RelayMessage>,
+    register: Option<Register>,
+}
+
+pub(crate) struct Inner {
+    options: JoinOptions,
+    endpoint: quinn::Endpoint,
+    quic: quinn::ClientConfig,
+    relay: SocketAddr,
+    vip: Ipv4Addr,
+    network: String,
+    subnet: Subnet,
+    max_payload: usize,
+    session: Mutex<Option<Session>>,
+    state: watch::Sender<SessionState>,
+    next_req: AtomicU64,
+    pending: DashMap<u64, Pending>,
+    pub(crate) listeners: DashMap<u16, mpsc::Sender<IncomingConnection>>,
+    pub(crate) datagram_ports: DashMap<u16, mpsc::Sender<Datagram>>,
+    notices: broadcast::Sender<Notice>,
+    shutdown: CancellationToken,
+}
+
+struct ShutdownOnDrop(CancellationToken);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// A joined overlan client. Cheap to clone; the session ends when the last clone and
+/// every socket made from it are dropped, or on [`Client::close`].
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+    _guard: Arc<ShutdownOnDrop>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("vip", &self.inner.vip).field("network", &self.inner.network).finish()
+    }
+}
+
+struct Welcome {
+    vip: Ipv4Addr,
+    network: String,
+    subnet: Subnet,
+    max_payload: usize,
+}
+
+fn connection_error(relay: &str, e: &quinn::ConnectionError) -> Error {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason).into_owned();
+            match close.error_code.into_inner() as u32 {
+                close_code::UNAUTHORIZED => Error::Unauthorized(reason),
+                close_code::NETWORK_FULL => Error::NetworkFull(reason),
+                close_code::REPLACED => Error::SessionLost(reason),
+                close_code::SHUTDOWN => Error::SessionLost(reason),
+                close_code::PROTOCOL_VIOLATION => Error::Relay { code: ErrorCode::ProtocolViolation, message: reason },
+                _ => Error::SessionLost(if reason.is_empty() { "closed by the relay".into() } else { reason }),
+            }
+        }
+        quinn::ConnectionError::TimedOut => Error::SessionLost(format!("relay {relay} stopped answering (idle timeout)")),
+        quinn::ConnectionError::LocallyClosed => Error::SessionLost("closed by this client".into()),
+        other => Error::Connect { relay: relay.to_owned(), message: other.to_string() },
+    }
+}
+
+impl Client {
+    /// Joins the relay named by `options.invite`; fails at once if the relay refuses.
+    pub async fn join(options: JoinOptions) -> Result<Client, Error> {
+        let relay_text = options.invite.relay.clone();
+        let relay = tokio::net::lookup_host(&relay_text)
+            .await
+            .map_err(|e| Error::Connect { relay: relay_text.clone(), message: format!("cannot resolve: {e}") })?
+            .next()
+            .ok_or_else(|| Error::Connect { relay: relay_text.clone(), message: "no address".into() })?;
+        let crypto = tls::client_config(Some(&options.identity), options.invite.fingerprint, ALPN_CLIENT)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let mut quic = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| Error::Config(e.to_string()))?,
+        ));
+        quic.transport_config(Arc::new(transport_config(options.idle_timeout)?));
+        let bind: SocketAddr = if relay.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
+        let endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| Error::Connect { relay: relay_text.clone(), message: format!("binding a UDP socket: {e}") })?;
+        let (conn, send, recv, welcome) = establish(&endpoint, &quic, relay, &options).await?;
+        let (state, _) = watch::channel(SessionState::Up);
+        let inner = Arc::new(Inner {
+            options,
+            endpoint,
+            quic,
+            relay,
+            vip: welcome.vip,
+            network: welcome.network,
+            subnet: welcome.subnet,
+            max_payload: welcome.max_payload,
+            session: Mutex::new(None),
+            state,
+            next_req: AtomicU64::new(1),
+            pending: DashMap::new(),
+            listeners: DashMap::new(),
+            datagram_ports: DashMap::new(),
+            notices: broadcast::channel(64).0,
+            shutdown: CancellationToken::new(),
+        });
+        let first = inner.install(conn, send, recv, 0);
+        tokio::spawn(supervise(inner.clone(), first));
+        let guard = Arc::new(ShutdownOnDrop(inner.shutdown.clone()));
+        Ok(Client { inner, _guard: guard })
+    }
+
+    /// This client's permanent VIP.
+    pub fn vip(&self) -> Ipv4Addr {
+        self.inner.vip
+    }
+
+    /// Name of the network joined.
+    pub fn network(&self) -> &str {
+        &self.inner.network
+    }
+
+    /// The network's subnet.
+    pub fn subnet(&self) -> Subnet {
+        self.inner.subnet
+    }
+
+    /// The network's directed broadcast address (255.255.255.255 works as well).
+    pub fn broadcast_addr(&self) -> Ipv4Addr {
+        self.inner.subnet.broadcast()
+    }
+
+    /// The exact largest datagram payload, in bytes.
+    pub fn max_payload(&self) -> usize {
+        self.inner.max_payload
+    }
+
+    /// The relay's UDP address.
+    pub fn relay_addr(&self) -> SocketAddr {
+        self.inner.relay
+    }
+
+    /// The session state now.
+    pub fn state(&self) -> SessionState {
+        self.inner.state.borrow().clone()
+    }
+
+    /// Watches the session state (up, reconnecting, closed).
+    pub fn watch_state(&self) -> watch::Receiver<SessionState> {
+        self.inner.state.subscribe()
+    }
+
+    /// Waits until the client has given up on the session for good, and says why.
+    pub async fn closed(&self) -> String {
+        let mut rx = self.inner.state.subscribe();
+        loop {
+            if let SessionState::Closed(why) = &*rx.borrow_and_update() {
+                return why.clone();
+            }
+            if rx.changed().await.is_err() {
+                return "client dropped".into();
+            }
+        }
+    }
+
+    /// Notices the relay sends about rejected datagrams, unknown sockets and the like.
+    pub fn notices(&self) -> broadcast::Receiver<Notice> {
+        self.inner.notices.subscribe()
+    }
+
+    /// Leaves the network: closes the session and stops reconnecting. Sockets made from
+    /// this client fail from now on.
+    pub fn close(&self) {
+        self.inner.shutdown.cancel();
+        if let Some(s) = self.inner.current() {
+            s.conn.close(VarInt::from_u32(close_code::NORMAL), b"client left");
+        }
+    }
+
+    /// Closes like [`Client::close`] and waits (up to a second) until the relay has been
+    /// told, so a process can exit right after.
+    pub async fn leave(&self) {
+        self.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    /// Listens for virtual stream connections on `port` (0: an ephemeral port).
+    pub async fn listen(&self, port: u16) -> Result<Listener, Error> {
+        let (tx, rx) = mpsc::channel(LISTEN_BACKLOG);
+        let reply = self
+            .inner
+            .request(|req| ClientMessage::Listen { req, port }, Some(Register::Listener(tx)))
+            .await?;
+        match reply {
+            RelayMessage::Listening { port, .. } => Ok(Listener::new(self.clone(), SocketAddrV4::new(self.vip(), port), rx)),
+            RelayMessage::Failed { code, message, .. } => Err(Error::from_failure(code, message, None, Some(port))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Opens a virtual stream to `addr`.
+    pub async fn connect(&self, addr: SocketAddrV4) -> Result<VirtualStream, Error> {
+        let reply = self.inner.request(|req| ClientMessage::Connect { req, to: addr }, None).await?;
+        match reply {
+            RelayMessage::Connected { socket, local, peer, .. } => {
+                let session = self.inner.session()?;
+                VirtualStream::open(self.clone(), &session, socket, local, peer).await
+            }
+            RelayMessage::Failed { code, message, .. } => Err(Error::from_failure(code, message, Some(addr), None)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Binds a datagram socket on `port` (0: an ephemeral port).
+    pub async fn bind_datagram(&self, port: u16) -> Result<DatagramSocket, Error> {
+        let (tx, rx) = mpsc::channel(DATAGRAM_QUEUE);
+        let reply = self
+            .inner
+            .request(|req| ClientMessage::Bind { req, port }, Some(Register::Datagram(tx)))
+            .await?;
+        match reply {
+            RelayMessage::Bound { port, .. } => Ok(DatagramSocket::new(self.clone(), SocketAddrV4::new(self.vip(), port), rx)),
+            RelayMessage::Failed { code, message, .. } => Err(Error::from_failure(code, message, None, Some(port))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Round trip to the relay over the control stream.
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        let start = std::time::Instant::now();
+        let nonce = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
+        // Pong carries the nonce; route it through the pending table by using it as req.
+        let reply = self.inner.request(|_| ClientMessage::Ping { nonce }, None).await;
+        let _ = reply?;
+        Ok(start.elapsed())
+    }
+}
+
+fn unexpected(msg: RelayMessage) -> Error {
+    Error::Relay { code: ErrorCode::ProtocolViolation, message: format!("unexpected answer from relay: {msg:?}") }
+}
+
+/// QUIC transport settings: the idle timeout, keep-alives at a third of it, datagrams on.
+fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, Error> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(idle_timeout.try_into().map_err(|_| Error::Config("idle timeout out of range".into()))?))
+        .keep_alive_interval(Some(idle_timeout / 3))
+        .max_concurrent_bidi_streams(VarInt::from_u32(4096))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_receive_buffer_size(Some(1024 * 1024))
+        .datagram_send_buffer_size(1024 * 1024);
+    Ok(transport)
+}
+
+type ControlRecv = FramedRead<quinn::RecvStream, ClientSideCodec>;
+
+/// Connects, says hello and waits for the welcome.
+async fn establish(
+    endpoint: &quinn::Endpoint,
+    quic: &quinn::ClientConfig,
+    relay: SocketAddr,
+    options: &JoinOptions,
+) -> Result<(quinn::Connection, quinn::SendStream, ControlRecv, Welcome), Error> {
+    let relay_text = options.invite.relay.clone();
+    let connect_err = |message: String| Error::Connect { relay: relay_text.clone(), message };
+    let connecting = endpoint
+        .connect_with(quic.clone(), relay, RELAY_SERVER_NAME)
+        .map_err(|e| connect_err(e.to_string()))?;
+    let conn = tokio::time::timeout(REQUEST_TIMEOUT, connecting)
+        .await
+        .map_err(|_| Error::TimedOut(format!("relay {relay_text} did not answer the QUIC handshake")))?
+        .map_err(|e| connection_error(&relay_text, &e))?;
+    let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| connection_error(&relay_text, &e))?;
+        let codec = ClientSideCodec::new(DEFAULT_MAX_CONTROL_FRAME);
+        let mut buf = BytesMut::new();
+        let hello = ClientMessage::Hello {
+            protocol: PROTOCOL_VERSION,
+            token: options.invite.token.expose().to_owned(),
+            instance: options.instance.clone(),
+        };
+        codec.encode_into(&hello, &mut buf).map_err(|e| Error::Config(e.to_string()))?;
+        if send.write_all(&buf).await.is_err() {
+            return Err(closed_error(&conn, &relay_text));
+        }
+        let mut framed = FramedRead::new(recv, codec);
+        match framed.next().await {
+            Some(Ok(RelayMessage::Welcome { vip, network, subnet, max_datagram_payload, .. })) => Ok((
+                send,
+                framed,
+                Welcome { vip, network, subnet, max_payload: max_datagram_payload as usize },
+            )),
+            Some(Ok(other)) => Err(unexpected(other)),
+            _ => Err(closed_error(&conn, &relay_text)),
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok((send, recv, welcome))) => Ok((conn, send, recv, welcome)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::TimedOut(format!("relay {relay_text} did not welcome this client"))),
+    }
+}
+
+/// The error for a connection that ended, waiting briefly for the close reason.
+fn closed_error(conn: &quinn::Connection, relay: &str) -> Error {
+    match conn.close_reason() {
+        Some(e) => connection_error(relay, &e),
+        None => Error::SessionLost("control stream closed by the relay".into()),
+    }
+}
+
+impl Inner {
+    pub(crate) fn current(&self) -> Option<Session> {
+        self.session.lock().expect("session lock").clone()
+    }
+
+    /// The live session, or why there is none.
+    pub(crate) fn session(&self) -> Result<Session, Error> {
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        Err(match &*self.state.borrow() {
+            SessionState::Up => Error::SessionLost("no session".into()),
+            SessionState::Reconnecting(why) => Error::SessionLost(format!("{why}; reconnecting")),
+            SessionState::Closed(why) => Error::SessionLost(why.clone()),
+        })
+    }
+
+    pub(crate) fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Sends a control message without waiting for an answer.
+    pub(crate) fn notify(&self, msg: ClientMessage) {
+        if let Some(s) = self.current() {
+            let _ = s.control.send(msg);
+        }
+    }
+
+    async fn request(&self, make: impl FnOnce(u64) -> ClientMessage, register: Option<Register>) -> Result<RelayMessage, Error> {
+        let session = self.session()?;
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let msg = make(req);
+        let key = match &msg {
+            ClientMessage::Ping { nonce } => *nonce,
+            _ => req,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.pending.insert(key, Pending { tx, register });
+        if session.control.send(msg).is_err() {
+            self.pending.remove(&key);
+            return Err(self.session().err().unwrap_or_else(|| Error::SessionLost("control stream closed".into())));
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(self.session().err().unwrap_or_else(|| Error::SessionLost("session ended during the request".into()))),
+            Err(_) => {
+                self.pending.remove(&key);
+                Err(Error::TimedOut("the relay did not answer the request".into()))
+            }
+        }
+    }
+
+    /// Starts the writer and datagram tasks of a new connection and makes it current.
+    fn install(self: &Arc<Self>, conn: quinn::Connection, send: quinn::SendStream, recv: ControlRecv, generation: u64) -> (Session, ControlRecv) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_control_writer(send, rx));
+        tokio::spawn(run_datagram_reader(conn.clone(), Arc::downgrade(self)));
+        let session = Session { conn, control: tx, generation };
+        *self.session.lock().expect("session lock") = Some(session.clone());
+        self.state.send_replace(SessionState::Up);
+        (session, recv)
+    }
+
+    fn dispatch(self: &Arc<Self>, session: &Session, msg: RelayMessage) {
+        match msg {
+            RelayMessage::Listening { req, port } => {
+                if let Some((_, p)) = self.pending.remove(&req) {
+                    if let Some(Register::Listener(ch)) = p.register {
+                        self.listeners.insert(port, ch);
+                    }
+                    let _ = p.tx.send(RelayMessage::Listening { req, port });
+                }
+            }
+            RelayMessage::Bound { req, port } => {
+                if let Some((_, p)) = self.pending.remove(&req) {
+                    if let Some(Register::Datagram(ch)) = p.register {
+                        self.datagram_ports.insert(port, ch);
+                    }
+                    let _ = p.tx.send(RelayMessage::Bound { req, port });
+                }
+            }
+            RelayMessage::Connected { req, .. } | RelayMessage::Failed { req, .. } => {
+                if let Some((_, p)) = self.pending.remove(&req) {
+                    let _ = p.tx.send(msg);
+                } else if let RelayMessage::Connected { socket, .. } = msg {
+                    // The requester gave up (timeout); do not leave the socket dangling.
+                    let _ = session.control.send(ClientMessage::Close { socket });
+                }
+            }
+            RelayMessage::Pong { nonce } => {
+                if let Some((_, p)) = self.pending.remove(&nonce) {
+                    let _ = p.tx.send(msg);
+                }
+            }
+            RelayMessage::Incoming { socket, local, peer } => self.handle_incoming(session, socket, local, peer),
+            RelayMessage::SocketClosed { socket, code } => {
+                tracing::debug!(socket, %code, "socket closed by the relay");
+            }
+            RelayMessage::Error { code, message } => {
+                tracing::warn!(%code, %message, "relay notice");
+                let _ = self.notices.send(Notice { code, message });
+            }
+            RelayMessage::Goodbye { code, message } => {
+                tracing::info!(%code, %message, "relay says goodbye");
+            }
+            RelayMessage::Welcome { .. } => tracing::warn!("ignoring a second welcome"),
+        }
+    }
+
+    fn handle_incoming(self: &Arc<Self>, session: &Session, socket: SocketId, local: SocketAddrV4, peer: SocketAddrV4) {
+        let incoming = IncomingConnection::new(socket, local, peer, session.generation);
+        let delivered = match self.listeners.get(&local.port()) {
+            Some(ch) => ch.try_send(incoming).is_ok(),
+            None => false,
+        };
+        if !delivered {
+            let _ = session.control.send(ClientMessage::Deny { socket });
+        }
+    }
+
+    /// Re-registers every listener and datagram port after a reconnect.
+    fn reregister(self: &Arc<Self>, session: &Session) {
+        let ports: Vec<u16> = self.listeners.iter().map(|e| *e.key()).collect();
+        for port in ports {
+            let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+            let _ = session.control.send(ClientMessage::Listen { req, port });
+        }
+        let ports: Vec<u16> = self.datagram_ports.iter().map(|e| *e.key()).collect();
+        for port in ports {
+            let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+            let _ = session.control.send(ClientMessage::Bind { req, port });
+        }
+    }
+}
+
+async fn run_control_writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<ClientMessage>) {
+    let codec = ClientSideCodec::new(DEFAULT_MAX_CONTROL_FRAME);
+    let mut buf = BytesMut::new();
+    while let Some(msg) = rx.recv().await {
+        let mut next = Some(msg);
+        while let Some(msg) = next.take() {
+            if let Err(e) = codec.encode_into(&msg, &mut buf) {
+                tracing::error!(error = %e, "dropping unencodable control message");
+            }
+            next = rx.try_recv().ok();
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = send.finish();
+}
+
+async fn run_datagram_reader(conn: quinn::Connection, inner: std::sync::Weak<Inner>) {
+    while let Ok(bytes) = conn.read_datagram().await {
+        let Some(inner) = inner.upgrade() else { return };
+        let Ok(header) = DatagramHeader::parse(&bytes) else { continue };
+        let ch = inner.datagram_ports.get(&header.dst.port()).map(|c| c.clone());
+        if let Some(ch) = ch {
+            let payload: Bytes = bytes.slice(HEADER_LEN..);
+            let _ = ch.try_send(Datagram { payload, src: header.src, dst: header.dst });
+        }
+    }
+}
+
+/// Runs sessions until the client gives up: dispatches control messages, and when a
+/// session ends fails what waits on it and reconnects with backoff.
+async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
+    let relay_text = inner.options.invite.relay.clone();
+    let (mut session, mut recv) = first;
+    loop {
+        let end = tokio::select! {
+            _ = inner.shutdown.cancelled() => None,
+            end = async {
+                while let Some(item) = recv.next().await {
+                    match item {
+                        Ok(msg) => inner.dispatch(&session, msg),
+                        Err(e) => {
+                            if !inner.shutdown.is_cancelled() && session.conn.close_reason().is_none() {
+                                tracing::warn!(error = %e, "bad control frame from relay");
+                            }
+                            break;
+                        }
+                    }
+                }
+                // The control stream ended; wait for the connection's close reason.
+                let reason = tokio::time::timeout(Duration::from_secs(2), session.conn.closed()).await;
+                Some(match reason {
+                    Ok(e) => connection_error(&relay_text, &e),
+                    Err(_) => Error::SessionLost("control stream closed by the relay".into()),
+                })
+            } => end,
+        };
+        *inner.session.lock().expect("session lock") = None;
+        inner.pending.clear();
+        let end = end.filter(|_| !inner.shutdown.is_cancelled());
+        let Some(error) = end else {
+            session.conn.close(VarInt::from_u32(close_code::NORMAL), b"client left");
+            inner.state.send_replace(SessionState::Closed("closed by this client".into()));
+            return;
+        };
+        session.conn.close(VarInt::from_u32(close_code::NORMAL), b"session ended");
+        let why = error.to_string();
+        tracing::warn!(reason = %why, "session lost");
+        if error.is_terminal() || !inner.options.reconnect {
+            inner.state.send_replace(SessionState::Closed(why));
+            return;
+        }
+        inner.state.send_replace(SessionState::Reconnecting(why));
+        let mut backoff = MIN_BACKOFF;
+        let generation = session.generation + 1;
+        loop {
+            tokio::select! {
+                _ = inner.shutdown.cancelled() => {
+                    inner.state.send_replace(SessionState::Closed("closed by this client".into()));
+                    return;
+                }
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match establish(&inner.endpoint, &inner.quic, inner.relay, &inner.options).await {
+                Ok((conn, send, new_recv, welcome)) => {
+                    if welcome.vip != inner.vip {
+                        tracing::error!(old = %inner.vip, new = %welcome.vip, "relay gave this identity another VIP");
+                    }
+                    let (s, r) = inner.install(conn, send, new_recv, generation);
+                    inner.reregister(&s);
+                    tracing::info!(vip = %inner.vip, "session re-established");
+                    session = s;
+                    recv = r;
+                    break;
+                }
+                Err(e) if e.is_terminal() => {
+                    inner.state.send_replace(SessionState::Closed(e.to_string()));
+                    return;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, retry_in = ?backoff, "reconnect failed");
+                    inner.state.send_replace(SessionState::Reconnecting(e.to_string()));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Virtual stream sockets: [`Listener`] (like `tokio::net::TcpListener`),
+//! [`IncomingConnection`] (accept or deny), and [`VirtualStream`], which implements
+//! `AsyncRead + AsyncWrite` over its own QUIC stream, so codecs and protocols written
+//! for TCP run over it unchanged.
+
+use std::io;
+use std::net::SocketAddrV4;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use overlan_shared::wire::control::{ClientMessage, SocketId};
+use overlan_shared::wire::reset_code;
+use overlan_shared::wire::stream::StreamHeader;
+use quinn::{ReadError, VarInt, WriteError};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::client::{Client, Session};
+use crate::error::Error;
+
+/// A stream listener on a virtual port. Dropping it stops listening.
+#[derive(Debug)]
+pub struct Listener {
+    client: Client,
+    local: SocketAddrV4,
+    rx: Mutex<mpsc::Receiver<IncomingConnection>>,
+}
+
+impl Listener {
+    pub(crate) fn new(client: Client, local: SocketAddrV4, rx: mpsc::Receiver<IncomingConnection>) -> Self {
+        Self { client, local, rx: Mutex::new(rx) }
+    }
+
+    /// The listening address (VIP and port).
+    pub fn local_addr(&self) -> SocketAddrV4 {
+        self.local
+    }
+
+    /// Waits for the next connection attempt, to accept or deny.
+    pub async fn incoming(&self) -> Result<IncomingConnection, Error> {
+        let mut rx = self.rx.lock().await;
+        match rx.recv().await {
+            Some(incoming) => Ok(incoming.with_client(self.client.clone())),
+            None => Err(Error::SessionLost("listener closed".into())),
+        }
+    }
+
+    /// Accepts the next connection: the stream and the peer's address.
+    pub async fn accept(&self) -> Result<(VirtualStream, SocketAddrV4), Error> {
+        loop {
+            let incoming = self.incoming().await?;
+            let peer = incoming.peer_addr();
+            match incoming.accept().await {
+                Ok(stream) => return Ok((stream, peer)),
+                // The session was replaced between offer and accept: wait for the next.
+                Err(Error::SessionLost(why)) if self.client.inner.current().is_some() => {
+                    tracing::debug!(%why, "dropping an offer from a previous session");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let port = self.local.port();
+        self.client.inner.listeners.remove(&port);
+        self.client.inner.notify(ClientMessage::Unlisten { port });
+    }
+}
+
+/// A connection attempt to one of this client's listeners. Dropping it denies it.
+#[derive(Debug)]
+pub struct IncomingConnection {
+    socket: SocketId,
+    local: SocketAddrV4,
+    peer: SocketAddrV4,
+    generation: u64,
+    client: Option<Client>,
+}
+
+impl IncomingConnection {
+    pub(crate) fn new(socket: SocketId, local: SocketAddrV4, peer: SocketAddrV4, generation: u64) -> Self {
+        Self { socket, local, peer, generation, client: None }
+    }
+
+    fn with_client(mut self, client: Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// The connecting side's relay-stamped address.
+    pub fn peer_addr(&self) -> SocketAddrV4 {
+        self.peer
+    }
+
+    /// The listener's address.
+    pub fn local_addr(&self) -> SocketAddrV4 {
+        self.local
+    }
+
+    fn live_session(&self) -> Result<(Client, Session), Error> {
+        let client = self.client.clone().ok_or_else(|| Error::SessionLost("no client".into()))?;
+        let session = client.inner.session()?;
+        if session.generation != self.generation {
+            return Err(Error::SessionLost("the session that received this connection has ended".into()));
+        }
+        Ok((client, session))
+    }
+
+    /// Accepts: the connecting side's `connect` succeeds and bytes can flow.
+    pub async fn accept(mut self) -> Result<VirtualStream, Error> {
+        let (client, session) = self.live_session()?;
+        self.client = None; // answered; no deny on drop
+        client.inner.notify(ClientMessage::Accept { socket: self.socket });
+        VirtualStream::open(client, &session, self.socket, self.local, self.peer).await
+    }
+
+    /// Denies: the connecting side's `connect` fails with `Denied`.
+    pub fn deny(mut self) {
+        if let Ok((client, _)) = self.live_session() {
+            client.inner.notify(ClientMessage::Deny { socket: self.socket });
+        }
+        self.client = None;
+    }
+}
+
+impl Drop for IncomingConnection {
+    fn drop(&mut self) {
+        if let Ok((client, _)) = self.live_session() {
+            client.inner.notify(ClientMessage::Deny { socket: self.socket });
+        }
+    }
+}
+
+/// A connected virtual stream: reliable, ordered bytes both ways.
+///
+/// `shutdown()` half-closes (the peer reads EOF, and may still send); dropping closes
+/// both directions gracefully; [`VirtualStream::abort`] resets both at once, which the
+/// peer sees as an error. A lost peer session surfaces as an error on read and write.
+#[derive(Debug)]
+pub struct VirtualStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    socket: SocketId,
+    local: SocketAddrV4,
+    peer: SocketAddrV4,
+    _client: Client,
+}
+
+impl VirtualStream {
+    pub(crate) async fn open(
+        client: Client,
+        session: &Session,
+        socket: SocketId,
+        local: SocketAddrV4,
+        peer: SocketAddrV4,
+    ) -> Result<Self, Error> {
+        let lost = |e: &dyn std::fmt::Display| Error::SessionLost(format!("opening the stream of socket {socket}: {e}"));
+        let (mut send, recv) = session.conn.open_bi().await.map_err(|e| lost(&e))?;
+        send.write_all(&StreamHeader { socket }.to_bytes()).await.map_err(|e| lost(&e))?;
+        Ok(Self { send, recv, socket, local, peer, _client: client })
+    }
+
+    /// This side's address.
+    pub fn local_addr(&self) -> SocketAddrV4 {
+        self.local
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddrV4 {
+        self.peer
+    }
+
+    /// The relay's id of this socket.
+    pub fn socket_id(&self) -> SocketId {
+        self.socket
+    }
+
+    /// Resets both directions at once; the peer's reads and writes fail.
+    pub fn abort(mut self) {
+        let code = VarInt::from_u32(reset_code::ABORTED);
+        let _ = self.send.reset(code);
+        let _ = self.recv.stop(code);
+    }
+
+    /// Splits into owned read and write halves.
+    pub fn into_split(self) -> (VirtualReadHalf, VirtualWriteHalf) {
+        let peer = self.peer;
+        (
+            VirtualReadHalf { recv: self.recv, peer, _client: self._client.clone() },
+            VirtualWriteHalf { send: self.send, peer, _client: self._client },
+        )
+    }
+}
+
+fn map_read_error(e: io::Error, peer: SocketAddrV4) -> io::Error {
+    let Some(read) = e.get_ref().and_then(|inner| inner.downcast_ref::<ReadError>()) else {
+        return e;
+    };
+    match read {
+        ReadError::Reset(code) => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("connection to {peer}: {}", reset_code::describe(code.into_inner())),
+        ),
+        ReadError::ConnectionLost(c) => io::Error::new(io::ErrorKind::NotConnected, format!("connection to {peer}: session lost ({c})")),
+        _ => e,
+    }
+}
+
+fn map_write_error(e: WriteError, peer: SocketAddrV4) -> io::Error {
+    match e {
+        WriteError::Stopped(code) if code.into_inner() == 0 => {
+            io::Error::new(io::ErrorKind::BrokenPipe, format!("connection to {peer}: the peer closed the socket"))
+        }
+        WriteError::Stopped(code) => io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            format!("connection to {peer}: {}", reset_code::describe(code.into_inner())),
+        ),
+        WriteError::ConnectionLost(c) => io::Error::new(io::ErrorKind::NotConnected, format!("connection to {peer}: session lost ({c})")),
+        other => other.into(),
+    }
+}
+
+fn poll_read_mapped(recv: &mut quinn::RecvStream, peer: SocketAddrV4, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    Pin::new(recv).poll_read(cx, buf).map_err(|e| map_read_error(e, peer))
+}
+
+fn poll_write_mapped(send: &mut quinn::SendStream, peer: SocketAddrV4, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    Pin::new(send).poll_write(cx, buf).map_err(|e| map_write_error(e, peer))
+}
+
+impl AsyncRead for VirtualStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        poll_read_mapped(&mut this.recv, this.peer, cx, buf)
+    }
+}
+
+impl AsyncWrite for VirtualStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        poll_write_mapped(&mut this.send, this.peer, cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().send).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().send).poll_shutdown(cx)
+    }
+}
+
+/// The read half of a [`VirtualStream`].
+#[derive(Debug)]
+pub struct VirtualReadHalf {
+    recv: quinn::RecvStream,
+    peer: SocketAddrV4,
+    _client: Client,
+}
+
+impl AsyncRead for VirtualReadHalf {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        poll_read_mapped(&mut this.recv, this.peer, cx, buf)
+    }
+}
+
+/// The write half of a [`VirtualStream`]; `shutdown()` half-closes.
+#[derive(Debug)]
+pub struct VirtualWriteHalf {
+    send: quinn::SendStream,
+    peer: SocketAddrV4,
+    _client: Client,
+}
+
+impl AsyncWrite for VirtualWriteHalf {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        poll_write_mapped(&mut this.send, this.peer, cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().send).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().send).poll_shutdown(cx)
+    }
+}
