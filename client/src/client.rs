@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::datagram::{Datagram, DatagramSocket};
 use crate::error::Error;
-use crate::stream::{IncomingConnection, Listener, VirtualStream};
+use crate::stream::{Arrival, IncomingConnection, Listener, ListenerSlot, VirtualStream};
 
 /// Default idle timeout the client asks for; the relay's own may be shorter.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -103,7 +103,7 @@ pub(crate) struct Session {
 }
 
 enum Register {
-    Listener(mpsc::Sender<IncomingConnection>),
+    Listener(ListenerSlot),
     Datagram(mpsc::Sender<Datagram>),
 }
 
@@ -125,10 +125,11 @@ pub(crate) struct Inner {
     state: watch::Sender<SessionState>,
     next_req: AtomicU64,
     pending: DashMap<u64, Pending>,
-    pub(crate) listeners: DashMap<u16, mpsc::Sender<IncomingConnection>>,
+    pub(crate) listeners: DashMap<u16, ListenerSlot>,
     pub(crate) datagram_ports: DashMap<u16, mpsc::Sender<Datagram>>,
     notices: broadcast::Sender<Notice>,
     shutdown: CancellationToken,
+    guard: std::sync::OnceLock<std::sync::Weak<ShutdownOnDrop>>,
 }
 
 struct ShutdownOnDrop(CancellationToken);
@@ -216,10 +217,12 @@ impl Client {
             datagram_ports: DashMap::new(),
             notices: broadcast::channel(64).0,
             shutdown: CancellationToken::new(),
+            guard: std::sync::OnceLock::new(),
         });
         let first = inner.install(conn, send, recv, 0);
         tokio::spawn(supervise(inner.clone(), first));
         let guard = Arc::new(ShutdownOnDrop(inner.shutdown.clone()));
+        let _ = inner.guard.set(Arc::downgrade(&guard));
         Ok(Client { inner, _guard: guard })
     }
 
@@ -297,15 +300,31 @@ impl Client {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }
 
-    /// Listens for virtual stream connections on `port` (0: an ephemeral port).
+    /// Listens for virtual stream connections on `port` (0: an ephemeral port). Like a
+    /// TCP listener, connections are accepted as they arrive and queued (up to a
+    /// backlog) for [`Listener::accept`]; when the backlog is full, new ones are denied.
     pub async fn listen(&self, port: u16) -> Result<Listener, Error> {
+        self.listen_mode(port, true).await
+    }
+
+    /// Listens on `port`, but lets the application decide: each connection attempt
+    /// arrives as an [`IncomingConnection`] from [`Listener::incoming`], to accept or
+    /// deny (the connecting side then gets `Denied`).
+    pub async fn listen_with_approval(&self, port: u16) -> Result<Listener, Error> {
+        self.listen_mode(port, false).await
+    }
+
+    async fn listen_mode(&self, port: u16, auto_accept: bool) -> Result<Listener, Error> {
         let (tx, rx) = mpsc::channel(LISTEN_BACKLOG);
+        let slot = ListenerSlot { tx, auto_accept };
         let reply = self
             .inner
-            .request(|req| ClientMessage::Listen { req, port }, Some(Register::Listener(tx)))
+            .request(|req| ClientMessage::Listen { req, port }, Some(Register::Listener(slot)))
             .await?;
         match reply {
-            RelayMessage::Listening { port, .. } => Ok(Listener::new(self.clone(), SocketAddrV4::new(self.vip(), port), rx)),
+            RelayMessage::Listening { port, .. } => {
+                Ok(Listener::new(self.clone(), SocketAddrV4::new(self.vip(), port), rx, auto_accept))
+            }
             RelayMessage::Failed { code, message, .. } => Err(Error::from_failure(code, message, None, Some(port))),
             other => Err(unexpected(other)),
         }
@@ -534,14 +553,31 @@ impl Inner {
     }
 
     fn handle_incoming(self: &Arc<Self>, session: &Session, socket: SocketId, local: SocketAddrV4, peer: SocketAddrV4) {
-        let incoming = IncomingConnection::new(socket, local, peer, session.generation);
-        let delivered = match self.listeners.get(&local.port()) {
-            Some(ch) => ch.try_send(incoming).is_ok(),
-            None => false,
-        };
-        if !delivered {
+        let slot = self.listeners.get(&local.port()).map(|s| s.clone());
+        let client = self.guard.get().and_then(|g| g.upgrade()).map(|guard| Client { inner: self.clone(), _guard: guard });
+        let (Some(slot), Some(client)) = (slot, client) else {
             let _ = session.control.send(ClientMessage::Deny { socket });
+            return;
+        };
+        // Reserve a backlog place first, so a full backlog denies instead of dropping.
+        let Ok(permit) = slot.tx.clone().try_reserve_owned() else {
+            let _ = session.control.send(ClientMessage::Deny { socket });
+            return;
+        };
+        if !slot.auto_accept {
+            permit.send(Arrival::Offer(IncomingConnection::new(socket, local, peer, session.generation)));
+            return;
         }
+        let _ = session.control.send(ClientMessage::Accept { socket });
+        let session = session.clone();
+        tokio::spawn(async move {
+            match VirtualStream::open(client, &session, socket, local, peer).await {
+                Ok(stream) => {
+                    permit.send(Arrival::Stream(stream));
+                }
+                Err(e) => tracing::debug!(socket, error = %e, "could not open an accepted stream"),
+            }
+        });
     }
 
     /// Re-registers every listener and datagram port after a reconnect.

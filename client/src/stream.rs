@@ -18,17 +18,34 @@ use tokio::sync::{mpsc, Mutex};
 use crate::client::{Client, Session};
 use crate::error::Error;
 
+/// What a listener's queue holds.
+#[derive(Debug)]
+pub(crate) enum Arrival {
+    /// A connection waiting for the application's accept or deny.
+    Offer(IncomingConnection),
+    /// A connection the library accepted on arrival.
+    Stream(VirtualStream),
+}
+
+/// Where the dispatcher puts a listener's arrivals.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerSlot {
+    pub(crate) tx: mpsc::Sender<Arrival>,
+    pub(crate) auto_accept: bool,
+}
+
 /// A stream listener on a virtual port. Dropping it stops listening.
 #[derive(Debug)]
 pub struct Listener {
     client: Client,
     local: SocketAddrV4,
-    rx: Mutex<mpsc::Receiver<IncomingConnection>>,
+    auto_accept: bool,
+    rx: Mutex<mpsc::Receiver<Arrival>>,
 }
 
 impl Listener {
-    pub(crate) fn new(client: Client, local: SocketAddrV4, rx: mpsc::Receiver<IncomingConnection>) -> Self {
-        Self { client, local, rx: Mutex::new(rx) }
+    pub(crate) fn new(client: Client, local: SocketAddrV4, rx: mpsc::Receiver<Arrival>, auto_accept: bool) -> Self {
+        Self { client, local, auto_accept, rx: Mutex::new(rx) }
     }
 
     /// The listening address (VIP and port).
@@ -36,27 +53,45 @@ impl Listener {
         self.local
     }
 
-    /// Waits for the next connection attempt, to accept or deny.
-    pub async fn incoming(&self) -> Result<IncomingConnection, Error> {
+    async fn next(&self) -> Result<Arrival, Error> {
         let mut rx = self.rx.lock().await;
-        match rx.recv().await {
-            Some(incoming) => Ok(incoming.with_client(self.client.clone())),
-            None => Err(Error::SessionLost("listener closed".into())),
+        rx.recv().await.ok_or_else(|| Error::SessionLost("listener closed".into()))
+    }
+
+    /// Waits for the next connection attempt, to accept or deny. Only for listeners
+    /// made with [`Client::listen_with_approval`].
+    pub async fn incoming(&self) -> Result<IncomingConnection, Error> {
+        if self.auto_accept {
+            return Err(Error::Config(
+                "this listener accepts connections on arrival; use Client::listen_with_approval to decide per connection".into(),
+            ));
+        }
+        match self.next().await? {
+            Arrival::Offer(incoming) => Ok(incoming.with_client(self.client.clone())),
+            Arrival::Stream(_) => unreachable!("approval listeners only queue offers"),
         }
     }
 
     /// Accepts the next connection: the stream and the peer's address.
     pub async fn accept(&self) -> Result<(VirtualStream, SocketAddrV4), Error> {
         loop {
-            let incoming = self.incoming().await?;
-            let peer = incoming.peer_addr();
-            match incoming.accept().await {
-                Ok(stream) => return Ok((stream, peer)),
-                // The session was replaced between offer and accept: wait for the next.
-                Err(Error::SessionLost(why)) if self.client.inner.current().is_some() => {
-                    tracing::debug!(%why, "dropping an offer from a previous session");
+            match self.next().await? {
+                Arrival::Stream(stream) => {
+                    let peer = stream.peer_addr();
+                    return Ok((stream, peer));
                 }
-                Err(e) => return Err(e),
+                Arrival::Offer(incoming) => {
+                    let incoming = incoming.with_client(self.client.clone());
+                    let peer = incoming.peer_addr();
+                    match incoming.accept().await {
+                        Ok(stream) => return Ok((stream, peer)),
+                        // The session changed between offer and accept: wait for the next.
+                        Err(Error::SessionLost(why)) if self.client.inner.current().is_some() => {
+                            tracing::debug!(%why, "dropping an offer from a previous session");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }
     }
