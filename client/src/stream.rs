@@ -181,6 +181,7 @@ pub struct VirtualStream {
     socket: SocketId,
     local: SocketAddrV4,
     peer: SocketAddrV4,
+    generation: u64,
     _client: Client,
 }
 
@@ -195,7 +196,7 @@ impl VirtualStream {
         let lost = |e: &dyn std::fmt::Display| Error::SessionLost(format!("opening the stream of socket {socket}: {e}"));
         let (mut send, recv) = session.conn.open_bi().await.map_err(|e| lost(&e))?;
         send.write_all(&StreamHeader { socket }.to_bytes()).await.map_err(|e| lost(&e))?;
-        Ok(Self { send, recv, socket, local, peer, _client: client })
+        Ok(Self { send, recv, socket, local, peer, generation: session.generation, _client: client })
     }
 
     /// This side's address.
@@ -213,11 +214,17 @@ impl VirtualStream {
         self.socket
     }
 
-    /// Resets both directions at once; the peer's reads and writes fail.
+    /// Resets both directions at once; the peer's reads and writes fail with
+    /// "connection aborted by the peer". Bytes not yet delivered are discarded.
     pub fn abort(mut self) {
         let code = VarInt::from_u32(reset_code::ABORTED);
         let _ = self.send.reset(code);
         let _ = self.recv.stop(code);
+        // The reset may overtake the stream's header on the wire; the control message
+        // makes sure the relay tears the pair down either way.
+        if self._client.inner.current().is_some_and(|s| s.generation == self.generation) {
+            self._client.inner.notify(ClientMessage::Close { socket: self.socket });
+        }
     }
 
     /// Splits into owned read and write halves.

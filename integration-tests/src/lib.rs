@@ -180,7 +180,9 @@ pub async fn close_reason(conn: &quinn::Connection) -> (u64, String) {
     }
 }
 
-/// Path of a workspace binary (`overlan`, `overlan-server`), built on first use.
+/// Path of a workspace binary (`overlan`, `overlan-server`), built on first use. The
+/// first call blocks the calling thread for the build: call it before joining clients
+/// on a single-threaded test runtime, or their keep-alives stall.
 pub fn bin(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
