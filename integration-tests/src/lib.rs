@@ -14,7 +14,9 @@ use overlan_server::store::Store;
 use overlan_server::{RelayConfig, RelayHandle};
 use overlan_shared::config::Secret;
 use overlan_shared::tls;
-use overlan_shared::wire::{ALPN_CLIENT, RELAY_SERVER_NAME};
+use overlan_shared::wire::control::{ClientMessage, RelayMessage};
+use overlan_shared::wire::frame::ClientSideCodec;
+use overlan_shared::wire::{ALPN_CLIENT, DEFAULT_MAX_CONTROL_FRAME, PROTOCOL_VERSION, RELAY_SERVER_NAME};
 use overlan_shared::Invite;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -296,4 +298,63 @@ pub fn overlan_cmd(invite: &Invite, dir: &Path, identity_name: &str) -> tokio::p
         .arg("--identity")
         .arg(dir.join(format!("{identity_name}.pem")));
     cmd
+}
+
+/// A session spoken by hand (raw QUIC and control frames), for sending what the client
+/// library never would.
+pub struct RawSession {
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    control: quinn::SendStream,
+    frames: tokio_util::codec::FramedRead<quinn::RecvStream, ClientSideCodec>,
+    /// The VIP from the welcome.
+    pub vip: std::net::Ipv4Addr,
+}
+
+impl RawSession {
+    /// Connects with a fresh identity, says hello with `invite`'s token, reads the welcome.
+    pub async fn join(relay: &TestRelay, invite: &Invite) -> Self {
+        let conn = raw_connect(relay, Some(&identity())).await;
+        let (control, recv) = conn.open_bi().await.expect("control stream");
+        let frames = tokio_util::codec::FramedRead::new(recv, ClientSideCodec::new(DEFAULT_MAX_CONTROL_FRAME));
+        let mut me = Self { conn, control, frames, vip: std::net::Ipv4Addr::UNSPECIFIED };
+        me.send(&ClientMessage::Hello {
+            protocol: PROTOCOL_VERSION,
+            token: invite.token.expose().to_owned(),
+            instance: String::new(),
+        })
+        .await;
+        match me.next().await {
+            RelayMessage::Welcome { vip, .. } => me.vip = vip,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        me
+    }
+
+    /// Sends one control message.
+    pub async fn send(&mut self, msg: &ClientMessage) {
+        let mut buf = bytes::BytesMut::new();
+        ClientSideCodec::new(DEFAULT_MAX_CONTROL_FRAME).encode_into(msg, &mut buf).expect("encode");
+        self.send_raw(&buf).await;
+    }
+
+    /// Writes raw bytes on the control stream.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.control.write_all(bytes).await.expect("control write");
+    }
+
+    /// The next control message from the relay.
+    pub async fn next(&mut self) -> RelayMessage {
+        use futures_util::StreamExt;
+        within("a control message", self.frames.next()).await.expect("control stream open").expect("valid frame")
+    }
+
+    /// Skips messages until an `Error` notice arrives; returns its code and message.
+    pub async fn next_error(&mut self) -> (overlan_shared::ErrorCode, String) {
+        loop {
+            if let RelayMessage::Error { code, message } = self.next().await {
+                return (code, message);
+            }
+        }
+    }
 }

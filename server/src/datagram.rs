@@ -17,7 +17,10 @@ use crate::router::{Router, SessionId};
 use crate::session::{Notice, SessionActor};
 use crate::store::NetworkId;
 
-/// At most one notice per this interval per session, so a flood cannot flood back.
+/// Notices a session may get in a burst; after that one per [`NOTICE_INTERVAL`], so a
+/// flood of bad datagrams cannot make the relay flood back.
+const NOTICE_BURST: u32 = 8;
+/// Refill interval of the notice budget.
 const NOTICE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the data path needs to know about the sending session.
@@ -100,12 +103,18 @@ pub fn forward(router: &Router, from: &Sender, datagram: Bytes) -> Result<usize,
 
 /// Reads a session's datagrams until its connection ends.
 pub async fn run_datagram_loop(conn: quinn::Connection, router: Arc<Router>, from: Sender, session: Addr<SessionActor>) {
-    let mut last_notice: Option<Instant> = None;
+    let mut budget = NOTICE_BURST;
+    let mut refilled = Instant::now();
     while let Ok(datagram) = conn.read_datagram().await {
         if let Err(reject) = forward(&router, &from, datagram) {
             tracing::debug!(session = from.session, ?reject, "datagram rejected");
-            if last_notice.is_none_or(|t| t.elapsed() >= NOTICE_INTERVAL) {
-                last_notice = Some(Instant::now());
+            let earned = (refilled.elapsed().as_secs_f64() / NOTICE_INTERVAL.as_secs_f64()) as u32;
+            if earned > 0 {
+                budget = (budget + earned).min(NOTICE_BURST);
+                refilled = Instant::now();
+            }
+            if budget > 0 {
+                budget -= 1;
                 session.do_send(reject.notice());
             }
         }
