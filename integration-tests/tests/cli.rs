@@ -1,0 +1,271 @@
+//! The command-line contract, exercised as real processes: `overlan-server` (start-up
+//! lines, invite and network commands) and `overlan` (`up`, `ip`, `nc` for streams,
+//! datagrams and broadcasts, with one-line errors and non-zero exits).
+
+use std::time::Duration;
+
+use overlan_integration_tests::*;
+use overlan_shared::Invite;
+
+fn server_cmd(data_dir: &std::path::Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin("overlan-server"));
+    cmd.arg("--data-dir").arg(data_dir).env_remove("OVERLAN_CONFIG").env_remove("OVERLAN_LISTEN");
+    cmd
+}
+
+async fn output(mut cmd: tokio::process::Command) -> (i32, String, String) {
+    let out = within("command", cmd.output()).await.expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn server_prints_its_address_fingerprint_and_invite_and_clients_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Proc::spawn({
+        let mut cmd = server_cmd(&dir.path().join("data"));
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd
+    });
+    let listen = relay.stdout_line().await;
+    let fingerprint = relay.stdout_line().await;
+    let invite_line = relay.stdout_line().await;
+    assert!(listen.starts_with("listen 127.0.0.1:"), "{listen}");
+    let fp = fingerprint.strip_prefix("fingerprint ").expect("fingerprint line");
+    assert_eq!(fp.len(), 64);
+    let uri = invite_line.strip_prefix("invite ").expect("invite line");
+    assert!(uri.starts_with("overlan://") && uri.contains("token="), "{uri}");
+    let invite: Invite = uri.parse().unwrap();
+    assert_eq!(invite.fingerprint.to_string(), fp);
+    assert_eq!(invite.relay, listen.strip_prefix("listen ").unwrap());
+
+    // `overlan ip` prints the VIP alone; the same identity gets it again.
+    let (code, out1, err) = output({
+        let mut c = overlan_cmd(&invite, dir.path(), "me");
+        c.arg("ip");
+        c
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let vip = out1.trim().to_owned();
+    assert!(vip.parse::<std::net::Ipv4Addr>().is_ok(), "{out1:?}");
+    assert_eq!(out1, format!("{vip}\n"));
+    let (_, out2, _) = output({
+        let mut c = overlan_cmd(&invite, dir.path(), "me");
+        c.arg("ip");
+        c
+    })
+    .await;
+    assert_eq!(out2.trim(), vip);
+    // Another instance of the same identity: another VIP.
+    let (_, out3, _) = output({
+        let mut c = overlan_cmd(&invite, dir.path(), "me");
+        c.args(["--name", "second", "ip"]);
+        c
+    })
+    .await;
+    assert_ne!(out3.trim(), vip);
+
+    // `overlan up` prints `vip A.B.C.D` and stays up until interrupted; exit 0.
+    let mut up = Proc::spawn({
+        let mut c = overlan_cmd(&invite, dir.path(), "me");
+        c.arg("up");
+        c
+    });
+    assert_eq!(up.stdout_line().await, format!("vip {vip}"));
+    up.stderr_until("Ctrl-C").await;
+    nix_signal(&up.child, "INT");
+    let (code, stderr) = up.wait().await;
+    assert_eq!(code, 0, "{stderr:?}");
+
+    // A wrong token: one clear line, non-zero exit.
+    let bad = Invite { token: overlan_shared::config::Secret::new("nope"), ..invite.clone() };
+    let (code, _, err) = output({
+        let mut c = overlan_cmd(&bad, dir.path(), "me");
+        c.arg("ip");
+        c
+    })
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("join token not recognised"), "{err}");
+
+    nix_signal(&relay.child, "TERM");
+    let (code, _) = relay.wait().await;
+    assert_eq!(code, 0);
+}
+
+/// Sends a signal by name to a child (the test harness has no signal crate).
+fn nix_signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill").args([&format!("-{sig}"), &pid]).status().unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn server_manages_invites_and_networks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let mut c = server_cmd(&data);
+        c.args(args);
+        output(c)
+    };
+    let (code, out, err) = run(&["invite", "default", "--uses", "2", "--expires", "1h"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.trim().parse::<Invite>().is_ok(), "{out}");
+    let (_, list, _) = run(&["invite", "list"]).await;
+    assert!(list.contains("0/2") && list.contains("in 1h") && list.contains("active"), "{list}");
+    let id = list.lines().filter(|l| l.contains("0/2")).next().unwrap().split_whitespace().next().unwrap().to_owned();
+    let (code, out, _) = run(&["invite", "revoke", &id]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("revoked"), "{out}");
+    let (_, list, _) = run(&["invite", "list"]).await;
+    assert!(list.contains("revoked"), "{list}");
+    let (code, _, err) = run(&["invite", "revoke", "999"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no invite with id 999"), "{err}");
+
+    let (code, out, err) = run(&["network", "add", "games", "--subnet", "10.88.0.0/24"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("added network games 10.88.0.0/24"), "{out}");
+    let (code, _, err) = run(&["network", "add", "clash", "--subnet", "10.77.1.0/24"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("overlaps network \"default\""), "{err}");
+    let (code, _, err) = run(&["network", "add", "bad", "--subnet", "10.90.0.1/24"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("did you mean 10.90.0.0/24"), "{err}");
+    let (_, list, _) = run(&["network", "list"]).await;
+    assert!(list.contains("default") && list.contains("games") && list.contains("10.88.0.0/24"), "{list}");
+    let (code, _, err) = run(&["invite", "nosuch"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no network named \"nosuch\""), "{err}");
+}
+
+#[tokio::test]
+async fn nc_streams_both_ways_and_exits_when_both_directions_end() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let invite = relay.invite();
+    let vip_of = |name: &str| {
+        let mut c = overlan_cmd(&invite, dir.path(), name);
+        c.arg("ip");
+        c
+    };
+    let (_, server_vip, _) = output(vip_of("server")).await;
+    let mut server = Proc::spawn({
+        let mut c = overlan_cmd(&invite, dir.path(), "server");
+        c.args(["nc", "-l", "7000"]);
+        c
+    });
+    server.stderr_until("listening on").await;
+    let mut client = Proc::spawn({
+        let mut c = overlan_cmd(&invite, dir.path(), "client");
+        c.args(["nc", server_vip.trim(), "7000"]);
+        c
+    });
+    client.write_stdin(b"hello from the client\n").await;
+    assert_eq!(server.stdout_line().await, "hello from the client");
+    server.write_stdin(b"hello back\n").await;
+    assert_eq!(client.stdout_line().await, "hello back");
+    client.close_stdin();
+    server.close_stdin();
+    let (code, err) = client.wait().await;
+    assert_eq!(code, 0, "{err:?}");
+    let (code, err) = server.wait().await;
+    assert_eq!(code, 0, "{err:?}");
+}
+
+#[tokio::test]
+async fn nc_errors_are_one_line_with_the_cause() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let member = join(&relay.invite()).await;
+    for (target, cause) in [
+        (member.vip().to_string(), "refused (nothing listening)"),
+        ("10.77.123.45".to_owned(), "unreachable (no session has that VIP)"),
+    ] {
+        let (code, out, err) = output({
+            let mut c = overlan_cmd(&relay.invite(), dir.path(), "c");
+            c.args(["nc", &target, "9"]).stdin(std::process::Stdio::null());
+            c
+        })
+        .await;
+        assert_ne!(code, 0);
+        assert!(out.is_empty());
+        let lines: Vec<_> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].starts_with("overlan: connect ") && lines[0].ends_with(cause), "{err}");
+    }
+    let (code, _, err) = output({
+        let mut c = tokio::process::Command::new(bin("overlan"));
+        c.args(["ip"]).env_remove("OVERLAN_INVITE");
+        c
+    })
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no invite"), "{err}");
+}
+
+#[tokio::test]
+async fn nc_datagrams_and_broadcasts_between_processes() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let invite = relay.invite();
+    let spawn = |name: &str, args: &[&str]| {
+        let mut c = overlan_cmd(&invite, dir.path(), name);
+        c.arg("nc").args(args);
+        Proc::spawn(c)
+    };
+    // Three game instances on one machine, each its own VIP, all on the lobby port.
+    let mut players: Vec<Proc> = Vec::new();
+    for i in 0..3 {
+        let mut p = {
+            let mut c = overlan_cmd(&invite, dir.path(), "player");
+            c.args(["--name", &format!("game{i}"), "nc", "-u", "-b", "--show-source", "4445"]);
+            Proc::spawn(c)
+        };
+        p.stderr_until("bound ").await;
+        players.push(p);
+    }
+    // The last instance hosts: its broadcast reaches the other two, not itself.
+    players[2].write_stdin(b"lobby open\n").await;
+    let mut host = None;
+    for p in players.iter_mut().take(2) {
+        let line = p.stdout_line().await;
+        let (src, text) = line.split_once(' ').unwrap();
+        assert_eq!(text, "lobby open");
+        host.get_or_insert(src.to_owned());
+        assert_eq!(host.as_deref(), Some(src));
+    }
+    // A unicast datagram to the host's VIP, answered by a listener process.
+    let host_vip = host.unwrap().split(':').next().unwrap().to_owned();
+    let mut listener = {
+        let mut c = overlan_cmd(&invite, dir.path(), "player");
+        c.args(["--name", "game2", "nc", "-u", "-l", "5000"]);
+        Proc::spawn(c)
+    };
+    listener.stderr_until("bound ").await;
+    // game2's identity+instance is now the listener process; the -b process was replaced.
+    let mut sender = spawn("sender", &["-u", "-q", "1", &host_vip, "5000"]);
+    sender.stderr_until("bound ").await;
+    sender.write_stdin(b"join request\n").await;
+    assert_eq!(listener.stdout_line().await, "join request");
+    listener.write_stdin(b"welcome\n").await;
+    assert_eq!(sender.stdout_line().await, "welcome");
+    // An over-long line is refused with the maximum, and the tool goes on.
+    let long = vec![b'x'; 2000];
+    sender.write_stdin(&long).await;
+    sender.write_stdin(b"\nafter\n").await;
+    sender.stderr_until("exceeds the maximum of 1100 bytes").await;
+    assert_eq!(listener.stdout_line().await, "after");
+    sender.close_stdin();
+    let (code, err) = within("sender quits after -q", sender.wait()).await;
+    assert_eq!(code, 0, "{err:?}");
+    let _ = Duration::ZERO;
+}
