@@ -1,0 +1,443 @@
+//! `overlan-bench`: measures the relay against direct QUIC on loopback in one run, so
+//! the ratios mean something on a shared, noisy machine. Build everything in release
+//! first; the relay runs as its own `overlan-server` process next to this binary:
+//!
+//! ```text
+//! cargo build --release --bins && target/release/overlan-bench
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use overlan_client::{Client, Identity, JoinOptions};
+use overlan_shared::tls;
+use overlan_shared::wire::control::{ClientMessage, RelayMessage};
+use overlan_shared::wire::frame::ClientSideCodec;
+use overlan_shared::wire::{ALPN_CLIENT, DEFAULT_MAX_CONTROL_FRAME, PROTOCOL_VERSION, RELAY_SERVER_NAME};
+use overlan_shared::Invite;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const CHUNK: usize = 256 * 1024;
+
+struct Args {
+    bytes: u64,
+    rtt_iters: usize,
+    datagram_secs: u64,
+    idle_sessions: Vec<usize>,
+    broadcast_members: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        bytes: 1 << 30,
+        rtt_iters: 5000,
+        datagram_secs: 3,
+        idle_sessions: vec![1000, 10_000],
+        broadcast_members: 1000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--bytes" => args.bytes = value()?.parse()?,
+            "--rtt-iters" => args.rtt_iters = value()?.parse()?,
+            "--datagram-secs" => args.datagram_secs = value()?.parse()?,
+            "--idle-sessions" => {
+                args.idle_sessions = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?
+            }
+            "--broadcast-members" => args.broadcast_members = value()?.parse()?,
+            "--quick" => {
+                args.bytes = 64 << 20;
+                args.rtt_iters = 500;
+                args.datagram_secs = 1;
+                args.idle_sessions = vec![200];
+                args.broadcast_members = 100;
+            }
+            "-h" | "--help" => {
+                println!("overlan-bench [--quick] [--bytes N] [--rtt-iters N] [--datagram-secs N] [--idle-sessions N,N] [--broadcast-members N]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(args)
+}
+
+/// Order-sensitive checksum: every 8-byte word is mixed with its offset.
+#[derive(Default)]
+struct Checksum {
+    offset: u64,
+    state: u64,
+    tail: Vec<u8>,
+}
+
+impl Checksum {
+    fn update(&mut self, mut data: &[u8]) {
+        if !self.tail.is_empty() {
+            let need = 8 - self.tail.len();
+            let take = need.min(data.len());
+            self.tail.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.tail.len() == 8 {
+                let w = u64::from_le_bytes(self.tail[..].try_into().expect("8 bytes"));
+                self.word(w);
+                self.tail.clear();
+            }
+        }
+        let mut chunks = data.chunks_exact(8);
+        for c in &mut chunks {
+            self.word(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        self.tail.extend_from_slice(chunks.remainder());
+    }
+
+    fn word(&mut self, w: u64) {
+        let x = (w ^ self.offset).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.state = (self.state ^ x).rotate_left(23).wrapping_add(0x632B_E59B_D9B4_E019);
+        self.offset += 8;
+    }
+
+    fn finish(mut self) -> u64 {
+        let tail = std::mem::take(&mut self.tail);
+        for b in tail {
+            self.word(u64::from(b));
+        }
+        self.state ^ self.offset
+    }
+}
+
+fn pattern() -> Bytes {
+    let mut v = vec![0u8; CHUNK];
+    let mut x: u64 = 0x1234_5678_9abc_def0;
+    for b in v.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    Bytes::from(v)
+}
+
+/// Sends `total` bytes (the pattern, repeatedly) and returns the checksum of what was sent.
+async fn send_bytes(w: &mut (impl AsyncWriteExt + Unpin), total: u64) -> anyhow::Result<u64> {
+    let chunk = pattern();
+    let mut sum = Checksum::default();
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        w.write_all(&chunk[..n]).await?;
+        sum.update(&chunk[..n]);
+        left -= n as u64;
+    }
+    w.shutdown().await?;
+    Ok(sum.finish())
+}
+
+async fn recv_bytes(r: &mut (impl AsyncReadExt + Unpin)) -> anyhow::Result<(u64, u64)> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut sum = Checksum::default();
+    let mut n_total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        sum.update(&buf[..n]);
+        n_total += n as u64;
+    }
+    Ok((n_total, sum.finish()))
+}
+
+struct Throughput {
+    mib_s: f64,
+    intact: bool,
+}
+
+async fn throughput<W, R>(mut w: W, mut r: R, total: u64) -> anyhow::Result<Throughput>
+where
+    W: AsyncWriteExt + Unpin + Send + 'static,
+    R: AsyncReadExt + Unpin + Send + 'static,
+{
+    let start = Instant::now();
+    let sender = tokio::spawn(async move { send_bytes(&mut w, total).await });
+    let (got, recv_sum) = recv_bytes(&mut r).await?;
+    let sent_sum = sender.await??;
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Throughput { mib_s: got as f64 / secs / (1 << 20) as f64, intact: got == total && recv_sum == sent_sum })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn rtt<S: AsyncReadExt + AsyncWriteExt + Unpin>(client: &mut S, iters: usize) -> anyhow::Result<(Duration, Duration)> {
+    let mut samples = Vec::with_capacity(iters);
+    let req = [7u8; 64];
+    let mut resp = [0u8; 64];
+    for _ in 0..iters {
+        let t = Instant::now();
+        client.write_all(&req).await?;
+        client.read_exact(&mut resp).await?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+}
+
+async fn echo<S: AsyncReadExt + AsyncWriteExt + Unpin>(mut s: S) {
+    let mut buf = [0u8; 64];
+    while s.read_exact(&mut buf).await.is_ok() {
+        if s.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// A relay process started from the `overlan-server` binary next to this one.
+struct RelayProcess {
+    child: tokio::process::Child,
+    invite: Invite,
+    _dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    async fn start() -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let server: PathBuf = exe.with_file_name("overlan-server");
+        if !server.exists() {
+            bail!("{} not found: run `cargo build --release --bins` first", server.display());
+        }
+        let dir = tempfile::tempdir()?;
+        let mut child = tokio::process::Command::new(&server)
+            .args(["--listen", "127.0.0.1:0", "--log", "warn", "--idle-timeout", "30s"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut invite = None;
+        while let Some(line) = lines.next_line().await? {
+            if let Some(uri) = line.strip_prefix("invite ") {
+                invite = Some(uri.parse()?);
+                break;
+            }
+        }
+        let invite = invite.context("relay printed no invite")?;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, invite, _dir: dir })
+    }
+
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.child.id().context("relay exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+    }
+}
+
+/// A direct quinn server and client on loopback, the baseline.
+async fn direct_pair() -> anyhow::Result<(quinn::Connection, quinn::Connection)> {
+    let id = Identity::generate(&[RELAY_SERVER_NAME])?;
+    let server_crypto = tls::server_config(&id, ALPN_CLIENT)?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server_crypto)?));
+    server_config.transport_config(Arc::new(overlan_server::relay::transport_config(Duration::from_secs(30))?));
+    let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+    let client_crypto = tls::client_config(Some(&Identity::generate(&["c"])?), id.fingerprint(), ALPN_CLIENT)?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto)?));
+    client_config.transport_config(Arc::new(overlan_server::relay::transport_config(Duration::from_secs(30))?));
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let addr = server.local_addr()?;
+    let accept = tokio::spawn(async move { server.accept().await.expect("incoming").await });
+    let c = client.connect_with(client_config, addr, RELAY_SERVER_NAME)?.await?;
+    let s = accept.await??;
+    Ok((c, s))
+}
+
+/// Opens a bi stream on `c` and accepts it on `s` (a first byte makes it visible).
+async fn direct_stream(c: &quinn::Connection, s: &quinn::Connection) -> anyhow::Result<(tokio::io::Join<quinn::RecvStream, quinn::SendStream>, tokio::io::Join<quinn::RecvStream, quinn::SendStream>)> {
+    let (mut cs, cr) = c.open_bi().await?;
+    cs.write_all(&[0]).await?;
+    let (ss, mut sr) = s.accept_bi().await?;
+    let mut one = [0u8; 1];
+    sr.read_exact(&mut one).await?;
+    Ok((tokio::io::join(cr, cs), tokio::io::join(sr, ss)))
+}
+
+async fn join(invite: &Invite, identity: &Identity, instance: &str) -> anyhow::Result<Client> {
+    Ok(Client::join(JoinOptions::new(invite.clone(), identity.clone()).instance(instance)).await?)
+}
+
+/// A minimal idle session on a shared endpoint: handshake, hello, welcome, optional bind.
+async fn raw_session(endpoint: &quinn::Endpoint, config: &quinn::ClientConfig, relay: SocketAddr, token: &str, instance: String, bind: Option<u16>) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let conn = endpoint.connect_with(config.clone(), relay, RELAY_SERVER_NAME)?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let codec = ClientSideCodec::new(DEFAULT_MAX_CONTROL_FRAME);
+    let mut buf = bytes::BytesMut::new();
+    codec.encode_into(&ClientMessage::Hello { protocol: PROTOCOL_VERSION, token: token.to_owned(), instance }, &mut buf)?;
+    if let Some(port) = bind {
+        codec.encode_into(&ClientMessage::Bind { req: 1, port }, &mut buf)?;
+    }
+    send.write_all(&buf).await?;
+    let expected = if bind.is_some() { 2 } else { 1 };
+    let mut inbuf = bytes::BytesMut::new();
+    let mut got = 0;
+    while got < expected {
+        let mut tmp = [0u8; 1024];
+        let n = recv.read(&mut tmp).await?.context("relay closed the control stream")?;
+        inbuf.extend_from_slice(&tmp[..n]);
+        while let Some(msg) = codec.decode_from(&mut inbuf)? {
+            match msg {
+                RelayMessage::Welcome { .. } | RelayMessage::Bound { .. } => got += 1,
+                other => bail!("unexpected {other:?}"),
+            }
+        }
+    }
+    Ok((conn, send, recv))
+}
+
+async fn open_sessions(relay: &RelayProcess, n: usize, bind: Option<u16>) -> anyhow::Result<Vec<(quinn::Connection, quinn::SendStream, quinn::RecvStream)>> {
+    let identity = Identity::generate(&["bench"])?;
+    let crypto = tls::client_config(Some(&identity), relay.invite.fingerprint, ALPN_CLIENT)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?));
+    config.transport_config(Arc::new(overlan_server::relay::transport_config(Duration::from_secs(30))?));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let relay_addr: SocketAddr = relay.invite.relay.parse()?;
+    let token = relay.invite.token.expose().to_owned();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let (endpoint, config, token, sem) = (endpoint.clone(), config.clone(), token.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.expect("semaphore");
+            raw_session(&endpoint, &config, relay_addr, &token, format!("s{i}-{}", bind.unwrap_or(0)), bind).await
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let relay = RelayProcess::start().await?;
+    let me = Identity::generate(&["bench"])?;
+    println!("# overlan-bench  (relay process vs direct quinn on loopback, same run)");
+
+    // Stream throughput.
+    let (dc, ds) = direct_pair().await?;
+    let (c, s) = direct_stream(&dc, &ds).await?;
+    let (cr, cw) = c.into_inner();
+    let (sr, _sw) = s.into_inner();
+    let direct = throughput(cw, sr, args.bytes).await?;
+    drop(cr);
+    let a = join(&relay.invite, &me, "a").await?;
+    let b = join(&relay.invite, &me, "b").await?;
+    let listener = b.listen(9000).await?;
+    let out = a.connect(listener.local_addr()).await?;
+    let (inn, _) = listener.accept().await?;
+    let (_or, ow) = out.into_split();
+    let (ir, _iw) = inn.into_split();
+    let relayed = throughput(ow, ir, args.bytes).await?;
+    let gib = args.bytes as f64 / (1u64 << 30) as f64;
+    println!("stream throughput, {gib:.2} GiB one way, checksummed:");
+    println!("  direct quinn   {:>9.1} MiB/s  intact={}", direct.mib_s, direct.intact);
+    println!("  via relay      {:>9.1} MiB/s  intact={}", relayed.mib_s, relayed.intact);
+    println!("  ratio relay/direct  {:.2}  (target >= 0.50)", relayed.mib_s / direct.mib_s);
+    if !direct.intact || !relayed.intact {
+        bail!("bytes lost or changed");
+    }
+
+    // 64-byte request/response round trip.
+    let (c, s) = direct_stream(&dc, &ds).await?;
+    tokio::spawn(echo(s));
+    let mut c = c;
+    let (d50, d99) = rtt(&mut c, args.rtt_iters).await?;
+    let l = b.listen(9001).await?;
+    let mut out = a.connect(l.local_addr()).await?;
+    let (inn, _) = l.accept().await?;
+    tokio::spawn(echo(inn));
+    let (r50, r99) = rtt(&mut out, args.rtt_iters).await?;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!("64-byte round trip, {} iterations:", args.rtt_iters);
+    println!("  direct quinn   p50 {:>7.1} us  p99 {:>7.1} us", us(d50), us(d99));
+    println!("  via relay      p50 {:>7.1} us  p99 {:>7.1} us", us(r50), us(r99));
+    println!("  relay p50 budget 2 x direct + 50 us = {:.1} us: {}", 2.0 * us(d50) + 50.0, if us(r50) <= 2.0 * us(d50) + 50.0 { "met" } else { "MISSED" });
+
+    // Datagrams per second through the relay.
+    let sa = a.bind_datagram(0).await?;
+    let sb = b.bind_datagram(7000).await?;
+    let target = sb.local_addr();
+    let payload = vec![1u8; 64];
+    let stop = Instant::now() + Duration::from_secs(args.datagram_secs);
+    let receiver = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), sb.recv()).await {
+            n += 1;
+        }
+        n
+    });
+    let mut sent = 0u64;
+    let t0 = Instant::now();
+    while Instant::now() < stop {
+        for _ in 0..64 {
+            sa.send_to(&payload, target).await?;
+            sent += 1;
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let received = receiver.await?;
+    println!("datagrams (64-byte payload) through the relay for {}s:", args.datagram_secs);
+    println!("  sent {:.0}/s, delivered {:.0}/s ({:.1}% delivered)", sent as f64 / elapsed, received as f64 / elapsed, 100.0 * received as f64 / sent.max(1) as f64);
+
+    // Broadcast fan-out.
+    let members = open_sessions(&relay, args.broadcast_members, Some(4445)).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (conn, _, _) in &members {
+        let (conn, tx) = (conn.clone(), tx.clone());
+        tokio::spawn(async move {
+            if conn.read_datagram().await.is_ok() {
+                let _ = tx.send(Instant::now());
+            }
+        });
+    }
+    let caster = a.bind_datagram(4445).await?;
+    let t0 = Instant::now();
+    caster.send_to(b"lobby", SocketAddrV4::new(Ipv4Addr::BROADCAST, 4445)).await?;
+    let mut last = t0;
+    for _ in 0..members.len() {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(t)) => last = last.max(t),
+            _ => bail!("a broadcast copy did not arrive"),
+        }
+    }
+    println!("broadcast to {} members: all copies in {:.2} ms", members.len(), (last - t0).as_secs_f64() * 1e3);
+    drop(members);
+
+    // Relay memory per idle session.
+    a.leave().await;
+    b.leave().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for &n in &args.idle_sessions {
+        let before = relay.rss_kib()?;
+        let sessions = open_sessions(&relay, n, None).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = relay.rss_kib()?;
+        let per = (after.saturating_sub(before)) as f64 / n as f64;
+        println!("relay RSS with {n} idle sessions: {before} KiB -> {after} KiB, {per:.1} KiB per session (target <= 32)");
+        for (conn, _, _) in &sessions {
+            conn.close(0u32.into(), b"bench done");
+        }
+        drop(sessions);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    Ok(())
+}
+
