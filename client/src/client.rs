@@ -372,13 +372,15 @@ fn unexpected(msg: RelayMessage) -> Error {
     Error::Relay { code: ErrorCode::ProtocolViolation, message: format!("unexpected answer from relay: {msg:?}") }
 }
 
-/// QUIC transport settings: the idle timeout, keep-alives at a third of it, datagrams on.
+/// QUIC transport settings: the idle timeout, keep-alives at a third of it, datagrams
+/// on. The relay never opens streams toward a client (the client opens every socket's
+/// stream), so none are allowed; quinn would pre-allocate bookkeeping for each.
 fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, Error> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout.try_into().map_err(|_| Error::Config("idle timeout out of range".into()))?))
         .keep_alive_interval(Some(idle_timeout / 3))
-        .max_concurrent_bidi_streams(VarInt::from_u32(4096))
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(Some(1024 * 1024))
         .datagram_send_buffer_size(1024 * 1024);

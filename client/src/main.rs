@@ -32,7 +32,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Join, print `vip A.B.C.D`, and stay connected (reconnecting) until Ctrl-C.
+    /// Join, print `vip A.B.C.D`, and stay connected (reconnecting) until Ctrl-C or SIGTERM.
     Up,
     /// Join and print this client's VIP alone.
     Ip,
@@ -121,7 +121,7 @@ async fn up(client: Client) -> Result<ExitCode, String> {
     let mut state = client.watch_state();
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
+            _ = shutdown_signal() => {
                 client.leave().await;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -258,6 +258,22 @@ async fn nc_datagram(client: &Client, args: &NcArgs, local_port: Option<u16>) ->
     tokio::select! {
         r = send => r,
         r = recv => r,
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = shutdown_signal() => Ok(()),
     }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM (`systemctl stop`, `docker stop`).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -118,8 +118,7 @@ while [ $tries -lt 15 ]; do
         out=$(journalctl --quiet --no-pager --output=cat "_SYSTEMD_INVOCATION_ID=$id" \
             | grep -E '^(listen|fingerprint|invite) ' || true)
     fi
-    case $out in *"
-invite "*) break ;; esac
+    printf '%s\n' "$out" | grep -q '^invite ' && break
     tries=$((tries + 1))
     sleep 1
 done

@@ -220,3 +220,20 @@ async fn tokio_util_codecs_run_over_a_virtual_stream() {
     drop(lines);
     within("echo server ends", echo).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_client_can_connect_to_its_own_listener() {
+    let relay = TestRelay::start();
+    let a = join(&relay.invite()).await;
+    let listener = a.listen(8080).await.unwrap();
+    let mut out = a.connect(listener.local_addr()).await.unwrap();
+    let (mut inn, peer) = within("accept", listener.accept()).await.unwrap();
+    assert_eq!(*peer.ip(), a.vip());
+    out.write_all(b"loop").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("read own bytes", inn.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"loop");
+    inn.write_all(b"back").await.unwrap();
+    within("read reply", out.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"back");
+}

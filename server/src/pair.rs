@@ -212,8 +212,12 @@ impl Handler<AttachStream> for SocketPairActor {
     fn handle(&mut self, mut msg: AttachStream, ctx: &mut Self::Context) {
         let socket = self.socket;
         let spliced = self.state == PairState::Spliced;
-        let free = matches!(self.party_mut(msg.session), Some(p) if p.stream.is_none() && !p.gone && !spliced);
-        if !free {
+        // A client connected to its own listener is both parties; its two streams are
+        // interchangeable ends of the splice, so either free slot will do.
+        let slot = [&mut self.connector, &mut self.listener]
+            .into_iter()
+            .find(|p| p.session.id == msg.session && p.stream.is_none() && !p.gone && !spliced);
+        let Some(slot) = slot else {
             let code = VarInt::from_u32(reset_code::UNKNOWN_SOCKET);
             let _ = msg.send.reset(code);
             let _ = msg.recv.stop(code);
@@ -222,10 +226,8 @@ impl Handler<AttachStream> for SocketPairActor {
                 message: format!("stream for socket {socket} rejected: not this session's socket, or already attached"),
             });
             return;
-        }
-        if let Some(party) = self.party_mut(msg.session) {
-            party.stream = Some((msg.send, msg.recv));
-        }
+        };
+        slot.stream = Some((msg.send, msg.recv));
         self.maybe_splice(ctx);
     }
 }

@@ -193,17 +193,30 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     Ok((prepared, RelayInfo { local_addr, fingerprint, default_invite }))
 }
 
-/// QUIC transport settings shared by relay and client: idle timeout with keep-alives at
-/// a third of it, many concurrent streams (one per virtual socket), datagrams on.
+/// Concurrent QUIC streams (one per virtual socket) a new session may open. quinn
+/// pre-allocates bookkeeping for every stream it allows (about 60 bytes each), so idle
+/// sessions start small; a session raises its own limit as its sockets grow, up to
+/// [`MAX_STREAMS_PER_SESSION`].
+pub const INITIAL_STREAMS_PER_SESSION: u32 = 8;
+/// Most virtual streams one client may have open through the relay at once; beyond it,
+/// `connect` waits until one closes.
+pub const MAX_STREAMS_PER_SESSION: u32 = 4096;
+
+/// QUIC transport settings of the relay: idle timeout with keep-alives at a third of it,
+/// [`INITIAL_STREAMS_PER_SESSION`] concurrent streams to begin with, datagrams on, and
+/// no path-MTU discovery: the datagram maximum is fixed for the minimum QUIC MTU anyway,
+/// and discovery costs every idle session about 2 KiB (probe state, a larger send
+/// buffer) — measured with `overlan-bench`, see BENCHMARKS.md.
 pub fn transport_config(idle_timeout: Duration) -> anyhow::Result<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout.try_into().context("idle timeout out of range")?))
         .keep_alive_interval(Some(idle_timeout / 3))
-        .max_concurrent_bidi_streams(VarInt::from_u32(4096))
+        .max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_STREAMS_PER_SESSION))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(Some(1024 * 1024))
-        .datagram_send_buffer_size(1024 * 1024);
+        .datagram_send_buffer_size(1024 * 1024)
+        .mtu_discovery_config(None);
     Ok(transport)
 }
 
@@ -256,7 +269,8 @@ async fn handshake(incoming: quinn::Incoming, config: Arc<RelayConfig>, allocato
     };
     let hello = tokio::time::timeout(config.hello_timeout, async {
         let (send, recv) = conn.accept_bi().await.ok()?;
-        let mut framed = FramedRead::new(recv, RelaySideCodec::new(config.max_control_frame));
+        // Control frames are small; start the buffer small (it grows for a large frame).
+        let mut framed = FramedRead::with_capacity(recv, RelaySideCodec::new(config.max_control_frame), 512);
         let first = framed.next().await?;
         Some((send, framed, first))
     })

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use overlan_shared::tls::Fingerprint;
 use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
 use overlan_shared::wire::frame::{FrameError, RelaySideCodec};
@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
 use crate::config::RelayConfig;
+use crate::relay::{INITIAL_STREAMS_PER_SESSION, MAX_STREAMS_PER_SESSION};
 use crate::datagram::{run_datagram_loop, Sender};
 use crate::pair::{AnswerOffer, AttachStream, CloseSocket, PartyGone, SocketPairActor};
 use crate::router::{DatagramBinding, LocalSession, Router, SessionId};
@@ -71,13 +72,16 @@ pub struct SessionActor {
     vip: Ipv4Addr,
     router: Arc<Router>,
     config: Arc<RelayConfig>,
-    control: mpsc::Sender<RelayMessage>,
+    control: mpsc::Sender<Bytes>,
+    codec: RelaySideCodec,
     control_recv: Option<FramedRead<quinn::RecvStream, RelaySideCodec>>,
     listeners: HashSet<u16>,
     datagram_ports: HashSet<u16>,
     stream_ports: HashSet<u16>,
     sockets: HashMap<SocketId, Membership>,
     next_ephemeral: u16,
+    /// Current QUIC stream limit granted to the client.
+    stream_limit: u32,
     /// QUIC close code and reason used when the session stops.
     end: (u32, String),
 }
@@ -86,7 +90,8 @@ impl SessionActor {
     /// Builds the actor; the control writer task starts at once.
     pub fn new(parts: SessionParts, router: Arc<Router>, config: Arc<RelayConfig>) -> Self {
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
-        tokio::spawn(run_control_writer(parts.control_send, rx, config.max_control_frame));
+        let parts_max_frame = config.max_control_frame;
+        tokio::spawn(run_control_writer(parts.control_send, rx));
         Self {
             id: router.next_session_id(),
             conn: parts.conn,
@@ -97,12 +102,14 @@ impl SessionActor {
             router,
             config,
             control: tx,
+            codec: RelaySideCodec::new(parts_max_frame),
             control_recv: Some(parts.control_recv),
             listeners: HashSet::new(),
             datagram_ports: HashSet::new(),
             stream_ports: HashSet::new(),
             sockets: HashMap::new(),
             next_ephemeral: *EPHEMERAL_PORTS.start(),
+            stream_limit: INITIAL_STREAMS_PER_SESSION,
             end: (close_code::NORMAL, "session ended".to_owned()),
         }
     }
@@ -119,9 +126,15 @@ impl SessionActor {
         self.network.id
     }
 
-    /// Queues a control message; a client that lets the queue fill is cut off.
+    /// Queues a control message; a client that lets the queue fill is cut off. Frames
+    /// are encoded here so the queue holds small `Bytes`, not message structs.
     fn send(&mut self, ctx: &mut Context<Self>, msg: RelayMessage) {
-        if let Err(e) = self.control.try_send(msg) {
+        let mut buf = BytesMut::new();
+        if let Err(e) = self.codec.encode_into(&msg, &mut buf) {
+            tracing::error!(error = %e, "dropping unencodable control message");
+            return;
+        }
+        if let Err(e) = self.control.try_send(buf.freeze()) {
             if matches!(e, mpsc::error::TrySendError::Full(_)) {
                 tracing::warn!(session = self.id, vip = %self.vip, "control queue full; disconnecting");
                 self.end = (close_code::PROTOCOL_VIOLATION, "control stream not read; too many unread messages".into());
@@ -238,7 +251,7 @@ impl SessionActor {
             self.config.clone(),
         )
         .start();
-        self.sockets.insert(socket, Membership { pair, local_port: Some(port) });
+        self.add_socket(socket, Membership { pair, local_port: Some(port) });
     }
 
     fn with_socket(&mut self, ctx: &mut Context<Self>, socket: SocketId, f: impl FnOnce(&Addr<SocketPairActor>, SessionId)) {
@@ -310,8 +323,14 @@ impl Actor for SessionActor {
             vip: self.vip,
             subnet: self.network.subnet,
         };
-        tokio::spawn(run_datagram_loop(self.conn.clone(), self.router.clone(), sender, ctx.address()));
-        tokio::spawn(run_stream_acceptor(self.conn.clone(), self.router.clone(), self.id, ctx.address()));
+        // One task per session reads both its datagrams and the streams it opens.
+        let (conn, router, id, addr) = (self.conn.clone(), self.router.clone(), self.id, ctx.address());
+        tokio::spawn(async move {
+            tokio::join!(
+                run_datagram_loop(conn.clone(), router.clone(), sender, addr.clone()),
+                run_stream_acceptor(conn, router, id, addr),
+            );
+        });
         // The QUIC idle timeout (with keep-alives) detects a dead client; when the
         // connection ends for any reason the session ends with it.
         let conn = self.conn.clone();
@@ -408,7 +427,7 @@ impl Handler<Offer> for SessionActor {
             msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::Refused) });
             return;
         }
-        self.sockets.insert(msg.socket, Membership { pair: msg.pair, local_port: None });
+        self.add_socket(msg.socket, Membership { pair: msg.pair, local_port: None });
         self.send(ctx, RelayMessage::Incoming { socket: msg.socket, local: msg.local, peer: msg.peer });
     }
 }
@@ -439,6 +458,17 @@ impl Handler<ConnectOutcome> for SessionActor {
 }
 
 impl SessionActor {
+    /// Records a socket and makes sure the client may open a QUIC stream for it: the
+    /// stream limit doubles while sockets approach it.
+    fn add_socket(&mut self, socket: SocketId, membership: Membership) {
+        self.sockets.insert(socket, membership);
+        let wanted = self.sockets.len() as u32 + INITIAL_STREAMS_PER_SESSION / 2;
+        if wanted > self.stream_limit && self.stream_limit < MAX_STREAMS_PER_SESSION {
+            self.stream_limit = (self.stream_limit * 2).clamp(wanted, MAX_STREAMS_PER_SESSION);
+            self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.stream_limit));
+        }
+    }
+
     fn forget_socket(&mut self, socket: SocketId) {
         if let Some(m) = self.sockets.remove(&socket) {
             if let Some(port) = m.local_port {
@@ -470,24 +500,14 @@ impl Handler<PairEnded> for SessionActor {
     }
 }
 
-/// Writes queued control messages to the client, batching what is queued.
-async fn run_control_writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<RelayMessage>, max_frame: usize) {
-    let codec = RelaySideCodec::new(max_frame);
-    let mut buf = BytesMut::new();
-    while let Some(msg) = rx.recv().await {
-        let mut next = Some(msg);
-        while let Some(msg) = next.take() {
-            if let Err(e) = codec.encode_into(&msg, &mut buf) {
-                tracing::error!(error = %e, "dropping unencodable control message");
-            }
-            if buf.len() < 64 * 1024 {
-                next = rx.try_recv().ok();
-            }
-        }
-        if send.write_all(&buf).await.is_err() {
+/// Writes queued control frames to the client, several at a time when they queue up.
+async fn run_control_writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Bytes>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        if send.write_all_chunks(&mut batch).await.is_err() {
             return;
         }
-        buf.clear();
+        batch.clear();
     }
     let _ = send.finish();
 }
