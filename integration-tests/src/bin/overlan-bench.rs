@@ -22,6 +22,8 @@ use overlan_shared::Invite;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const CHUNK: usize = 256 * 1024;
+/// Bench-side sessions sharing one UDP socket.
+const SESSIONS_PER_SOCKET: usize = 20;
 
 struct Args {
     bytes: u64,
@@ -307,13 +309,18 @@ async fn open_sessions(relay: &RelayProcess, n: usize, bind: Option<u16>) -> any
     let crypto = tls::client_config(Some(&identity), relay.invite.fingerprint, ALPN_CLIENT)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?));
     config.transport_config(Arc::new(overlan_server::relay::transport_config(Duration::from_secs(30))?));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    // Members are separate machines in real life: one UDP socket per 20 sessions keeps
+    // a burst to all of them from overflowing a single socket's receive buffer here.
+    let endpoints = (0..n.div_ceil(SESSIONS_PER_SOCKET))
+        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
+        .collect::<Result<Vec<_>, _>>()?;
     let relay_addr: SocketAddr = relay.invite.relay.parse()?;
     let token = relay.invite.token.expose().to_owned();
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let (endpoint, config, token, sem) = (endpoint.clone(), config.clone(), token.clone(), sem.clone());
+        let endpoint = endpoints[i / SESSIONS_PER_SOCKET].clone();
+        let (config, token, sem) = (config.clone(), token.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.expect("semaphore");
             raw_session(&endpoint, &config, relay_addr, &token, format!("s{i}-{}", bind.unwrap_or(0)), bind).await
