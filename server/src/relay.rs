@@ -197,7 +197,7 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
 /// pre-allocates bookkeeping for every stream it allows (about 60 bytes each), so idle
 /// sessions start small; a session raises its own limit as its sockets grow, up to
 /// [`MAX_STREAMS_PER_SESSION`].
-pub const INITIAL_STREAMS_PER_SESSION: u32 = 8;
+pub const INITIAL_STREAMS_PER_SESSION: u32 = 4;
 /// Most virtual streams one client may have open through the relay at once; beyond it,
 /// `connect` waits until one closes.
 pub const MAX_STREAMS_PER_SESSION: u32 = 4096;

@@ -501,13 +501,19 @@ impl Handler<PairEnded> for SessionActor {
 }
 
 /// Writes queued control frames to the client, several at a time when they queue up.
+/// The batch is allocated per burst, so an idle session holds no buffer here.
 async fn run_control_writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Bytes>) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 64).await > 0 {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
         if send.write_all_chunks(&mut batch).await.is_err() {
             return;
         }
-        batch.clear();
     }
     let _ = send.finish();
 }

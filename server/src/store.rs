@@ -156,6 +156,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Leases are read once per join; a 512 KiB page cache is plenty and keeps the
+        // relay's memory flat as the lease table grows.
+        conn.pragma_update(None, "cache_size", -512)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS networks (
                 id INTEGER PRIMARY KEY,

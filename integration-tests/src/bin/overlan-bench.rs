@@ -304,14 +304,14 @@ async fn raw_session(endpoint: &quinn::Endpoint, config: &quinn::ClientConfig, r
     Ok((conn, send, recv))
 }
 
-async fn open_sessions(relay: &RelayProcess, n: usize, bind: Option<u16>) -> anyhow::Result<Vec<(quinn::Connection, quinn::SendStream, quinn::RecvStream)>> {
+async fn open_sessions(relay: &RelayProcess, n: usize, bind: Option<u16>, per_socket: usize) -> anyhow::Result<Vec<(quinn::Connection, quinn::SendStream, quinn::RecvStream)>> {
     let identity = Identity::generate(&["bench"])?;
     let crypto = tls::client_config(Some(&identity), relay.invite.fingerprint, ALPN_CLIENT)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?));
     config.transport_config(Arc::new(overlan_server::relay::transport_config(Duration::from_secs(30))?));
     // Members are separate machines in real life: one UDP socket per 20 sessions keeps
     // a burst to all of them from overflowing a single socket's receive buffer here.
-    let endpoints = (0..n.div_ceil(SESSIONS_PER_SOCKET))
+    let endpoints = (0..n.div_ceil(per_socket))
         .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
         .collect::<Result<Vec<_>, _>>()?;
     let relay_addr: SocketAddr = relay.invite.relay.parse()?;
@@ -319,7 +319,7 @@ async fn open_sessions(relay: &RelayProcess, n: usize, bind: Option<u16>) -> any
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let endpoint = endpoints[i / SESSIONS_PER_SOCKET].clone();
+        let endpoint = endpoints[i / per_socket].clone();
         let (config, token, sem) = (config.clone(), token.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.expect("semaphore");
@@ -407,7 +407,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  sent {:.0}/s, delivered {:.0}/s ({:.1}% delivered)", sent as f64 / elapsed, received as f64 / elapsed, 100.0 * received as f64 / sent.max(1) as f64);
 
     // Broadcast fan-out.
-    let members = open_sessions(&relay, args.broadcast_members, Some(4445)).await?;
+    let members = open_sessions(&relay, args.broadcast_members, Some(4445), SESSIONS_PER_SOCKET).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for (conn, _, _) in &members {
         let (conn, tx) = (conn.clone(), tx.clone());
@@ -430,26 +430,27 @@ async fn main() -> anyhow::Result<()> {
     println!("broadcast to {} members: all copies in {:.2} ms", members.len(), (last - t0).as_secs_f64() * 1e3);
     drop(members);
 
-    // Relay memory per idle session.
+    // Relay memory per idle session, each count on a fresh relay process.
     a.leave().await;
     b.leave().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(relay);
     for &n in &args.idle_sessions {
+        let relay = RelayProcess::start().await?;
+        // One session first, so start-up allocations (database, runtime) are not counted.
+        let warm = open_sessions(&relay, 1, None, 1).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let before = relay.rss_kib()?;
         let own_before = rss_kib("self")?;
-        let sessions = open_sessions(&relay, n, None).await?;
+        let sessions = open_sessions(&relay, n, None, usize::MAX).await?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after = relay.rss_kib()?;
         let own_after = rss_kib("self")?;
         let per = (after.saturating_sub(before)) as f64 / n as f64;
         let own = (own_after.saturating_sub(own_before)) as f64 / n as f64;
         println!("relay RSS with {n} idle sessions: {before} KiB -> {after} KiB, {per:.1} KiB per session (target <= 32)");
-        println!("  baseline: the bench's own side of the same connections (bare quinn client + control stream): {own:.1} KiB per connection");
-        for (conn, _, _) in &sessions {
-            conn.close(0u32.into(), b"bench done");
-        }
+        println!("  baseline, same run: this process's side of the same connections (plain quinn client, one socket): {own:.1} KiB per connection");
         drop(sessions);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(warm);
     }
     Ok(())
 }
