@@ -411,7 +411,7 @@ async fn establish(
         let mut buf = BytesMut::new();
         let hello = ClientMessage::Hello {
             protocol: PROTOCOL_VERSION,
-            token: options.invite.token.expose().to_owned(),
+            token: options.invite.token.clone(),
             instance: options.instance.clone(),
         };
         codec.encode_into(&hello, &mut buf).map_err(|e| Error::Config(e.to_string()))?;

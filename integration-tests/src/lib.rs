@@ -320,7 +320,7 @@ impl RawSession {
         let mut me = Self { conn, control, frames, vip: std::net::Ipv4Addr::UNSPECIFIED };
         me.send(&ClientMessage::Hello {
             protocol: PROTOCOL_VERSION,
-            token: invite.token.expose().to_owned(),
+            token: invite.token.clone(),
             instance: String::new(),
         })
         .await;

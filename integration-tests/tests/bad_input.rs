@@ -8,6 +8,7 @@ use std::net::SocketAddrV4;
 use bytes::{BufMut, BytesMut};
 use overlan_client::{Client, DatagramSocket, SessionState, VirtualStream};
 use overlan_integration_tests::*;
+use overlan_shared::config::Secret;
 use overlan_shared::wire::control::ClientMessage;
 use overlan_shared::wire::datagram::DatagramHeader;
 use overlan_shared::wire::stream::StreamHeader;
@@ -58,7 +59,7 @@ fn frame(body: &[u8]) -> BytesMut {
 }
 
 fn hello(token: &str) -> BytesMut {
-    let msg = ClientMessage::Hello { protocol: PROTOCOL_VERSION, token: token.into(), instance: String::new() };
+    let msg = ClientMessage::Hello { protocol: PROTOCOL_VERSION, token: Secret::new(token), instance: String::new() };
     frame(&serde_json::to_vec(&msg).unwrap())
 }
 

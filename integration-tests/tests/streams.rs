@@ -237,3 +237,32 @@ async fn a_client_can_connect_to_its_own_listener() {
     within("read reply", out.read_exact(&mut buf)).await.unwrap();
     assert_eq!(&buf, b"back");
 }
+
+#[tokio::test]
+async fn many_concurrent_sockets_per_session() {
+    // Sessions start with a small QUIC stream allowance that the relay raises as their
+    // sockets grow; every one of these must open and carry data at the same time.
+    const SOCKETS: usize = 120;
+    let relay = TestRelay::start();
+    let a = join(&relay.invite()).await;
+    let b = join(&relay.invite()).await;
+    let listener = b.listen(3000).await.unwrap();
+    let mut outs = Vec::new();
+    for _ in 0..SOCKETS {
+        outs.push(within("connect", a.connect(listener.local_addr())).await.unwrap());
+    }
+    let mut ins = Vec::new();
+    for _ in 0..SOCKETS {
+        ins.push(within("accept", listener.accept()).await.unwrap().0);
+    }
+    for (i, out) in outs.iter_mut().enumerate() {
+        out.write_all(format!("{i:04}").as_bytes()).await.unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    for inn in ins.iter_mut() {
+        let mut buf = [0u8; 4];
+        within("read", inn.read_exact(&mut buf)).await.unwrap();
+        seen.insert(String::from_utf8_lossy(&buf).into_owned());
+    }
+    assert_eq!(seen.len(), SOCKETS);
+}

@@ -300,7 +300,7 @@ async fn handshake(incoming: quinn::Incoming, config: Arc<RelayConfig>, allocato
         );
     }
     let admitted = allocator
-        .send(AllocateVip { token: Secret::new(token), identity, instance: instance.clone() })
+        .send(AllocateVip { token, identity, instance: instance.clone() })
         .await;
     let admission = match admitted {
         Ok(Ok(a)) => a,

@@ -31,6 +31,7 @@ struct Args {
     datagram_secs: u64,
     idle_sessions: Vec<usize>,
     broadcast_members: usize,
+    only_idle: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -40,6 +41,7 @@ fn parse_args() -> anyhow::Result<Args> {
         datagram_secs: 3,
         idle_sessions: vec![1000, 10_000],
         broadcast_members: 1000,
+        only_idle: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +54,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.idle_sessions = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?
             }
             "--broadcast-members" => args.broadcast_members = value()?.parse()?,
+            "--only-idle" => args.only_idle = true,
             "--quick" => {
                 args.bytes = 64 << 20;
                 args.rtt_iters = 500;
@@ -214,7 +217,12 @@ impl RelayProcess {
             bail!("{} not found: run `cargo build --release --bins` first", server.display());
         }
         let dir = tempfile::tempdir()?;
-        let mut child = tokio::process::Command::new(&server)
+        // OVERLAN_BENCH_RELAY_WRAPPER runs the relay under a tool, e.g. valgrind's massif.
+        let wrapper = std::env::var("OVERLAN_BENCH_RELAY_WRAPPER").unwrap_or_default();
+        let mut words: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
+        words.push(server.display().to_string());
+        let mut child = tokio::process::Command::new(&words[0])
+            .args(&words[1..])
             .args(["--listen", "127.0.0.1:0", "--log", "warn", "--idle-timeout", "30s"])
             .arg("--data-dir")
             .arg(dir.path())
@@ -282,7 +290,7 @@ async fn raw_session(endpoint: &quinn::Endpoint, config: &quinn::ClientConfig, r
     let (mut send, mut recv) = conn.open_bi().await?;
     let codec = ClientSideCodec::new(DEFAULT_MAX_CONTROL_FRAME);
     let mut buf = bytes::BytesMut::new();
-    codec.encode_into(&ClientMessage::Hello { protocol: PROTOCOL_VERSION, token: token.to_owned(), instance }, &mut buf)?;
+    codec.encode_into(&ClientMessage::Hello { protocol: PROTOCOL_VERSION, token: overlan_shared::config::Secret::new(token), instance }, &mut buf)?;
     if let Some(port) = bind {
         codec.encode_into(&ClientMessage::Bind { req: 1, port }, &mut buf)?;
     }
@@ -336,10 +344,17 @@ async fn open_sessions(relay: &RelayProcess, n: usize, bind: Option<u16>, per_so
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    println!("# overlan-bench  (relay process vs direct quinn on loopback, same run)");
+    if !args.only_idle {
+        data_path(&args).await?;
+    }
+
+    idle_memory(&args).await
+}
+
+async fn data_path(args: &Args) -> anyhow::Result<()> {
     let relay = RelayProcess::start().await?;
     let me = Identity::generate(&["bench"])?;
-    println!("# overlan-bench  (relay process vs direct quinn on loopback, same run)");
-
     // Stream throughput.
     let (dc, ds) = direct_pair().await?;
     let (c, s) = direct_stream(&dc, &ds).await?;
@@ -430,10 +445,13 @@ async fn main() -> anyhow::Result<()> {
     println!("broadcast to {} members: all copies in {:.2} ms", members.len(), (last - t0).as_secs_f64() * 1e3);
     drop(members);
 
-    // Relay memory per idle session, each count on a fresh relay process.
     a.leave().await;
     b.leave().await;
-    drop(relay);
+    Ok(())
+}
+
+/// Relay memory per idle session, each count on a fresh relay process.
+async fn idle_memory(args: &Args) -> anyhow::Result<()> {
     for &n in &args.idle_sessions {
         let relay = RelayProcess::start().await?;
         // One session first, so start-up allocations (database, runtime) are not counted.

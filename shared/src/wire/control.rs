@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ErrorCode;
 use crate::addr::{Subnet, VirtualAddr};
+use crate::config::Secret;
 
 /// Relay-assigned id of a connected virtual stream (a socket pair); unique per relay.
 pub type SocketId = u64;
@@ -20,8 +21,8 @@ pub enum ClientMessage {
     Hello {
         /// Must equal [`super::PROTOCOL_VERSION`].
         protocol: u32,
-        /// The join token from the invite.
-        token: String,
+        /// The join token from the invite (`Debug` prints `***`).
+        token: Secret,
         /// Instance name; one identity may run several instances, each with its own VIP.
         #[serde(default)]
         instance: String,
