@@ -9,6 +9,7 @@
 
 pub mod allocator;
 pub mod config;
+pub mod control;
 pub mod datagram;
 pub mod pair;
 pub mod relay;

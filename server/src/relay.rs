@@ -270,7 +270,7 @@ async fn handshake(incoming: quinn::Incoming, config: Arc<RelayConfig>, allocato
     let hello = tokio::time::timeout(config.hello_timeout, async {
         let (send, recv) = conn.accept_bi().await.ok()?;
         // Control frames are small; start the buffer small (it grows for a large frame).
-        let mut framed = FramedRead::with_capacity(recv, RelaySideCodec::new(config.max_control_frame), 512);
+        let mut framed = FramedRead::with_capacity(recv, RelaySideCodec::new(config.max_control_frame), 128);
         let first = framed.next().await?;
         Some((send, framed, first))
     })

@@ -12,17 +12,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use overlan_shared::tls::Fingerprint;
 use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
 use overlan_shared::wire::frame::{FrameError, RelaySideCodec};
 use overlan_shared::wire::stream::{StreamHeader, HEADER_LEN as STREAM_HEADER_LEN};
 use overlan_shared::wire::{close_code, reset_code, ErrorCode, MAX_DATAGRAM_PAYLOAD, PROTOCOL_VERSION};
 use quinn::VarInt;
-use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
 use crate::config::RelayConfig;
+use crate::control::{ControlQueue, PushError};
 use crate::relay::{INITIAL_STREAMS_PER_SESSION, MAX_STREAMS_PER_SESSION};
 use crate::datagram::{run_datagram_loop, Sender};
 use crate::pair::{AnswerOffer, AttachStream, CloseSocket, PartyGone, SocketPairActor};
@@ -31,8 +31,6 @@ use crate::store::Network;
 
 /// Ephemeral virtual ports, as in IANA's dynamic range.
 pub const EPHEMERAL_PORTS: RangeInclusive<u16> = 49152..=65535;
-/// Control messages queued toward a client before it counts as stuck and is dropped.
-const CONTROL_QUEUE: usize = 4096;
 /// How long a newly opened stream has to deliver its header.
 const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -72,7 +70,7 @@ pub struct SessionActor {
     vip: Ipv4Addr,
     router: Arc<Router>,
     config: Arc<RelayConfig>,
-    control: mpsc::Sender<Bytes>,
+    control: ControlQueue,
     codec: RelaySideCodec,
     control_recv: Option<FramedRead<quinn::RecvStream, RelaySideCodec>>,
     listeners: HashSet<u16>,
@@ -89,9 +87,8 @@ pub struct SessionActor {
 impl SessionActor {
     /// Builds the actor; the control writer task starts at once.
     pub fn new(parts: SessionParts, router: Arc<Router>, config: Arc<RelayConfig>) -> Self {
-        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let parts_max_frame = config.max_control_frame;
-        tokio::spawn(run_control_writer(parts.control_send, rx));
+        let control = ControlQueue::start(parts.control_send);
         Self {
             id: router.next_session_id(),
             conn: parts.conn,
@@ -101,7 +98,7 @@ impl SessionActor {
             vip: parts.vip,
             router,
             config,
-            control: tx,
+            control,
             codec: RelaySideCodec::new(parts_max_frame),
             control_recv: Some(parts.control_recv),
             listeners: HashSet::new(),
@@ -134,8 +131,8 @@ impl SessionActor {
             tracing::error!(error = %e, "dropping unencodable control message");
             return;
         }
-        if let Err(e) = self.control.try_send(buf.freeze()) {
-            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+        if let Err(e) = self.control.push(buf.freeze()) {
+            if e == PushError::Full {
                 tracing::warn!(session = self.id, vip = %self.vip, "control queue full; disconnecting");
                 self.end = (close_code::PROTOCOL_VIOLATION, "control stream not read; too many unread messages".into());
             }
@@ -498,24 +495,6 @@ impl Handler<PairEnded> for SessionActor {
             }
         }
     }
-}
-
-/// Writes queued control frames to the client, several at a time when they queue up.
-/// The batch is allocated per burst, so an idle session holds no buffer here.
-async fn run_control_writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Bytes>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 64 {
-            match rx.try_recv() {
-                Ok(frame) => batch.push(frame),
-                Err(_) => break,
-            }
-        }
-        if send.write_all_chunks(&mut batch).await.is_err() {
-            return;
-        }
-    }
-    let _ = send.finish();
 }
 
 /// Accepts the QUIC streams a client opens for its sockets and hands each to its pair.

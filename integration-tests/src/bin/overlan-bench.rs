@@ -242,6 +242,14 @@ impl RelayProcess {
         Ok(Self { child, invite, _dir: dir })
     }
 
+    /// Stops the relay with SIGTERM, so a profiling wrapper can write its report.
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        }
+    }
+
     fn rss_kib(&self) -> anyhow::Result<u64> {
         rss_kib(&self.child.id().context("relay exited")?.to_string())
     }
@@ -469,6 +477,7 @@ async fn idle_memory(args: &Args) -> anyhow::Result<()> {
         println!("  baseline, same run: this process's side of the same connections (plain quinn client, one socket): {own:.1} KiB per connection");
         drop(sessions);
         drop(warm);
+        relay.stop().await;
     }
     Ok(())
 }
