@@ -6,6 +6,7 @@ use std::time::Duration;
 use overlan_client::{Error, SessionState};
 use overlan_integration_tests::*;
 use overlan_shared::wire::close_code;
+use tokio::io::AsyncReadExt;
 
 #[tokio::test]
 async fn same_identity_same_vip_across_rejoin_and_restart() {
@@ -138,8 +139,18 @@ async fn a_client_reconnects_after_a_relay_restart() {
     let server = join(&relay.invite()).await;
     let vip = server.vip();
     let listener = server.listen(9000).await.unwrap();
+    // A stream open when the relay goes away must fail, not hang.
+    let other = join(&relay.invite()).await;
+    let mut open = other.connect(listener.local_addr()).await.unwrap();
+    let (_accepted, _) = within("accept before restart", listener.accept()).await.unwrap();
     let mut state = server.watch_state();
     let relay = relay.restart_same_port();
+    let mut buf = [0u8; 1];
+    let err = within("the open stream to fail", open.read(&mut buf)).await.unwrap_err();
+    assert!(
+        matches!(err.kind(), std::io::ErrorKind::NotConnected | std::io::ErrorKind::ConnectionReset),
+        "{err}"
+    );
     within("session lost", state.wait_for(|s| matches!(s, SessionState::Reconnecting(_)))).await.unwrap();
     within("session back", state.wait_for(|s| *s == SessionState::Up)).await.unwrap();
     assert_eq!(server.vip(), vip);
