@@ -15,7 +15,9 @@ use overlan_shared::tls::{self, Identity};
 use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
 use overlan_shared::wire::datagram::{DatagramHeader, HEADER_LEN};
 use overlan_shared::wire::frame::ClientSideCodec;
-use overlan_shared::wire::{close_code, ErrorCode, ALPN_CLIENT, DEFAULT_MAX_CONTROL_FRAME, PROTOCOL_VERSION, RELAY_SERVER_NAME};
+use overlan_shared::wire::{
+    close_code, ErrorCode, ALPN_CLIENT, DEFAULT_MAX_CONTROL_FRAME, PROTOCOL_VERSION, RELAY_SERVER_NAME,
+};
 use overlan_shared::{Invite, Subnet};
 use quinn::VarInt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -57,13 +59,7 @@ pub struct JoinOptions {
 impl JoinOptions {
     /// Options with defaults: no instance name, reconnect on.
     pub fn new(invite: Invite, identity: Identity) -> Self {
-        Self {
-            invite,
-            identity,
-            instance: String::new(),
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            reconnect: true,
-        }
+        Self { invite, identity, instance: String::new(), idle_timeout: DEFAULT_IDLE_TIMEOUT, reconnect: true }
     }
 
     /// Sets the instance name.
@@ -174,7 +170,9 @@ fn connection_error(relay: &str, e: &quinn::ConnectionError) -> Error {
                 _ => Error::SessionLost(if reason.is_empty() { "closed by the relay".into() } else { reason }),
             }
         }
-        quinn::ConnectionError::TimedOut => Error::SessionLost(format!("relay {relay} stopped answering (idle timeout)")),
+        quinn::ConnectionError::TimedOut => {
+            Error::SessionLost(format!("relay {relay} stopped answering (idle timeout)"))
+        }
         quinn::ConnectionError::LocallyClosed => Error::SessionLost("closed by this client".into()),
         other => Error::Connect { relay: relay.to_owned(), message: other.to_string() },
     }
@@ -195,7 +193,8 @@ impl Client {
             quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| Error::Config(e.to_string()))?,
         ));
         quic.transport_config(Arc::new(transport_config(options.idle_timeout)?));
-        let bind: SocketAddr = if relay.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
+        let bind: SocketAddr =
+            if relay.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
         let endpoint = quinn::Endpoint::client(bind)
             .map_err(|e| Error::Connect { relay: relay_text.clone(), message: format!("binding a UDP socket: {e}") })?;
         let (conn, send, recv, welcome) = establish(&endpoint, &quic, relay, &options).await?;
@@ -317,10 +316,8 @@ impl Client {
     async fn listen_mode(&self, port: u16, auto_accept: bool) -> Result<Listener, Error> {
         let (tx, rx) = mpsc::channel(LISTEN_BACKLOG);
         let slot = ListenerSlot { tx, auto_accept };
-        let reply = self
-            .inner
-            .request(|req| ClientMessage::Listen { req, port }, Some(Register::Listener(slot)))
-            .await?;
+        let reply =
+            self.inner.request(|req| ClientMessage::Listen { req, port }, Some(Register::Listener(slot))).await?;
         match reply {
             RelayMessage::Listening { port, .. } => {
                 Ok(Listener::new(self.clone(), SocketAddrV4::new(self.vip(), port), rx, auto_accept))
@@ -346,12 +343,11 @@ impl Client {
     /// Binds a datagram socket on `port` (0: an ephemeral port).
     pub async fn bind_datagram(&self, port: u16) -> Result<DatagramSocket, Error> {
         let (tx, rx) = mpsc::channel(DATAGRAM_QUEUE);
-        let reply = self
-            .inner
-            .request(|req| ClientMessage::Bind { req, port }, Some(Register::Datagram(tx)))
-            .await?;
+        let reply = self.inner.request(|req| ClientMessage::Bind { req, port }, Some(Register::Datagram(tx))).await?;
         match reply {
-            RelayMessage::Bound { port, .. } => Ok(DatagramSocket::new(self.clone(), SocketAddrV4::new(self.vip(), port), rx)),
+            RelayMessage::Bound { port, .. } => {
+                Ok(DatagramSocket::new(self.clone(), SocketAddrV4::new(self.vip(), port), rx))
+            }
             RelayMessage::Failed { code, message, .. } => Err(Error::from_failure(code, message, None, Some(port))),
             other => Err(unexpected(other)),
         }
@@ -398,9 +394,8 @@ async fn establish(
 ) -> Result<(quinn::Connection, quinn::SendStream, ControlRecv, Welcome), Error> {
     let relay_text = options.invite.relay.clone();
     let connect_err = |message: String| Error::Connect { relay: relay_text.clone(), message };
-    let connecting = endpoint
-        .connect_with(quic.clone(), relay, RELAY_SERVER_NAME)
-        .map_err(|e| connect_err(e.to_string()))?;
+    let connecting =
+        endpoint.connect_with(quic.clone(), relay, RELAY_SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
     let conn = tokio::time::timeout(REQUEST_TIMEOUT, connecting)
         .await
         .map_err(|_| Error::TimedOut(format!("relay {relay_text} did not answer the QUIC handshake")))?
@@ -420,11 +415,9 @@ async fn establish(
         }
         let mut framed = FramedRead::new(recv, codec);
         match framed.next().await {
-            Some(Ok(RelayMessage::Welcome { vip, network, subnet, max_datagram_payload, .. })) => Ok((
-                send,
-                framed,
-                Welcome { vip, network, subnet, max_payload: max_datagram_payload as usize },
-            )),
+            Some(Ok(RelayMessage::Welcome { vip, network, subnet, max_datagram_payload, .. })) => {
+                Ok((send, framed, Welcome { vip, network, subnet, max_payload: max_datagram_payload as usize }))
+            }
             Some(Ok(other)) => Err(unexpected(other)),
             _ => Err(closed_error(&conn, &relay_text)),
         }
@@ -473,7 +466,11 @@ impl Inner {
         }
     }
 
-    async fn request(&self, make: impl FnOnce(u64) -> ClientMessage, register: Option<Register>) -> Result<RelayMessage, Error> {
+    async fn request(
+        &self,
+        make: impl FnOnce(u64) -> ClientMessage,
+        register: Option<Register>,
+    ) -> Result<RelayMessage, Error> {
         let session = self.session()?;
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let msg = make(req);
@@ -489,7 +486,10 @@ impl Inner {
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
             Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(self.session().err().unwrap_or_else(|| Error::SessionLost("session ended during the request".into()))),
+            Ok(Err(_)) => Err(self
+                .session()
+                .err()
+                .unwrap_or_else(|| Error::SessionLost("session ended during the request".into()))),
             Err(_) => {
                 self.pending.remove(&key);
                 Err(Error::TimedOut("the relay did not answer the request".into()))
@@ -498,7 +498,13 @@ impl Inner {
     }
 
     /// Starts the writer and datagram tasks of a new connection and makes it current.
-    fn install(self: &Arc<Self>, conn: quinn::Connection, send: quinn::SendStream, recv: ControlRecv, generation: u64) -> (Session, ControlRecv) {
+    fn install(
+        self: &Arc<Self>,
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: ControlRecv,
+        generation: u64,
+    ) -> (Session, ControlRecv) {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_control_writer(send, rx));
         tokio::spawn(run_datagram_reader(conn.clone(), Arc::downgrade(self)));
@@ -556,7 +562,8 @@ impl Inner {
 
     fn handle_incoming(self: &Arc<Self>, session: &Session, socket: SocketId, local: SocketAddrV4, peer: SocketAddrV4) {
         let slot = self.listeners.get(&local.port()).map(|s| s.clone());
-        let client = self.guard.get().and_then(|g| g.upgrade()).map(|guard| Client { inner: self.clone(), _guard: guard });
+        let client =
+            self.guard.get().and_then(|g| g.upgrade()).map(|guard| Client { inner: self.clone(), _guard: guard });
         let (Some(slot), Some(client)) = (slot, client) else {
             let _ = session.control.send(ClientMessage::Deny { socket });
             return;

@@ -73,7 +73,12 @@ pub enum Error {
 
 impl Error {
     /// The error for a relay `Failed` answer to a request about `addr`.
-    pub(crate) fn from_failure(code: ErrorCode, message: String, addr: Option<SocketAddrV4>, port: Option<u16>) -> Self {
+    pub(crate) fn from_failure(
+        code: ErrorCode,
+        message: String,
+        addr: Option<SocketAddrV4>,
+        port: Option<u16>,
+    ) -> Self {
         match (code, addr) {
             (ErrorCode::Unreachable, Some(addr)) => Error::Unreachable { addr },
             (ErrorCode::Refused, Some(addr)) => Error::Refused { addr },

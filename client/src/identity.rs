@@ -12,15 +12,13 @@ pub const CLIENT_CERT_NAME: &str = "overlan-client";
 
 /// `$XDG_CONFIG_HOME/overlan/identity.pem` (or the platform's equivalent).
 pub fn default_identity_path() -> PathBuf {
-    dirs::config_dir()
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("overlan")
-        .join("identity.pem")
+    dirs::config_dir().unwrap_or_else(|| PathBuf::from(".")).join("overlan").join("identity.pem")
 }
 
 /// Loads the identity at `path`, creating it on first use.
 pub fn load_or_create_identity(path: &Path) -> Result<Identity, Error> {
-    let (identity, created) = Identity::load_or_create(path, &[CLIENT_CERT_NAME]).map_err(|e| Error::Config(e.to_string()))?;
+    let (identity, created) =
+        Identity::load_or_create(path, &[CLIENT_CERT_NAME]).map_err(|e| Error::Config(e.to_string()))?;
     if created {
         tracing::info!(path = %path.display(), fingerprint = %identity.fingerprint(), "created a new client identity");
     }

@@ -20,7 +20,9 @@ mod error;
 mod identity;
 mod stream;
 
-pub use client::{Client, JoinOptions, Notice, SessionState, DEFAULT_IDLE_TIMEOUT, MAX_BACKOFF, MIN_BACKOFF, REQUEST_TIMEOUT};
+pub use client::{
+    Client, JoinOptions, Notice, SessionState, DEFAULT_IDLE_TIMEOUT, MAX_BACKOFF, MIN_BACKOFF, REQUEST_TIMEOUT,
+};
 pub use datagram::{Datagram, DatagramSocket};
 pub use error::Error;
 pub use identity::{default_identity_path, load_or_create_identity, CLIENT_CERT_NAME};

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use overlan_client::{default_identity_path, load_or_create_identity, Client, Error, Invite, JoinOptions, SessionState};
+use overlan_client::{
+    default_identity_path, load_or_create_identity, Client, Error, Invite, JoinOptions, SessionState,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// overlan client: join a virtual LAN through a relay.
@@ -91,10 +93,9 @@ fn main() -> ExitCode {
 }
 
 async fn join(cli: &Cli) -> Result<Client, String> {
-    let text = cli
-        .invite
-        .as_deref()
-        .ok_or("no invite: pass --invite URI or set OVERLAN_INVITE (ask the relay operator; the relay prints one at start)")?;
+    let text = cli.invite.as_deref().ok_or(
+        "no invite: pass --invite URI or set OVERLAN_INVITE (ask the relay operator; the relay prints one at start)",
+    )?;
     let invite: Invite = text.parse().map_err(|e| format!("invite: {e}"))?;
     let path = cli.identity.clone().unwrap_or_else(default_identity_path);
     let identity = load_or_create_identity(&path).map_err(|e| e.to_string())?;
@@ -226,7 +227,9 @@ async fn nc_datagram(client: &Client, args: &NcArgs, local_port: Option<u16>) ->
             };
             match socket.send_to(line.as_bytes(), target).await {
                 Ok(_) => {}
-                Err(e @ Error::MessageTooLarge { .. }) => eprintln!("overlan: line of {} bytes not sent: {e}", line.len()),
+                Err(e @ Error::MessageTooLarge { .. }) => {
+                    eprintln!("overlan: line of {} bytes not sent: {e}", line.len())
+                }
                 Err(e) => return Err(format!("send to {target}: {e}")),
             }
         }

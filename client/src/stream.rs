@@ -193,7 +193,8 @@ impl VirtualStream {
         local: SocketAddrV4,
         peer: SocketAddrV4,
     ) -> Result<Self, Error> {
-        let lost = |e: &dyn std::fmt::Display| Error::SessionLost(format!("opening the stream of socket {socket}: {e}"));
+        let lost =
+            |e: &dyn std::fmt::Display| Error::SessionLost(format!("opening the stream of socket {socket}: {e}"));
         let (mut send, recv) = session.conn.open_bi().await.map_err(|e| lost(&e))?;
         send.write_all(&StreamHeader { socket }.to_bytes()).await.map_err(|e| lost(&e))?;
         Ok(Self { send, recv, socket, local, peer, generation: session.generation, _client: client })
@@ -246,7 +247,9 @@ fn map_read_error(e: io::Error, peer: SocketAddrV4) -> io::Error {
             io::ErrorKind::ConnectionReset,
             format!("connection to {peer}: {}", reset_code::describe(code.into_inner())),
         ),
-        ReadError::ConnectionLost(c) => io::Error::new(io::ErrorKind::NotConnected, format!("connection to {peer}: session lost ({c})")),
+        ReadError::ConnectionLost(c) => {
+            io::Error::new(io::ErrorKind::NotConnected, format!("connection to {peer}: session lost ({c})"))
+        }
         _ => e,
     }
 }
@@ -260,16 +263,28 @@ fn map_write_error(e: WriteError, peer: SocketAddrV4) -> io::Error {
             io::ErrorKind::BrokenPipe,
             format!("connection to {peer}: {}", reset_code::describe(code.into_inner())),
         ),
-        WriteError::ConnectionLost(c) => io::Error::new(io::ErrorKind::NotConnected, format!("connection to {peer}: session lost ({c})")),
+        WriteError::ConnectionLost(c) => {
+            io::Error::new(io::ErrorKind::NotConnected, format!("connection to {peer}: session lost ({c})"))
+        }
         other => other.into(),
     }
 }
 
-fn poll_read_mapped(recv: &mut quinn::RecvStream, peer: SocketAddrV4, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+fn poll_read_mapped(
+    recv: &mut quinn::RecvStream,
+    peer: SocketAddrV4,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
     Pin::new(recv).poll_read(cx, buf).map_err(|e| map_read_error(e, peer))
 }
 
-fn poll_write_mapped(send: &mut quinn::SendStream, peer: SocketAddrV4, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+fn poll_write_mapped(
+    send: &mut quinn::SendStream,
+    peer: SocketAddrV4,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
     Pin::new(send).poll_write(cx, buf).map_err(|e| map_write_error(e, peer))
 }
 

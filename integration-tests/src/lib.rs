@@ -177,7 +177,9 @@ pub async fn raw_connect(relay: &TestRelay, identity: Option<&Identity>) -> quin
 /// Waits until the relay closes `conn`, returning the close code and reason.
 pub async fn close_reason(conn: &quinn::Connection) -> (u64, String) {
     match within("the relay to close the connection", conn.closed()).await {
-        quinn::ConnectionError::ApplicationClosed(c) => (c.error_code.into_inner(), String::from_utf8_lossy(&c.reason).into_owned()),
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            (c.error_code.into_inner(), String::from_utf8_lossy(&c.reason).into_owned())
+        }
         other => panic!("expected an application close, got {other}"),
     }
 }
@@ -223,9 +225,9 @@ impl Proc {
 
     /// The next stdout line.
     pub async fn stdout_line(&mut self) -> String {
-        within("a stdout line", self.stdout.recv()).await.unwrap_or_else(|| {
-            panic!("stdout ended; stderr: {:?}", self.stderr_seen)
-        })
+        within("a stdout line", self.stdout.recv())
+            .await
+            .unwrap_or_else(|| panic!("stdout ended; stderr: {:?}", self.stderr_seen))
     }
 
     /// Waits for a stderr line containing `needle` and returns it.

@@ -10,9 +10,9 @@ use overlan_client::{Client, DatagramSocket, SessionState, VirtualStream};
 use overlan_integration_tests::*;
 use overlan_shared::config::Secret;
 use overlan_shared::wire::control::ClientMessage;
+use overlan_shared::wire::control::RelayMessage;
 use overlan_shared::wire::datagram::DatagramHeader;
 use overlan_shared::wire::stream::StreamHeader;
-use overlan_shared::wire::control::RelayMessage;
 use overlan_shared::wire::{close_code, reset_code, ErrorCode, MAX_DATAGRAM_PAYLOAD, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -163,7 +163,10 @@ async fn a_stream_for_someone_elses_socket_is_reset() {
     send.write_all(&StreamHeader { socket: ok.a_stream.socket_id() }.to_bytes()).await.unwrap();
     send.write_all(b"injected").await.unwrap();
     let err = within("reset of the hijack stream", recv.read(&mut buf)).await.unwrap_err();
-    assert!(matches!(err, quinn::ReadError::Reset(c) if c.into_inner() == u64::from(reset_code::UNKNOWN_SOCKET)), "{err}");
+    assert!(
+        matches!(err, quinn::ReadError::Reset(c) if c.into_inner() == u64::from(reset_code::UNKNOWN_SOCKET)),
+        "{err}"
+    );
     let (code, message) = mallory.next_error().await;
     assert_eq!(code, ErrorCode::UnknownSocket);
     assert!(message.contains("not this session's socket"), "{message}");

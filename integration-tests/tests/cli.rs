@@ -118,7 +118,7 @@ async fn server_manages_invites_and_networks() {
     assert!(out.trim().parse::<Invite>().is_ok(), "{out}");
     let (_, list, _) = run(&["invite", "list"]).await;
     assert!(list.contains("0/2") && list.contains("in 1h") && list.contains("active"), "{list}");
-    let id = list.lines().filter(|l| l.contains("0/2")).next().unwrap().split_whitespace().next().unwrap().to_owned();
+    let id = list.lines().find(|l| l.contains("0/2")).unwrap().split_whitespace().next().unwrap().to_owned();
     let (code, out, _) = run(&["invite", "revoke", &id]).await;
     assert_eq!(code, 0);
     assert!(out.contains("revoked"), "{out}");

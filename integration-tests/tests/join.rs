@@ -147,10 +147,7 @@ async fn a_client_reconnects_after_a_relay_restart() {
     let relay = relay.restart_same_port();
     let mut buf = [0u8; 1];
     let err = within("the open stream to fail", open.read(&mut buf)).await.unwrap_err();
-    assert!(
-        matches!(err.kind(), std::io::ErrorKind::NotConnected | std::io::ErrorKind::ConnectionReset),
-        "{err}"
-    );
+    assert!(matches!(err.kind(), std::io::ErrorKind::NotConnected | std::io::ErrorKind::ConnectionReset), "{err}");
     within("session lost", state.wait_for(|s| matches!(s, SessionState::Reconnecting(_)))).await.unwrap();
     within("session back", state.wait_for(|s| *s == SessionState::Up)).await.unwrap();
     assert_eq!(server.vip(), vip);

@@ -198,8 +198,8 @@ async fn a_dead_session_resets_its_sockets_and_the_peer_is_told() {
 
 #[tokio::test]
 async fn tokio_util_codecs_run_over_a_virtual_stream() {
-    use tokio_util::codec::{Framed, LinesCodec};
     use futures_util::{SinkExt, StreamExt};
+    use tokio_util::codec::{Framed, LinesCodec};
     let relay = TestRelay::start();
     let a = join(&relay.invite()).await;
     let b = join(&relay.invite()).await;

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::Path;
 
 use actix::prelude::*;
 use overlan_shared::config::Secret;
@@ -23,11 +23,8 @@ pub struct VipAllocatorActor {
 
 impl VipAllocatorActor {
     /// Opens the store in `data_dir`.
-    pub fn open(data_dir: &PathBuf) -> Result<Self, StoreError> {
-        Ok(Self {
-            store: Store::open(data_dir)?,
-            pools: HashMap::new(),
-        })
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Ok(Self { store: Store::open(data_dir)?, pools: HashMap::new() })
     }
 
     fn pool(&mut self, network: &Network) -> Result<&mut VipPool, StoreError> {
@@ -58,10 +55,7 @@ impl VipAllocatorActor {
         }
         let pool = self.pool(&network)?;
         let Some(vip) = pool.poll_allocate() else {
-            return Err(AdmitError::NetworkFull {
-                network: network.name.clone(),
-                subnet: network.subnet,
-            });
+            return Err(AdmitError::NetworkFull { network: network.name.clone(), subnet: network.subnet });
         };
         match self.store.create_lease(invite.id, network.id, &msg.identity, &msg.instance, vip) {
             Ok(true) => Ok(Admission { network, vip, new_lease: true }),
@@ -111,7 +105,9 @@ pub enum AdmitError {
     #[error("{}", .0.message())]
     Token(TokenProblem),
     /// No VIP left.
-    #[error("network {network:?} ({subnet}) has no free VIP left; ask the operator to widen it or use another network")]
+    #[error(
+        "network {network:?} ({subnet}) has no free VIP left; ask the operator to widen it or use another network"
+    )]
     NetworkFull {
         /// Network name.
         network: String,

@@ -52,8 +52,7 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
     }
 }
@@ -180,10 +179,7 @@ mod tests {
 
     #[test]
     fn invite_addr_prefers_public_addr() {
-        let cfg = RelayConfig {
-            public_addr: Some("relay.example.com:7700".into()),
-            ..RelayConfig::default()
-        };
+        let cfg = RelayConfig { public_addr: Some("relay.example.com:7700".into()), ..RelayConfig::default() };
         assert_eq!(cfg.invite_addr("0.0.0.0:7700".parse().unwrap()), "relay.example.com:7700");
         let cfg = RelayConfig::default();
         assert_eq!(cfg.invite_addr("127.0.0.1:4000".parse().unwrap()), "127.0.0.1:4000");

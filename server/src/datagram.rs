@@ -57,14 +57,12 @@ impl Reject {
                 ErrorCode::MessageTooLarge,
                 format!("datagram dropped: payload of {len} bytes exceeds the maximum of {MAX_DATAGRAM_PAYLOAD}"),
             ),
-            Reject::Forged(src) => (
-                ErrorCode::ForgedSource,
-                format!("datagram dropped: source {src} is not this session's VIP"),
-            ),
-            Reject::PortNotBound(port) => (
-                ErrorCode::InvalidPort,
-                format!("datagram dropped: source port {port} is not bound by this session"),
-            ),
+            Reject::Forged(src) => {
+                (ErrorCode::ForgedSource, format!("datagram dropped: source {src} is not this session's VIP"))
+            }
+            Reject::PortNotBound(port) => {
+                (ErrorCode::InvalidPort, format!("datagram dropped: source port {port} is not bound by this session"))
+            }
         };
         Notice { code, message }
     }
@@ -102,7 +100,12 @@ pub fn forward(router: &Router, from: &Sender, datagram: Bytes) -> Result<usize,
 }
 
 /// Reads a session's datagrams until its connection ends.
-pub async fn run_datagram_loop(conn: quinn::Connection, router: Arc<Router>, from: Sender, session: Addr<SessionActor>) {
+pub async fn run_datagram_loop(
+    conn: quinn::Connection,
+    router: Arc<Router>,
+    from: Sender,
+    session: Addr<SessionActor>,
+) {
     let mut budget = NOTICE_BURST;
     let mut refilled = Instant::now();
     while let Ok(datagram) = conn.read_datagram().await {

@@ -121,10 +121,8 @@ fn resolve_config(global: &Global) -> anyhow::Result<(RelayConfig, Option<String
 }
 
 fn init_logging(filter: Option<&str>) {
-    let filter = filter
-        .map(str::to_owned)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
+    let filter =
+        filter.map(str::to_owned).or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info".to_owned());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -161,7 +159,10 @@ fn run_relay(config: RelayConfig) -> anyhow::Result<()> {
         writeln!(out, "fingerprint {}", info.fingerprint)?;
         match &info.default_invite {
             Some(invite) => writeln!(out, "invite {invite}")?,
-            None => writeln!(out, "invite none (the default invite was revoked; make one with `overlan-server invite default`)")?,
+            None => writeln!(
+                out,
+                "invite none (the default invite was revoked; make one with `overlan-server invite default`)"
+            )?,
         }
         out.flush()?;
     }
@@ -237,7 +238,9 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
             println!("{}", invite_uri(config, &network, token)?);
             Ok(())
         }
-        (None, None) => anyhow::bail!("invite: name a NETWORK (e.g. `invite default`), or use `invite list` / `invite revoke ID`"),
+        (None, None) => {
+            anyhow::bail!("invite: name a NETWORK (e.g. `invite default`), or use `invite list` / `invite revoke ID`")
+        }
     }
 }
 

@@ -77,14 +77,8 @@ impl RelayHandle {
                 });
             })
             .context("spawning the relay thread")?;
-        let info = ready_rx
-            .recv()
-            .context("relay thread ended before it was ready")??;
-        Ok(Self {
-            info,
-            shutdown: Some(shutdown_tx),
-            thread: Some(thread),
-        })
+        let info = ready_rx.recv().context("relay thread ended before it was ready")??;
+        Ok(Self { info, shutdown: Some(shutdown_tx), thread: Some(thread) })
     }
 
     /// What the relay is.
@@ -184,12 +178,7 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     let allocator = SyncArbiter::start(1, move || {
         VipAllocatorActor::open(&data_dir).expect("the lease database opened a moment ago")
     });
-    let prepared = Prepared {
-        config: Arc::new(config),
-        endpoint,
-        allocator,
-        router: Arc::new(Router::default()),
-    };
+    let prepared = Prepared { config: Arc::new(config), endpoint, allocator, router: Arc::new(Router::default()) };
     Ok((prepared, RelayInfo { local_addr, fingerprint, default_invite }))
 }
 
@@ -239,10 +228,7 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
 
 /// The fingerprint of the client certificate, if the client presented one.
 fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
-    let certs = conn
-        .peer_identity()?
-        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-        .ok()?;
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
     certs.first().map(|c| Fingerprint::of(c))
 }
 
@@ -251,7 +237,12 @@ fn refuse(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(VarInt::from_u32(code), reason.as_bytes());
 }
 
-async fn handshake(incoming: quinn::Incoming, config: Arc<RelayConfig>, allocator: Addr<VipAllocatorActor>, router: Arc<Router>) {
+async fn handshake(
+    incoming: quinn::Incoming,
+    config: Arc<RelayConfig>,
+    allocator: Addr<VipAllocatorActor>,
+    router: Arc<Router>,
+) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
@@ -289,7 +280,8 @@ async fn handshake(incoming: quinn::Incoming, config: Arc<RelayConfig>, allocato
         Err(e) => return refuse(&conn, close_code::PROTOCOL_VIOLATION, &format!("protocol violation: {e}")),
     };
     if protocol != PROTOCOL_VERSION {
-        let what = format!("unsupported protocol version {protocol}: this relay speaks {PROTOCOL_VERSION}; upgrade overlan");
+        let what =
+            format!("unsupported protocol version {protocol}: this relay speaks {PROTOCOL_VERSION}; upgrade overlan");
         return refuse(&conn, close_code::PROTOCOL_VIOLATION, &what);
     }
     if !valid_instance(&instance) {
@@ -299,9 +291,7 @@ async fn handshake(incoming: quinn::Incoming, config: Arc<RelayConfig>, allocato
             "protocol violation: instance name must be at most 64 of A-Z a-z 0-9 . _ -",
         );
     }
-    let admitted = allocator
-        .send(AllocateVip { token, identity, instance: instance.clone() })
-        .await;
+    let admitted = allocator.send(AllocateVip { token, identity, instance: instance.clone() }).await;
     let admission = match admitted {
         Ok(Ok(a)) => a,
         Ok(Err(AdmitError::Token(problem))) => {

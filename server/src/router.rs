@@ -71,16 +71,12 @@ impl Router {
     /// Routes `vip` to a local session; returns the session it replaces, if any (the same
     /// identity and instance joined again: same lease, same VIP).
     pub fn attach_session(&self, net: NetworkId, vip: Ipv4Addr, session: LocalSession) -> Option<LocalSession> {
-        match self.routes.insert((net, vip), Route::Local(session)) {
-            Some(Route::Local(old)) => Some(old),
-            None => None,
-        }
+        self.routes.insert((net, vip), Route::Local(session)).map(|Route::Local(old)| old)
     }
 
     /// Removes the route of `vip` if session `id` still holds it.
     pub fn detach_session(&self, net: NetworkId, vip: Ipv4Addr, id: SessionId) {
-        self.routes
-            .remove_if(&(net, vip), |_, route| matches!(route, Route::Local(s) if s.id == id));
+        self.routes.remove_if(&(net, vip), |_, route| matches!(route, Route::Local(s) if s.id == id));
     }
 
     /// Where `vip` lives.
@@ -110,10 +106,7 @@ impl Router {
 
     /// Binds a datagram port and joins the port's broadcast group.
     pub fn bind_datagram(&self, net: NetworkId, addr: SocketAddrV4, binding: DatagramBinding) {
-        self.broadcast_groups
-            .entry((net, addr.port()))
-            .or_default()
-            .insert(*addr.ip(), binding.clone());
+        self.broadcast_groups.entry((net, addr.port())).or_default().insert(*addr.ip(), binding.clone());
         self.datagram_ports.insert((net, addr), binding);
     }
 

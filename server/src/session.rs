@@ -23,9 +23,9 @@ use tokio_util::codec::FramedRead;
 
 use crate::config::RelayConfig;
 use crate::control::{ControlQueue, PushError};
-use crate::relay::{INITIAL_STREAMS_PER_SESSION, MAX_STREAMS_PER_SESSION};
 use crate::datagram::{run_datagram_loop, Sender};
 use crate::pair::{AnswerOffer, AttachStream, CloseSocket, PartyGone, SocketPairActor};
+use crate::relay::{INITIAL_STREAMS_PER_SESSION, MAX_STREAMS_PER_SESSION};
 use crate::router::{DatagramBinding, LocalSession, Router, SessionId};
 use crate::store::Network;
 
@@ -112,11 +112,7 @@ impl SessionActor {
     }
 
     fn local(&self, ctx: &Context<Self>) -> LocalSession {
-        LocalSession {
-            id: self.id,
-            addr: ctx.address(),
-            conn: self.conn.clone(),
-        }
+        LocalSession { id: self.id, addr: ctx.address(), conn: self.conn.clone() }
     }
 
     fn net(&self) -> i64 {
@@ -202,10 +198,7 @@ impl SessionActor {
         if !self.datagram_ports.insert(port) {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("bind {}:{port}: address in use", self.vip));
         }
-        let binding = DatagramBinding {
-            session: self.id,
-            conn: self.conn.clone(),
-        };
+        let binding = DatagramBinding { session: self.id, conn: self.conn.clone() };
         self.router.bind_datagram(self.net(), SocketAddrV4::new(self.vip, port), binding);
         self.send(ctx, RelayMessage::Bound { req, port });
     }
@@ -227,7 +220,12 @@ impl SessionActor {
             );
         }
         let Some(_route) = self.router.route(self.net(), *to.ip()) else {
-            return self.fail(ctx, req, ErrorCode::Unreachable, format!("connect {to}: unreachable (no session has that VIP)"));
+            return self.fail(
+                ctx,
+                req,
+                ErrorCode::Unreachable,
+                format!("connect {to}: unreachable (no session has that VIP)"),
+            );
         };
         let Some(listener) = self.router.listener(self.net(), to) else {
             return self.fail(ctx, req, ErrorCode::Refused, format!("connect {to}: refused (nothing listening)"));
@@ -251,7 +249,12 @@ impl SessionActor {
         self.add_socket(socket, Membership { pair, local_port: Some(port) });
     }
 
-    fn with_socket(&mut self, ctx: &mut Context<Self>, socket: SocketId, f: impl FnOnce(&Addr<SocketPairActor>, SessionId)) {
+    fn with_socket(
+        &mut self,
+        ctx: &mut Context<Self>,
+        socket: SocketId,
+        f: impl FnOnce(&Addr<SocketPairActor>, SessionId),
+    ) {
         match self.sockets.get(&socket) {
             Some(m) => f(&m.pair, self.id),
             None => self.send(
@@ -274,9 +277,9 @@ impl SessionActor {
             ClientMessage::Bind { req, port } => self.handle_bind(ctx, req, port),
             ClientMessage::Unbind { port } => self.handle_unbind(port),
             ClientMessage::Connect { req, to } => self.handle_connect(ctx, req, to),
-            ClientMessage::Accept { socket } => self.with_socket(ctx, socket, |pair, session| {
-                pair.do_send(AnswerOffer { session, result: Ok(()) })
-            }),
+            ClientMessage::Accept { socket } => {
+                self.with_socket(ctx, socket, |pair, session| pair.do_send(AnswerOffer { session, result: Ok(()) }))
+            }
             ClientMessage::Deny { socket } => self.with_socket(ctx, socket, |pair, session| {
                 pair.do_send(AnswerOffer { session, result: Err(ErrorCode::Denied) })
             }),
@@ -314,12 +317,7 @@ impl Actor for SessionActor {
         if let Some(recv) = self.control_recv.take() {
             ctx.add_stream(recv);
         }
-        let sender = Sender {
-            session: self.id,
-            net: self.net(),
-            vip: self.vip,
-            subnet: self.network.subnet,
-        };
+        let sender = Sender { session: self.id, net: self.net(), vip: self.vip, subnet: self.network.subnet };
         // One task per session reads both its datagrams and the streams it opens.
         let (conn, router, id, addr) = (self.conn.clone(), self.router.clone(), self.id, ctx.address());
         tokio::spawn(async move {
@@ -331,14 +329,10 @@ impl Actor for SessionActor {
         // The QUIC idle timeout (with keep-alives) detects a dead client; when the
         // connection ends for any reason the session ends with it.
         let conn = self.conn.clone();
-        ctx.spawn(
-            async move { conn.closed().await }
-                .into_actor(self)
-                .map(|reason, act, ctx| {
-                    tracing::info!(session = act.id, vip = %act.vip, %reason, "connection ended");
-                    ctx.stop();
-                }),
-        );
+        ctx.spawn(async move { conn.closed().await }.into_actor(self).map(|reason, act, ctx| {
+            tracing::info!(session = act.id, vip = %act.vip, %reason, "connection ended");
+            ctx.stop();
+        }));
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -445,7 +439,9 @@ impl Handler<ConnectOutcome> for SessionActor {
     type Result = ();
     fn handle(&mut self, msg: ConnectOutcome, ctx: &mut Self::Context) {
         match msg.result {
-            Ok((local, peer)) => self.send(ctx, RelayMessage::Connected { req: msg.req, socket: msg.socket, local, peer }),
+            Ok((local, peer)) => {
+                self.send(ctx, RelayMessage::Connected { req: msg.req, socket: msg.socket, local, peer })
+            }
             Err((code, message)) => {
                 self.forget_socket(msg.socket);
                 self.fail(ctx, msg.req, code, message);
@@ -498,7 +494,12 @@ impl Handler<PairEnded> for SessionActor {
 }
 
 /// Accepts the QUIC streams a client opens for its sockets and hands each to its pair.
-async fn run_stream_acceptor(conn: quinn::Connection, router: Arc<Router>, session: SessionId, addr: Addr<SessionActor>) {
+async fn run_stream_acceptor(
+    conn: quinn::Connection,
+    router: Arc<Router>,
+    session: SessionId,
+    addr: Addr<SessionActor>,
+) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(attach_stream(send, recv, router.clone(), session, addr.clone()));
     }

@@ -210,11 +210,7 @@ impl Store {
                 return Err(StoreError::NetworkExists(name.to_owned()));
             }
             if other.subnet.contains(subnet.network()) || subnet.contains(other.subnet.network()) {
-                return Err(StoreError::Overlap {
-                    subnet,
-                    other: other.name,
-                    other_subnet: other.subnet,
-                });
+                return Err(StoreError::Overlap { subnet, other: other.name, other_subnet: other.subnet });
             }
         }
         self.conn.execute(
@@ -225,9 +221,7 @@ impl Store {
     }
 
     fn network_from_row(id: i64, name: String, subnet: String) -> Result<Network, StoreError> {
-        let subnet = subnet
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("network {name}: {e}")))?;
+        let subnet = subnet.parse().map_err(|e| StoreError::Corrupt(format!("network {name}: {e}")))?;
         Ok(Network { id, name, subnet })
     }
 
@@ -235,11 +229,9 @@ impl Store {
     pub fn network(&self, name: &str) -> Result<Network, StoreError> {
         let row = self
             .conn
-            .query_row(
-                "SELECT id, name, subnet FROM networks WHERE name = ?1",
-                [name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .query_row("SELECT id, name, subnet FROM networks WHERE name = ?1", [name], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()?;
         let (id, name, subnet) = row.ok_or_else(|| StoreError::NoSuchNetwork(name.to_owned()))?;
         Self::network_from_row(id, name, subnet)
@@ -258,9 +250,7 @@ impl Store {
 
     /// Number of leases in a network.
     pub fn lease_count(&self, network: NetworkId) -> Result<i64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM leases WHERE network_id = ?1", [network], |r| r.get(0))?)
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM leases WHERE network_id = ?1", [network], |r| r.get(0))?)
     }
 
     /// Stores an invite for `token` (hashed). `kind` is `default` or `issued`. Inserting
@@ -282,20 +272,16 @@ impl Store {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![net.id, hash, kind, max_uses, expires_at, unix_now()],
         )?;
-        Ok(self
-            .conn
-            .query_row("SELECT id FROM invites WHERE token_hash = ?1", [hash], |r| r.get(0))?)
+        Ok(self.conn.query_row("SELECT id FROM invites WHERE token_hash = ?1", [hash], |r| r.get(0))?)
     }
 
     /// Whether the invite for `token` exists and is revoked.
     pub fn invite_revoked(&self, token: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT revoked FROM invites WHERE token_hash = ?1",
-                [hash_token(token)],
-                |r| r.get::<_, bool>(0),
-            )
+            .query_row("SELECT revoked FROM invites WHERE token_hash = ?1", [hash_token(token)], |r| {
+                r.get::<_, bool>(0)
+            })
             .optional()?
             .unwrap_or(false))
     }
@@ -368,7 +354,12 @@ impl Store {
     }
 
     /// The lease of (network, identity, instance), if any.
-    pub fn lease(&self, network: NetworkId, identity: &Fingerprint, instance: &str) -> Result<Option<Ipv4Addr>, StoreError> {
+    pub fn lease(
+        &self,
+        network: NetworkId,
+        identity: &Fingerprint,
+        instance: &str,
+    ) -> Result<Option<Ipv4Addr>, StoreError> {
         Ok(self
             .conn
             .query_row(
@@ -382,16 +373,10 @@ impl Store {
 
     /// All leases of a network.
     pub fn leases(&self, network: NetworkId) -> Result<Vec<Lease>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT identity, instance, vip FROM leases WHERE network_id = ?1 ORDER BY vip")?;
+        let mut stmt =
+            self.conn.prepare("SELECT identity, instance, vip FROM leases WHERE network_id = ?1 ORDER BY vip")?;
         let rows = stmt.query_map([network], |r| {
-            Ok(Lease {
-                network,
-                identity: r.get(0)?,
-                instance: r.get(1)?,
-                vip: Ipv4Addr::from(r.get::<_, u32>(2)?),
-            })
+            Ok(Lease { network, identity: r.get(0)?, instance: r.get(1)?, vip: Ipv4Addr::from(r.get::<_, u32>(2)?) })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -482,9 +467,15 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         store.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
         store.add_network("games", "10.88.0.0/24".parse().unwrap()).unwrap();
-        assert!(matches!(store.add_network("games", "10.89.0.0/24".parse().unwrap()), Err(StoreError::NetworkExists(_))));
+        assert!(matches!(
+            store.add_network("games", "10.89.0.0/24".parse().unwrap()),
+            Err(StoreError::NetworkExists(_))
+        ));
         assert!(matches!(store.add_network("other", "10.77.3.0/24".parse().unwrap()), Err(StoreError::Overlap { .. })));
-        assert!(matches!(store.add_network("Bad Name", "10.90.0.0/24".parse().unwrap()), Err(StoreError::BadNetworkName(_))));
+        assert!(matches!(
+            store.add_network("Bad Name", "10.90.0.0/24".parse().unwrap()),
+            Err(StoreError::BadNetworkName(_))
+        ));
         assert_eq!(store.networks().unwrap().len(), 2);
     }
 }

@@ -104,10 +104,7 @@ impl Subnet {
     /// Whether `ip` may be leased to a client: inside the subnet and neither the network,
     /// broadcast nor relay address.
     pub fn is_assignable(&self, ip: Ipv4Addr) -> bool {
-        self.contains(ip)
-            && ip != self.network
-            && ip != self.broadcast()
-            && ip != self.relay_addr()
+        self.contains(ip) && ip != self.network && ip != self.broadcast() && ip != self.relay_addr()
     }
 
     /// How many client VIPs the subnet holds.
@@ -131,14 +128,8 @@ impl FromStr for Subnet {
         let ip: Ipv4Addr = ip.parse().map_err(|_| syntax())?;
         let prefix: u8 = prefix.parse().map_err(|_| syntax())?;
         Subnet::new(ip, prefix).map_err(|e| match e {
-            SubnetError::Prefix { prefix, .. } => SubnetError::Prefix {
-                text: text.to_owned(),
-                prefix,
-            },
-            SubnetError::HostBits { normalised, .. } => SubnetError::HostBits {
-                text: text.to_owned(),
-                normalised,
-            },
+            SubnetError::Prefix { prefix, .. } => SubnetError::Prefix { text: text.to_owned(), prefix },
+            SubnetError::HostBits { normalised, .. } => SubnetError::HostBits { text: text.to_owned(), normalised },
             other => other,
         })
     }

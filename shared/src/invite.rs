@@ -90,25 +90,13 @@ impl FromStr for Invite {
         if !token_ok(token) {
             return Err(InviteError::Charset("token"));
         }
-        Ok(Invite {
-            relay: relay.to_owned(),
-            network: network.to_owned(),
-            fingerprint,
-            token: Secret::new(token),
-        })
+        Ok(Invite { relay: relay.to_owned(), network: network.to_owned(), fingerprint, token: Secret::new(token) })
     }
 }
 
 impl fmt::Display for Invite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{SCHEME}{}/{}?fp={}&token={}",
-            self.relay,
-            self.network,
-            self.fingerprint,
-            self.token.expose()
-        )
+        write!(f, "{SCHEME}{}/{}?fp={}&token={}", self.relay, self.network, self.fingerprint, self.token.expose())
     }
 }
 

@@ -30,13 +30,7 @@ impl VipPool {
     pub fn for_block(subnet: Subnet, block: Subnet) -> Self {
         let first = u32::from(block.network()).max(u32::from(subnet.relay_addr()) + 1);
         let last = u32::from(block.broadcast()).min(u32::from(subnet.broadcast()) - 1);
-        Self {
-            subnet,
-            first,
-            last,
-            leased: BTreeSet::new(),
-            cursor: first,
-        }
+        Self { subnet, first, last, leased: BTreeSet::new(), cursor: first }
     }
 
     /// The network's subnet.
@@ -58,7 +52,7 @@ impl VipPool {
     /// Hands out the next free VIP, or `None` if the block is full. Allocation walks
     /// forward from the last one handed out, so a released VIP is not reused at once.
     pub fn poll_allocate(&mut self) -> Option<Ipv4Addr> {
-        if self.first > self.last || self.leased.len() as u64 >= u64::from(self.last - self.first) + 1 {
+        if self.first > self.last || self.leased.len() as u64 > u64::from(self.last - self.first) {
             return None;
         }
         let mut candidate = self.cursor;

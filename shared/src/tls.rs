@@ -105,10 +105,7 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity")
-            .field("fingerprint", &self.fingerprint())
-            .field("key", &"***")
-            .finish()
+        f.debug_struct("Identity").field("fingerprint", &self.fingerprint()).field("key", &"***").finish()
     }
 }
 
@@ -122,10 +119,7 @@ impl Identity {
         dn.push(rcgen::DnType::CommonName, names.first().cloned().unwrap_or_default());
         params.distinguished_name = dn;
         let cert = params.self_signed(&key)?;
-        Ok(Self {
-            cert: cert.der().clone(),
-            key_der: key.serialize_der(),
-        })
+        Ok(Self { cert: cert.der().clone(), key_der: key.serialize_der() })
     }
 
     /// The certificate in DER.
@@ -157,26 +151,17 @@ impl Identity {
 
     /// Parses an identity from PEM text holding a certificate and a PKCS#8 private key.
     pub fn from_pem(pem: &[u8], path: &str) -> Result<Self, TlsError> {
-        let format = |what: &str| TlsError::Format {
-            path: path.to_owned(),
-            what: what.to_owned(),
-        };
+        let format = |what: &str| TlsError::Format { path: path.to_owned(), what: what.to_owned() };
         let cert = CertificateDer::from_pem_slice(pem).map_err(|_| format("no CERTIFICATE block"))?;
         let key = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|_| format("no PRIVATE KEY (PKCS#8) block"))?;
-        Ok(Self {
-            cert,
-            key_der: key.secret_pkcs8_der().to_vec(),
-        })
+        Ok(Self { cert, key_der: key.secret_pkcs8_der().to_vec() })
     }
 
     /// Loads the identity at `path`, or makes one and stores it there (mode 0600) if the
     /// file does not exist. Returns the identity and whether it was created.
     pub fn load_or_create(path: &Path, names: &[&str]) -> Result<(Self, bool), TlsError> {
         let shown = path.display().to_string();
-        let io = |source| TlsError::Io {
-            path: shown.clone(),
-            source,
-        };
+        let io = |source| TlsError::Io { path: shown.clone(), source };
         match std::fs::read(path) {
             Ok(pem) => Ok((Self::from_pem(&pem, &shown)?, false)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -354,9 +339,7 @@ pub fn server_config(identity: &Identity, alpn: &[u8]) -> Result<rustls::ServerC
 pub fn random_token(bytes: usize) -> String {
     use ring::rand::SecureRandom;
     let mut buf = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
-        .fill(&mut buf)
-        .expect("the system random generator failed");
+    ring::rand::SystemRandom::new().fill(&mut buf).expect("the system random generator failed");
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -50,9 +50,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--bytes" => args.bytes = value()?.parse()?,
             "--rtt-iters" => args.rtt_iters = value()?.parse()?,
             "--datagram-secs" => args.datagram_secs = value()?.parse()?,
-            "--idle-sessions" => {
-                args.idle_sessions = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?
-            }
+            "--idle-sessions" => args.idle_sessions = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--broadcast-members" => args.broadcast_members = value()?.parse()?,
             "--only-idle" => args.only_idle = true,
             "--quick" => {
@@ -179,7 +177,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn rtt<S: AsyncReadExt + AsyncWriteExt + Unpin>(client: &mut S, iters: usize) -> anyhow::Result<(Duration, Duration)> {
+async fn rtt<S: AsyncReadExt + AsyncWriteExt + Unpin>(
+    client: &mut S,
+    iters: usize,
+) -> anyhow::Result<(Duration, Duration)> {
     let mut samples = Vec::with_capacity(iters);
     let req = [7u8; 64];
     let mut resp = [0u8; 64];
@@ -265,11 +266,13 @@ fn rss_kib(pid: &str) -> anyhow::Result<u64> {
 async fn direct_pair() -> anyhow::Result<(quinn::Connection, quinn::Connection)> {
     let id = Identity::generate(&[RELAY_SERVER_NAME])?;
     let server_crypto = tls::server_config(&id, ALPN_CLIENT)?;
-    let server_config = quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server_crypto)?));
+    let server_config =
+        quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server_crypto)?));
     // quinn's default transport settings: the baseline is plain quinn, as shipped.
     let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
     let client_crypto = tls::client_config(Some(&Identity::generate(&["c"])?), id.fingerprint(), ALPN_CLIENT)?;
-    let client_config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto)?));
+    let client_config =
+        quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto)?));
     let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     let addr = server.local_addr()?;
     let accept = tokio::spawn(async move { server.accept().await.expect("incoming").await });
@@ -279,7 +282,13 @@ async fn direct_pair() -> anyhow::Result<(quinn::Connection, quinn::Connection)>
 }
 
 /// Opens a bi stream on `c` and accepts it on `s` (a first byte makes it visible).
-async fn direct_stream(c: &quinn::Connection, s: &quinn::Connection) -> anyhow::Result<(tokio::io::Join<quinn::RecvStream, quinn::SendStream>, tokio::io::Join<quinn::RecvStream, quinn::SendStream>)> {
+async fn direct_stream(
+    c: &quinn::Connection,
+    s: &quinn::Connection,
+) -> anyhow::Result<(
+    tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
+    tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
+)> {
     let (mut cs, cr) = c.open_bi().await?;
     cs.write_all(&[0]).await?;
     let (ss, mut sr) = s.accept_bi().await?;
@@ -293,12 +302,26 @@ async fn join(invite: &Invite, identity: &Identity, instance: &str) -> anyhow::R
 }
 
 /// A minimal idle session on a shared endpoint: handshake, hello, welcome, optional bind.
-async fn raw_session(endpoint: &quinn::Endpoint, config: &quinn::ClientConfig, relay: SocketAddr, token: &str, instance: String, bind: Option<u16>) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+async fn raw_session(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    relay: SocketAddr,
+    token: &str,
+    instance: String,
+    bind: Option<u16>,
+) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
     let conn = endpoint.connect_with(config.clone(), relay, RELAY_SERVER_NAME)?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let codec = ClientSideCodec::new(DEFAULT_MAX_CONTROL_FRAME);
     let mut buf = bytes::BytesMut::new();
-    codec.encode_into(&ClientMessage::Hello { protocol: PROTOCOL_VERSION, token: overlan_shared::config::Secret::new(token), instance }, &mut buf)?;
+    codec.encode_into(
+        &ClientMessage::Hello {
+            protocol: PROTOCOL_VERSION,
+            token: overlan_shared::config::Secret::new(token),
+            instance,
+        },
+        &mut buf,
+    )?;
     if let Some(port) = bind {
         codec.encode_into(&ClientMessage::Bind { req: 1, port }, &mut buf)?;
     }
@@ -320,7 +343,12 @@ async fn raw_session(endpoint: &quinn::Endpoint, config: &quinn::ClientConfig, r
     Ok((conn, send, recv))
 }
 
-async fn open_sessions(relay: &RelayProcess, n: usize, bind: Option<u16>, per_socket: usize) -> anyhow::Result<Vec<(quinn::Connection, quinn::SendStream, quinn::RecvStream)>> {
+async fn open_sessions(
+    relay: &RelayProcess,
+    n: usize,
+    bind: Option<u16>,
+    per_socket: usize,
+) -> anyhow::Result<Vec<(quinn::Connection, quinn::SendStream, quinn::RecvStream)>> {
     let identity = Identity::generate(&["bench"])?;
     let crypto = tls::client_config(Some(&identity), relay.invite.fingerprint, ALPN_CLIENT)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?));
@@ -401,7 +429,11 @@ async fn data_path(args: &Args) -> anyhow::Result<()> {
     println!("64-byte round trip, {} iterations:", args.rtt_iters);
     println!("  direct quinn   p50 {:>7.1} us  p99 {:>7.1} us", us(d50), us(d99));
     println!("  via relay      p50 {:>7.1} us  p99 {:>7.1} us", us(r50), us(r99));
-    println!("  relay p50 budget 2 x direct + 50 us = {:.1} us: {}", 2.0 * us(d50) + 50.0, if us(r50) <= 2.0 * us(d50) + 50.0 { "met" } else { "MISSED" });
+    println!(
+        "  relay p50 budget 2 x direct + 50 us = {:.1} us: {}",
+        2.0 * us(d50) + 50.0,
+        if us(r50) <= 2.0 * us(d50) + 50.0 { "met" } else { "MISSED" }
+    );
 
     // Datagrams per second through the relay.
     let sa = a.bind_datagram(0).await?;
@@ -427,7 +459,12 @@ async fn data_path(args: &Args) -> anyhow::Result<()> {
     let elapsed = t0.elapsed().as_secs_f64();
     let received = receiver.await?;
     println!("datagrams (64-byte payload) through the relay for {}s:", args.datagram_secs);
-    println!("  sent {:.0}/s, delivered {:.0}/s ({:.1}% delivered)", sent as f64 / elapsed, received as f64 / elapsed, 100.0 * received as f64 / sent.max(1) as f64);
+    println!(
+        "  sent {:.0}/s, delivered {:.0}/s ({:.1}% delivered)",
+        sent as f64 / elapsed,
+        received as f64 / elapsed,
+        100.0 * received as f64 / sent.max(1) as f64
+    );
 
     // Broadcast fan-out.
     let members = open_sessions(&relay, args.broadcast_members, Some(4445), SESSIONS_PER_SOCKET).await?;
@@ -473,7 +510,9 @@ async fn idle_memory(args: &Args) -> anyhow::Result<()> {
         let own_after = rss_kib("self")?;
         let per = (after.saturating_sub(before)) as f64 / n as f64;
         let own = (own_after.saturating_sub(own_before)) as f64 / n as f64;
-        println!("relay RSS with {n} idle sessions: {before} KiB -> {after} KiB, {per:.1} KiB per session (target <= 32)");
+        println!(
+            "relay RSS with {n} idle sessions: {before} KiB -> {after} KiB, {per:.1} KiB per session (target <= 32)"
+        );
         println!("  baseline, same run: this process's side of the same connections (plain quinn client, one socket): {own:.1} KiB per connection");
         drop(sessions);
         drop(warm);
@@ -481,4 +520,3 @@ async fn idle_memory(args: &Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

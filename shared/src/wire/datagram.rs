@@ -70,10 +70,7 @@ impl DatagramHeader {
         }
         let ip = |at: usize| Ipv4Addr::new(datagram[at], datagram[at + 1], datagram[at + 2], datagram[at + 3]);
         let port = |at: usize| u16::from_be_bytes([datagram[at], datagram[at + 1]]);
-        Ok(Self {
-            src: SocketAddrV4::new(ip(2), port(6)),
-            dst: SocketAddrV4::new(ip(8), port(12)),
-        })
+        Ok(Self { src: SocketAddrV4::new(ip(2), port(6)), dst: SocketAddrV4::new(ip(8), port(12)) })
     }
 
     /// Overwrites the source field of an encoded datagram in place (relay stamping).
@@ -117,10 +114,7 @@ mod tests {
 
     #[test]
     fn stamping_replaces_the_source() {
-        let h = DatagramHeader {
-            src: "10.0.0.9:1".parse().unwrap(),
-            dst: "10.0.0.3:2".parse().unwrap(),
-        };
+        let h = DatagramHeader { src: "10.0.0.9:1".parse().unwrap(), dst: "10.0.0.3:2".parse().unwrap() };
         let mut wire = h.to_bytes();
         DatagramHeader::stamp_source(&mut wire, "10.0.0.2:5".parse().unwrap());
         assert_eq!(DatagramHeader::parse(&wire).unwrap().src, "10.0.0.2:5".parse().unwrap());

@@ -50,10 +50,7 @@ impl<D, E> Clone for FrameCodec<D, E> {
 impl<D, E> FrameCodec<D, E> {
     /// A codec that refuses frames whose body exceeds `max_len` bytes.
     pub fn new(max_len: usize) -> Self {
-        Self {
-            max_len,
-            _types: PhantomData,
-        }
+        Self { max_len, _types: PhantomData }
     }
 
     /// The cap on a frame body.
@@ -68,10 +65,7 @@ impl<D: DeserializeOwned, E: Serialize> FrameCodec<D, E> {
     pub fn encode_into(&self, msg: &E, dst: &mut BytesMut) -> Result<(), FrameError> {
         let body = serde_json::to_vec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
         if body.len() > self.max_len {
-            return Err(FrameError::TooLarge {
-                len: body.len(),
-                max: self.max_len,
-            });
+            return Err(FrameError::TooLarge { len: body.len(), max: self.max_len });
         }
         dst.reserve(LENGTH_PREFIX + body.len());
         dst.put_u32(body.len() as u32);
@@ -87,10 +81,7 @@ impl<D: DeserializeOwned, E: Serialize> FrameCodec<D, E> {
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
         if len > self.max_len {
-            return Err(FrameError::TooLarge {
-                len,
-                max: self.max_len,
-            });
+            return Err(FrameError::TooLarge { len, max: self.max_len });
         }
         if src.len() < LENGTH_PREFIX + len {
             src.reserve(LENGTH_PREFIX + len - src.len());
@@ -98,9 +89,7 @@ impl<D: DeserializeOwned, E: Serialize> FrameCodec<D, E> {
         }
         src.advance(LENGTH_PREFIX);
         let body = src.split_to(len);
-        serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|e| FrameError::Malformed(e.to_string()))
+        serde_json::from_slice(&body).map(Some).map_err(|e| FrameError::Malformed(e.to_string()))
     }
 }
 

@@ -62,9 +62,7 @@ impl StreamHeader {
         }
         let mut id = [0u8; 8];
         id.copy_from_slice(&bytes[4..12]);
-        Ok(Self {
-            socket: u64::from_be_bytes(id),
-        })
+        Ok(Self { socket: u64::from_be_bytes(id) })
     }
 }
 
