@@ -7,12 +7,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::BytesMut;
+use overlan_shared::ports::PortSet;
 use overlan_shared::tls::Fingerprint;
 use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
 use overlan_shared::wire::frame::{FrameError, RelaySideCodec};
@@ -29,8 +29,6 @@ use crate::relay::{INITIAL_STREAMS_PER_SESSION, MAX_STREAMS_PER_SESSION};
 use crate::router::{DatagramBinding, LocalSession, Router, SessionId};
 use crate::store::Network;
 
-/// Ephemeral virtual ports, as in IANA's dynamic range.
-pub const EPHEMERAL_PORTS: RangeInclusive<u16> = 49152..=65535;
 /// How long a newly opened stream has to deliver its header.
 const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -74,10 +72,9 @@ pub struct SessionActor {
     codec: RelaySideCodec,
     control_recv: Option<FramedRead<quinn::RecvStream, RelaySideCodec>>,
     listeners: HashSet<u16>,
-    datagram_ports: HashSet<u16>,
-    stream_ports: HashSet<u16>,
+    datagram_ports: PortSet,
+    stream_ports: PortSet,
     sockets: HashMap<SocketId, Membership>,
-    next_ephemeral: u16,
     /// Current QUIC stream limit granted to the client.
     stream_limit: u32,
     /// QUIC close code and reason used when the session stops.
@@ -102,10 +99,9 @@ impl SessionActor {
             codec: RelaySideCodec::new(parts_max_frame),
             control_recv: Some(parts.control_recv),
             listeners: HashSet::new(),
-            datagram_ports: HashSet::new(),
-            stream_ports: HashSet::new(),
+            datagram_ports: PortSet::default(),
+            stream_ports: PortSet::default(),
             sockets: HashMap::new(),
-            next_ephemeral: *EPHEMERAL_PORTS.start(),
             stream_limit: INITIAL_STREAMS_PER_SESSION,
             end: (close_code::NORMAL, "session ended".to_owned()),
         }
@@ -146,32 +142,10 @@ impl SessionActor {
         ctx.stop();
     }
 
-    /// Picks a free ephemeral port not in `used`.
-    fn ephemeral(&mut self, used: impl Fn(u16) -> bool) -> Option<u16> {
-        let span = EPHEMERAL_PORTS.len();
-        for _ in 0..span {
-            let port = self.next_ephemeral;
-            self.next_ephemeral = if port == *EPHEMERAL_PORTS.end() { *EPHEMERAL_PORTS.start() } else { port + 1 };
-            if !used(port) {
-                return Some(port);
-            }
-        }
-        None
-    }
-
     fn handle_listen(&mut self, ctx: &mut Context<Self>, req: u64, port: u16) {
-        let port = if port == 0 {
-            let in_use = self.stream_ports.clone();
-            match self.ephemeral(|p| in_use.contains(&p)) {
-                Some(p) => p,
-                None => return self.fail(ctx, req, ErrorCode::AddrInUse, "no free ephemeral stream port".into()),
-            }
-        } else {
-            port
-        };
-        if !self.stream_ports.insert(port) {
+        let Ok(port) = self.stream_ports.claim(port) else {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("listen {}:{port}: address in use", self.vip));
-        }
+        };
         self.listeners.insert(port);
         let local = self.local(ctx);
         self.router.add_listener(self.net(), SocketAddrV4::new(self.vip, port), local);
@@ -180,31 +154,22 @@ impl SessionActor {
 
     fn handle_unlisten(&mut self, port: u16) {
         if self.listeners.remove(&port) {
-            self.stream_ports.remove(&port);
+            self.stream_ports.release(port);
             self.router.remove_listener(self.net(), SocketAddrV4::new(self.vip, port), self.id);
         }
     }
 
     fn handle_bind(&mut self, ctx: &mut Context<Self>, req: u64, port: u16) {
-        let port = if port == 0 {
-            let in_use = self.datagram_ports.clone();
-            match self.ephemeral(|p| in_use.contains(&p)) {
-                Some(p) => p,
-                None => return self.fail(ctx, req, ErrorCode::AddrInUse, "no free ephemeral datagram port".into()),
-            }
-        } else {
-            port
-        };
-        if !self.datagram_ports.insert(port) {
+        let Ok(port) = self.datagram_ports.claim(port) else {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("bind {}:{port}: address in use", self.vip));
-        }
+        };
         let binding = DatagramBinding { session: self.id, conn: self.conn.clone() };
         self.router.bind_datagram(self.net(), SocketAddrV4::new(self.vip, port), binding);
         self.send(ctx, RelayMessage::Bound { req, port });
     }
 
     fn handle_unbind(&mut self, port: u16) {
-        if self.datagram_ports.remove(&port) {
+        if self.datagram_ports.release(port) {
             self.router.unbind_datagram(self.net(), SocketAddrV4::new(self.vip, port), self.id);
         }
     }
@@ -230,11 +195,9 @@ impl SessionActor {
         let Some(listener) = self.router.listener(self.net(), to) else {
             return self.fail(ctx, req, ErrorCode::Refused, format!("connect {to}: refused (nothing listening)"));
         };
-        let in_use = self.stream_ports.clone();
-        let Some(port) = self.ephemeral(|p| in_use.contains(&p)) else {
+        let Ok(port) = self.stream_ports.claim(0) else {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("connect {to}: no free ephemeral port"));
         };
-        self.stream_ports.insert(port);
         let socket = self.router.next_socket_id();
         let local = SocketAddrV4::new(self.vip, port);
         let pair = SocketPairActor::new(
@@ -465,7 +428,7 @@ impl SessionActor {
     fn forget_socket(&mut self, socket: SocketId) {
         if let Some(m) = self.sockets.remove(&socket) {
             if let Some(port) = m.local_port {
-                self.stream_ports.remove(&port);
+                self.stream_ports.release(port);
             }
         }
     }

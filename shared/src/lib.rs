@@ -6,6 +6,7 @@ pub mod addr;
 pub mod config;
 pub mod invite;
 pub mod pool;
+pub mod ports;
 pub mod tls;
 pub mod wire;
 
