@@ -164,7 +164,7 @@ fn connection_error(relay: &str, e: &quinn::ConnectionError) -> Error {
             match close.error_code.into_inner() as u32 {
                 close_code::UNAUTHORIZED => Error::Unauthorized(reason),
                 close_code::NETWORK_FULL => Error::NetworkFull(reason),
-                close_code::REPLACED => Error::SessionLost(reason),
+                close_code::REPLACED => Error::Replaced(reason),
                 close_code::SHUTDOWN => Error::SessionLost(reason),
                 close_code::PROTOCOL_VIOLATION => Error::Relay { code: ErrorCode::ProtocolViolation, message: reason },
                 _ => Error::SessionLost(if reason.is_empty() { "closed by the relay".into() } else { reason }),
@@ -516,25 +516,38 @@ impl Inner {
 
     fn dispatch(self: &Arc<Self>, session: &Session, msg: RelayMessage) {
         match msg {
-            RelayMessage::Listening { req, port } => {
-                if let Some((_, p)) = self.pending.remove(&req) {
+            RelayMessage::Listening { req, port } => match self.pending.remove(&req) {
+                Some((_, p)) => {
                     if let Some(Register::Listener(ch)) = p.register {
                         self.listeners.insert(port, ch);
                     }
                     let _ = p.tx.send(RelayMessage::Listening { req, port });
                 }
-            }
-            RelayMessage::Bound { req, port } => {
-                if let Some((_, p)) = self.pending.remove(&req) {
+                // An answer nobody waits for any more (the request timed out): give the
+                // port back, unless it is a re-registration after a reconnect.
+                None if !self.listeners.contains_key(&port) => {
+                    let _ = session.control.send(ClientMessage::Unlisten { port });
+                }
+                None => {}
+            },
+            RelayMessage::Bound { req, port } => match self.pending.remove(&req) {
+                Some((_, p)) => {
                     if let Some(Register::Datagram(ch)) = p.register {
                         self.datagram_ports.insert(port, ch);
                     }
                     let _ = p.tx.send(RelayMessage::Bound { req, port });
                 }
-            }
+                None if !self.datagram_ports.contains_key(&port) => {
+                    let _ = session.control.send(ClientMessage::Unbind { port });
+                }
+                None => {}
+            },
             RelayMessage::Connected { req, .. } | RelayMessage::Failed { req, .. } => {
                 if let Some((_, p)) = self.pending.remove(&req) {
                     let _ = p.tx.send(msg);
+                } else if let RelayMessage::Failed { code, message, .. } = &msg {
+                    // Re-registrations after a reconnect have no waiter; say what failed.
+                    tracing::warn!(%code, %message, "relay refused a re-registration");
                 } else if let RelayMessage::Connected { socket, .. } = msg {
                     // The requester gave up (timeout); do not leave the socket dangling.
                     let _ = session.control.send(ClientMessage::Close { socket });
@@ -587,6 +600,13 @@ impl Inner {
                 Err(e) => tracing::debug!(socket, error = %e, "could not open an accepted stream"),
             }
         });
+    }
+
+    /// Ends the client for good: listeners and datagram sockets wake with an error.
+    fn give_up(&self, why: String) {
+        self.listeners.clear();
+        self.datagram_ports.clear();
+        self.state.send_replace(SessionState::Closed(why));
     }
 
     /// Re-registers every listener and datagram port after a reconnect.
@@ -668,14 +688,14 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
         let end = end.filter(|_| !inner.shutdown.is_cancelled());
         let Some(error) = end else {
             session.conn.close(VarInt::from_u32(close_code::NORMAL), b"client left");
-            inner.state.send_replace(SessionState::Closed("closed by this client".into()));
+            inner.give_up("closed by this client".into());
             return;
         };
         session.conn.close(VarInt::from_u32(close_code::NORMAL), b"session ended");
         let why = error.to_string();
         tracing::warn!(reason = %why, "session lost");
         if error.is_terminal() || !inner.options.reconnect {
-            inner.state.send_replace(SessionState::Closed(why));
+            inner.give_up(why);
             return;
         }
         inner.state.send_replace(SessionState::Reconnecting(why));
@@ -684,7 +704,7 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
         loop {
             tokio::select! {
                 _ = inner.shutdown.cancelled() => {
-                    inner.state.send_replace(SessionState::Closed("closed by this client".into()));
+                    inner.give_up("closed by this client".into());
                     return;
                 }
                 _ = tokio::time::sleep(backoff) => {}
@@ -692,7 +712,15 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
             match establish(&inner.endpoint, &inner.quic, inner.relay, &inner.options).await {
                 Ok((conn, send, new_recv, welcome)) => {
                     if welcome.vip != inner.vip {
-                        tracing::error!(old = %inner.vip, new = %welcome.vip, "relay gave this identity another VIP");
+                        // Every socket is bound to the old VIP; carrying on would only
+                        // produce rejected datagrams. A relay that lost its leases needs
+                        // the application to join again.
+                        conn.close(VarInt::from_u32(close_code::NORMAL), b"VIP changed");
+                        inner.give_up(format!(
+                            "the relay now gives this identity {} instead of {}; join again",
+                            welcome.vip, inner.vip
+                        ));
+                        return;
                     }
                     let (s, r) = inner.install(conn, send, new_recv, generation);
                     inner.reregister(&s);
@@ -702,7 +730,7 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
                     break;
                 }
                 Err(e) if e.is_terminal() => {
-                    inner.state.send_replace(SessionState::Closed(e.to_string()));
+                    inner.give_up(e.to_string());
                     return;
                 }
                 Err(e) => {

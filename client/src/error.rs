@@ -44,6 +44,10 @@ pub enum Error {
     /// The session with the relay ended; open sockets are gone.
     #[error("session lost: {0}")]
     SessionLost(String),
+    /// A newer session of the same identity and instance took over; this one does not
+    /// reconnect (two copies would keep replacing each other).
+    #[error("session lost: {0}")]
+    Replaced(String),
     /// Something did not answer in time.
     #[error("timed out: {0}")]
     TimedOut(String),
@@ -93,8 +97,14 @@ impl Error {
 
     /// Whether retrying the join cannot help (the relay refused this client for good).
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Error::Unauthorized(_) | Error::Config(_) | Error::NetworkFull(_))
-            || matches!(self, Error::SessionLost(m) if m.contains("replaced"))
+        matches!(
+            self,
+            Error::Unauthorized(_)
+                | Error::Config(_)
+                | Error::NetworkFull(_)
+                | Error::Replaced(_)
+                | Error::Relay { code: ErrorCode::ProtocolViolation | ErrorCode::UnsupportedVersion, .. }
+        )
     }
 }
 
@@ -107,7 +117,7 @@ impl From<Error> for std::io::Error {
             Error::MessageTooLarge { .. } => ErrorKind::InvalidInput,
             Error::AddrInUse { .. } => ErrorKind::AddrInUse,
             Error::Unauthorized(_) => ErrorKind::PermissionDenied,
-            Error::SessionLost(_) => ErrorKind::NotConnected,
+            Error::SessionLost(_) | Error::Replaced(_) => ErrorKind::NotConnected,
             Error::TimedOut(_) => ErrorKind::TimedOut,
             _ => ErrorKind::Other,
         };

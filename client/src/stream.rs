@@ -99,6 +99,17 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        // Connections queued and never accepted are refused or reset, not left to end
+        // cleanly (the connecting side would read a normal end of stream).
+        if let Ok(mut rx) = self.rx.try_lock() {
+            rx.close();
+            while let Ok(arrival) = rx.try_recv() {
+                match arrival {
+                    Arrival::Offer(offer) => offer.with_client(self.client.clone()).deny(),
+                    Arrival::Stream(stream) => stream.abort(),
+                }
+            }
+        }
         let port = self.local.port();
         self.client.inner.listeners.remove(&port);
         self.client.inner.notify(ClientMessage::Unlisten { port });
@@ -195,7 +206,10 @@ impl VirtualStream {
     ) -> Result<Self, Error> {
         let lost =
             |e: &dyn std::fmt::Display| Error::SessionLost(format!("opening the stream of socket {socket}: {e}"));
-        let (mut send, recv) = session.conn.open_bi().await.map_err(|e| lost(&e))?;
+        let opened = tokio::time::timeout(crate::client::REQUEST_TIMEOUT, session.conn.open_bi()).await;
+        let (mut send, recv) = opened
+            .map_err(|_| Error::TimedOut(format!("the relay allowed no stream for socket {socket}")))?
+            .map_err(|e| lost(&e))?;
         send.write_all(&StreamHeader { socket }.to_bytes()).await.map_err(|e| lost(&e))?;
         Ok(Self { send, recv, socket, local, peer, generation: session.generation, _client: client })
     }

@@ -184,3 +184,35 @@ async fn a_stream_for_someone_elses_socket_is_reset() {
     // The real pair carries on, and never saw "injected".
     ok.still_fine().await;
 }
+
+#[tokio::test]
+async fn a_connect_flood_is_capped_and_the_target_stays_up() {
+    let relay = TestRelay::start();
+    let victim = join(&relay.invite()).await;
+    // A listener whose application never answers: every attempt waits for it.
+    let _gate = victim.listen_with_approval(80).await.unwrap();
+    let mut mallory = RawSession::join(&relay, &relay.invite()).await;
+    const FLOOD: u64 = 1000;
+    for req in 0..FLOOD {
+        mallory.send(&ClientMessage::Connect { req, to: SocketAddrV4::new(victim.vip(), 80) }).await;
+    }
+    // At most MAX_PENDING_CONNECTS wait at once; the rest of the burst is refused at once.
+    let mut refused = 0;
+    while refused < 100 {
+        match mallory.next().await {
+            RelayMessage::Failed { code: ErrorCode::TimedOut, message, .. } => {
+                assert!(message.contains("too many connection attempts in flight"), "{message}");
+                refused += 1;
+            }
+            // The victim's library denies what overflows its own listen backlog.
+            RelayMessage::Failed { code: ErrorCode::Denied, .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The victim is still connected and reachable by others.
+    assert_eq!(victim.state(), SessionState::Up);
+    let listener = victim.listen(81).await.unwrap();
+    let friend = join(&relay.invite()).await;
+    let _s = friend.connect(listener.local_addr()).await.unwrap();
+    within("accept", listener.accept()).await.unwrap();
+}

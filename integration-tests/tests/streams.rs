@@ -223,19 +223,41 @@ async fn tokio_util_codecs_run_over_a_virtual_stream() {
 
 #[tokio::test]
 async fn a_client_can_connect_to_its_own_listener() {
+    // A game host joining its own lobby by VIP: several at once, each needing two streams
+    // from the same session.
+    const SOCKETS: usize = 12;
     let relay = TestRelay::start();
     let a = join(&relay.invite()).await;
     let listener = a.listen(8080).await.unwrap();
-    let mut out = a.connect(listener.local_addr()).await.unwrap();
-    let (mut inn, peer) = within("accept", listener.accept()).await.unwrap();
-    assert_eq!(*peer.ip(), a.vip());
-    out.write_all(b"loop").await.unwrap();
-    let mut buf = [0u8; 4];
-    within("read own bytes", inn.read_exact(&mut buf)).await.unwrap();
-    assert_eq!(&buf, b"loop");
-    inn.write_all(b"back").await.unwrap();
-    within("read reply", out.read_exact(&mut buf)).await.unwrap();
-    assert_eq!(&buf, b"back");
+    let mut pairs = Vec::new();
+    for _ in 0..SOCKETS {
+        let out = within("self connect", a.connect(listener.local_addr())).await.unwrap();
+        let (inn, peer) = within("accept", listener.accept()).await.unwrap();
+        assert_eq!(*peer.ip(), a.vip());
+        pairs.push((out, inn));
+    }
+    for (out, inn) in pairs.iter_mut() {
+        out.write_all(b"loop").await.unwrap();
+        let mut buf = [0u8; 4];
+        within("read own bytes", inn.read_exact(&mut buf)).await.unwrap();
+        assert_eq!(&buf, b"loop");
+        inn.write_all(b"back").await.unwrap();
+        within("read reply", out.read_exact(&mut buf)).await.unwrap();
+        assert_eq!(&buf, b"back");
+    }
+}
+
+#[tokio::test]
+async fn sockets_wake_with_an_error_when_the_client_closes() {
+    let relay = TestRelay::start();
+    let a = join(&relay.invite()).await;
+    let listener = a.listen(70).await.unwrap();
+    let socket = a.bind_datagram(71).await.unwrap();
+    let waiting = tokio::spawn(async move { (listener.accept().await.map(|_| ()), socket.recv().await.map(|_| ())) });
+    a.close();
+    let (accepted, received) = within("listener and socket to wake", waiting).await.unwrap();
+    assert!(matches!(accepted, Err(Error::SessionLost(_))), "{accepted:?}");
+    assert!(matches!(received, Err(Error::SessionLost(_))), "{received:?}");
 }
 
 #[tokio::test]

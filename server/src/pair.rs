@@ -8,6 +8,7 @@
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 
+use actix::dev::SendError;
 use actix::prelude::*;
 use overlan_shared::wire::control::SocketId;
 use overlan_shared::wire::{reset_code, ErrorCode};
@@ -18,11 +19,48 @@ use crate::config::RelayConfig;
 use crate::router::{LocalSession, Router, SessionId};
 use crate::session::{ConnectOutcome, Notice, Offer, PairEnded, SessionActor};
 
+/// A client's QUIC stream for a socket while the relay holds it. Dropped without being
+/// taken (the pair ended, a message was dropped), it resets both directions, so the
+/// client sees an error instead of a clean end of stream.
+pub struct HeldStream {
+    halves: Option<(SendStream, RecvStream)>,
+}
+
+impl HeldStream {
+    /// Holds `send` and `recv`.
+    pub fn new(send: SendStream, recv: RecvStream) -> Self {
+        Self { halves: Some((send, recv)) }
+    }
+
+    /// Resets both directions with `code` now.
+    pub fn reset(mut self, code: u32) {
+        self.reset_halves(VarInt::from_u32(code));
+    }
+
+    fn reset_halves(&mut self, code: VarInt) {
+        if let Some((mut send, mut recv)) = self.halves.take() {
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+        }
+    }
+
+    /// Takes the halves out, to splice them.
+    fn take(mut self) -> (SendStream, RecvStream) {
+        self.halves.take().expect("a held stream holds its halves until taken or dropped")
+    }
+}
+
+impl Drop for HeldStream {
+    fn drop(&mut self) {
+        self.reset_halves(VarInt::from_u32(reset_code::RELAY_TERMINATED));
+    }
+}
+
 /// One side of a pair.
 struct Party {
     session: LocalSession,
     addr: SocketAddrV4,
-    stream: Option<(SendStream, RecvStream)>,
+    stream: Option<HeldStream>,
     gone: bool,
 }
 
@@ -83,14 +121,12 @@ impl SocketPairActor {
     /// Ends the pair: resets every attached stream with `code`, tells the sessions still
     /// there why (`notify`), and stops.
     fn terminate(&mut self, ctx: &mut Context<Self>, code: u32, notify: ErrorCode) {
-        let code = VarInt::from_u32(code);
         if let Some(cancel) = &self.cancel {
-            let _ = cancel.send(Some(code));
+            let _ = cancel.send(Some(VarInt::from_u32(code)));
         }
         for party in [&mut self.connector, &mut self.listener] {
-            if let Some((mut send, mut recv)) = party.stream.take() {
-                let _ = send.reset(code);
-                let _ = recv.stop(code);
+            if let Some(stream) = party.stream.take() {
+                stream.reset(code);
             }
         }
         if self.state == PairState::Offered && !self.connector.gone {
@@ -118,8 +154,8 @@ impl SocketPairActor {
         if self.state != PairState::Accepted || self.connector.stream.is_none() || self.listener.stream.is_none() {
             return;
         }
-        let a = self.connector.stream.take().expect("checked above");
-        let b = self.listener.stream.take().expect("checked above");
+        let a = self.connector.stream.take().expect("checked above").take();
+        let b = self.listener.stream.take().expect("checked above").take();
         let (tx, rx) = watch::channel(None);
         self.cancel = Some(tx);
         self.state = PairState::Spliced;
@@ -133,12 +169,21 @@ impl Actor for SocketPairActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.router.add_pair(self.socket, ctx.address());
-        self.listener.session.addr.do_send(Offer {
-            socket: self.socket,
-            pair: ctx.address(),
-            local: self.listener.addr,
-            peer: self.connector.addr,
-        });
+        let offer =
+            Offer { socket: self.socket, pair: ctx.address(), local: self.listener.addr, peer: self.connector.addr };
+        match self.listener.session.addr.try_send(offer) {
+            Ok(()) => {}
+            // A busy mailbox only delays the offer; unbounded delivery is fine for control.
+            Err(SendError::Full(offer)) => self.listener.session.addr.do_send(offer),
+            // The listener's session ended between the lookup and now: answer at once.
+            Err(SendError::Closed(_)) => {
+                self.listener.gone = true;
+                self.connect_failed(ErrorCode::Unreachable, "unreachable (the listener's session ended)");
+                self.connector.gone = true;
+                ctx.stop();
+                return;
+            }
+        }
         ctx.run_later(self.config.accept_timeout, |act, ctx| {
             if act.state == PairState::Offered {
                 act.terminate(ctx, reset_code::TIMED_OUT, ErrorCode::TimedOut);
@@ -201,15 +246,13 @@ pub struct AttachStream {
     pub session: SessionId,
     /// That session's actor (told if the stream is rejected).
     pub session_addr: Addr<SessionActor>,
-    /// Send half.
-    pub send: SendStream,
-    /// Receive half.
-    pub recv: RecvStream,
+    /// The stream (reset if this message is dropped undelivered).
+    pub stream: HeldStream,
 }
 
 impl Handler<AttachStream> for SocketPairActor {
     type Result = ();
-    fn handle(&mut self, mut msg: AttachStream, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: AttachStream, ctx: &mut Self::Context) {
         let socket = self.socket;
         let spliced = self.state == PairState::Spliced;
         // A client connected to its own listener is both parties; its two streams are
@@ -218,16 +261,14 @@ impl Handler<AttachStream> for SocketPairActor {
             .into_iter()
             .find(|p| p.session.id == msg.session && p.stream.is_none() && !p.gone && !spliced);
         let Some(slot) = slot else {
-            let code = VarInt::from_u32(reset_code::UNKNOWN_SOCKET);
-            let _ = msg.send.reset(code);
-            let _ = msg.recv.stop(code);
+            msg.stream.reset(reset_code::UNKNOWN_SOCKET);
             msg.session_addr.do_send(Notice {
                 code: ErrorCode::UnknownSocket,
                 message: format!("stream for socket {socket} rejected: not this session's socket, or already attached"),
             });
             return;
         };
-        slot.stream = Some((msg.send, msg.recv));
+        slot.stream = Some(msg.stream);
         self.maybe_splice(ctx);
     }
 }

@@ -24,11 +24,18 @@ use tokio_util::codec::FramedRead;
 use crate::config::RelayConfig;
 use crate::control::{ControlQueue, PushError};
 use crate::datagram::{run_datagram_loop, Sender};
-use crate::pair::{AnswerOffer, AttachStream, CloseSocket, PartyGone, SocketPairActor};
+use crate::pair::{AnswerOffer, AttachStream, CloseSocket, HeldStream, PartyGone, SocketPairActor};
 use crate::relay::{INITIAL_STREAMS_PER_SESSION, MAX_STREAMS_PER_SESSION};
-use crate::router::{DatagramBinding, LocalSession, Router, SessionId};
+use crate::router::{DatagramBinding, LocalSession, Route, Router, SessionId};
 use crate::store::Network;
 
+/// Connection attempts a session may have waiting for an answer at once; more are
+/// refused, so one client cannot pile work (and `Incoming` frames) onto others.
+pub const MAX_PENDING_CONNECTS: usize = 256;
+/// Connection attempts a listening session may have waiting for its application's
+/// answer; more are refused. This bounds what other clients can queue on this
+/// session's control stream.
+pub const MAX_PENDING_OFFERS: usize = 1024;
 /// How long a newly opened stream has to deliver its header.
 const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,12 +57,18 @@ pub struct SessionParts {
     pub vip: Ipv4Addr,
 }
 
-/// A socket this session takes part in.
+/// A socket this session takes part in (as connector, listener, or both when a client
+/// connects to its own listener).
 struct Membership {
     pair: Addr<SocketPairActor>,
-    /// The local stream port the socket uses on this side, if it holds one (the
-    /// connecting side's ephemeral port).
+    /// The ephemeral stream port this session holds as the connecting side.
     local_port: Option<u16>,
+    /// Waiting for this session's `Connect` answer (connecting side).
+    connecting: bool,
+    /// Waiting for this session's application to accept or deny (listening side).
+    offered: bool,
+    /// QUIC streams this session opens for the socket: one per side it is on.
+    streams: u32,
 }
 
 /// One joined client.
@@ -75,6 +88,10 @@ pub struct SessionActor {
     datagram_ports: PortSet,
     stream_ports: PortSet,
     sockets: HashMap<SocketId, Membership>,
+    /// Streams the client may need for its sockets (sum of `Membership::streams`).
+    stream_demand: u32,
+    pending_connects: usize,
+    pending_offers: usize,
     /// Current QUIC stream limit granted to the client.
     stream_limit: u32,
     /// QUIC close code and reason used when the session stops.
@@ -102,6 +119,9 @@ impl SessionActor {
             datagram_ports: PortSet::default(),
             stream_ports: PortSet::default(),
             sockets: HashMap::new(),
+            stream_demand: 0,
+            pending_connects: 0,
+            pending_offers: 0,
             stream_limit: INITIAL_STREAMS_PER_SESSION,
             end: (close_code::NORMAL, "session ended".to_owned()),
         }
@@ -143,6 +163,9 @@ impl SessionActor {
     }
 
     fn handle_listen(&mut self, ctx: &mut Context<Self>, req: u64, port: u16) {
+        if !self.is_current() {
+            return self.fail(ctx, req, ErrorCode::Replaced, ErrorCode::Replaced.describe().to_owned());
+        }
         let Ok(port) = self.stream_ports.claim(port) else {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("listen {}:{port}: address in use", self.vip));
         };
@@ -160,6 +183,9 @@ impl SessionActor {
     }
 
     fn handle_bind(&mut self, ctx: &mut Context<Self>, req: u64, port: u16) {
+        if !self.is_current() {
+            return self.fail(ctx, req, ErrorCode::Replaced, ErrorCode::Replaced.describe().to_owned());
+        }
         let Ok(port) = self.datagram_ports.claim(port) else {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("bind {}:{port}: address in use", self.vip));
         };
@@ -175,6 +201,14 @@ impl SessionActor {
     }
 
     fn handle_connect(&mut self, ctx: &mut Context<Self>, req: u64, to: SocketAddrV4) {
+        if self.pending_connects >= MAX_PENDING_CONNECTS {
+            return self.fail(
+                ctx,
+                req,
+                ErrorCode::TimedOut,
+                format!("connect {to}: too many connection attempts in flight ({MAX_PENDING_CONNECTS}); retry later"),
+            );
+        }
         let subnet = self.network.subnet;
         if to.port() == 0 || !subnet.is_assignable(*to.ip()) {
             return self.fail(
@@ -209,7 +243,11 @@ impl SessionActor {
             self.config.clone(),
         )
         .start();
-        self.add_socket(socket, Membership { pair, local_port: Some(port) });
+        self.pending_connects += 1;
+        self.add_socket(
+            socket,
+            Membership { pair, local_port: Some(port), connecting: true, offered: false, streams: 1 },
+        );
     }
 
     fn with_socket(
@@ -241,11 +279,15 @@ impl SessionActor {
             ClientMessage::Unbind { port } => self.handle_unbind(port),
             ClientMessage::Connect { req, to } => self.handle_connect(ctx, req, to),
             ClientMessage::Accept { socket } => {
+                self.answered(socket);
                 self.with_socket(ctx, socket, |pair, session| pair.do_send(AnswerOffer { session, result: Ok(()) }))
             }
-            ClientMessage::Deny { socket } => self.with_socket(ctx, socket, |pair, session| {
-                pair.do_send(AnswerOffer { session, result: Err(ErrorCode::Denied) })
-            }),
+            ClientMessage::Deny { socket } => {
+                self.answered(socket);
+                self.with_socket(ctx, socket, |pair, session| {
+                    pair.do_send(AnswerOffer { session, result: Err(ErrorCode::Denied) })
+                })
+            }
             ClientMessage::Close { socket } => {
                 self.with_socket(ctx, socket, |pair, session| pair.do_send(CloseSocket { session }))
             }
@@ -381,7 +423,24 @@ impl Handler<Offer> for SessionActor {
             msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::Refused) });
             return;
         }
-        self.add_socket(msg.socket, Membership { pair: msg.pair, local_port: None });
+        if self.pending_offers >= MAX_PENDING_OFFERS {
+            msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::TimedOut) });
+            return;
+        }
+        self.pending_offers += 1;
+        match self.sockets.get_mut(&msg.socket) {
+            // A connect to this session's own listener: one membership on both sides.
+            Some(m) => {
+                m.offered = true;
+                m.streams += 1;
+                self.stream_demand += 1;
+                self.grow_stream_limit();
+            }
+            None => self.add_socket(
+                msg.socket,
+                Membership { pair: msg.pair, local_port: None, connecting: false, offered: true, streams: 1 },
+            ),
+        }
         self.send(ctx, RelayMessage::Incoming { socket: msg.socket, local: msg.local, peer: msg.peer });
     }
 }
@@ -401,6 +460,11 @@ pub struct ConnectOutcome {
 impl Handler<ConnectOutcome> for SessionActor {
     type Result = ();
     fn handle(&mut self, msg: ConnectOutcome, ctx: &mut Self::Context) {
+        if let Some(m) = self.sockets.get_mut(&msg.socket) {
+            if std::mem::take(&mut m.connecting) {
+                self.pending_connects -= 1;
+            }
+        }
         match msg.result {
             Ok((local, peer)) => {
                 self.send(ctx, RelayMessage::Connected { req: msg.req, socket: msg.socket, local, peer })
@@ -417,8 +481,13 @@ impl SessionActor {
     /// Records a socket and makes sure the client may open a QUIC stream for it: the
     /// stream limit doubles while sockets approach it.
     fn add_socket(&mut self, socket: SocketId, membership: Membership) {
+        self.stream_demand += membership.streams;
         self.sockets.insert(socket, membership);
-        let wanted = self.sockets.len() as u32 + INITIAL_STREAMS_PER_SESSION / 2;
+        self.grow_stream_limit();
+    }
+
+    fn grow_stream_limit(&mut self) {
+        let wanted = self.stream_demand + INITIAL_STREAMS_PER_SESSION / 2;
         if wanted > self.stream_limit && self.stream_limit < MAX_STREAMS_PER_SESSION {
             self.stream_limit = (self.stream_limit * 2).clamp(wanted, MAX_STREAMS_PER_SESSION);
             self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.stream_limit));
@@ -430,7 +499,25 @@ impl SessionActor {
             if let Some(port) = m.local_port {
                 self.stream_ports.release(port);
             }
+            self.stream_demand -= m.streams;
+            self.pending_connects -= usize::from(m.connecting);
+            self.pending_offers -= usize::from(m.offered);
         }
+    }
+
+    /// The application answered an offer: no longer pending.
+    fn answered(&mut self, socket: SocketId) {
+        if let Some(m) = self.sockets.get_mut(&socket) {
+            if std::mem::take(&mut m.offered) {
+                self.pending_offers -= 1;
+            }
+        }
+    }
+
+    /// Whether this session still holds its VIP (a newer session of the same identity
+    /// and instance may have replaced it while its messages were in flight).
+    fn is_current(&self) -> bool {
+        matches!(self.router.route(self.net(), self.vip), Some(Route::Local(s)) if s.id == self.id)
     }
 }
 
@@ -494,7 +581,7 @@ async fn attach_stream(
         }
     };
     match router.pair(header.socket) {
-        Some(pair) => pair.do_send(AttachStream { session, session_addr: addr, send, recv }),
+        Some(pair) => pair.do_send(AttachStream { session, session_addr: addr, stream: HeldStream::new(send, recv) }),
         None => {
             reject(&mut send, &mut recv, reset_code::UNKNOWN_SOCKET);
             addr.do_send(Notice {

@@ -169,29 +169,52 @@ impl Identity {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(io)?;
                 }
-                write_private(path, identity.to_pem().as_bytes()).map_err(io)?;
-                Ok((identity, true))
+                if create_private(path, identity.to_pem().as_bytes()).map_err(io)? {
+                    Ok((identity, true))
+                } else {
+                    // Another process (a second instance starting at the same moment)
+                    // created it first: use that one, so both run as the same identity.
+                    let pem = std::fs::read(path).map_err(io)?;
+                    Ok((Self::from_pem(&pem, &shown)?, false))
+                }
             }
             Err(e) => Err(io(e)),
         }
     }
 }
 
-/// Writes a file readable only by its owner, atomically (temp file, then rename).
-pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+/// Creates `path` readable only by its owner with `contents`, atomically and only if it
+/// does not exist yet: the contents go to a uniquely named temporary file that is then
+/// hard-linked into place, so a reader never sees a half-written file and two creators
+/// never overwrite each other. Returns false if `path` already existed.
+pub fn create_private(path: &Path, contents: &[u8]) -> std::io::Result<bool> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
+    let unique = format!(
+        ".{}.{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id(),
+        random_token(4)
+    );
+    let tmp = path.with_file_name(unique);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut file = opts.open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let result = (|| {
+        let mut file = opts.open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
 }
 
 /// The crypto provider overlan uses everywhere (ring).
@@ -360,6 +383,26 @@ mod tests {
         assert_eq!(text.parse::<Fingerprint>().unwrap(), fp);
         assert_eq!(format!("sha256:{text}").parse::<Fingerprint>().unwrap(), fp);
         assert!("abc".parse::<Fingerprint>().is_err());
+    }
+
+    #[test]
+    fn identity_is_created_once() {
+        let dir = std::env::temp_dir().join(format!("overlan-tls-test-{}", random_token(6)));
+        let path = dir.join("id.pem");
+        let (first, created) = Identity::load_or_create(&path, &["c"]).unwrap();
+        assert!(created);
+        let (again, created) = Identity::load_or_create(&path, &["c"]).unwrap();
+        assert!(!created);
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        assert!(!create_private(&path, b"other").unwrap(), "an existing file is never replaced");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let leftovers = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary files left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
