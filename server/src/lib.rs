@@ -3,6 +3,7 @@
 //! datagrams and broadcasts between them, stamping the source of everything it forwards.
 //!
 //! Shape: [`relay`] starts everything; [`session::SessionActor`] (one per client),
+//! [`network::NetworkActor`] (one per virtual network: membership),
 //! [`pair::SocketPairActor`] (one per virtual stream) and
 //! [`allocator::VipAllocatorActor`] (the lease database) decide; [`router::Router`]
 //! holds the lookup tables the data path ([`datagram`], the splice in [`pair`]) reads.
@@ -11,6 +12,7 @@ pub mod allocator;
 pub mod config;
 pub mod control;
 pub mod datagram;
+pub mod network;
 pub mod pair;
 pub mod relay;
 pub mod router;

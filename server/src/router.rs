@@ -6,14 +6,16 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use actix::Addr;
+use actix::{Actor, Addr};
 use dashmap::DashMap;
 use overlan_shared::wire::control::SocketId;
 
+use crate::network::NetworkActor;
 use crate::pair::SocketPairActor;
 use crate::session::SessionActor;
-use crate::store::NetworkId;
+use crate::store::{Network, NetworkId};
 
 /// Relay-local session number.
 pub type SessionId = u64;
@@ -55,6 +57,7 @@ pub struct Router {
     datagram_ports: DashMap<(NetworkId, SocketAddrV4), DatagramBinding>,
     broadcast_groups: DashMap<(NetworkId, u16), HashMap<Ipv4Addr, DatagramBinding>>,
     pairs: DashMap<SocketId, Addr<SocketPairActor>>,
+    networks: DashMap<NetworkId, Addr<NetworkActor>>,
 }
 
 impl Router {
@@ -68,8 +71,17 @@ impl Router {
         self.next_socket.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// The actor of `network`, started on first use. Call on the relay's arbiter.
+    pub fn network(self: &Arc<Self>, network: &Network) -> Addr<NetworkActor> {
+        self.networks
+            .entry(network.id)
+            .or_insert_with(|| NetworkActor::new(network.clone(), self.clone()).start())
+            .clone()
+    }
+
     /// Routes `vip` to a local session; returns the session it replaces, if any (the same
-    /// identity and instance joined again: same lease, same VIP).
+    /// identity and instance joined again: same lease, same VIP). Only the network's
+    /// actor calls this.
     pub fn attach_session(&self, net: NetworkId, vip: Ipv4Addr, session: LocalSession) -> Option<LocalSession> {
         self.routes.insert((net, vip), Route::Local(session)).map(|Route::Local(old)| old)
     }

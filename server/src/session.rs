@@ -24,6 +24,7 @@ use tokio_util::codec::FramedRead;
 use crate::config::RelayConfig;
 use crate::control::{ControlQueue, PushError};
 use crate::datagram::{run_datagram_loop, Sender};
+use crate::network::{JoinNetwork, LeaveNetwork, NetworkActor};
 use crate::pair::{AnswerOffer, AttachStream, CloseSocket, HeldStream, PartyGone, SocketPairActor};
 use crate::relay::{INITIAL_STREAMS_PER_SESSION, MAX_STREAMS_PER_SESSION};
 use crate::router::{DatagramBinding, LocalSession, Route, Router, SessionId};
@@ -80,6 +81,7 @@ pub struct SessionActor {
     network: Network,
     vip: Ipv4Addr,
     router: Arc<Router>,
+    network_addr: Addr<NetworkActor>,
     config: Arc<RelayConfig>,
     control: ControlQueue,
     codec: RelaySideCodec,
@@ -102,6 +104,7 @@ impl SessionActor {
     /// Builds the actor; the control writer task starts at once.
     pub fn new(parts: SessionParts, router: Arc<Router>, config: Arc<RelayConfig>) -> Self {
         let parts_max_frame = config.max_control_frame;
+        let network_addr = router.network(&parts.network);
         let control = ControlQueue::start(parts.control_send);
         Self {
             id: router.next_session_id(),
@@ -110,6 +113,7 @@ impl SessionActor {
             instance: parts.instance,
             network: parts.network,
             vip: parts.vip,
+            network_addr,
             router,
             config,
             control,
@@ -300,10 +304,26 @@ impl Actor for SessionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let local = self.local(ctx);
-        if let Some(old) = self.router.attach_session(self.net(), self.vip, local) {
-            old.addr.do_send(Replace);
-        }
+        // Join the network first; nothing else happens until the VIP routes here, so the
+        // client is welcomed only once others can reach it.
+        let join = JoinNetwork { vip: self.vip, session: self.local(ctx) };
+        ctx.wait(self.network_addr.send(join).into_actor(self).map(|joined, act, ctx| match joined {
+            Ok(()) => act.welcome(ctx),
+            Err(_) => {
+                act.end = (close_code::INTERNAL, "relay internal error: network unavailable".into());
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.network_addr.do_send(LeaveNetwork { vip: self.vip, session: self.id });
+        self.release_all();
+    }
+}
+
+impl SessionActor {
+    fn welcome(&mut self, ctx: &mut Context<Self>) {
         tracing::info!(
             session = self.id, network = %self.network.name, vip = %self.vip,
             identity = %self.identity, instance = %self.instance,
@@ -340,9 +360,9 @@ impl Actor for SessionActor {
         }));
     }
 
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
+    /// Releases everything the session registered and closes its connection.
+    fn release_all(&mut self) {
         let net = self.net();
-        self.router.detach_session(net, self.vip, self.id);
         for port in self.listeners.drain() {
             self.router.remove_listener(net, SocketAddrV4::new(self.vip, port), self.id);
         }

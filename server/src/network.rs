@@ -1,0 +1,98 @@
+//! `NetworkActor`: one per virtual network. It decides membership — who holds which VIP
+//! right now — so joins, replacements and departures of one network are serialized:
+//! when the same identity and instance join again, it is here that the older session is
+//! told to go. It writes the router's routes; the data path (broadcast fan-out included)
+//! only reads them. With federation it will also own the network's broadcast sequence
+//! numbers and the routes it announces to peers.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use crate::router::{LocalSession, Router, SessionId};
+use crate::session::Replace;
+use crate::store::{Network, NetworkId};
+
+/// Membership of one virtual network.
+pub struct NetworkActor {
+    network: Network,
+    router: Arc<Router>,
+    members: HashMap<Ipv4Addr, LocalSession>,
+}
+
+impl NetworkActor {
+    /// The actor of `network`.
+    pub fn new(network: Network, router: Arc<Router>) -> Self {
+        Self { network, router, members: HashMap::new() }
+    }
+
+    fn id(&self) -> NetworkId {
+        self.network.id
+    }
+}
+
+impl Actor for NetworkActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        tracing::debug!(network = %self.network.name, subnet = %self.network.subnet, "network active");
+    }
+}
+
+/// A session takes its VIP; a session already holding it is replaced. Answered once the
+/// VIP routes to the new session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct JoinNetwork {
+    /// The VIP.
+    pub vip: Ipv4Addr,
+    /// The session.
+    pub session: LocalSession,
+}
+
+impl Handler<JoinNetwork> for NetworkActor {
+    type Result = ();
+    fn handle(&mut self, msg: JoinNetwork, _ctx: &mut Self::Context) {
+        self.router.attach_session(self.id(), msg.vip, msg.session.clone());
+        if let Some(old) = self.members.insert(msg.vip, msg.session) {
+            tracing::info!(network = %self.network.name, vip = %msg.vip, old = old.id, "replacing the older session");
+            old.addr.do_send(Replace);
+        }
+    }
+}
+
+/// A session gives its VIP up (it ended). Ignored if a newer session holds the VIP.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeaveNetwork {
+    /// The VIP.
+    pub vip: Ipv4Addr,
+    /// The session leaving.
+    pub session: SessionId,
+}
+
+impl Handler<LeaveNetwork> for NetworkActor {
+    type Result = ();
+    fn handle(&mut self, msg: LeaveNetwork, _ctx: &mut Self::Context) {
+        if self.members.get(&msg.vip).is_some_and(|s| s.id == msg.session) {
+            self.members.remove(&msg.vip);
+        }
+        self.router.detach_session(self.id(), msg.vip, msg.session);
+    }
+}
+
+/// The network's current members, by VIP (for operators and tests).
+#[derive(Message)]
+#[rtype(result = "Vec<(Ipv4Addr, SessionId)>")]
+pub struct ListMembers;
+
+impl Handler<ListMembers> for NetworkActor {
+    type Result = Vec<(Ipv4Addr, SessionId)>;
+    fn handle(&mut self, _: ListMembers, _ctx: &mut Self::Context) -> Self::Result {
+        let mut members: Vec<_> = self.members.iter().map(|(vip, s)| (*vip, s.id)).collect();
+        members.sort();
+        members
+    }
+}
