@@ -85,14 +85,42 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(code) => code,
-        Err(message) => {
-            eprintln!("overlan: {message}");
-            ExitCode::FAILURE
+        Err(e) => {
+            eprintln!("overlan: {}", e.message);
+            if e.refused {
+                ExitCode::from(EXIT_REFUSED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
-async fn join(cli: &Cli) -> Result<Client, String> {
+/// Exit code when the relay refused this client for good (unauthorized, replaced by a
+/// newer session of the same identity and instance, network full): restarting will not
+/// help, so service managers can be told not to (`RestartPreventExitStatus=3`).
+const EXIT_REFUSED: u8 = 3;
+
+/// What ends the program with an error: one line for stderr, and whether the relay
+/// refused this client for good.
+struct CliError {
+    message: String,
+    refused: bool,
+}
+
+impl From<String> for CliError {
+    fn from(message: String) -> Self {
+        Self { message, refused: false }
+    }
+}
+
+impl From<&str> for CliError {
+    fn from(message: &str) -> Self {
+        Self { message: message.to_owned(), refused: false }
+    }
+}
+
+async fn join(cli: &Cli) -> Result<Client, CliError> {
     let text = cli.invite.as_deref().ok_or(
         "no invite: pass --invite URI or set OVERLAN_INVITE (ask the relay operator; the relay prints one at start)",
     )?;
@@ -100,10 +128,10 @@ async fn join(cli: &Cli) -> Result<Client, String> {
     let path = cli.identity.clone().unwrap_or_else(default_identity_path);
     let identity = load_or_create_identity(&path).map_err(|e| e.to_string())?;
     let options = JoinOptions::new(invite, identity).instance(cli.name.clone());
-    Client::join(options).await.map_err(|e| format!("join: {e}"))
+    Client::join(options).await.map_err(|e| CliError { message: format!("join: {e}"), refused: e.is_terminal() })
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, String> {
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Command::Ip => {
             let client = join(&cli).await?;
@@ -116,7 +144,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     }
 }
 
-async fn up(client: Client) -> Result<ExitCode, String> {
+async fn up(client: Client) -> Result<ExitCode, CliError> {
     println!("vip {}", client.vip());
     eprintln!("joined network {} ({}) as {}; Ctrl-C to leave", client.network(), client.subnet(), client.vip());
     let mut state = client.watch_state();
@@ -133,7 +161,7 @@ async fn up(client: Client) -> Result<ExitCode, String> {
                 match state.borrow_and_update().clone() {
                     SessionState::Up => eprintln!("reconnected as {}", client.vip()),
                     SessionState::Reconnecting(why) => eprintln!("session lost ({why}); reconnecting"),
-                    SessionState::Closed(why) => return Err(why),
+                    SessionState::Closed(why) => return Err(CliError { message: why, refused: true }),
                 }
             }
         }
@@ -155,7 +183,7 @@ fn parse_target(args: &[String]) -> Result<SocketAddrV4, String> {
     }
 }
 
-async fn nc(cli: &Cli, args: &NcArgs) -> Result<ExitCode, String> {
+async fn nc(cli: &Cli, args: &NcArgs) -> Result<ExitCode, CliError> {
     let local_port = if args.listen || args.broadcast {
         match args.args.as_slice() {
             [port] => Some(parse_port(port)?),
@@ -171,7 +199,7 @@ async fn nc(cli: &Cli, args: &NcArgs) -> Result<ExitCode, String> {
         nc_stream(&client, args, local_port).await
     };
     client.leave().await;
-    result.map(|()| ExitCode::SUCCESS)
+    result.map(|()| ExitCode::SUCCESS).map_err(CliError::from)
 }
 
 async fn nc_stream(client: &Client, args: &NcArgs, listen: Option<u16>) -> Result<(), String> {

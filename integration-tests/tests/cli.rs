@@ -89,12 +89,23 @@ async fn server_prints_its_address_fingerprint_and_invite_and_clients_join() {
         c
     })
     .await;
-    assert_ne!(code, 0);
+    assert_eq!(code, 3, "a permanent refusal has its own exit code");
     assert!(err.contains("join token not recognised"), "{err}");
 
     nix_signal(&relay.child, "TERM");
     let (code, _) = relay.wait().await;
     assert_eq!(code, 0);
+
+    // `info` prints the same fingerprint and default invite without running the relay.
+    let (code, out, err) = output({
+        let mut cmd = server_cmd(&dir.path().join("data"));
+        cmd.args(["--public-addr", &invite.relay, "info"]);
+        cmd
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("fingerprint {fp}\n")), "{out}");
+    assert!(out.contains(&format!("invite {uri}\n")), "{out}");
 }
 
 /// Sends a signal by name to a child (the test harness has no signal crate).
@@ -195,7 +206,7 @@ async fn nc_errors_are_one_line_with_the_cause() {
             c
         })
         .await;
-        assert_ne!(code, 0);
+        assert_eq!(code, 1);
         assert!(out.is_empty());
         let lines: Vec<_> = err.lines().collect();
         assert_eq!(lines.len(), 1, "{err}");

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use overlan_server::config::{FileConfig, RelayConfig};
-use overlan_server::relay::load_identity;
-use overlan_server::store::{unix_now, Store};
+use overlan_server::relay::{default_invite_token, load_identity};
+use overlan_server::store::{unix_now, Store, DEFAULT_NETWORK};
 use overlan_server::RelayHandle;
 use overlan_shared::config::{format_duration, HumanDuration, Secret};
 use overlan_shared::tls::random_token;
@@ -50,6 +50,9 @@ struct Global {
 enum Command {
     /// Run the relay (what happens with no command).
     Run,
+    /// Print the relay's `listen`, `fingerprint` and default `invite` lines without
+    /// running it (creates the certificate and database on first use).
+    Info,
     /// Print a new invite URI for NETWORK, or list/revoke invites.
     Invite(InviteCmd),
     /// Manage virtual networks.
@@ -145,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(log.as_deref());
             run_relay(config)
         }
+        Command::Info => info(&config),
         Command::Invite(cmd) => invite(&config, cmd),
         Command::Network(cmd) => network(&config, cmd),
     }
@@ -181,6 +185,24 @@ fn run_relay(config: RelayConfig) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     relay.shutdown();
+    Ok(())
+}
+
+fn info(config: &RelayConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let identity = load_identity(&config.data_dir)?;
+    let store = Store::open(&config.data_dir)?;
+    store.ensure_default_network(config.default_subnet)?;
+    let token = default_invite_token(&identity, DEFAULT_NETWORK);
+    store.add_invite(DEFAULT_NETWORK, &token, "default", None, None)?;
+    println!("listen {}", config.listen);
+    println!("fingerprint {}", identity.fingerprint());
+    if store.invite_revoked(&token)? {
+        println!("invite none (the default invite was revoked; make one with `overlan-server invite default`)");
+    } else {
+        println!("invite {}", invite_uri(config, DEFAULT_NETWORK, token)?);
+    }
     Ok(())
 }
 
