@@ -184,7 +184,9 @@ pub async fn close_reason(conn: &quinn::Connection) -> (u64, String) {
     }
 }
 
-/// Path of a workspace binary (`overlan`, `overlan-server`), built on first use. The
+/// Path of a workspace binary (`overlan`, `overlan-server`), built on first use (with
+/// `--tests`, so features resolve as in the test build and it is a no-op after
+/// `cargo nextest run` built everything). The
 /// first call blocks the calling thread for the build: call it before joining clients
 /// on a single-threaded test runtime, or their keep-alives stall.
 pub fn bin(name: &str) -> PathBuf {
@@ -193,7 +195,7 @@ pub fn bin(name: &str) -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "--bins", "-p", "overlan-client", "-p", "overlan-server"])
+            .args(["build", "--quiet", "--workspace", "--tests", "--bins"])
             .current_dir(&root)
             .status()
             .expect("running cargo build for the binaries");

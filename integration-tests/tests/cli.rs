@@ -280,3 +280,41 @@ async fn nc_datagrams_and_broadcasts_between_processes() {
     assert_eq!(code, 0, "{err:?}");
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn server_config_file_with_flag_and_env_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    let data = dir.path().join("from-file");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:7801\"\ndata_dir = {:?}\npublic_addr = \"relay.example.com:7801\"\n", data),
+    )
+    .unwrap();
+    let run = |envs: &[(&str, &str)], args: &[&str]| {
+        let mut c = tokio::process::Command::new(bin("overlan-server"));
+        c.env_remove("OVERLAN_LISTEN").env_remove("OVERLAN_DATA_DIR").env_remove("OVERLAN_PUBLIC_ADDR");
+        c.arg("--config").arg(&config).args(args).envs(envs.iter().copied());
+        output(c)
+    };
+    let (code, out, err) = run(&[], &["info"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("listen 127.0.0.1:7801\n"), "{out}");
+    assert!(out.contains("overlan://relay.example.com:7801/default?"), "{out}");
+    assert!(data.join("relay.pem").exists(), "data_dir from the file is used");
+    // The environment overrides the file, and a flag overrides the environment.
+    let (_, out, _) = run(&[("OVERLAN_PUBLIC_ADDR", "env.example.com:1")], &["info"]).await;
+    assert!(out.contains("overlan://env.example.com:1/"), "{out}");
+    let (_, out, _) =
+        run(&[("OVERLAN_PUBLIC_ADDR", "env.example.com:1")], &["--public-addr", "flag.example.com:2", "info"]).await;
+    assert!(out.contains("overlan://flag.example.com:2/"), "{out}");
+    // Unknown keys and bad values are clear errors.
+    std::fs::write(&config, "lisen = \"127.0.0.1:1\"\n").unwrap();
+    let (code, _, err) = run(&[], &["info"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown field `lisen`"), "{err}");
+    std::fs::write(&config, "idle_timeout = \"forever\"\n").unwrap();
+    let (code, _, err) = run(&[], &["info"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("duration \"forever\""), "{err}");
+}
