@@ -184,9 +184,9 @@ pub async fn close_reason(conn: &quinn::Connection) -> (u64, String) {
     }
 }
 
-/// Path of a workspace binary (`overlan`, `overlan-server`), built on first use (with
-/// `--tests`, so features resolve as in the test build and it is a no-op after
-/// `cargo nextest run` built everything). The
+/// Path of a workspace binary (`overlan`, `overlan-server`), built on first use by the
+/// same `cargo test --no-run --workspace` that `cargo nextest run --workspace` runs, so
+/// it is a no-op after the suite's own build (same profile, same features). The
 /// first call blocks the calling thread for the build: call it before joining clients
 /// on a single-threaded test runtime, or their keep-alives stall.
 pub fn bin(name: &str) -> PathBuf {
@@ -194,8 +194,27 @@ pub fn bin(name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "--workspace", "--tests", "--bins"])
+        // The test process carries the variables cargo sets for tests (CARGO_PKG_NAME,
+        // CARGO_MANIFEST_DIR, OUT_DIR, …); build scripts such as ring's re-run when those
+        // change, which would rebuild half the tree. Hand cargo the caller's environment.
+        let for_tests = |key: &str| {
+            let keep = ["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&key)
+                || ["CARGO_BUILD_", "CARGO_TERM_", "CARGO_NET_", "CARGO_HTTP_", "CARGO_REGISTRIES_", "CARGO_PROFILE_"]
+                    .iter()
+                    .any(|p| key.starts_with(p));
+            !keep
+                && (key.starts_with("CARGO")
+                    || key.contains("NEXTEST")
+                    || ["OUT_DIR", "LD_LIBRARY_PATH"].contains(&key))
+        };
+        let mut command = std::process::Command::new(cargo);
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(for_tests) {
+                command.env_remove(&key);
+            }
+        }
+        let status = command
+            .args(["test", "--no-run", "--quiet", "--workspace"])
             .current_dir(&root)
             .status()
             .expect("running cargo build for the binaries");

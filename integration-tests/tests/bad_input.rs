@@ -187,32 +187,41 @@ async fn a_stream_for_someone_elses_socket_is_reset() {
 
 #[tokio::test]
 async fn a_connect_flood_is_capped_and_the_target_stays_up() {
+    use overlan_server::session::MAX_PENDING_CONNECTS;
     let relay = TestRelay::start();
-    let victim = join(&relay.invite()).await;
-    // A listener whose application never answers: every attempt waits for it.
-    let _gate = victim.listen_with_approval(80).await.unwrap();
+    // A target whose application never answers: every attempt stays pending.
+    let mut victim = RawSession::join(&relay, &relay.invite()).await;
+    victim.send(&ClientMessage::Listen { req: 1, port: 80 }).await;
+    assert!(matches!(victim.next().await, RelayMessage::Listening { req: 1, port: 80 }));
     let mut mallory = RawSession::join(&relay, &relay.invite()).await;
-    const FLOOD: u64 = 1000;
-    for req in 0..FLOOD {
-        mallory.send(&ClientMessage::Connect { req, to: SocketAddrV4::new(victim.vip(), 80) }).await;
+    const FLOOD: usize = 1000;
+    for req in 0..FLOOD as u64 {
+        mallory.send(&ClientMessage::Connect { req, to: SocketAddrV4::new(victim.vip, 80) }).await;
     }
-    // At most MAX_PENDING_CONNECTS wait at once; the rest of the burst is refused at once.
-    let mut refused = 0;
-    while refused < 100 {
+    // At most MAX_PENDING_CONNECTS wait at once; the rest are refused at once.
+    for _ in 0..FLOOD - MAX_PENDING_CONNECTS {
         match mallory.next().await {
             RelayMessage::Failed { code: ErrorCode::TimedOut, message, .. } => {
-                assert!(message.contains("too many connection attempts in flight"), "{message}");
-                refused += 1;
+                assert!(message.contains("too many connection attempts in flight"), "{message}")
             }
-            // The victim's library denies what overflows its own listen backlog.
-            RelayMessage::Failed { code: ErrorCode::Denied, .. } => {}
             other => panic!("unexpected {other:?}"),
         }
     }
-    // The victim is still connected and reachable by others.
-    assert_eq!(victim.state(), SessionState::Up);
-    let listener = victim.listen(81).await.unwrap();
-    let friend = join(&relay.invite()).await;
-    let _s = friend.connect(listener.local_addr()).await.unwrap();
+    // The target got exactly the admitted offers, and is still connected and answering.
+    let mut offers = 0;
+    victim.send(&ClientMessage::Ping { nonce: 7 }).await;
+    loop {
+        match victim.next().await {
+            RelayMessage::Incoming { .. } => offers += 1,
+            RelayMessage::Pong { nonce: 7 } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(offers, MAX_PENDING_CONNECTS);
+    // Others still reach the relay and each other.
+    let a = join(&relay.invite()).await;
+    let b = join(&relay.invite()).await;
+    let listener = b.listen(81).await.unwrap();
+    let _s = a.connect(listener.local_addr()).await.unwrap();
     within("accept", listener.accept()).await.unwrap();
 }
