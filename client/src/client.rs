@@ -379,7 +379,9 @@ fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, Er
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(Some(1024 * 1024))
-        .datagram_send_buffer_size(1024 * 1024);
+        .datagram_send_buffer_size(1024 * 1024)
+        .stream_receive_window(VarInt::from_u32(4 << 20))
+        .send_window(16 << 20);
     Ok(transport)
 }
 

