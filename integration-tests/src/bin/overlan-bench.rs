@@ -33,6 +33,7 @@ struct Args {
     broadcast_members: usize,
     only_idle: bool,
     rathole: Option<PathBuf>,
+    rounds: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -44,6 +45,7 @@ fn parse_args() -> anyhow::Result<Args> {
         broadcast_members: 1000,
         only_idle: false,
         rathole: None,
+        rounds: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,15 +58,17 @@ fn parse_args() -> anyhow::Result<Args> {
             "--broadcast-members" => args.broadcast_members = value()?.parse()?,
             "--only-idle" => args.only_idle = true,
             "--rathole" => args.rathole = Some(PathBuf::from(value()?)),
+            "--rounds" => args.rounds = value()?.parse::<usize>()?.max(1),
             "--quick" => {
                 args.bytes = 64 << 20;
                 args.rtt_iters = 500;
                 args.datagram_secs = 1;
                 args.idle_sessions = vec![200];
                 args.broadcast_members = 100;
+                args.rounds = 1;
             }
             "-h" | "--help" => {
-                println!("overlan-bench [--quick] [--bytes N] [--rtt-iters N] [--datagram-secs N] [--idle-sessions N,N] [--broadcast-members N] [--only-idle] [--rathole PATH]");
+                println!("overlan-bench [--quick] [--bytes N] [--rtt-iters N] [--datagram-secs N] [--idle-sessions N,N] [--broadcast-members N] [--only-idle] [--rathole PATH] [--rounds N]");
                 std::process::exit(0);
             }
             other => bail!("unknown flag {other}"),
@@ -174,6 +178,11 @@ where
     let sent_sum = sender.await??;
     let secs = start.elapsed().as_secs_f64();
     Ok(Throughput { mib_s: got as f64 / secs / (1 << 20) as f64, intact: got == total && recv_sum == sent_sum })
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -504,36 +513,47 @@ async fn main() -> anyhow::Result<()> {
 async fn data_path(args: &Args) -> anyhow::Result<()> {
     let relay = RelayProcess::start().await?;
     let me = Identity::generate(&["bench"])?;
-    // Stream throughput.
+    // Stream throughput: rounds alternate direct, relay (and rathole), so a noisy
+    // neighbour hits all of them alike; the median of the rounds is the figure.
     let (dc, ds) = direct_pair().await?;
-    let (c, s) = direct_stream(&dc, &ds).await?;
-    let (cr, cw) = c.into_inner();
-    let (sr, _sw) = s.into_inner();
-    let direct = throughput(cw, sr, args.bytes).await?;
-    drop(cr);
     let a = join(&relay.invite, &me, "a").await?;
     let b = join(&relay.invite, &me, "b").await?;
     let listener = b.listen(9000).await?;
-    let out = a.connect(listener.local_addr()).await?;
-    let (inn, _) = listener.accept().await?;
-    let (_or, ow) = out.into_split();
-    let (ir, _iw) = inn.into_split();
-    let relayed = throughput(ow, ir, args.bytes).await?;
     let gib = args.bytes as f64 / (1u64 << 30) as f64;
-    println!("stream throughput, {gib:.2} GiB one way, checksummed:");
-    println!("  direct quinn   {:>9.1} MiB/s  intact={}", direct.mib_s, direct.intact);
-    println!("  via relay      {:>9.1} MiB/s  intact={}", relayed.mib_s, relayed.intact);
-    println!("  ratio relay/direct  {:.2}  (target >= 0.50)", relayed.mib_s / direct.mib_s);
-    if let Some(rathole) = &args.rathole {
-        let forwarded = rathole_throughput(rathole, args.bytes).await?;
-        println!(
-            "  rathole (TLS transport), TCP A -> server -> client -> B  {:>9.1} MiB/s  intact={}",
-            forwarded.mib_s, forwarded.intact
-        );
-        println!("  ratio relay/rathole  {:.2}  (stretch target >= 1.00)", relayed.mib_s / forwarded.mib_s);
+    println!("stream throughput, {gib:.2} GiB one way per round, checksummed, {} rounds:", args.rounds);
+    let (mut directs, mut relayeds, mut ratholes) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        let (c, s) = direct_stream(&dc, &ds).await?;
+        let (_cr, cw) = c.into_inner();
+        let (sr, _sw) = s.into_inner();
+        let direct = throughput(cw, sr, args.bytes).await?;
+        let out = a.connect(listener.local_addr()).await?;
+        let (inn, _) = listener.accept().await?;
+        let (_or, ow) = out.into_split();
+        let (ir, _iw) = inn.into_split();
+        let relayed = throughput(ow, ir, args.bytes).await?;
+        print!("  round {round}: direct {:.1} MiB/s, relay {:.1} MiB/s", direct.mib_s, relayed.mib_s);
+        if !direct.intact || !relayed.intact {
+            bail!("bytes lost or changed (direct intact={}, relay intact={})", direct.intact, relayed.intact);
+        }
+        directs.push(direct.mib_s);
+        relayeds.push(relayed.mib_s);
+        if let Some(rathole) = &args.rathole {
+            let forwarded = rathole_throughput(rathole, args.bytes).await?;
+            print!(", rathole {:.1} MiB/s", forwarded.mib_s);
+            anyhow::ensure!(forwarded.intact, "rathole lost or changed bytes");
+            ratholes.push(forwarded.mib_s);
+        }
+        println!("  (all intact)");
     }
-    if !direct.intact || !relayed.intact {
-        bail!("bytes lost or changed");
+    let (direct, relayed) = (median(&mut directs), median(&mut relayeds));
+    println!("  direct quinn   {direct:>9.1} MiB/s (median)");
+    println!("  via relay      {relayed:>9.1} MiB/s (median)");
+    println!("  ratio relay/direct  {:.2}  (target >= 0.50)", relayed / direct);
+    if !ratholes.is_empty() {
+        let forwarded = median(&mut ratholes);
+        println!("  rathole (TLS transport), TCP A -> server -> client -> B  {forwarded:>9.1} MiB/s (median)");
+        println!("  ratio relay/rathole  {:.2}  (stretch target >= 1.00)", relayed / forwarded);
     }
 
     // 64-byte request/response round trip.
