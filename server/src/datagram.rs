@@ -4,7 +4,6 @@
 //! port. No actor mailbox is involved; rejections become a rate-limited notice.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -99,27 +98,46 @@ pub fn forward(router: &Router, from: &Sender, datagram: Bytes) -> Result<usize,
     }
 }
 
-/// Reads a session's datagrams until its connection ends.
-pub async fn run_datagram_loop(
-    conn: quinn::Connection,
-    router: Arc<Router>,
-    from: Sender,
-    session: Addr<SessionActor>,
+/// Rate limit of the notices one session gets about rejected datagrams: a burst, then
+/// one per [`NOTICE_INTERVAL`].
+pub struct NoticeBudget {
+    budget: u32,
+    refilled: Instant,
+}
+
+impl Default for NoticeBudget {
+    fn default() -> Self {
+        Self { budget: NOTICE_BURST, refilled: Instant::now() }
+    }
+}
+
+impl NoticeBudget {
+    /// Whether one more notice may go out now.
+    pub fn poll_take(&mut self) -> bool {
+        let earned = (self.refilled.elapsed().as_secs_f64() / NOTICE_INTERVAL.as_secs_f64()) as u32;
+        if earned > 0 {
+            self.budget = (self.budget + earned).min(NOTICE_BURST);
+            self.refilled = Instant::now();
+        }
+        let allowed = self.budget > 0;
+        self.budget = self.budget.saturating_sub(1);
+        allowed
+    }
+}
+
+/// Forwards one datagram from `from`, telling its session (within `budget`) if it was
+/// rejected.
+pub fn handle_datagram(
+    router: &Router,
+    from: &Sender,
+    datagram: Bytes,
+    budget: &mut NoticeBudget,
+    session: &Addr<SessionActor>,
 ) {
-    let mut budget = NOTICE_BURST;
-    let mut refilled = Instant::now();
-    while let Ok(datagram) = conn.read_datagram().await {
-        if let Err(reject) = forward(&router, &from, datagram) {
-            tracing::debug!(session = from.session, ?reject, "datagram rejected");
-            let earned = (refilled.elapsed().as_secs_f64() / NOTICE_INTERVAL.as_secs_f64()) as u32;
-            if earned > 0 {
-                budget = (budget + earned).min(NOTICE_BURST);
-                refilled = Instant::now();
-            }
-            if budget > 0 {
-                budget -= 1;
-                session.do_send(reject.notice());
-            }
+    if let Err(reject) = forward(router, from, datagram) {
+        tracing::debug!(session = from.session, ?reject, "datagram rejected");
+        if budget.poll_take() {
+            session.do_send(reject.notice());
         }
     }
 }

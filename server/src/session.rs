@@ -23,7 +23,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::config::RelayConfig;
 use crate::control::{ControlQueue, PushError};
-use crate::datagram::{run_datagram_loop, Sender};
+use crate::datagram::{handle_datagram, NoticeBudget, Sender};
 use crate::network::{JoinNetwork, LeaveNetwork, NetworkActor};
 use crate::pair::{AnswerOffer, AttachStream, CloseSocket, HeldStream, PartyGone, SocketPairActor};
 use crate::relay::{INITIAL_STREAMS_PER_SESSION, MAX_STREAMS_PER_SESSION};
@@ -343,21 +343,7 @@ impl SessionActor {
             ctx.add_stream(recv);
         }
         let sender = Sender { session: self.id, net: self.net(), vip: self.vip, subnet: self.network.subnet };
-        // One task per session reads both its datagrams and the streams it opens.
-        let (conn, router, id, addr) = (self.conn.clone(), self.router.clone(), self.id, ctx.address());
-        tokio::spawn(async move {
-            tokio::join!(
-                run_datagram_loop(conn.clone(), router.clone(), sender, addr.clone()),
-                run_stream_acceptor(conn, router, id, addr),
-            );
-        });
-        // The QUIC idle timeout (with keep-alives) detects a dead client; when the
-        // connection ends for any reason the session ends with it.
-        let conn = self.conn.clone();
-        ctx.spawn(async move { conn.closed().await }.into_actor(self).map(|reason, act, ctx| {
-            tracing::info!(session = act.id, vip = %act.vip, %reason, "connection ended");
-            ctx.stop();
-        }));
+        tokio::spawn(run_session_io(self.conn.clone(), self.router.clone(), sender, ctx.address()));
     }
 
     /// Releases everything the session registered and closes its connection.
@@ -563,15 +549,38 @@ impl Handler<PairEnded> for SessionActor {
     }
 }
 
-/// Accepts the QUIC streams a client opens for its sockets and hands each to its pair.
-async fn run_stream_acceptor(
-    conn: quinn::Connection,
-    router: Arc<Router>,
-    session: SessionId,
-    addr: Addr<SessionActor>,
-) {
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(attach_stream(send, recv, router.clone(), session, addr.clone()));
+/// The session's one data-path task: forwards the client's datagrams and hands each
+/// QUIC stream it opens to its socket pair. When the connection ends — closed, or the
+/// QUIC idle timeout found the client dead — it tells the session, which then ends.
+async fn run_session_io(conn: quinn::Connection, router: Arc<Router>, from: Sender, addr: Addr<SessionActor>) {
+    let mut budget = NoticeBudget::default();
+    let reason = loop {
+        tokio::select! {
+            datagram = conn.read_datagram() => match datagram {
+                Ok(datagram) => handle_datagram(&router, &from, datagram, &mut budget, &addr),
+                Err(e) => break e,
+            },
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    tokio::spawn(attach_stream(send, recv, router.clone(), from.session, addr.clone()));
+                }
+                Err(e) => break e,
+            },
+        }
+    };
+    addr.do_send(ConnectionEnded(reason));
+}
+
+/// The session's QUIC connection ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ConnectionEnded(quinn::ConnectionError);
+
+impl Handler<ConnectionEnded> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, msg: ConnectionEnded, ctx: &mut Self::Context) {
+        tracing::info!(session = self.id, vip = %self.vip, reason = %msg.0, "connection ended");
+        ctx.stop();
     }
 }
 
