@@ -5,7 +5,6 @@
 //! only reads them. With federation it will also own the network's broadcast sequence
 //! numbers and the routes it announces to peers.
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -15,17 +14,17 @@ use crate::router::{LocalSession, Router, SessionId};
 use crate::session::Replace;
 use crate::store::{Network, NetworkId};
 
-/// Membership of one virtual network.
+/// Membership of one virtual network. The members themselves are the router's routes
+/// of this network (one table, read by the data path); only this actor writes them.
 pub struct NetworkActor {
     network: Network,
     router: Arc<Router>,
-    members: HashMap<Ipv4Addr, LocalSession>,
 }
 
 impl NetworkActor {
     /// The actor of `network`.
     pub fn new(network: Network, router: Arc<Router>) -> Self {
-        Self { network, router, members: HashMap::new() }
+        Self { network, router }
     }
 
     fn id(&self) -> NetworkId {
@@ -55,8 +54,7 @@ pub struct JoinNetwork {
 impl Handler<JoinNetwork> for NetworkActor {
     type Result = ();
     fn handle(&mut self, msg: JoinNetwork, _ctx: &mut Self::Context) {
-        self.router.attach_session(self.id(), msg.vip, msg.session.clone());
-        if let Some(old) = self.members.insert(msg.vip, msg.session) {
+        if let Some(old) = self.router.attach_session(self.id(), msg.vip, msg.session) {
             tracing::info!(network = %self.network.name, vip = %msg.vip, old = old.id, "replacing the older session");
             old.addr.do_send(Replace);
         }
@@ -76,9 +74,6 @@ pub struct LeaveNetwork {
 impl Handler<LeaveNetwork> for NetworkActor {
     type Result = ();
     fn handle(&mut self, msg: LeaveNetwork, _ctx: &mut Self::Context) {
-        if self.members.get(&msg.vip).is_some_and(|s| s.id == msg.session) {
-            self.members.remove(&msg.vip);
-        }
         self.router.detach_session(self.id(), msg.vip, msg.session);
     }
 }
@@ -91,8 +86,6 @@ pub struct ListMembers;
 impl Handler<ListMembers> for NetworkActor {
     type Result = Vec<(Ipv4Addr, SessionId)>;
     fn handle(&mut self, _: ListMembers, _ctx: &mut Self::Context) -> Self::Result {
-        let mut members: Vec<_> = self.members.iter().map(|(vip, s)| (*vip, s.id)).collect();
-        members.sort();
-        members
+        self.router.members(self.id())
     }
 }

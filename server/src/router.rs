@@ -96,6 +96,20 @@ impl Router {
         self.routes.get(&(net, vip)).map(|r| r.clone())
     }
 
+    /// The sessions of network `net`, by VIP.
+    pub fn members(&self, net: NetworkId) -> Vec<(Ipv4Addr, SessionId)> {
+        let mut members: Vec<_> = self
+            .routes
+            .iter()
+            .filter(|e| e.key().0 == net)
+            .map(|e| match e.value() {
+                Route::Local(s) => (e.key().1, s.id),
+            })
+            .collect();
+        members.sort();
+        members
+    }
+
     /// Number of routed VIPs (all networks).
     pub fn route_count(&self) -> usize {
         self.routes.len()
