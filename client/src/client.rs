@@ -381,7 +381,12 @@ fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, Er
         .datagram_receive_buffer_size(Some(1024 * 1024))
         .datagram_send_buffer_size(1024 * 1024)
         .stream_receive_window(VarInt::from_u32(4 << 20))
-        .send_window(16 << 20);
+        .send_window(16 << 20)
+        .ack_frequency_config(Some({
+            let mut ack = quinn::AckFrequencyConfig::default();
+            ack.ack_eliciting_threshold(VarInt::from_u32(7));
+            ack
+        }));
     Ok(transport)
 }
 

@@ -9,8 +9,8 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use actix::dev::SendError;
-use bytes::Bytes;
 use actix::prelude::*;
+use bytes::Bytes;
 use overlan_shared::wire::control::SocketId;
 use overlan_shared::wire::{reset_code, ErrorCode};
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
