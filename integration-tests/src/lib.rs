@@ -184,9 +184,10 @@ pub async fn close_reason(conn: &quinn::Connection) -> (u64, String) {
     }
 }
 
-/// Path of a workspace binary (`overlan`, `overlan-server`), built on first use by the
-/// same `cargo test --no-run --workspace` that `cargo nextest run --workspace` runs, so
-/// it is a no-op after the suite's own build (same profile, same features). The
+/// Path of a workspace binary (`overlan`, `overlan-server`), built on first use with
+/// `cargo build --workspace --tests --bins`: `--tests` makes features resolve as in the
+/// suite's own build, so only the two binaries are compiled (`cargo test` alone does not
+/// build binaries of packages without integration tests). The
 /// first call blocks the calling thread for the build: call it before joining clients
 /// on a single-threaded test runtime, or their keep-alives stall.
 pub fn bin(name: &str) -> PathBuf {
@@ -214,7 +215,7 @@ pub fn bin(name: &str) -> PathBuf {
             }
         }
         let status = command
-            .args(["test", "--no-run", "--quiet", "--workspace"])
+            .args(["build", "--quiet", "--workspace", "--tests", "--bins"])
             .current_dir(&root)
             .status()
             .expect("running cargo build for the binaries");
