@@ -187,13 +187,11 @@ impl Drop for IncomingConnection {
 /// peer sees as an error. A lost peer session surfaces as an error on read and write.
 #[derive(Debug)]
 pub struct VirtualStream {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    read: VirtualReadHalf,
+    write: VirtualWriteHalf,
     socket: SocketId,
     local: SocketAddrV4,
-    peer: SocketAddrV4,
     generation: u64,
-    _client: Client,
 }
 
 impl VirtualStream {
@@ -211,7 +209,13 @@ impl VirtualStream {
             .map_err(|_| Error::TimedOut(format!("the relay allowed no stream for socket {socket}")))?
             .map_err(|e| lost(&e))?;
         send.write_all(&StreamHeader { socket }.to_bytes()).await.map_err(|e| lost(&e))?;
-        Ok(Self { send, recv, socket, local, peer, generation: session.generation, _client: client })
+        Ok(Self {
+            read: VirtualReadHalf { recv, peer, _client: client.clone() },
+            write: VirtualWriteHalf { send, peer, _client: client },
+            socket,
+            local,
+            generation: session.generation,
+        })
     }
 
     /// This side's address.
@@ -221,7 +225,7 @@ impl VirtualStream {
 
     /// The peer's address.
     pub fn peer_addr(&self) -> SocketAddrV4 {
-        self.peer
+        self.write.peer
     }
 
     /// The relay's id of this socket.
@@ -233,22 +237,19 @@ impl VirtualStream {
     /// "connection aborted by the peer". Bytes not yet delivered are discarded.
     pub fn abort(mut self) {
         let code = VarInt::from_u32(reset_code::ABORTED);
-        let _ = self.send.reset(code);
-        let _ = self.recv.stop(code);
+        let _ = self.write.send.reset(code);
+        let _ = self.read.recv.stop(code);
         // The reset may overtake the stream's header on the wire; the control message
         // makes sure the relay tears the pair down either way.
-        if self._client.inner.current().is_some_and(|s| s.generation == self.generation) {
-            self._client.inner.notify(ClientMessage::Close { socket: self.socket });
+        let inner = &self.write._client.inner;
+        if inner.current().is_some_and(|s| s.generation == self.generation) {
+            inner.notify(ClientMessage::Close { socket: self.socket });
         }
     }
 
     /// Splits into owned read and write halves.
     pub fn into_split(self) -> (VirtualReadHalf, VirtualWriteHalf) {
-        let peer = self.peer;
-        (
-            VirtualReadHalf { recv: self.recv, peer, _client: self._client.clone() },
-            VirtualWriteHalf { send: self.send, peer, _client: self._client },
-        )
+        (self.read, self.write)
     }
 }
 
@@ -304,23 +305,21 @@ fn poll_write_mapped(
 
 impl AsyncRead for VirtualStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        poll_read_mapped(&mut this.recv, this.peer, cx, buf)
+        Pin::new(&mut self.get_mut().read).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for VirtualStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        poll_write_mapped(&mut this.send, this.peer, cx, buf)
+        Pin::new(&mut self.get_mut().write).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().send).poll_flush(cx)
+        Pin::new(&mut self.get_mut().write).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().send).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().write).poll_shutdown(cx)
     }
 }
 
