@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use overlan_shared::tls::{self, Identity};
@@ -36,6 +36,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest reconnect delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest [`Client::leave`] waits for stream data to be acknowledged.
+pub const LEAVE_LINGER: Duration = Duration::from_secs(3);
 /// Incoming connections queued per listener before new ones are denied.
 const LISTEN_BACKLOG: usize = 128;
 /// Datagrams queued per socket before new ones are dropped (UDP semantics).
@@ -126,6 +128,17 @@ pub(crate) struct Inner {
     notices: broadcast::Sender<Notice>,
     shutdown: CancellationToken,
     guard: std::sync::OnceLock<std::sync::Weak<ShutdownOnDrop>>,
+    /// Finished streams whose data the relay has not acknowledged yet.
+    undelivered: watch::Sender<usize>,
+}
+
+/// Counts one finished stream as undelivered until dropped.
+pub(crate) struct DeliveryGuard(watch::Sender<usize>);
+
+impl Drop for DeliveryGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 struct ShutdownOnDrop(CancellationToken);
@@ -217,6 +230,7 @@ impl Client {
             notices: broadcast::channel(64).0,
             shutdown: CancellationToken::new(),
             guard: std::sync::OnceLock::new(),
+            undelivered: watch::channel(0).0,
         });
         let first = inner.install(conn, send, recv, 0);
         tokio::spawn(supervise(inner.clone(), first));
@@ -292,9 +306,12 @@ impl Client {
         }
     }
 
-    /// Closes like [`Client::close`] and waits (up to a second) until the relay has been
-    /// told, so a process can exit right after.
+    /// Leaves like [`Client::close`], but first waits (up to [`LEAVE_LINGER`]) until the
+    /// relay has acknowledged every byte of the streams already finished or dropped, and
+    /// then until the relay has been told, so a process can exit right after.
     pub async fn leave(&self) {
+        let mut undelivered = self.inner.undelivered.subscribe();
+        let _ = tokio::time::timeout(LEAVE_LINGER, undelivered.wait_for(|n| *n == 0)).await;
         self.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }
@@ -356,10 +373,8 @@ impl Client {
     /// Round trip to the relay over the control stream.
     pub async fn ping(&self) -> Result<Duration, Error> {
         let start = std::time::Instant::now();
-        let nonce = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
-        // Pong carries the nonce; route it through the pending table by using it as req.
-        let reply = self.inner.request(|_| ClientMessage::Ping { nonce }, None).await;
-        let _ = reply?;
+        // The nonce is the request id: `Pong` answers through the pending table.
+        self.inner.request(|req| ClientMessage::Ping { nonce: req }, None).await?;
         Ok(start.elapsed())
     }
 }
@@ -462,6 +477,12 @@ impl Inner {
         })
     }
 
+    /// Counts a finished stream as undelivered until the guard is dropped.
+    pub(crate) fn track_delivery(&self) -> DeliveryGuard {
+        self.undelivered.send_modify(|n| *n += 1);
+        DeliveryGuard(self.undelivered.clone())
+    }
+
     pub(crate) fn max_payload(&self) -> usize {
         self.max_payload
     }
@@ -480,15 +501,10 @@ impl Inner {
     ) -> Result<RelayMessage, Error> {
         let session = self.session()?;
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        let msg = make(req);
-        let key = match &msg {
-            ClientMessage::Ping { nonce } => *nonce,
-            _ => req,
-        };
         let (tx, rx) = oneshot::channel();
-        self.pending.insert(key, Pending { tx, register });
-        if session.control.send(msg).is_err() {
-            self.pending.remove(&key);
+        self.pending.insert(req, Pending { tx, register });
+        if session.control.send(make(req)).is_err() {
+            self.pending.remove(&req);
             return Err(self.session().err().unwrap_or_else(|| Error::SessionLost("control stream closed".into())));
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
@@ -498,7 +514,7 @@ impl Inner {
                 .err()
                 .unwrap_or_else(|| Error::SessionLost("session ended during the request".into()))),
             Err(_) => {
-                self.pending.remove(&key);
+                self.pending.remove(&req);
                 Err(Error::TimedOut("the relay did not answer the request".into()))
             }
         }
@@ -654,11 +670,9 @@ async fn run_datagram_reader(conn: quinn::Connection, inner: std::sync::Weak<Inn
     while let Ok(bytes) = conn.read_datagram().await {
         let Some(inner) = inner.upgrade() else { return };
         let Ok(header) = DatagramHeader::parse(&bytes) else { continue };
-        let ch = inner.datagram_ports.get(&header.dst.port()).map(|c| c.clone());
-        if let Some(ch) = ch {
-            let payload: Bytes = bytes.slice(HEADER_LEN..);
-            let _ = ch.try_send(Datagram { payload, src: header.src, dst: header.dst });
-        }
+        if let Some(ch) = inner.datagram_ports.get(&header.dst.port()) {
+            let _ = ch.try_send(Datagram { payload: bytes.slice(HEADER_LEN..), src: header.src, dst: header.dst });
+        };
     }
 }
 

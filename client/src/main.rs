@@ -132,6 +132,7 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let mut shutdown = Shutdown::register();
     match &cli.command {
         Command::Ip => {
             let client = join(&cli).await?;
@@ -139,18 +140,18 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             client.leave().await;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Up => up(join(&cli).await?).await,
-        Command::Nc(args) => nc(&cli, args).await,
+        Command::Up => up(join(&cli).await?, &mut shutdown).await,
+        Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
     }
 }
 
-async fn up(client: Client) -> Result<ExitCode, CliError> {
+async fn up(client: Client, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
     println!("vip {}", client.vip());
     eprintln!("joined network {} ({}) as {}; Ctrl-C to leave", client.network(), client.subnet(), client.vip());
     let mut state = client.watch_state();
     loop {
         tokio::select! {
-            _ = shutdown_signal() => {
+            _ = shutdown.recv() => {
                 client.leave().await;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -183,7 +184,7 @@ fn parse_target(args: &[String]) -> Result<SocketAddrV4, String> {
     }
 }
 
-async fn nc(cli: &Cli, args: &NcArgs) -> Result<ExitCode, CliError> {
+async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
     let local_port = if args.listen || args.broadcast {
         match args.args.as_slice() {
             [port] => Some(parse_port(port)?),
@@ -194,7 +195,7 @@ async fn nc(cli: &Cli, args: &NcArgs) -> Result<ExitCode, CliError> {
     };
     let client = join(cli).await?;
     let result = if args.udp {
-        nc_datagram(&client, args, local_port).await
+        nc_datagram(&client, args, local_port, shutdown).await
     } else {
         nc_stream(&client, args, local_port).await
     };
@@ -234,7 +235,12 @@ async fn nc_stream(client: &Client, args: &NcArgs, listen: Option<u16>) -> Resul
     Ok(())
 }
 
-async fn nc_datagram(client: &Client, args: &NcArgs, local_port: Option<u16>) -> Result<(), String> {
+async fn nc_datagram(
+    client: &Client,
+    args: &NcArgs,
+    local_port: Option<u16>,
+    shutdown: &mut Shutdown,
+) -> Result<(), String> {
     let socket = client.bind_datagram(local_port.unwrap_or(0)).await.map_err(|e| format!("bind: {e}"))?;
     let fixed_target = if args.broadcast {
         Some(SocketAddrV4::new(Ipv4Addr::BROADCAST, socket.local_addr().port()))
@@ -289,22 +295,39 @@ async fn nc_datagram(client: &Client, args: &NcArgs, local_port: Option<u16>) ->
     tokio::select! {
         r = send => r,
         r = recv => r,
-        _ = shutdown_signal() => Ok(()),
+        _ = shutdown.recv() => Ok(()),
     }
 }
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM (`systemctl stop`, `docker stop`).
-async fn shutdown_signal() {
+/// Ctrl-C (SIGINT) and SIGTERM (`systemctl stop`, `docker stop`), registered when made:
+/// a signal that arrives before anything waits on it is kept, not fatal.
+struct Shutdown {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Shutdown {
+    fn register() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signals = signal(SignalKind::interrupt()).ok().zip(signal(SignalKind::terminate()).ok());
+            Self { signals }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Resolves on the next signal.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some((int, term)) = &mut self.signals {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -346,6 +346,23 @@ pub struct VirtualWriteHalf {
     _client: Client,
 }
 
+impl Drop for VirtualWriteHalf {
+    /// Finishes the stream (quinn would too) and keeps the client from leaving until the
+    /// relay has acknowledged everything written, so `Client::leave` right after a
+    /// transfer loses no byte.
+    fn drop(&mut self) {
+        let _ = self.send.finish();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let delivery = self._client.inner.track_delivery();
+            let stopped = self.send.stopped();
+            runtime.spawn(async move {
+                let _ = stopped.await;
+                drop(delivery);
+            });
+        }
+    }
+}
+
 impl AsyncWrite for VirtualWriteHalf {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();

@@ -88,6 +88,7 @@ async fn bad_tokens_are_refused_clearly_and_harm_nobody() {
 
     // The member joined before is untouched.
     assert_eq!(member.state(), SessionState::Up);
+    within("ping", member.ping()).await.unwrap();
     let other = join(&relay.invite()).await;
     let _s = other.connect(listener.local_addr()).await.unwrap();
     within("accept", listener.accept()).await.unwrap();

@@ -118,8 +118,10 @@ async fn clients_on_separate_hosts_talk_through_the_relay() {
     assert_eq!(talker.stdout_line().await, "and back");
     talker.close_stdin();
     listener.close_stdin();
-    assert_eq!(talker.wait().await.0, 0);
-    assert_eq!(listener.wait().await.0, 0);
+    let (code, stderr) = talker.wait().await;
+    assert_eq!(code, 0, "{stderr:?}");
+    let (code, stderr) = listener.wait().await;
+    assert_eq!(code, 0, "{stderr:?}");
 
     // A LAN broadcast from host 1 reaches host 2, with host 1's VIP as its source.
     let mut hearer = Proc::spawn(overlan(2, &["nc", "-u", "-b", "--show-source", "4445"]));

@@ -3,15 +3,14 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use overlan_server::config::{FileConfig, RelayConfig};
-use overlan_server::relay::{default_invite_token, load_identity};
-use overlan_server::store::{unix_now, Store, DEFAULT_NETWORK};
+use overlan_server::relay::{open_store, RelayState};
+use overlan_server::store::unix_now;
 use overlan_server::RelayHandle;
-use overlan_shared::config::{format_duration, HumanDuration, Secret};
+use overlan_shared::config::{format_duration, HumanDuration};
 use overlan_shared::tls::random_token;
-use overlan_shared::{Invite, Subnet};
+use overlan_shared::Subnet;
 
 /// overlan relay node: clients join it, get a permanent virtual IP, and talk through
 /// virtual streams, datagrams and LAN broadcasts.
@@ -105,22 +104,19 @@ fn resolve_config(global: &Global) -> anyhow::Result<(RelayConfig, Option<String
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    let mut config = RelayConfig::default().with_file(&file);
-    if let Some(v) = global.listen {
-        config.listen = v;
-    }
-    if let Some(v) = &global.data_dir {
-        config.data_dir = v.clone();
-    }
-    if let Some(v) = &global.public_addr {
-        config.public_addr = Some(v.clone());
-    }
-    if let Some(v) = global.idle_timeout {
-        config.idle_timeout = v.0;
-    }
+    // Flags and environment variables (clap merges those two) are one more layer of the
+    // same shape, over the file.
+    let flags = FileConfig {
+        listen: global.listen,
+        data_dir: global.data_dir.clone(),
+        public_addr: global.public_addr.clone(),
+        idle_timeout: global.idle_timeout,
+        log: global.log.clone(),
+        ..FileConfig::default()
+    };
+    let config = RelayConfig::default().with_file(&file).with_file(&flags);
     config.validate()?;
-    let log = global.log.clone().or(file.log);
-    Ok((config, log))
+    Ok((config, flags.log.or(file.log)))
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -132,6 +128,10 @@ fn init_logging(filter: Option<&str>) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
+
+/// The start-up `invite` line when the operator revoked the default invite.
+const DEFAULT_INVITE_REVOKED: &str =
+    "invite none (the default invite was revoked; make one with `overlan-server invite default`)";
 
 fn main() {
     let cli = Cli::parse();
@@ -155,6 +155,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn run_relay(config: RelayConfig) -> anyhow::Result<()> {
+    // Signals are registered before the start-up lines go out, so a supervisor that
+    // stops the relay as soon as it has read them is obeyed, not fatal.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    #[cfg(unix)]
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _entered = rt.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
     let relay = RelayHandle::start(config)?;
     let info = relay.info().clone();
     {
@@ -163,22 +172,15 @@ fn run_relay(config: RelayConfig) -> anyhow::Result<()> {
         writeln!(out, "fingerprint {}", info.fingerprint)?;
         match &info.default_invite {
             Some(invite) => writeln!(out, "invite {invite}")?,
-            None => writeln!(
-                out,
-                "invite none (the default invite was revoked; make one with `overlan-server invite default`)"
-            )?,
+            None => writeln!(out, "{DEFAULT_INVITE_REVOKED}")?,
         }
         out.flush()?;
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         #[cfg(unix)]
-        {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                r = tokio::signal::ctrl_c() => r?,
-                _ = term.recv() => {}
-            }
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
         #[cfg(not(unix))]
         tokio::signal::ctrl_c().await?;
@@ -189,40 +191,20 @@ fn run_relay(config: RelayConfig) -> anyhow::Result<()> {
 }
 
 fn info(config: &RelayConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let identity = load_identity(&config.data_dir)?;
-    let store = Store::open(&config.data_dir)?;
-    store.ensure_default_network(config.default_subnet)?;
-    let token = default_invite_token(&identity, DEFAULT_NETWORK);
-    store.add_invite(DEFAULT_NETWORK, &token, "default", None, None)?;
+    let state = RelayState::open(config)?;
     println!("listen {}", config.listen);
-    println!("fingerprint {}", identity.fingerprint());
-    if store.invite_revoked(&token)? {
-        println!("invite none (the default invite was revoked; make one with `overlan-server invite default`)");
-    } else {
-        println!("invite {}", invite_uri(config, DEFAULT_NETWORK, token)?);
+    println!("fingerprint {}", state.identity.fingerprint());
+    match state.default_invite(config.invite_addr(config.listen)) {
+        Some(invite) => println!("invite {invite}"),
+        None => println!("{DEFAULT_INVITE_REVOKED}"),
     }
     Ok(())
 }
 
-fn invite_uri(config: &RelayConfig, network: &str, token: String) -> anyhow::Result<Invite> {
-    let identity = load_identity(&config.data_dir)?;
-    Ok(Invite {
-        relay: config.invite_addr(config.listen),
-        network: network.to_owned(),
-        fingerprint: identity.fingerprint(),
-        token: Secret::new(token),
-    })
-}
-
 fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let store = Store::open(&config.data_dir)?;
-    store.ensure_default_network(config.default_subnet)?;
     match (cmd.action, cmd.network) {
         (Some(InviteAction::List), _) => {
+            let store = open_store(config)?;
             println!("{:<5} {:<16} {:<9} {:<8} {:<22} STATUS", "ID", "NETWORK", "KIND", "USES", "EXPIRES");
             let now = unix_now();
             for row in store.invites()? {
@@ -232,7 +214,13 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
                 };
                 let expires = match row.expires_at {
                     Some(t) if t <= now => "expired".to_owned(),
-                    Some(t) => format!("in {}", format_duration(std::time::Duration::from_secs((t - now) as u64))),
+                    Some(t) => {
+                        // Whole minutes past the first: a second gone since `--expires 1h`
+                        // still reads "in 1h", not "in 3599s".
+                        let secs = (t - now) as u64;
+                        let shown = if secs >= 60 { (secs + 30) / 60 * 60 } else { secs };
+                        format!("in {}", format_duration(std::time::Duration::from_secs(shown)))
+                    }
                     None => "never".to_owned(),
                 };
                 let status = if row.revoked {
@@ -249,15 +237,16 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
             Ok(())
         }
         (Some(InviteAction::Revoke { id }), _) => {
-            store.revoke_invite(id)?;
+            open_store(config)?.revoke_invite(id)?;
             println!("revoked invite {id}");
             Ok(())
         }
         (None, Some(network)) => {
+            let state = RelayState::open(config)?;
+            state.store.network(&network)?;
             let token = random_token(20);
-            store.network(&network)?;
-            store.add_invite(&network, &token, "issued", cmd.uses, cmd.expires.map(|d| d.0))?;
-            println!("{}", invite_uri(config, &network, token)?);
+            state.store.add_invite(&network, &token, "issued", cmd.uses, cmd.expires.map(|d| d.0))?;
+            println!("{}", state.invite(config.invite_addr(config.listen), &network, token));
             Ok(())
         }
         (None, None) => {
@@ -267,10 +256,7 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
 }
 
 fn network(config: &RelayConfig, cmd: NetworkCmd) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let store = Store::open(&config.data_dir)?;
-    store.ensure_default_network(config.default_subnet)?;
+    let store = open_store(config)?;
     match cmd {
         NetworkCmd::Add { name, subnet } => {
             let net = store.add_network(&name, subnet)?;

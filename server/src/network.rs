@@ -77,15 +77,3 @@ impl Handler<LeaveNetwork> for NetworkActor {
         self.router.detach_session(self.id(), msg.vip, msg.session);
     }
 }
-
-/// The network's current members, by VIP (for operators and tests).
-#[derive(Message)]
-#[rtype(result = "Vec<(Ipv4Addr, SessionId)>")]
-pub struct ListMembers;
-
-impl Handler<ListMembers> for NetworkActor {
-    type Result = Vec<(Ipv4Addr, SessionId)>;
-    fn handle(&mut self, _: ListMembers, _ctx: &mut Self::Context) -> Self::Result {
-        self.router.members(self.id())
-    }
-}

@@ -2,7 +2,7 @@
 //! connection through offer → accept/deny → both sides attach their QUIC streams →
 //! spliced, and supervises it: timeouts for a listener that never answers or a side
 //! that never attaches, and teardown when either side closes or its session dies. The
-//! bytes are spliced by a task it owns (one `read_chunk`/`write_chunk` loop per
+//! bytes are spliced by a task it owns (one `read_chunks`/`write_all_chunks` loop per
 //! direction), never through its mailbox.
 
 use std::net::SocketAddrV4;
@@ -348,38 +348,34 @@ async fn cancelled(rx: &mut watch::Receiver<Option<VarInt>>) -> VarInt {
     }
 }
 
-/// Copies one direction, carrying the end over faithfully: a finish (half-close) as a
-/// finish, a reset as a reset with the same code, a stop as a stop, a lost connection
-/// as `SESSION_LOST`.
 /// Chunks moved per read: each is one STREAM frame's data (about a packet), so taking
 /// many per wake-up and writing them in one go cuts per-packet locking and waking.
 const SPLICE_BATCH: usize = 32;
 
+/// Copies one direction until it ends or the pair is terminated; a termination resets
+/// both halves with the pair's code.
 async fn pump(mut from: RecvStream, mut to: SendStream, mut cancel: watch::Receiver<Option<VarInt>>) {
+    let terminated = tokio::select! {
+        biased;
+        code = cancelled(&mut cancel) => Some(code),
+        () = copy(&mut from, &mut to) => None,
+    };
+    if let Some(code) = terminated {
+        let _ = to.reset(code);
+        let _ = from.stop(code);
+    }
+}
+
+/// Copies `from` to `to`, carrying the end over faithfully: a finish (half-close) as a
+/// finish, a reset as a reset with the same code, a stop as a stop, a lost connection
+/// as `SESSION_LOST`.
+async fn copy(from: &mut RecvStream, to: &mut SendStream) {
     let session_lost = VarInt::from_u32(reset_code::SESSION_LOST);
     let mut chunks: [Bytes; SPLICE_BATCH] = Default::default();
     loop {
-        let read = tokio::select! {
-            biased;
-            code = cancelled(&mut cancel) => {
-                let _ = to.reset(code);
-                let _ = from.stop(code);
-                return;
-            }
-            read = from.read_chunks(&mut chunks) => read,
-        };
-        match read {
+        match from.read_chunks(&mut chunks).await {
             Ok(Some(n)) => {
-                let written = tokio::select! {
-                    biased;
-                    code = cancelled(&mut cancel) => {
-                        let _ = to.reset(code);
-                        let _ = from.stop(code);
-                        return;
-                    }
-                    written = to.write_all_chunks(&mut chunks[..n]) => written,
-                };
-                if let Err(e) = written {
+                if let Err(e) = to.write_all_chunks(&mut chunks[..n]).await {
                     let code = match e {
                         WriteError::Stopped(code) => code,
                         _ => session_lost,

@@ -104,13 +104,6 @@ impl RelayHandle {
             let _ = thread.join();
         }
     }
-
-    /// Blocks until the relay stops by itself (it does not, unless it fails).
-    pub fn wait(mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 impl Drop for RelayHandle {
@@ -143,22 +136,59 @@ pub fn load_identity(data_dir: &Path) -> anyhow::Result<Identity> {
     Ok(identity)
 }
 
-async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
-    let data_dir = config.data_dir.clone();
-    let default_subnet = config.default_subnet;
-    let (identity, default_token, revoked) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
-        let identity = load_identity(&data_dir)?;
-        let store = Store::open(&data_dir)?;
-        store.ensure_default_network(default_subnet)?;
+/// Opens the database in the data directory (creating both if needed), with the
+/// `default` network in it.
+pub fn open_store(config: &RelayConfig) -> anyhow::Result<Store> {
+    let store = Store::open(&config.data_dir)?;
+    store.ensure_default_network(config.default_subnet)?;
+    Ok(store)
+}
+
+/// A relay's state directory, opened: what the relay runs with and what the operator
+/// commands work on. Blocking (file and database I/O).
+pub struct RelayState {
+    /// The relay certificate and key.
+    pub identity: Identity,
+    /// The database.
+    pub store: Store,
+    /// The default network's reusable invite token, unless the operator revoked it.
+    pub default_token: Option<String>,
+}
+
+impl RelayState {
+    /// Opens (creating on first use) the identity, the database and the default invite.
+    pub fn open(config: &RelayConfig) -> anyhow::Result<Self> {
+        let identity = load_identity(&config.data_dir)?;
+        let store = open_store(config)?;
         let token = default_invite_token(&identity, DEFAULT_NETWORK);
         store.add_invite(DEFAULT_NETWORK, &token, "default", None, None)?;
-        let revoked = store.invite_revoked(&token)?;
-        Ok((identity, token, revoked))
-    })
-    .await??;
+        let default_token = (!store.invite_revoked(&token)?).then_some(token);
+        Ok(Self { identity, store, default_token })
+    }
 
-    let crypto = tls::server_config(&identity, ALPN_CLIENT)?;
+    /// The invite URI for `token` into `network`, naming the relay as `relay`.
+    pub fn invite(&self, relay: String, network: &str, token: String) -> Invite {
+        Invite {
+            relay,
+            network: network.to_owned(),
+            fingerprint: self.identity.fingerprint(),
+            token: Secret::new(token),
+        }
+    }
+
+    /// The default network's invite, for a relay reachable at `relay`.
+    pub fn default_invite(&self, relay: String) -> Option<Invite> {
+        self.default_token.clone().map(|token| self.invite(relay, DEFAULT_NETWORK, token))
+    }
+}
+
+async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
+    let state = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || RelayState::open(&config)).await??
+    };
+
+    let crypto = tls::server_config(&state.identity, ALPN_CLIENT)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("QUIC TLS configuration")?,
     ));
@@ -166,13 +196,8 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let local_addr = endpoint.local_addr()?;
-    let fingerprint = identity.fingerprint();
-    let default_invite = (!revoked).then(|| Invite {
-        relay: config.invite_addr(local_addr),
-        network: DEFAULT_NETWORK.to_owned(),
-        fingerprint,
-        token: Secret::new(default_token),
-    });
+    let fingerprint = state.identity.fingerprint();
+    let default_invite = state.default_invite(config.invite_addr(local_addr));
 
     let data_dir = config.data_dir.clone();
     let allocator = SyncArbiter::start(1, move || {

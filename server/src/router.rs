@@ -96,25 +96,6 @@ impl Router {
         self.routes.get(&(net, vip)).map(|r| r.clone())
     }
 
-    /// The sessions of network `net`, by VIP.
-    pub fn members(&self, net: NetworkId) -> Vec<(Ipv4Addr, SessionId)> {
-        let mut members: Vec<_> = self
-            .routes
-            .iter()
-            .filter(|e| e.key().0 == net)
-            .map(|e| match e.value() {
-                Route::Local(s) => (e.key().1, s.id),
-            })
-            .collect();
-        members.sort();
-        members
-    }
-
-    /// Number of routed VIPs (all networks).
-    pub fn route_count(&self) -> usize {
-        self.routes.len()
-    }
-
     /// Registers a stream listener (overwrites a stale entry of a replaced session).
     pub fn add_listener(&self, net: NetworkId, addr: SocketAddrV4, session: LocalSession) {
         self.listeners.insert((net, addr), session);
@@ -193,10 +174,5 @@ impl Router {
     /// The actor of a socket pair.
     pub fn pair(&self, socket: SocketId) -> Option<Addr<SocketPairActor>> {
         self.pairs.get(&socket).map(|p| p.clone())
-    }
-
-    /// Number of live socket pairs.
-    pub fn pair_count(&self) -> usize {
-        self.pairs.len()
     }
 }

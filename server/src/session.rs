@@ -222,14 +222,14 @@ impl SessionActor {
                 format!("connect {to}: unreachable (not a client address of network {} {subnet})", self.network.name),
             );
         }
-        let Some(_route) = self.router.route(self.net(), *to.ip()) else {
+        if self.router.route(self.net(), *to.ip()).is_none() {
             return self.fail(
                 ctx,
                 req,
                 ErrorCode::Unreachable,
                 format!("connect {to}: unreachable (no session has that VIP)"),
             );
-        };
+        }
         let Some(listener) = self.router.listener(self.net(), to) else {
             return self.fail(ctx, req, ErrorCode::Refused, format!("connect {to}: refused (nothing listening)"));
         };
@@ -585,7 +585,7 @@ impl Handler<ConnectionEnded> for SessionActor {
 }
 
 async fn attach_stream(
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     router: Arc<Router>,
     session: SessionId,
@@ -597,22 +597,19 @@ async fn attach_stream(
         Ok(Err(e)) => Err(format!("stream ended before its header: {e}")),
         Err(_) => Err("stream header did not arrive in time".to_owned()),
     };
-    let reject = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: u32| {
-        let _ = send.reset(VarInt::from_u32(code));
-        let _ = recv.stop(VarInt::from_u32(code));
-    };
+    let stream = HeldStream::new(send, recv);
     let header = match header {
         Ok(h) => h,
         Err(why) => {
-            reject(&mut send, &mut recv, reset_code::BAD_HEADER);
+            stream.reset(reset_code::BAD_HEADER);
             addr.do_send(Notice { code: ErrorCode::ProtocolViolation, message: format!("stream rejected: {why}") });
             return;
         }
     };
     match router.pair(header.socket) {
-        Some(pair) => pair.do_send(AttachStream { session, session_addr: addr, stream: HeldStream::new(send, recv) }),
+        Some(pair) => pair.do_send(AttachStream { session, session_addr: addr, stream }),
         None => {
-            reject(&mut send, &mut recv, reset_code::UNKNOWN_SOCKET);
+            stream.reset(reset_code::UNKNOWN_SOCKET);
             addr.do_send(Notice {
                 code: ErrorCode::UnknownSocket,
                 message: format!("stream for socket {} rejected: no such socket", header.socket),

@@ -74,11 +74,6 @@ impl VipPool {
         self.leased.remove(&u32::from(vip));
     }
 
-    /// Number of leased VIPs.
-    pub fn leased(&self) -> usize {
-        self.leased.len()
-    }
-
     /// Number of VIPs the pool can hold.
     pub fn capacity(&self) -> u64 {
         if self.first > self.last {

@@ -72,12 +72,6 @@ impl DatagramHeader {
         let port = |at: usize| u16::from_be_bytes([datagram[at], datagram[at + 1]]);
         Ok(Self { src: SocketAddrV4::new(ip(2), port(6)), dst: SocketAddrV4::new(ip(8), port(12)) })
     }
-
-    /// Overwrites the source field of an encoded datagram in place (relay stamping).
-    pub fn stamp_source(datagram: &mut [u8], src: SocketAddrV4) {
-        datagram[2..6].copy_from_slice(&src.ip().octets());
-        datagram[6..8].copy_from_slice(&src.port().to_be_bytes());
-    }
 }
 
 #[cfg(test)]
@@ -110,13 +104,5 @@ mod tests {
         let mut wire = [0u8; HEADER_LEN];
         wire[0] = 0x7f;
         assert_eq!(DatagramHeader::parse(&wire), Err(DatagramError::UnknownKind(0x7f)));
-    }
-
-    #[test]
-    fn stamping_replaces_the_source() {
-        let h = DatagramHeader { src: "10.0.0.9:1".parse().unwrap(), dst: "10.0.0.3:2".parse().unwrap() };
-        let mut wire = h.to_bytes();
-        DatagramHeader::stamp_source(&mut wire, "10.0.0.2:5".parse().unwrap());
-        assert_eq!(DatagramHeader::parse(&wire).unwrap().src, "10.0.0.2:5".parse().unwrap());
     }
 }

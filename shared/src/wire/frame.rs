@@ -52,11 +52,6 @@ impl<D, E> FrameCodec<D, E> {
     pub fn new(max_len: usize) -> Self {
         Self { max_len, _types: PhantomData }
     }
-
-    /// The cap on a frame body.
-    pub fn max_len(&self) -> usize {
-        self.max_len
-    }
 }
 
 impl<D: DeserializeOwned, E: Serialize> FrameCodec<D, E> {
