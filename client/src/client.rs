@@ -32,9 +32,10 @@ use crate::stream::{Arrival, IncomingConnection, Listener, ListenerSlot, Virtual
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request to the relay may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-/// First reconnect delay; doubles up to [`MAX_BACKOFF`].
+/// First reconnect delay; doubles up to [`MAX_BACKOFF`], each delay jittered (after a
+/// relay restart, thousands of clients must not retry in lockstep).
 pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
-/// Longest reconnect delay.
+/// Longest reconnect delay (before jitter).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest [`Client::leave`] waits for stream data to be acknowledged.
 pub const LEAVE_LINGER: Duration = Duration::from_secs(3);
@@ -125,6 +126,9 @@ pub(crate) struct Inner {
     pending: DashMap<u64, Pending>,
     pub(crate) listeners: DashMap<u16, ListenerSlot>,
     pub(crate) datagram_ports: DashMap<u16, mpsc::Sender<Datagram>>,
+    /// Sockets waiting in a listener's backlog, and whether the relay has since closed
+    /// them (the connecting side gave up or its session died): a listener skips those.
+    pub(crate) queued: DashMap<SocketId, bool>,
     notices: broadcast::Sender<Notice>,
     shutdown: CancellationToken,
     guard: std::sync::OnceLock<std::sync::Weak<ShutdownOnDrop>>,
@@ -177,6 +181,7 @@ fn connection_error(relay: &str, e: &quinn::ConnectionError) -> Error {
             match close.error_code.into_inner() as u32 {
                 close_code::UNAUTHORIZED => Error::Unauthorized(reason),
                 close_code::NETWORK_FULL => Error::NetworkFull(reason),
+                close_code::LIMIT => Error::Limit(reason),
                 close_code::REPLACED => Error::Replaced(reason),
                 close_code::SHUTDOWN => Error::SessionLost(reason),
                 close_code::PROTOCOL_VIOLATION => Error::Relay { code: ErrorCode::ProtocolViolation, message: reason },
@@ -227,6 +232,7 @@ impl Client {
             pending: DashMap::new(),
             listeners: DashMap::new(),
             datagram_ports: DashMap::new(),
+            queued: DashMap::new(),
             notices: broadcast::channel(64).0,
             shutdown: CancellationToken::new(),
             guard: std::sync::OnceLock::new(),
@@ -584,6 +590,9 @@ impl Inner {
             RelayMessage::Incoming { socket, local, peer } => self.handle_incoming(session, socket, local, peer),
             RelayMessage::SocketClosed { socket, code } => {
                 tracing::debug!(socket, %code, "socket closed by the relay");
+                if let Some(mut closed) = self.queued.get_mut(&socket) {
+                    *closed = true;
+                }
             }
             RelayMessage::Error { code, message } => {
                 tracing::warn!(%code, %message, "relay notice");
@@ -609,6 +618,7 @@ impl Inner {
             let _ = session.control.send(ClientMessage::Deny { socket });
             return;
         };
+        self.queued.insert(socket, false);
         if !slot.auto_accept {
             permit.send(Arrival::Offer(IncomingConnection::new(socket, local, peer, session.generation)));
             return;
@@ -616,11 +626,15 @@ impl Inner {
         let _ = session.control.send(ClientMessage::Accept { socket });
         let session = session.clone();
         tokio::spawn(async move {
+            let inner = client.inner.clone();
             match VirtualStream::open(client, &session, socket, local, peer).await {
                 Ok(stream) => {
                     permit.send(Arrival::Stream(stream));
                 }
-                Err(e) => tracing::debug!(socket, error = %e, "could not open an accepted stream"),
+                Err(e) => {
+                    inner.queued.remove(&socket);
+                    tracing::debug!(socket, error = %e, "could not open an accepted stream");
+                }
             }
         });
     }
@@ -720,9 +734,10 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
             return;
         }
         inner.state.send_replace(SessionState::Reconnecting(why));
-        let mut backoff = MIN_BACKOFF;
+        let mut delays = reconnect_delays();
         let generation = session.generation + 1;
         loop {
+            let backoff = delays.next().unwrap_or(MAX_BACKOFF);
             tokio::select! {
                 _ = inner.shutdown.cancelled() => {
                     inner.give_up("closed by this client".into());
@@ -757,9 +772,35 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
                 Err(e) => {
                     tracing::info!(error = %e, retry_in = ?backoff, "reconnect failed");
                     inner.state.send_replace(SessionState::Reconnecting(e.to_string()));
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
+    }
+}
+
+/// Reconnect delays: from [`MIN_BACKOFF`] doubling to [`MAX_BACKOFF`], each with up to
+/// its own length again of random jitter, without end.
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(MIN_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_grow_with_jitter() {
+        let runs: Vec<Vec<Duration>> = (0..8).map(|_| reconnect_delays().take(12).collect()).collect();
+        for delays in &runs {
+            assert!(delays[0] >= MIN_BACKOFF && delays[0] <= MIN_BACKOFF * 2, "{delays:?}");
+            assert!(delays[11] >= MAX_BACKOFF && delays[11] <= MAX_BACKOFF * 2, "capped: {delays:?}");
+        }
+        assert!(runs.iter().any(|d| d != &runs[0]), "jittered: clients do not retry in lockstep");
     }
 }

@@ -54,6 +54,10 @@ pub enum Error {
     /// The network has no free VIP.
     #[error("{0}")]
     NetworkFull(String),
+    /// A limit of the relay refused this (too many sockets, listeners or ports in this
+    /// session; or, at join, too many instances of this identity in the network).
+    #[error("{0}")]
+    Limit(String),
     /// The relay could not be reached or its certificate did not match the pin.
     #[error("relay {relay}: {message}")]
     Connect {
@@ -91,6 +95,7 @@ impl Error {
             (ErrorCode::TimedOut, _) => Error::TimedOut(message),
             (ErrorCode::SessionLost, _) => Error::SessionLost(message),
             (ErrorCode::Unauthorized, _) => Error::Unauthorized(message),
+            (ErrorCode::LimitExceeded, _) => Error::Limit(message),
             _ => Error::Relay { code, message },
         }
     }
@@ -102,6 +107,7 @@ impl Error {
             Error::Unauthorized(_)
                 | Error::Config(_)
                 | Error::NetworkFull(_)
+                | Error::Limit(_)
                 | Error::Replaced(_)
                 | Error::Relay { code: ErrorCode::ProtocolViolation | ErrorCode::UnsupportedVersion, .. }
         )

@@ -83,17 +83,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let code = match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("overlan: {}", e.message);
-            if e.refused {
-                ExitCode::from(EXIT_REFUSED)
-            } else {
-                ExitCode::FAILURE
+            if let Some(message) = &e.message {
+                eprintln!("overlan: {message}");
             }
+            ExitCode::from(e.code)
         }
-    }
+    };
+    // Tasks still blocked on stdin (a tokio blocking read) must not hold the exit.
+    rt.shutdown_background();
+    code
 }
 
 /// Exit code when the relay refused this client for good (unauthorized, replaced by a
@@ -101,22 +102,34 @@ fn main() -> ExitCode {
 /// help, so service managers can be told not to (`RestartPreventExitStatus=3`).
 const EXIT_REFUSED: u8 = 3;
 
-/// What ends the program with an error: one line for stderr, and whether the relay
-/// refused this client for good.
+/// What ends the program early: the line for stderr (none for a signal) and the exit
+/// status.
 struct CliError {
-    message: String,
-    refused: bool,
+    message: Option<String>,
+    code: u8,
+}
+
+impl CliError {
+    /// The relay refused this client for good.
+    fn refused(message: String) -> Self {
+        Self { message: Some(message), code: EXIT_REFUSED }
+    }
+
+    /// A signal ended the command.
+    fn interrupted(signal: Signal) -> Self {
+        Self { message: None, code: signal.exit_code() }
+    }
 }
 
 impl From<String> for CliError {
     fn from(message: String) -> Self {
-        Self { message, refused: false }
+        Self { message: Some(message), code: 1 }
     }
 }
 
 impl From<&str> for CliError {
     fn from(message: &str) -> Self {
-        Self { message: message.to_owned(), refused: false }
+        Self::from(message.to_owned())
     }
 }
 
@@ -128,19 +141,34 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
     let path = cli.identity.clone().unwrap_or_else(default_identity_path);
     let identity = load_or_create_identity(&path).map_err(|e| e.to_string())?;
     let options = JoinOptions::new(invite, identity).instance(cli.name.clone());
-    Client::join(options).await.map_err(|e| CliError { message: format!("join: {e}"), refused: e.is_terminal() })
+    Client::join(options).await.map_err(|e| {
+        let message = format!("join: {e}");
+        if e.is_terminal() {
+            CliError::refused(message)
+        } else {
+            CliError::from(message)
+        }
+    })
+}
+
+/// Joins, unless a signal comes first.
+async fn join_or_signal(cli: &Cli, shutdown: &mut Shutdown) -> Result<Client, CliError> {
+    tokio::select! {
+        client = join(cli) => client,
+        signal = shutdown.recv() => Err(CliError::interrupted(signal)),
+    }
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let mut shutdown = Shutdown::register();
     match &cli.command {
         Command::Ip => {
-            let client = join(&cli).await?;
+            let client = join_or_signal(&cli, &mut shutdown).await?;
             println!("{}", client.vip());
             client.leave().await;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Up => up(join(&cli).await?, &mut shutdown).await,
+        Command::Up => up(join_or_signal(&cli, &mut shutdown).await?, &mut shutdown).await,
         Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
     }
 }
@@ -151,6 +179,8 @@ async fn up(client: Client, shutdown: &mut Shutdown) -> Result<ExitCode, CliErro
     let mut state = client.watch_state();
     loop {
         tokio::select! {
+            // `up` is the instance's long-running session: asked to stop, it leaves
+            // cleanly and reports success (as daemons do under a service manager).
             _ = shutdown.recv() => {
                 client.leave().await;
                 return Ok(ExitCode::SUCCESS);
@@ -162,7 +192,7 @@ async fn up(client: Client, shutdown: &mut Shutdown) -> Result<ExitCode, CliErro
                 match state.borrow_and_update().clone() {
                     SessionState::Up => eprintln!("reconnected as {}", client.vip()),
                     SessionState::Reconnecting(why) => eprintln!("session lost ({why}); reconnecting"),
-                    SessionState::Closed(why) => return Err(CliError { message: why, refused: true }),
+                    SessionState::Closed(why) => return Err(CliError::refused(why)),
                 }
             }
         }
@@ -193,43 +223,75 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
     } else {
         None
     };
-    let client = join(cli).await?;
+    let client = join_or_signal(cli, shutdown).await?;
     let result = if args.udp {
         nc_datagram(&client, args, local_port, shutdown).await
     } else {
-        nc_stream(&client, args, local_port).await
+        nc_stream(&client, args, local_port, shutdown).await
     };
     client.leave().await;
-    result.map(|()| ExitCode::SUCCESS).map_err(CliError::from)
+    result.map(|()| ExitCode::SUCCESS)
 }
 
-async fn nc_stream(client: &Client, args: &NcArgs, listen: Option<u16>) -> Result<(), String> {
-    let stream = match listen {
-        Some(port) => {
-            let listener = client.listen(port).await.map_err(|e| format!("listen: {e}"))?;
-            eprintln!("listening on {}", listener.local_addr());
-            let (stream, peer) = listener.accept().await.map_err(|e| format!("accept: {e}"))?;
-            eprintln!("connection from {peer}");
-            stream
+/// Stream mode. Exit 0 promises: everything read from stdin was acknowledged by the
+/// relay, which delivers it to the peer even after this process has gone (as a kernel
+/// does after `close()`), and everything the peer sent was written to stdout and
+/// flushed. A signal aborts the socket, so the peer sees an error, not a clean end.
+async fn nc_stream(
+    client: &Client,
+    args: &NcArgs,
+    listen: Option<u16>,
+    shutdown: &mut Shutdown,
+) -> Result<(), CliError> {
+    let open = async {
+        match listen {
+            Some(port) => {
+                let listener = client.listen(port).await.map_err(|e| format!("listen: {e}"))?;
+                eprintln!("listening on {}", listener.local_addr());
+                let (stream, peer) = listener.accept().await.map_err(|e| format!("accept: {e}"))?;
+                eprintln!("connection from {peer}");
+                Ok::<_, String>(stream)
+            }
+            None => {
+                let target = parse_target(&args.args)?;
+                client.connect(target).await.map_err(|e| e.to_string())
+            }
         }
-        None => {
-            let target = parse_target(&args.args)?;
-            client.connect(target).await.map_err(|e| e.to_string())?
-        }
+    };
+    let stream = tokio::select! {
+        stream = open => stream?,
+        signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
     };
     let peer = stream.peer_addr();
     let (mut read, mut write) = stream.into_split();
     let upload = async {
         let mut stdin = tokio::io::stdin();
-        tokio::io::copy(&mut stdin, &mut write).await?;
-        write.shutdown().await
+        let sent = tokio::io::copy(&mut stdin, &mut write).await?;
+        write.shutdown().await?;
+        match write.delivered().await {
+            // Nothing was sent, so nothing is lost if the peer stopped reading first.
+            Err(_) if sent == 0 => Ok(()),
+            other => other,
+        }
     };
     let download = async {
         let mut stdout = tokio::io::stdout();
         tokio::io::copy(&mut read, &mut stdout).await?;
         stdout.flush().await
     };
-    let (up, down) = tokio::join!(upload, download);
+    let transfer = async { tokio::join!(upload, download) };
+    let outcome = tokio::select! {
+        (up, down) = transfer => Ok((up, down)),
+        signal = shutdown.recv() => Err(signal),
+    };
+    let (up, down) = match outcome {
+        Ok(done) => done,
+        Err(signal) => {
+            write.abort();
+            read.abort();
+            return Err(CliError::interrupted(signal));
+        }
+    };
     down.map_err(|e| e.to_string())?;
     up.map_err(|e| format!("connection to {peer}: {e}"))?;
     Ok(())
@@ -240,7 +302,7 @@ async fn nc_datagram(
     args: &NcArgs,
     local_port: Option<u16>,
     shutdown: &mut Shutdown,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let socket = client.bind_datagram(local_port.unwrap_or(0)).await.map_err(|e| format!("bind: {e}"))?;
     let fixed_target = if args.broadcast {
         Some(SocketAddrV4::new(Ipv4Addr::BROADCAST, socket.local_addr().port()))
@@ -293,9 +355,28 @@ async fn nc_datagram(
         Ok::<(), String>(())
     };
     tokio::select! {
-        r = send => r,
-        r = recv => r,
-        _ = shutdown.recv() => Ok(()),
+        r = send => r.map_err(CliError::from),
+        r = recv => r.map_err(CliError::from),
+        signal = shutdown.recv() => Err(CliError::interrupted(signal)),
+    }
+}
+
+/// The signals that end a command.
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    /// Ctrl-C.
+    Interrupt,
+    /// `kill`, `systemctl stop`, `docker stop`.
+    Terminate,
+}
+
+impl Signal {
+    /// The conventional exit status: 128 + the signal number.
+    fn exit_code(self) -> u8 {
+        match self {
+            Signal::Interrupt => 130,
+            Signal::Terminate => 143,
+        }
     }
 }
 
@@ -318,16 +399,16 @@ impl Shutdown {
         Self {}
     }
 
-    /// Resolves on the next signal.
-    async fn recv(&mut self) {
+    /// Resolves on the next signal, saying which.
+    async fn recv(&mut self) -> Signal {
         #[cfg(unix)]
         if let Some((int, term)) = &mut self.signals {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-            return;
+            return tokio::select! {
+                _ = int.recv() => Signal::Interrupt,
+                _ = term.recv() => Signal::Terminate,
+            };
         }
         let _ = tokio::signal::ctrl_c().await;
+        Signal::Interrupt
     }
 }

@@ -53,9 +53,27 @@ impl Listener {
         self.local
     }
 
+    /// The next arrival that is still alive: connections the relay closed while they
+    /// waited in the backlog (the connecting side gave up, or its session died before
+    /// the stream was established) are dropped here, never handed out.
     async fn next(&self) -> Result<Arrival, Error> {
         let mut rx = self.rx.lock().await;
-        rx.recv().await.ok_or_else(|| Error::SessionLost("listener closed".into()))
+        loop {
+            let arrival = rx.recv().await.ok_or_else(|| Error::SessionLost("listener closed".into()))?;
+            let socket = match &arrival {
+                Arrival::Offer(offer) => offer.socket,
+                Arrival::Stream(stream) => stream.socket,
+            };
+            match self.client.inner.queued.remove(&socket) {
+                Some((_, true)) => {
+                    tracing::debug!(socket, "skipping a connection the relay closed while it waited in the backlog");
+                    if let Arrival::Stream(stream) = arrival {
+                        stream.abort();
+                    }
+                }
+                _ => return Ok(arrival),
+            }
+        }
     }
 
     /// Waits for the next connection attempt, to accept or deny. Only for listeners
@@ -104,6 +122,11 @@ impl Drop for Listener {
         if let Ok(mut rx) = self.rx.try_lock() {
             rx.close();
             while let Ok(arrival) = rx.try_recv() {
+                let socket = match &arrival {
+                    Arrival::Offer(offer) => offer.socket,
+                    Arrival::Stream(stream) => stream.socket,
+                };
+                self.client.inner.queued.remove(&socket);
                 match arrival {
                     Arrival::Offer(offer) => offer.with_client(self.client.clone()).deny(),
                     Arrival::Stream(stream) => stream.abort(),
@@ -344,6 +367,44 @@ pub struct VirtualWriteHalf {
     send: quinn::SendStream,
     peer: SocketAddrV4,
     _client: Client,
+}
+
+impl VirtualReadHalf {
+    /// Stops reading: the peer's writes fail with "connection aborted by the peer".
+    pub fn abort(mut self) {
+        let _ = self.recv.stop(VarInt::from_u32(reset_code::ABORTED));
+    }
+}
+
+impl VirtualWriteHalf {
+    /// Resets this direction: the peer's reads fail with "connection aborted by the
+    /// peer" instead of seeing a clean end, and bytes not yet delivered are discarded.
+    pub fn abort(mut self) {
+        let _ = self.send.reset(VarInt::from_u32(reset_code::ABORTED));
+    }
+
+    /// Waits until the relay has acknowledged every byte written and the end of the
+    /// stream (call after `shutdown()`). From then on the relay delivers them to the
+    /// peer even if this client leaves at once, the way a kernel delivers what a TCP
+    /// socket accepted before `close()`. Fails if the peer stopped reading or its
+    /// session ended first, or if the session with the relay was lost.
+    pub async fn delivered(&mut self) -> io::Result<()> {
+        match self.send.stopped().await {
+            Ok(None) => Ok(()),
+            Ok(Some(code)) => Err(map_write_error(WriteError::Stopped(code), self.peer)),
+            Err(quinn::StoppedError::ConnectionLost(c)) => {
+                Err(map_write_error(WriteError::ConnectionLost(c), self.peer))
+            }
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+}
+
+impl VirtualStream {
+    /// See [`VirtualWriteHalf::delivered`].
+    pub async fn delivered(&mut self) -> io::Result<()> {
+        self.write.delivered().await
+    }
 }
 
 impl Drop for VirtualWriteHalf {

@@ -100,6 +100,11 @@ impl TestRelay {
         self
     }
 
+    /// What the relay refused, dropped or cut so far.
+    pub fn counters(&self) -> &overlan_server::counters::Counters {
+        self.handle().counters()
+    }
+
     /// The relay's UDP address.
     pub fn addr(&self) -> SocketAddr {
         self.handle().local_addr()

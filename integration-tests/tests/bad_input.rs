@@ -187,7 +187,9 @@ async fn a_stream_for_someone_elses_socket_is_reset() {
 
 #[tokio::test]
 async fn a_connect_flood_is_capped_and_the_target_stays_up() {
-    use overlan_server::session::MAX_PENDING_CONNECTS;
+    use overlan_server::config::DEFAULT_MAX_PENDING_CONNECTS;
+    use overlan_server::counters::Reason;
+    const MAX_PENDING_CONNECTS: usize = DEFAULT_MAX_PENDING_CONNECTS as usize;
     let relay = TestRelay::start();
     // A target whose application never answers: every attempt stays pending.
     let mut victim = RawSession::join(&relay, &relay.invite()).await;
@@ -201,7 +203,7 @@ async fn a_connect_flood_is_capped_and_the_target_stays_up() {
     // At most MAX_PENDING_CONNECTS wait at once; the rest are refused at once.
     for _ in 0..FLOOD - MAX_PENDING_CONNECTS {
         match mallory.next().await {
-            RelayMessage::Failed { code: ErrorCode::TimedOut, message, .. } => {
+            RelayMessage::Failed { code: ErrorCode::LimitExceeded, message, .. } => {
                 assert!(message.contains("too many connection attempts in flight"), "{message}")
             }
             other => panic!("unexpected {other:?}"),
@@ -218,6 +220,7 @@ async fn a_connect_flood_is_capped_and_the_target_stays_up() {
         }
     }
     assert_eq!(offers, MAX_PENDING_CONNECTS);
+    assert_eq!(relay.counters().get(Reason::PendingConnectLimit), (FLOOD - MAX_PENDING_CONNECTS) as u64);
     // Others still reach the relay and each other.
     let a = join(&relay.invite()).await;
     let b = join(&relay.invite()).await;

@@ -1,11 +1,16 @@
 //! `VipAllocatorActor`: the one owner of the lease database at run time. It runs on its
 //! own thread (a `SyncArbiter`), so SQLite never blocks the session arbiter. It checks
-//! join tokens, finds or creates the permanent lease of (network, identity, instance)
-//! and hands VIPs out of a per-network [`VipPool`].
+//! join tokens, finds or creates the permanent lease of (network, identity, instance),
+//! hands VIPs out of a per-network [`VipPool`], and enforces the per-identity instance
+//! cap. A lease is written synchronously before the client is told about it; when a
+//! member was last seen is only bookkeeping, collected in memory and written in batches,
+//! so a busy or full disk never turns a returning member away.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use overlan_shared::config::Secret;
@@ -13,18 +18,30 @@ use overlan_shared::pool::VipPool;
 use overlan_shared::tls::Fingerprint;
 use overlan_shared::Subnet;
 
-use crate::store::{unix_now, Network, NetworkId, Store, StoreError, TokenProblem};
+use crate::counters::{Counters, Reason};
+use crate::store::{unix_now, LeaseKey, Network, NetworkId, Store, StoreError, TokenProblem};
+
+/// How long the allocator waits for another connection's write lock (an operator
+/// command) before failing a new lease; returning members do not write.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Owns the store and the VIP pools.
 pub struct VipAllocatorActor {
     store: Store,
     pools: HashMap<NetworkId, VipPool>,
+    default_max_instances: u32,
+    /// Last-seen times not written yet.
+    seen: HashMap<LeaseKey, i64>,
+    counters: Arc<Counters>,
 }
 
 impl VipAllocatorActor {
-    /// Opens the store in `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        Ok(Self { store: Store::open(data_dir)?, pools: HashMap::new() })
+    /// Opens the store in `data_dir`; identities hold at most `default_max_instances`
+    /// instances in networks that set no cap of their own.
+    pub fn open(data_dir: &Path, default_max_instances: u32, counters: Arc<Counters>) -> Result<Self, StoreError> {
+        let store = Store::open(data_dir)?;
+        store.set_busy_timeout(BUSY_TIMEOUT)?;
+        Ok(Self { store, pools: HashMap::new(), default_max_instances, seen: HashMap::new(), counters })
     }
 
     fn pool(&mut self, network: &Network) -> Result<&mut VipPool, StoreError> {
@@ -46,12 +63,17 @@ impl VipAllocatorActor {
             Err(problem) => return Err(AdmitError::Token(problem)),
         };
         let network = invite.network;
-        if let Some(vip) = self.store.lease(network.id, &msg.identity, &msg.instance)? {
-            self.store.touch_lease(network.id, &msg.identity, &msg.instance)?;
+        if let Some(vip) = self.store.lease_or_migrate(network.id, &msg.identity, &msg.legacy, &msg.instance)? {
+            self.mark_seen(LeaseKey { network: network.id, identity: msg.identity, instance: msg.instance });
             return Ok(Admission { network, vip, new_lease: false });
         }
         if !invite.has_uses_left {
             return Err(AdmitError::Token(TokenProblem::UsedUp));
+        }
+        let limit = network.max_instances.unwrap_or(self.default_max_instances);
+        if self.store.instances(network.id, &msg.identity)? >= limit {
+            self.counters.add(Reason::InstanceLimit);
+            return Err(AdmitError::InstanceLimit { network: network.name, limit });
         }
         let pool = self.pool(&network)?;
         let Some(vip) = pool.poll_allocate() else {
@@ -69,10 +91,34 @@ impl VipAllocatorActor {
             }
         }
     }
+
+    fn mark_seen(&mut self, key: LeaseKey) {
+        self.seen.insert(key, unix_now());
+    }
+
+    /// Writes the collected last-seen times; a failure is logged and counted, and the
+    /// times are kept for the next try.
+    fn flush_seen(&mut self) {
+        if self.seen.is_empty() {
+            return;
+        }
+        match self.store.touch_leases(self.seen.iter().map(|(k, at)| (k, *at))) {
+            Ok(()) => self.seen.clear(),
+            Err(e) => {
+                self.counters.add(Reason::LastSeenFailed);
+                tracing::warn!(error = %e, pending = self.seen.len(), "could not record when members were last seen; will retry");
+            }
+        }
+    }
 }
 
 impl Actor for VipAllocatorActor {
     type Context = SyncContext<Self>;
+
+    fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
+        self.flush_seen();
+        Running::Stop
+    }
 }
 
 /// Admit a client: check its token and return its permanent VIP, leasing one if needed.
@@ -81,8 +127,10 @@ impl Actor for VipAllocatorActor {
 pub struct AllocateVip {
     /// The join token.
     pub token: Secret,
-    /// The client's identity (certificate fingerprint).
+    /// The client's identity: the SHA-256 of its certificate's public key.
     pub identity: Fingerprint,
+    /// The SHA-256 of its whole certificate, which schema version 1 keyed leases on.
+    pub legacy: Fingerprint,
     /// Instance name.
     pub instance: String,
 }
@@ -114,6 +162,16 @@ pub enum AdmitError {
         /// Its subnet.
         subnet: Subnet,
     },
+    /// The identity holds as many instances as the network allows.
+    #[error(
+        "this identity already holds {limit} instances in network {network:?}, the most it allows; reuse an instance name, or ask the operator to release a lease (`overlan-server lease release`) or raise the limit (`overlan-server network set {network} --max-instances N`)"
+    )]
+    InstanceLimit {
+        /// Network name.
+        network: String,
+        /// The cap.
+        limit: u32,
+    },
     /// The database failed.
     #[error("relay database error: {0}")]
     Store(#[from] StoreError),
@@ -128,5 +186,66 @@ impl Handler<AllocateVip> for VipAllocatorActor {
             tracing::error!(error = %e, "lease database error");
         }
         result
+    }
+}
+
+/// A member left: remember when it was last seen.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeaseSeen {
+    /// Network id.
+    pub network: NetworkId,
+    /// Identity.
+    pub identity: Fingerprint,
+    /// Instance name.
+    pub instance: String,
+}
+
+impl Handler<LeaseSeen> for VipAllocatorActor {
+    type Result = ();
+    fn handle(&mut self, msg: LeaseSeen, _ctx: &mut Self::Context) {
+        self.mark_seen(LeaseKey { network: msg.network, identity: msg.identity, instance: msg.instance });
+    }
+}
+
+/// Write the collected last-seen times now (sent periodically by the relay).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FlushSeen;
+
+impl Handler<FlushSeen> for VipAllocatorActor {
+    type Result = ();
+    fn handle(&mut self, _: FlushSeen, _ctx: &mut Self::Context) {
+        self.flush_seen();
+    }
+}
+
+/// Release leases whose holders have not been seen for `max_age`, except those online.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ExpireLeases {
+    /// Unused for longer than this.
+    pub max_age: Duration,
+    /// VIPs online now (their last-seen time is their join, which may be old).
+    pub online: HashSet<(NetworkId, Ipv4Addr)>,
+}
+
+impl Handler<ExpireLeases> for VipAllocatorActor {
+    type Result = ();
+    fn handle(&mut self, msg: ExpireLeases, _ctx: &mut Self::Context) {
+        self.flush_seen();
+        let before = unix_now() - msg.max_age.as_secs() as i64;
+        match self.store.expire_leases(before, &msg.online) {
+            Ok(expired) => {
+                for (net, vip) in expired {
+                    tracing::info!(network = net, %vip, "lease expired (unused for longer than limits.lease_expiry)");
+                    self.counters.add(Reason::LeaseExpired);
+                    if let Some(pool) = self.pools.get_mut(&net) {
+                        pool.handle_release(vip);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not expire leases; will retry"),
+        }
     }
 }

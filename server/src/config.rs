@@ -29,6 +29,142 @@ pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long both sides of an accepted socket have to open their data streams.
 pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Stream sockets (established and waiting) one session may hold at once.
+pub const DEFAULT_MAX_SOCKETS: u32 = 1024;
+/// Connects one session may have waiting for an answer at once.
+pub const DEFAULT_MAX_PENDING_CONNECTS: u32 = 256;
+/// Offers one listening session may have waiting for its application's answer.
+pub const DEFAULT_MAX_PENDING_OFFERS: u32 = 1024;
+/// Stream listeners one session may hold.
+pub const DEFAULT_MAX_LISTENERS: u32 = 256;
+/// Datagram ports one session may bind.
+pub const DEFAULT_MAX_BOUND_PORTS: u32 = 256;
+/// Control messages per second one session may send (a token bucket of
+/// [`DEFAULT_CONTROL_BURST`]); faster senders are slowed down, not cut off.
+pub const DEFAULT_CONTROL_RATE: u32 = 200;
+/// Control messages one session may send in a burst (a reconnect re-registers every
+/// listener and port at once, so this covers both caps).
+pub const DEFAULT_CONTROL_BURST: u32 = 1024;
+/// Unicast datagrams per second one session may send; more are dropped and counted.
+pub const DEFAULT_DATAGRAM_RATE: u32 = 100_000;
+/// Unicast datagrams one session may send in a burst.
+pub const DEFAULT_DATAGRAM_BURST: u32 = 10_000;
+/// Broadcasts per second one session may send (each one costs a copy per member).
+pub const DEFAULT_BROADCAST_RATE: u32 = 200;
+/// Broadcasts one session may send in a burst.
+pub const DEFAULT_BROADCAST_BURST: u32 = 400;
+/// New connections that may be between QUIC handshake and a successful join at once.
+pub const DEFAULT_MAX_UNAUTHENTICATED: u32 = 256;
+/// A receiver that takes no data for this long while data waits for it is cut off.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a socket may keep delivering after its sender's session has gone.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Relay-wide cap on bytes held for stalled receivers.
+pub const DEFAULT_MAX_HELD_BYTES: u64 = 1 << 30;
+/// Instances (so VIPs) one identity may hold in a network unless the network says
+/// otherwise (`overlan-server network set NAME --max-instances N`).
+pub const DEFAULT_INSTANCES_PER_IDENTITY: u32 = 16;
+
+/// What one member may cost the others: per-session caps and rates, and the relay-wide
+/// bounds on unauthenticated connections and held bytes. The `[limits]` table of the
+/// config file; every key is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Stream sockets (established and waiting) per session.
+    pub max_sockets: u32,
+    /// Unanswered connects per session.
+    pub max_pending_connects: u32,
+    /// Unanswered offers per listening session.
+    pub max_pending_offers: u32,
+    /// Stream listeners per session.
+    pub max_listeners: u32,
+    /// Bound datagram ports per session.
+    pub max_bound_ports: u32,
+    /// Control messages per second per session.
+    pub control_rate: u32,
+    /// Control message burst per session.
+    pub control_burst: u32,
+    /// Unicast datagrams per second per session.
+    pub datagram_rate: u32,
+    /// Unicast datagram burst per session.
+    pub datagram_burst: u32,
+    /// Broadcasts per second per session.
+    pub broadcast_rate: u32,
+    /// Broadcast burst per session.
+    pub broadcast_burst: u32,
+    /// Connections between handshake and join, relay-wide; past half of it new
+    /// connections must validate their address (QUIC retry), past all of it they are
+    /// refused.
+    pub max_unauthenticated: u32,
+    /// A receiver that takes no data for this long while data waits is cut off.
+    pub write_timeout: HumanDuration,
+    /// How long a socket keeps delivering after its sender's session has gone.
+    pub drain_timeout: HumanDuration,
+    /// Relay-wide cap on bytes held for stalled receivers.
+    pub max_held_bytes: u64,
+    /// Default cap on instances per identity and network.
+    pub instances_per_identity: u32,
+    /// Release leases unused for this long (off by default: VIPs are permanent).
+    pub lease_expiry: Option<HumanDuration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sockets: DEFAULT_MAX_SOCKETS,
+            max_pending_connects: DEFAULT_MAX_PENDING_CONNECTS,
+            max_pending_offers: DEFAULT_MAX_PENDING_OFFERS,
+            max_listeners: DEFAULT_MAX_LISTENERS,
+            max_bound_ports: DEFAULT_MAX_BOUND_PORTS,
+            control_rate: DEFAULT_CONTROL_RATE,
+            control_burst: DEFAULT_CONTROL_BURST,
+            datagram_rate: DEFAULT_DATAGRAM_RATE,
+            datagram_burst: DEFAULT_DATAGRAM_BURST,
+            broadcast_rate: DEFAULT_BROADCAST_RATE,
+            broadcast_burst: DEFAULT_BROADCAST_BURST,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
+            write_timeout: HumanDuration(DEFAULT_WRITE_TIMEOUT),
+            drain_timeout: HumanDuration(DEFAULT_DRAIN_TIMEOUT),
+            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
+            instances_per_identity: DEFAULT_INSTANCES_PER_IDENTITY,
+            lease_expiry: None,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("max_sockets", self.max_sockets),
+            ("max_pending_connects", self.max_pending_connects),
+            ("max_pending_offers", self.max_pending_offers),
+            ("max_listeners", self.max_listeners),
+            ("max_bound_ports", self.max_bound_ports),
+            ("control_rate", self.control_rate),
+            ("control_burst", self.control_burst),
+            ("datagram_rate", self.datagram_rate),
+            ("datagram_burst", self.datagram_burst),
+            ("broadcast_rate", self.broadcast_rate),
+            ("broadcast_burst", self.broadcast_burst),
+            ("max_unauthenticated", self.max_unauthenticated),
+            ("instances_per_identity", self.instances_per_identity),
+        ];
+        for (name, value) in positive {
+            anyhow::ensure!(value > 0, "limits.{name} must be at least 1");
+        }
+        anyhow::ensure!(self.max_sockets <= 65_536, "limits.max_sockets must be at most 65536");
+        anyhow::ensure!(self.write_timeout.0 >= Duration::from_secs(1), "limits.write_timeout must be at least 1s");
+        anyhow::ensure!(self.drain_timeout.0 >= Duration::from_secs(1), "limits.drain_timeout must be at least 1s");
+        anyhow::ensure!(self.max_held_bytes >= 1 << 20, "limits.max_held_bytes must be at least 1048576");
+        if let Some(expiry) = self.lease_expiry {
+            anyhow::ensure!(expiry.0 >= Duration::from_secs(60), "limits.lease_expiry must be at least 1m");
+        }
+        Ok(())
+    }
+}
+
 /// The relay configuration file (`--config FILE`); every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +183,8 @@ pub struct FileConfig {
     pub default_subnet: Option<Subnet>,
     /// Log filter (tracing `EnvFilter` syntax), e.g. "info" or "overlan_server=debug".
     pub log: Option<String>,
+    /// Per-session caps and rates, relay-wide bounds.
+    pub limits: Option<Limits>,
 }
 
 impl FileConfig {
@@ -78,6 +216,8 @@ pub struct RelayConfig {
     pub attach_timeout: Duration,
     /// How long a new connection has to send its hello.
     pub hello_timeout: Duration,
+    /// What one member may cost the others.
+    pub limits: Limits,
 }
 
 impl Default for RelayConfig {
@@ -92,6 +232,7 @@ impl Default for RelayConfig {
             accept_timeout: ACCEPT_TIMEOUT,
             attach_timeout: ATTACH_TIMEOUT,
             hello_timeout: HELLO_TIMEOUT,
+            limits: Limits::default(),
         }
     }
 }
@@ -117,6 +258,9 @@ impl RelayConfig {
         if let Some(v) = file.default_subnet {
             self.default_subnet = v;
         }
+        if let Some(v) = &file.limits {
+            self.limits = v.clone();
+        }
         self
     }
 
@@ -131,6 +275,7 @@ impl RelayConfig {
             (1024..=16 * 1024 * 1024).contains(&self.max_control_frame),
             "max_control_frame must be between 1024 and 16777216 bytes"
         );
+        self.limits.validate()?;
         if let Some(addr) = &self.public_addr {
             anyhow::ensure!(
                 addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
@@ -175,6 +320,14 @@ mod tests {
         assert_eq!(cfg.idle_timeout, Duration::from_secs(5));
         cfg.validate().unwrap();
         assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err());
+        let file: FileConfig = toml::from_str("[limits]\nmax_sockets = 8\nwrite_timeout = \"5s\"\n").unwrap();
+        let cfg = RelayConfig::default().with_file(&file);
+        assert_eq!(cfg.limits.max_sockets, 8);
+        assert_eq!(cfg.limits.write_timeout.0, Duration::from_secs(5));
+        assert_eq!(cfg.limits.max_listeners, DEFAULT_MAX_LISTENERS, "unset keys keep their defaults");
+        assert!(toml::from_str::<FileConfig>("[limits]\nmax_sokets = 8\n").is_err());
+        let zero = RelayConfig { limits: Limits { max_listeners: 0, ..Limits::default() }, ..RelayConfig::default() };
+        assert!(zero.validate().unwrap_err().to_string().contains("limits.max_listeners"));
     }
 
     #[test]

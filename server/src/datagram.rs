@@ -1,26 +1,30 @@
 //! The datagram data path: one task per session reads its QUIC datagrams, checks the
 //! claimed source against the authenticated session, and forwards by router lookup —
 //! unicast to the bound port's session, broadcast to every other member bound to the
-//! port. No actor mailbox is involved; rejections become a rate-limited notice.
+//! port. No actor mailbox is involved; rejections become a rate-limited notice, and
+//! each session's unicast and broadcast rates are token buckets (over them, datagrams
+//! are dropped and counted, as UDP would drop them).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
 
 use actix::Addr;
 use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use overlan_shared::wire::datagram::{DatagramHeader, HEADER_LEN};
 use overlan_shared::wire::{ErrorCode, MAX_DATAGRAM_PAYLOAD};
 use overlan_shared::Subnet;
 
+use crate::config::Limits;
+use crate::counters::Reason;
+use crate::node::Node;
 use crate::router::{Router, SessionId};
 use crate::session::{Notice, SessionActor};
 use crate::store::NetworkId;
 
-/// Notices a session may get in a burst; after that one per [`NOTICE_INTERVAL`], so a
-/// flood of bad datagrams cannot make the relay flood back.
+/// Notices a session may get in a burst; after that one per second, so a flood of bad
+/// datagrams cannot make the relay flood back.
 const NOTICE_BURST: u32 = 8;
-/// Refill interval of the notice budget.
-const NOTICE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the data path needs to know about the sending session.
 #[derive(Debug, Clone, Copy)]
@@ -67,8 +71,23 @@ impl Reject {
     }
 }
 
-/// Outcome of forwarding one datagram: how many receivers it was handed to.
-pub fn forward(router: &Router, from: &Sender, datagram: Bytes) -> Result<usize, Reject> {
+/// What kind of datagram passed the checks, for the rate limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// To one VIP.
+    Unicast,
+    /// To every member bound to the port.
+    Broadcast,
+}
+
+/// Checks one datagram from `from` and, if `admit` lets its kind through, forwards it.
+/// Returns how many receivers it was handed to (0 when `admit` refused it).
+pub fn forward(
+    router: &Router,
+    from: &Sender,
+    datagram: Bytes,
+    admit: impl FnOnce(Kind) -> bool,
+) -> Result<usize, Reject> {
     let header = DatagramHeader::parse(&datagram).map_err(|_| Reject::Malformed)?;
     let payload = datagram.len() - HEADER_LEN;
     if payload > MAX_DATAGRAM_PAYLOAD {
@@ -83,7 +102,11 @@ pub fn forward(router: &Router, from: &Sender, datagram: Bytes) -> Result<usize,
         return Err(Reject::PortNotBound(header.src.port()));
     }
     let dst = *header.dst.ip();
-    if from.subnet.is_broadcast(dst) {
+    let kind = if from.subnet.is_broadcast(dst) { Kind::Broadcast } else { Kind::Unicast };
+    if !admit(kind) {
+        return Ok(0);
+    }
+    if kind == Kind::Broadcast {
         return Ok(router.for_each_broadcast_member(from.net, header.dst.port(), from.vip, |conn| {
             let _ = conn.send_datagram(datagram.clone());
         }));
@@ -98,46 +121,54 @@ pub fn forward(router: &Router, from: &Sender, datagram: Bytes) -> Result<usize,
     }
 }
 
-/// Rate limit of the notices one session gets about rejected datagrams: a burst, then
-/// one per [`NOTICE_INTERVAL`].
-pub struct NoticeBudget {
-    budget: u32,
-    refilled: Instant,
+fn limiter(rate: u32, burst: u32) -> DefaultDirectRateLimiter {
+    let nonzero = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::direct(Quota::per_second(nonzero(rate)).allow_burst(nonzero(burst)))
 }
 
-impl Default for NoticeBudget {
-    fn default() -> Self {
-        Self { budget: NOTICE_BURST, refilled: Instant::now() }
-    }
+/// One session's datagram path: who sends, and its rate limits.
+pub struct DatagramPath {
+    from: Sender,
+    unicast: DefaultDirectRateLimiter,
+    broadcast: DefaultDirectRateLimiter,
+    notices: DefaultDirectRateLimiter,
 }
 
-impl NoticeBudget {
-    /// Whether one more notice may go out now.
-    pub fn poll_take(&mut self) -> bool {
-        let earned = (self.refilled.elapsed().as_secs_f64() / NOTICE_INTERVAL.as_secs_f64()) as u32;
-        if earned > 0 {
-            self.budget = (self.budget + earned).min(NOTICE_BURST);
-            self.refilled = Instant::now();
+impl DatagramPath {
+    /// The path of `from`, limited as `limits` say.
+    pub fn new(from: Sender, limits: &Limits) -> Self {
+        Self {
+            from,
+            unicast: limiter(limits.datagram_rate, limits.datagram_burst),
+            broadcast: limiter(limits.broadcast_rate, limits.broadcast_burst),
+            notices: limiter(1, NOTICE_BURST),
         }
-        let allowed = self.budget > 0;
-        self.budget = self.budget.saturating_sub(1);
-        allowed
     }
-}
 
-/// Forwards one datagram from `from`, telling its session (within `budget`) if it was
-/// rejected.
-pub fn handle_datagram(
-    router: &Router,
-    from: &Sender,
-    datagram: Bytes,
-    budget: &mut NoticeBudget,
-    session: &Addr<SessionActor>,
-) {
-    if let Err(reject) = forward(router, from, datagram) {
-        tracing::debug!(session = from.session, ?reject, "datagram rejected");
-        if budget.poll_take() {
-            session.do_send(reject.notice());
+    /// The sending session.
+    pub fn session(&self) -> SessionId {
+        self.from.session
+    }
+
+    /// Forwards one datagram, telling the session (within the notice rate) if it was
+    /// rejected and counting what its rate limits dropped.
+    pub fn handle_datagram(&mut self, node: &Node, datagram: Bytes, session: &Addr<SessionActor>) {
+        let admit = |kind| {
+            let (limiter, reason) = match kind {
+                Kind::Unicast => (&self.unicast, Reason::DatagramRate),
+                Kind::Broadcast => (&self.broadcast, Reason::BroadcastRate),
+            };
+            let ok = limiter.check().is_ok();
+            if !ok {
+                node.count(reason);
+            }
+            ok
+        };
+        if let Err(reject) = forward(&node.router, &self.from, datagram, admit) {
+            tracing::debug!(session = self.from.session, ?reject, "datagram rejected");
+            if self.notices.check().is_ok() {
+                session.do_send(reject.notice());
+            }
         }
     }
 }

@@ -6,13 +6,18 @@
 //! [`network::NetworkActor`] (one per virtual network: membership),
 //! [`pair::SocketPairActor`] (one per virtual stream) and
 //! [`allocator::VipAllocatorActor`] (the lease database) decide; [`router::Router`]
-//! holds the lookup tables the data path ([`datagram`], the splice in [`pair`]) reads.
+//! holds the lookup tables the data path ([`datagram`], the splice in [`pair`]) reads;
+//! [`node::Node`] is what they all share, with the relay-wide [`holds`] budget and the
+//! [`counters`] of what was refused or cut.
 
 pub mod allocator;
 pub mod config;
 pub mod control;
+pub mod counters;
 pub mod datagram;
+pub mod holds;
 pub mod network;
+pub mod node;
 pub mod pair;
 pub mod relay;
 pub mod router;

@@ -1,4 +1,5 @@
-//! `overlan-server`: run a relay (the default), or manage its networks and invites.
+//! `overlan-server`: run a relay (the default), or manage its networks, invites and
+//! leases.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -57,6 +58,26 @@ enum Command {
     /// Manage virtual networks.
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// List or release VIP leases.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaseCmd {
+    /// List leases: network, VIP, identity, instance, when made and last seen.
+    List {
+        /// Only this network's leases.
+        network: Option<String>,
+    },
+    /// Release a lease: its VIP goes back to the pool (reused after the relay restarts),
+    /// and its holder gets a new VIP at its next join.
+    Release {
+        /// The network.
+        network: String,
+        /// The VIP to release.
+        vip: std::net::Ipv4Addr,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -94,8 +115,20 @@ enum NetworkCmd {
         /// Subnet in CIDR form, e.g. 10.88.0.0/24.
         #[arg(long)]
         subnet: Subnet,
+        /// Instances (VIPs) one identity may hold here [default: the relay's
+        /// limits.instances_per_identity, 16].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        max_instances: Option<u32>,
     },
-    /// List networks with their subnets and lease counts.
+    /// Change a network's settings.
+    Set {
+        /// The network.
+        name: String,
+        /// Instances (VIPs) one identity may hold here; `default` for the relay's default.
+        #[arg(long, value_name = "N|default")]
+        max_instances: String,
+    },
+    /// List networks with their subnets, instance caps and lease counts.
     List,
 }
 
@@ -151,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info => info(&config),
         Command::Invite(cmd) => invite(&config, cmd),
         Command::Network(cmd) => network(&config, cmd),
+        Command::Lease(cmd) => lease(&config, cmd),
     }
 }
 
@@ -256,18 +290,79 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
 }
 
 fn network(config: &RelayConfig, cmd: NetworkCmd) -> anyhow::Result<()> {
-    let store = open_store(config)?;
+    let mut store = open_store(config)?;
+    let default_cap = config.limits.instances_per_identity;
+    let cap_text = |max: Option<u32>| match max {
+        Some(n) => n.to_string(),
+        None => format!("{default_cap} (default)"),
+    };
     match cmd {
-        NetworkCmd::Add { name, subnet } => {
-            let net = store.add_network(&name, subnet)?;
+        NetworkCmd::Add { name, subnet, max_instances } => {
+            let mut net = store.add_network(&name, subnet)?;
+            if max_instances.is_some() {
+                net = store.set_max_instances(&name, max_instances)?;
+            }
             println!("added network {} {}", net.name, net.subnet);
             println!("make an invite with: overlan-server invite {}", net.name);
         }
+        NetworkCmd::Set { name, max_instances } => {
+            let max = match max_instances.as_str() {
+                "default" => None,
+                text => match text.parse::<u32>() {
+                    Ok(n) if n > 0 => Some(n),
+                    _ => anyhow::bail!("--max-instances {text:?}: give a number of at least 1, or `default`"),
+                },
+            };
+            let net = store.set_max_instances(&name, max)?;
+            println!("network {}: max instances per identity {}", net.name, cap_text(net.max_instances));
+        }
         NetworkCmd::List => {
-            println!("{:<16} {:<18} LEASES", "NETWORK", "SUBNET");
+            println!("{:<16} {:<18} {:<14} LEASES", "NETWORK", "SUBNET", "MAX-INSTANCES");
             for net in store.networks()? {
-                println!("{:<16} {:<18} {}", net.name, net.subnet.to_string(), store.lease_count(net.id)?);
+                let count = store.lease_count(net.id)?;
+                println!("{:<16} {:<18} {:<14} {count}", net.name, net.subnet.to_string(), cap_text(net.max_instances));
             }
+        }
+    }
+    Ok(())
+}
+
+/// A unix time as an age, e.g. "3h ago".
+fn ago(now: i64, t: i64) -> String {
+    let secs = (now - t).max(0) as u64;
+    let rounded = match secs {
+        0..60 => secs,
+        60..3600 => secs / 60 * 60,
+        3600..86_400 => secs / 3600 * 3600,
+        _ => secs / 86_400 * 86_400,
+    };
+    format!("{} ago", format_duration(std::time::Duration::from_secs(rounded)))
+}
+
+fn lease(config: &RelayConfig, cmd: LeaseCmd) -> anyhow::Result<()> {
+    let mut store = open_store(config)?;
+    match cmd {
+        LeaseCmd::List { network } => {
+            let now = unix_now();
+            println!(
+                "{:<16} {:<15} {:<16} {:<16} {:<12} LAST-SEEN",
+                "NETWORK", "VIP", "IDENTITY", "INSTANCE", "CREATED"
+            );
+            for l in store.lease_rows(network.as_deref())? {
+                let identity = l.identity.get(..16).unwrap_or(&l.identity);
+                let instance = if l.instance.is_empty() { "-" } else { &l.instance };
+                let (created, seen) = (ago(now, l.created_at), ago(now, l.last_seen));
+                println!(
+                    "{:<16} {:<15} {identity:<16} {instance:<16} {created:<12} {seen}",
+                    l.network,
+                    l.vip.to_string()
+                );
+            }
+        }
+        LeaseCmd::Release { network, vip } => {
+            let l = store.release_lease(&network, vip)?;
+            let instance = if l.instance.is_empty() { "(none)" } else { &l.instance };
+            println!("released {} in network {} (identity {}, instance {instance})", l.vip, l.network, l.identity);
         }
     }
     Ok(())

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::router::{LocalSession, Router, SessionId};
+use crate::node::Node;
+use crate::router::{LocalSession, SessionId};
 use crate::session::Replace;
 use crate::store::{Network, NetworkId};
 
@@ -18,13 +19,13 @@ use crate::store::{Network, NetworkId};
 /// of this network (one table, read by the data path); only this actor writes them.
 pub struct NetworkActor {
     network: Network,
-    router: Arc<Router>,
+    node: Arc<Node>,
 }
 
 impl NetworkActor {
     /// The actor of `network`.
-    pub fn new(network: Network, router: Arc<Router>) -> Self {
-        Self { network, router }
+    pub fn new(network: Network, node: Arc<Node>) -> Self {
+        Self { network, node }
     }
 
     fn id(&self) -> NetworkId {
@@ -54,7 +55,7 @@ pub struct JoinNetwork {
 impl Handler<JoinNetwork> for NetworkActor {
     type Result = ();
     fn handle(&mut self, msg: JoinNetwork, _ctx: &mut Self::Context) {
-        if let Some(old) = self.router.attach_session(self.id(), msg.vip, msg.session) {
+        if let Some(old) = self.node.router.attach_session(self.id(), msg.vip, msg.session) {
             tracing::info!(network = %self.network.name, vip = %msg.vip, old = old.id, "replacing the older session");
             old.addr.do_send(Replace);
         }
@@ -74,6 +75,6 @@ pub struct LeaveNetwork {
 impl Handler<LeaveNetwork> for NetworkActor {
     type Result = ();
     fn handle(&mut self, msg: LeaveNetwork, _ctx: &mut Self::Context) {
-        self.router.detach_session(self.id(), msg.vip, msg.session);
+        self.node.router.detach_session(self.id(), msg.vip, msg.session);
     }
 }

@@ -1,9 +1,15 @@
 //! `SocketPairActor`: one per virtual stream (a connect to a listener). It carries the
 //! connection through offer → accept/deny → both sides attach their QUIC streams →
 //! spliced, and supervises it: timeouts for a listener that never answers or a side
-//! that never attaches, and teardown when either side closes or its session dies. The
+//! that never attaches, and teardown when either side closes, aborts or stalls. The
 //! bytes are spliced by a task it owns (one `read_chunks`/`write_all_chunks` loop per
 //! direction), never through its mailbox.
+//!
+//! Closing is TCP-like: when a party's session ends, the direction toward it is reset
+//! (nobody is left to read), but the direction from it keeps delivering what the relay
+//! already accepted; if that party had finished its side, the receiver reads every byte
+//! and then a clean end, even though the sender has gone. Only an abort, the death of
+//! the receiving side, a stalled receiver or the drain deadline cut a socket short.
 
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -14,10 +20,13 @@ use bytes::Bytes;
 use overlan_shared::wire::control::SocketId;
 use overlan_shared::wire::{reset_code, ErrorCode};
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use std::time::Duration;
 use tokio::sync::watch;
 
-use crate::config::RelayConfig;
-use crate::router::{LocalSession, Router, SessionId};
+use crate::counters::Reason;
+use crate::node::Node;
+use crate::relay::STREAM_WINDOW;
+use crate::router::{LocalSession, SessionId};
 use crate::session::{ConnectOutcome, Notice, Offer, PairEnded, SessionActor};
 
 /// A client's QUIC stream for a socket while the relay holds it. Dropped without being
@@ -75,6 +84,13 @@ enum PairState {
     Spliced,
 }
 
+/// The two directions of a splice, by the party they write toward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Toward {
+    Connector = 0,
+    Listener = 1,
+}
+
 /// A connected (or connecting) virtual stream.
 pub struct SocketPairActor {
     socket: SocketId,
@@ -82,9 +98,11 @@ pub struct SocketPairActor {
     connector: Party,
     listener: Party,
     state: PairState,
-    router: Arc<Router>,
-    config: Arc<RelayConfig>,
-    cancel: Option<watch::Sender<Option<VarInt>>>,
+    node: Arc<Node>,
+    /// Cancels each direction of the splice, indexed by [`Toward`].
+    cancel: Option<[watch::Sender<Option<VarInt>>; 2]>,
+    /// A party has gone and the drain deadline runs.
+    draining: bool,
 }
 
 impl SocketPairActor {
@@ -94,8 +112,7 @@ impl SocketPairActor {
         req: u64,
         connector: (LocalSession, SocketAddrV4),
         listener: (LocalSession, SocketAddrV4),
-        router: Arc<Router>,
-        config: Arc<RelayConfig>,
+        node: Arc<Node>,
     ) -> Self {
         let party = |(session, addr): (LocalSession, SocketAddrV4)| Party { session, addr, stream: None, gone: false };
         Self {
@@ -104,9 +121,9 @@ impl SocketPairActor {
             connector: party(connector),
             listener: party(listener),
             state: PairState::Offered,
-            router,
-            config,
+            node,
             cancel: None,
+            draining: false,
         }
     }
 
@@ -119,12 +136,17 @@ impl SocketPairActor {
         });
     }
 
+    fn cancel_direction(&self, toward: Toward, code: u32) {
+        if let Some(cancel) = &self.cancel {
+            let _ = cancel[toward as usize].send(Some(VarInt::from_u32(code)));
+        }
+    }
+
     /// Ends the pair: resets every attached stream with `code`, tells the sessions still
     /// there why (`notify`), and stops.
     fn terminate(&mut self, ctx: &mut Context<Self>, code: u32, notify: ErrorCode) {
-        if let Some(cancel) = &self.cancel {
-            let _ = cancel.send(Some(VarInt::from_u32(code)));
-        }
+        self.cancel_direction(Toward::Connector, code);
+        self.cancel_direction(Toward::Listener, code);
         for party in [&mut self.connector, &mut self.listener] {
             if let Some(stream) = party.stream.take() {
                 stream.reset(code);
@@ -141,27 +163,41 @@ impl SocketPairActor {
         ctx.stop();
     }
 
-    fn party_mut(&mut self, session: SessionId) -> Option<&mut Party> {
-        if self.connector.session.id == session {
-            Some(&mut self.connector)
-        } else if self.listener.session.id == session {
-            Some(&mut self.listener)
-        } else {
-            None
-        }
-    }
-
     fn maybe_splice(&mut self, ctx: &mut Context<Self>) {
         if self.state != PairState::Accepted || self.connector.stream.is_none() || self.listener.stream.is_none() {
             return;
         }
         let a = self.connector.stream.take().expect("checked above").take();
         let b = self.listener.stream.take().expect("checked above").take();
-        let (tx, rx) = watch::channel(None);
-        self.cancel = Some(tx);
+        let (to_connector, to_connector_rx) = watch::channel(None);
+        let (to_listener, to_listener_rx) = watch::channel(None);
+        self.cancel = Some([to_connector, to_listener]);
         self.state = PairState::Spliced;
         tracing::debug!(socket = self.socket, from = %self.connector.addr, to = %self.listener.addr, "socket spliced");
-        tokio::spawn(splice(a, b, rx, ctx.address()));
+        let guard = StallGuard {
+            node: self.node.clone(),
+            pair: ctx.address(),
+            write_timeout: self.node.config.limits.write_timeout.0,
+        };
+        tokio::spawn(splice(a, b, [to_connector_rx, to_listener_rx], guard));
+        // A party that left before the splice began: its direction drains, the other
+        // is cut now.
+        for (party, toward) in [(&self.connector, Toward::Connector), (&self.listener, Toward::Listener)] {
+            if party.gone {
+                self.cancel_direction(toward, reset_code::SESSION_LOST);
+            }
+        }
+    }
+
+    /// Bounds how long a socket may go on delivering after a party has gone.
+    fn start_drain_deadline(&mut self, ctx: &mut Context<Self>) {
+        if std::mem::replace(&mut self.draining, true) {
+            return;
+        }
+        ctx.run_later(self.node.config.limits.drain_timeout.0, |act, ctx| {
+            act.node.count(Reason::DrainTimeout);
+            act.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
+        });
     }
 }
 
@@ -169,7 +205,7 @@ impl Actor for SocketPairActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.router.add_pair(self.socket, ctx.address());
+        self.node.router.add_pair(self.socket, ctx.address());
         let offer =
             Offer { socket: self.socket, pair: ctx.address(), local: self.listener.addr, peer: self.connector.addr };
         match self.listener.session.addr.try_send(offer) {
@@ -185,7 +221,7 @@ impl Actor for SocketPairActor {
                 return;
             }
         }
-        ctx.run_later(self.config.accept_timeout, |act, ctx| {
+        ctx.run_later(self.node.config.accept_timeout, |act, ctx| {
             if act.state == PairState::Offered {
                 act.terminate(ctx, reset_code::TIMED_OUT, ErrorCode::TimedOut);
             }
@@ -193,7 +229,7 @@ impl Actor for SocketPairActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.router.remove_pair(self.socket);
+        self.node.router.remove_pair(self.socket);
         for party in [&self.connector, &self.listener] {
             party.session.addr.do_send(PairEnded { socket: self.socket, notify: None });
         }
@@ -224,7 +260,7 @@ impl Handler<AnswerOffer> for SocketPairActor {
                     socket: self.socket,
                     result: Ok((self.connector.addr, self.listener.addr)),
                 });
-                ctx.run_later(self.config.attach_timeout, |act, ctx| {
+                ctx.run_later(self.node.config.attach_timeout, |act, ctx| {
                     if act.state != PairState::Spliced {
                         act.terminate(ctx, reset_code::TIMED_OUT, ErrorCode::TimedOut);
                     }
@@ -285,7 +321,7 @@ pub struct CloseSocket {
 impl Handler<CloseSocket> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, msg: CloseSocket, ctx: &mut Self::Context) {
-        if self.party_mut(msg.session).is_some() {
+        if self.connector.session.id == msg.session || self.listener.session.id == msg.session {
             self.terminate(ctx, reset_code::ABORTED, ErrorCode::Closed);
         }
     }
@@ -302,13 +338,72 @@ pub struct PartyGone {
 impl Handler<PartyGone> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, msg: PartyGone, ctx: &mut Self::Context) {
-        let Some(party) = self.party_mut(msg.session) else { return };
-        party.gone = true;
-        if self.state == PairState::Offered && self.listener.gone {
-            self.connect_failed(ErrorCode::Unreachable, "unreachable (the listener's session ended)");
-            self.connector.gone = true; // already told; no second outcome
+        let mut found = false;
+        for party in [&mut self.connector, &mut self.listener] {
+            if party.session.id == msg.session {
+                party.gone = true;
+                found = true;
+            }
         }
-        self.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
+        if !found {
+            return;
+        }
+        let both_gone = self.connector.gone && self.listener.gone;
+        match self.state {
+            PairState::Offered => {
+                if self.listener.gone && !self.connector.gone {
+                    self.connect_failed(ErrorCode::Unreachable, "unreachable (the listener's session ended)");
+                    self.connector.gone = true; // already told; no second outcome
+                }
+                self.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
+            }
+            // A party that left after attaching its stream may have finished it: keep the
+            // pair until the other side attaches, so what it sent is still delivered.
+            PairState::Accepted => {
+                let gone_attached = [&self.connector, &self.listener].iter().all(|p| !p.gone || p.stream.is_some());
+                if both_gone || !gone_attached {
+                    self.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
+                } else {
+                    self.start_drain_deadline(ctx);
+                }
+            }
+            PairState::Spliced => {
+                if both_gone {
+                    self.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
+                    return;
+                }
+                let toward = if self.connector.gone { Toward::Connector } else { Toward::Listener };
+                self.cancel_direction(toward, reset_code::SESSION_LOST);
+                self.start_drain_deadline(ctx);
+            }
+        }
+    }
+}
+
+/// A receiver took no data within the write timeout.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Stalled;
+
+impl Handler<Stalled> for SocketPairActor {
+    type Result = ();
+    fn handle(&mut self, _: Stalled, ctx: &mut Self::Context) {
+        tracing::info!(socket = self.socket, a = %self.connector.addr, b = %self.listener.addr, "cutting a socket whose receiver takes no data");
+        self.node.count(Reason::ReceiverStalled);
+        self.terminate(ctx, reset_code::RECEIVER_STALLED, ErrorCode::TimedOut);
+    }
+}
+
+/// The relay-wide cap on held bytes was reached and this pair's stall is the oldest.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Evicted;
+
+impl Handler<Evicted> for SocketPairActor {
+    type Result = ();
+    fn handle(&mut self, _: Evicted, ctx: &mut Self::Context) {
+        tracing::info!(socket = self.socket, a = %self.connector.addr, b = %self.listener.addr, "cutting a stalled socket: relay cap on held bytes reached");
+        self.terminate(ctx, reset_code::RECEIVER_STALLED, ErrorCode::TimedOut);
     }
 }
 
@@ -327,16 +422,17 @@ impl Handler<SpliceDone> for SocketPairActor {
 async fn splice(
     a: (SendStream, RecvStream),
     b: (SendStream, RecvStream),
-    cancel: watch::Receiver<Option<VarInt>>,
-    pair: Addr<SocketPairActor>,
+    cancel: [watch::Receiver<Option<VarInt>>; 2],
+    guard: StallGuard,
 ) {
     let (a_send, a_recv) = a;
     let (b_send, b_recv) = b;
-    tokio::join!(pump(a_recv, b_send, cancel.clone()), pump(b_recv, a_send, cancel));
-    pair.do_send(SpliceDone);
+    let [to_connector, to_listener] = cancel;
+    tokio::join!(pump(a_recv, b_send, to_listener, &guard), pump(b_recv, a_send, to_connector, &guard));
+    guard.pair.do_send(SpliceDone);
 }
 
-/// Resolves with the cancel code once the pair is terminated; never if it is not.
+/// Resolves with the cancel code once the direction is cancelled; never if it is not.
 async fn cancelled(rx: &mut watch::Receiver<Option<VarInt>>) -> VarInt {
     loop {
         if let Some(code) = *rx.borrow_and_update() {
@@ -352,49 +448,102 @@ async fn cancelled(rx: &mut watch::Receiver<Option<VarInt>>) -> VarInt {
 /// many per wake-up and writing them in one go cuts per-packet locking and waking.
 const SPLICE_BATCH: usize = 32;
 
-/// Copies one direction until it ends or the pair is terminated; a termination resets
-/// both halves with the pair's code.
-async fn pump(mut from: RecvStream, mut to: SendStream, mut cancel: watch::Receiver<Option<VarInt>>) {
-    let terminated = tokio::select! {
-        biased;
-        code = cancelled(&mut cancel) => Some(code),
-        () = copy(&mut from, &mut to) => None,
-    };
-    if let Some(code) = terminated {
-        let _ = to.reset(code);
-        let _ = from.stop(code);
+/// A write toward a receiver that has not completed for this long counts as a stall
+/// against the relay-wide budget of held bytes.
+const STALL_GRACE: Duration = Duration::from_secs(1);
+
+/// What a stalled direction holds at most, as counted against the budget: what the
+/// relay accepted from the sender (one stream window) and what it queued toward the
+/// receiver (about one stream window).
+const STALL_HOLD_BYTES: u64 = 2 * STREAM_WINDOW as u64;
+
+/// Watches writes toward a receiver: counts long ones against the relay's budget of
+/// held bytes and gives up on a receiver that takes nothing within the write timeout.
+struct StallGuard {
+    node: Arc<Node>,
+    pair: Addr<SocketPairActor>,
+    write_timeout: Duration,
+}
+
+/// Why a write toward a receiver ended early.
+enum WriteEnd {
+    /// The stream or its connection failed.
+    Failed(WriteError),
+    /// The receiver took nothing within the write timeout.
+    Stalled,
+}
+
+impl StallGuard {
+    async fn write(&self, to: &mut SendStream, chunks: &mut [Bytes]) -> Result<(), WriteEnd> {
+        let write = to.write_all_chunks(chunks);
+        tokio::pin!(write);
+        // Most writes complete at once or within the grace; they never touch the budget.
+        if let Ok(done) = tokio::time::timeout(STALL_GRACE, &mut write).await {
+            return done.map_err(WriteEnd::Failed);
+        }
+        let _hold = self.node.holds.stall(STALL_HOLD_BYTES, self.pair.clone(), &self.node.counters);
+        match tokio::time::timeout(self.write_timeout.saturating_sub(STALL_GRACE), write).await {
+            Ok(done) => done.map_err(WriteEnd::Failed),
+            Err(_) => Err(WriteEnd::Stalled),
+        }
     }
+}
+
+/// Copies one direction until it ends or is cancelled; a cancel resets both halves
+/// with its code, a stalled receiver has the whole pair cut.
+async fn pump(
+    mut from: RecvStream,
+    mut to: SendStream,
+    mut cancel: watch::Receiver<Option<VarInt>>,
+    guard: &StallGuard,
+) {
+    let code = tokio::select! {
+        biased;
+        code = cancelled(&mut cancel) => code,
+        stalled = copy(&mut from, &mut to, guard) => {
+            if !stalled {
+                return;
+            }
+            guard.pair.do_send(Stalled);
+            VarInt::from_u32(reset_code::RECEIVER_STALLED)
+        }
+    };
+    let _ = to.reset(code);
+    let _ = from.stop(code);
 }
 
 /// Copies `from` to `to`, carrying the end over faithfully: a finish (half-close) as a
 /// finish, a reset as a reset with the same code, a stop as a stop, a lost connection
-/// as `SESSION_LOST`.
-async fn copy(from: &mut RecvStream, to: &mut SendStream) {
+/// as `SESSION_LOST`. Data the relay already accepted from a sender whose connection has
+/// since closed is still read and delivered. Returns true if the receiver stalled.
+async fn copy(from: &mut RecvStream, to: &mut SendStream, guard: &StallGuard) -> bool {
     let session_lost = VarInt::from_u32(reset_code::SESSION_LOST);
     let mut chunks: [Bytes; SPLICE_BATCH] = Default::default();
     loop {
         match from.read_chunks(&mut chunks).await {
-            Ok(Some(n)) => {
-                if let Err(e) = to.write_all_chunks(&mut chunks[..n]).await {
+            Ok(Some(n)) => match guard.write(to, &mut chunks[..n]).await {
+                Ok(()) => {}
+                Err(WriteEnd::Stalled) => return true,
+                Err(WriteEnd::Failed(e)) => {
                     let code = match e {
                         WriteError::Stopped(code) => code,
                         _ => session_lost,
                     };
                     let _ = from.stop(code);
-                    return;
+                    return false;
                 }
-            }
+            },
             Ok(None) => {
                 let _ = to.finish();
-                return;
+                return false;
             }
             Err(ReadError::Reset(code)) => {
                 let _ = to.reset(code);
-                return;
+                return false;
             }
             Err(_) => {
                 let _ = to.reset(session_lost);
-                return;
+                return false;
             }
         }
     }

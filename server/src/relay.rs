@@ -2,6 +2,11 @@
 //! loop and the handshake that turns a QUIC connection into a `SessionActor`. The relay
 //! runs in its own actix `System` on a multi-threaded tokio runtime, so the session
 //! actors stay on the arbiter while quinn and the data-path tasks use every core.
+//!
+//! Before a connection has authenticated it holds almost nothing: one stream, a
+//! connection window of [`PREAUTH_WINDOW`], a hello of at most [`PREAUTH_MAX_FRAME`],
+//! its datagrams discarded, and a place among at most `limits.max_unauthenticated`
+//! such connections (past half of them, new ones must validate their address first).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,14 +23,15 @@ use overlan_shared::wire::control::ClientMessage;
 use overlan_shared::wire::frame::RelaySideCodec;
 use overlan_shared::wire::{close_code, ALPN_CLIENT, PROTOCOL_VERSION, RELAY_SERVER_NAME};
 use quinn::VarInt;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 
-use crate::allocator::{AdmitError, AllocateVip, VipAllocatorActor};
+use crate::allocator::{AdmitError, AllocateVip, ExpireLeases, FlushSeen, VipAllocatorActor};
 use crate::config::RelayConfig;
-use crate::router::Router;
+use crate::counters::{Counters, Reason};
+use crate::node::Node;
 use crate::session::{SessionActor, SessionParts};
-use crate::store::{Store, DEFAULT_NETWORK};
+use crate::store::{DataDirLock, Store, DEFAULT_NETWORK};
 
 /// File name of the relay's certificate and key inside the data directory.
 pub const RELAY_IDENTITY_FILE: &str = "relay.pem";
@@ -44,6 +50,7 @@ pub struct RelayInfo {
 /// A running relay; dropping it shuts the relay down.
 pub struct RelayHandle {
     info: RelayInfo,
+    counters: Arc<Counters>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -67,7 +74,7 @@ impl RelayHandle {
                 system.block_on(async move {
                     match prepare(config).await {
                         Ok((prepared, info)) => {
-                            let _ = ready_tx.send(Ok(info));
+                            let _ = ready_tx.send(Ok((info, prepared.node.counters.clone())));
                             serve(prepared, shutdown_rx).await;
                         }
                         Err(e) => {
@@ -77,8 +84,13 @@ impl RelayHandle {
                 });
             })
             .context("spawning the relay thread")?;
-        let info = ready_rx.recv().context("relay thread ended before it was ready")??;
-        Ok(Self { info, shutdown: Some(shutdown_tx), thread: Some(thread) })
+        let (info, counters) = ready_rx.recv().context("relay thread ended before it was ready")??;
+        Ok(Self { info, counters, shutdown: Some(shutdown_tx), thread: Some(thread) })
+    }
+
+    /// What the relay refused, dropped or cut so far, by reason.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// What the relay is.
@@ -113,10 +125,9 @@ impl Drop for RelayHandle {
 }
 
 struct Prepared {
-    config: Arc<RelayConfig>,
+    node: Arc<Node>,
     endpoint: quinn::Endpoint,
-    allocator: Addr<VipAllocatorActor>,
-    router: Arc<Router>,
+    _lock: DataDirLock,
 }
 
 /// The default network's invite token: derived from the relay key, so it is stable
@@ -124,7 +135,7 @@ struct Prepared {
 pub fn default_invite_token(identity: &Identity, network: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, identity.key_der());
     let tag = ring::hmac::sign(&key, format!("overlan default invite v1:{network}").as_bytes());
-    tag.as_ref()[..20].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&tag.as_ref()[..20])
 }
 
 /// Loads or creates the relay identity in `data_dir`.
@@ -139,7 +150,7 @@ pub fn load_identity(data_dir: &Path) -> anyhow::Result<Identity> {
 /// Opens the database in the data directory (creating both if needed), with the
 /// `default` network in it.
 pub fn open_store(config: &RelayConfig) -> anyhow::Result<Store> {
-    let store = Store::open(&config.data_dir)?;
+    let mut store = Store::open(&config.data_dir)?;
     store.ensure_default_network(config.default_subnet)?;
     Ok(store)
 }
@@ -183,16 +194,20 @@ impl RelayState {
 }
 
 async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
-    let state = {
+    let (lock, state) = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || RelayState::open(&config)).await??
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let lock = DataDirLock::acquire(&config.data_dir)?;
+            Ok((lock, RelayState::open(&config)?))
+        })
+        .await??
     };
 
     let crypto = tls::server_config(&state.identity, ALPN_CLIENT)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("QUIC TLS configuration")?,
     ));
-    server_config.transport_config(Arc::new(transport_config(config.idle_timeout)?));
+    server_config.transport_config(Arc::new(preauth_transport_config(config.idle_timeout)?));
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let local_addr = endpoint.local_addr()?;
@@ -200,10 +215,14 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     let default_invite = state.default_invite(config.invite_addr(local_addr));
 
     let data_dir = config.data_dir.clone();
+    let counters = Arc::new(Counters::default());
+    let (max_instances, allocator_counters) = (config.limits.instances_per_identity, counters.clone());
     let allocator = SyncArbiter::start(1, move || {
-        VipAllocatorActor::open(&data_dir).expect("the lease database opened a moment ago")
+        VipAllocatorActor::open(&data_dir, max_instances, allocator_counters.clone())
+            .expect("the lease database opened a moment ago")
     });
-    let prepared = Prepared { config: Arc::new(config), endpoint, allocator, router: Arc::new(Router::default()) };
+    let node = Arc::new(Node::new(config, allocator, counters));
+    let prepared = Prepared { node, endpoint, _lock: lock };
     Ok((prepared, RelayInfo { local_addr, fingerprint, default_invite }))
 }
 
@@ -212,16 +231,27 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
 /// sessions start small; a session raises its own limit as its sockets grow, up to
 /// [`MAX_STREAMS_PER_SESSION`].
 pub const INITIAL_STREAMS_PER_SESSION: u32 = 4;
-/// Most virtual streams one client may have open through the relay at once; beyond it,
-/// `connect` waits until one closes.
-pub const MAX_STREAMS_PER_SESSION: u32 = 4096;
 
 /// Flow-control window of one virtual stream (bytes in flight per direction and hop).
 /// Larger than quinn's 1.25 MB default: measured +15% relay throughput on loopback.
 pub const STREAM_WINDOW: u32 = 4 << 20;
-/// Flow-control window of a whole session: caps what one client can make the relay
-/// buffer at once, whatever its number of streams (quinn's default is unlimited).
-pub const SESSION_RECEIVE_WINDOW: u32 = 16 << 20;
+/// Flow-control window of a whole authenticated session. Sixteen stream windows: a
+/// receiver that never reads holds one stream window of its sender's session per
+/// socket (and is cut off after `limits.write_timeout`), so a few stalled sockets
+/// leave the sender's other streams at full speed.
+pub const SESSION_RECEIVE_WINDOW: u32 = 16 * STREAM_WINDOW;
+/// What the relay keeps unacknowledged toward one session.
+pub const SESSION_SEND_WINDOW: u64 = 16 << 20;
+/// Connection window before authentication: enough for a hello, nothing more.
+pub const PREAUTH_WINDOW: u32 = 8 * 1024;
+/// Largest hello accepted before authentication.
+pub const PREAUTH_MAX_FRAME: usize = 4 * 1024;
+/// Longest a join may wait for the lease database.
+pub const ALLOCATOR_DEADLINE: Duration = Duration::from_secs(5);
+/// How often last-seen times are written.
+const SEEN_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// How often changed counters are logged.
+const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Ask peers to acknowledge every 8th ack-eliciting packet instead of every 2nd (the
 /// QUIC ACK frequency extension; both ends are quinn): fewer ACK packets to build,
@@ -249,32 +279,89 @@ pub fn transport_config(idle_timeout: Duration) -> anyhow::Result<quinn::Transpo
         .mtu_discovery_config(None)
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(SESSION_RECEIVE_WINDOW))
-        .send_window(u64::from(SESSION_RECEIVE_WINDOW))
+        .send_window(SESSION_SEND_WINDOW)
         .ack_frequency_config(Some(ack_frequency()));
     Ok(transport)
 }
 
+/// The relay's transport settings as a new connection starts: one stream and a
+/// connection window of [`PREAUTH_WINDOW`] until the session is welcomed, when the
+/// session actor raises both to a member's ([`transport_config`]).
+pub fn preauth_transport_config(idle_timeout: Duration) -> anyhow::Result<quinn::TransportConfig> {
+    let mut transport = transport_config(idle_timeout)?;
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(1)).receive_window(VarInt::from_u32(PREAUTH_WINDOW));
+    Ok(transport)
+}
+
 async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
-    let Prepared { config, endpoint, allocator, router } = prepared;
+    let Prepared { node, endpoint, _lock } = prepared;
+    let housekeeping = actix_rt::spawn(housekeeping(node.clone()));
+    let max_unauth = node.config.limits.max_unauthenticated as usize;
+    let unauthenticated = Arc::new(Semaphore::new(max_unauth));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                actix_rt::spawn(handshake(incoming, config.clone(), allocator.clone(), router.clone()));
+                let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
+                    node.count(Reason::UnauthenticatedLimit);
+                    tracing::debug!(peer = %incoming.remote_address(), "refusing a connection: too many unauthenticated");
+                    incoming.refuse();
+                    continue;
+                };
+                // A spike of new connections: make each prove its address first, so
+                // spoofed sources cannot hold places.
+                if unauthenticated.available_permits() < max_unauth / 2 && !incoming.remote_address_validated() {
+                    node.count(Reason::AddressValidation);
+                    let _ = incoming.retry();
+                    continue;
+                }
+                actix_rt::spawn(handshake(incoming, node.clone(), permit));
             }
             _ = &mut shutdown => break,
         }
     }
     tracing::info!("relay shutting down");
+    housekeeping.abort();
+    node.allocator.do_send(FlushSeen);
     endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"relay shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     System::current().stop();
 }
 
-/// The fingerprint of the client certificate, if the client presented one.
-fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+/// Periodic chores: write last-seen times, expire unused leases (if configured), log
+/// the counters that changed.
+async fn housekeeping(node: Arc<Node>) {
+    let mut flush = tokio::time::interval(SEEN_FLUSH_INTERVAL);
+    let mut log = tokio::time::interval(COUNTER_LOG_INTERVAL);
+    let expiry = node.config.limits.lease_expiry.map(|d| d.0);
+    let mut expire =
+        tokio::time::interval(expiry.map_or(Duration::from_secs(3600), |d| (d / 10).max(Duration::from_secs(60))));
+    let mut logged = Vec::new();
+    loop {
+        tokio::select! {
+            _ = flush.tick() => node.allocator.do_send(FlushSeen),
+            _ = expire.tick() => if let Some(max_age) = expiry {
+                node.allocator.do_send(ExpireLeases { max_age, online: node.router.online() });
+            },
+            _ = log.tick() => {
+                let now = node.counters.snapshot();
+                if now != logged {
+                    let text: Vec<String> = now.iter().map(|(name, n)| format!("{name}={n}")).collect();
+                    tracing::info!(counters = %text.join(" "), held_bytes = node.holds.held(), "refused, dropped or cut so far");
+                    logged = now;
+                }
+            }
+        }
+    }
+}
+
+/// The identity of the client certificate (its public key's fingerprint) and the
+/// fingerprint of the whole certificate (what leases were keyed on before), if the
+/// client presented one.
+fn peer_identity(conn: &quinn::Connection) -> Option<(Fingerprint, Fingerprint)> {
     let certs = conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
-    certs.first().map(|c| Fingerprint::of(c))
+    let cert = certs.first()?;
+    Some((tls::spki_fingerprint(cert)?, Fingerprint::of(cert)))
 }
 
 fn refuse(conn: &quinn::Connection, code: u32, reason: &str) {
@@ -282,12 +369,8 @@ fn refuse(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(VarInt::from_u32(code), reason.as_bytes());
 }
 
-async fn handshake(
-    incoming: quinn::Incoming,
-    config: Arc<RelayConfig>,
-    allocator: Addr<VipAllocatorActor>,
-    router: Arc<Router>,
-) {
+async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSemaphorePermit) {
+    let config = &node.config;
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
@@ -296,7 +379,7 @@ async fn handshake(
             return;
         }
     };
-    let Some(identity) = peer_fingerprint(&conn) else {
+    let Some((identity, legacy)) = peer_identity(&conn) else {
         return refuse(
             &conn,
             close_code::UNAUTHORIZED,
@@ -304,11 +387,23 @@ async fn handshake(
         );
     };
     let hello = tokio::time::timeout(config.hello_timeout, async {
-        let (send, recv) = conn.accept_bi().await.ok()?;
-        // Control frames are small; start the buffer small (it grows for a large frame).
-        let mut framed = FramedRead::with_capacity(recv, RelaySideCodec::new(config.max_control_frame), 128);
-        let first = framed.next().await?;
-        Some((send, framed, first))
+        let read_hello = async {
+            let (send, recv) = conn.accept_bi().await.ok()?;
+            // Control frames are small; start the buffer small (it grows for a large frame).
+            let mut framed = FramedRead::with_capacity(recv, RelaySideCodec::new(PREAUTH_MAX_FRAME), 128);
+            let first = framed.next().await?;
+            framed.decoder_mut().set_max_len(config.max_control_frame);
+            Some((send, framed, first))
+        };
+        // Nobody reads datagrams before the session starts: drop them, do not buffer.
+        let discard_datagrams = async {
+            while conn.read_datagram().await.is_ok() {}
+            std::future::pending().await
+        };
+        tokio::select! {
+            hello = read_hello => hello,
+            never = discard_datagrams => never,
+        }
     })
     .await;
     let (send, framed, first) = match hello {
@@ -336,15 +431,27 @@ async fn handshake(
             "protocol violation: instance name must be at most 64 of A-Z a-z 0-9 . _ -",
         );
     }
-    let admitted = allocator.send(AllocateVip { token, identity, instance: instance.clone() }).await;
+    let request = AllocateVip { token, identity, legacy, instance: instance.clone() };
+    let admitted = tokio::time::timeout(ALLOCATOR_DEADLINE, node.allocator.send(request)).await;
     let admission = match admitted {
-        Ok(Ok(a)) => a,
-        Ok(Err(AdmitError::Token(problem))) => {
+        Ok(Ok(Ok(a))) => a,
+        Ok(Ok(Err(AdmitError::Token(problem)))) => {
             return refuse(&conn, close_code::UNAUTHORIZED, &format!("unauthorized: {}", problem.message()))
         }
-        Ok(Err(e @ AdmitError::NetworkFull { .. })) => return refuse(&conn, close_code::NETWORK_FULL, &e.to_string()),
-        Ok(Err(e)) => return refuse(&conn, close_code::INTERNAL, &e.to_string()),
-        Err(_) => return refuse(&conn, close_code::INTERNAL, "relay internal error: allocator unavailable"),
+        Ok(Ok(Err(e @ AdmitError::NetworkFull { .. }))) => {
+            return refuse(&conn, close_code::NETWORK_FULL, &e.to_string())
+        }
+        Ok(Ok(Err(e @ AdmitError::InstanceLimit { .. }))) => return refuse(&conn, close_code::LIMIT, &e.to_string()),
+        Ok(Ok(Err(e))) => return refuse(&conn, close_code::INTERNAL, &e.to_string()),
+        Ok(Err(_)) => return refuse(&conn, close_code::INTERNAL, "relay internal error: allocator unavailable"),
+        Err(_) => {
+            node.count(Reason::AllocatorTimeout);
+            return refuse(
+                &conn,
+                close_code::INTERNAL,
+                "relay busy: the lease database did not answer in time; retrying may work",
+            );
+        }
     };
     if admission.new_lease {
         tracing::info!(network = %admission.network.name, vip = %admission.vip, %identity, %instance, "new lease");
@@ -358,7 +465,8 @@ async fn handshake(
         network: admission.network,
         vip: admission.vip,
     };
-    SessionActor::new(parts, router, config).start();
+    SessionActor::new(parts, node.clone()).start();
+    drop(permit);
 }
 
 /// Whether an instance name is acceptable: up to 64 of `A-Z a-z 0-9 . _ -` (may be empty).

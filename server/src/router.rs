@@ -3,19 +3,17 @@
 //! lookup, no guard held across an `.await`). A route is a local session today; a
 //! federated relay adds `Route::Peer` for VIPs behind a peer link.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
-use actix::{Actor, Addr};
+use actix::Addr;
 use dashmap::DashMap;
 use overlan_shared::wire::control::SocketId;
 
-use crate::network::NetworkActor;
 use crate::pair::SocketPairActor;
 use crate::session::SessionActor;
-use crate::store::{Network, NetworkId};
+use crate::store::NetworkId;
 
 /// Relay-local session number.
 pub type SessionId = u64;
@@ -57,7 +55,6 @@ pub struct Router {
     datagram_ports: DashMap<(NetworkId, SocketAddrV4), DatagramBinding>,
     broadcast_groups: DashMap<(NetworkId, u16), HashMap<Ipv4Addr, DatagramBinding>>,
     pairs: DashMap<SocketId, Addr<SocketPairActor>>,
-    networks: DashMap<NetworkId, Addr<NetworkActor>>,
 }
 
 impl Router {
@@ -71,12 +68,9 @@ impl Router {
         self.next_socket.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// The actor of `network`, started on first use. Call on the relay's arbiter.
-    pub fn network(self: &Arc<Self>, network: &Network) -> Addr<NetworkActor> {
-        self.networks
-            .entry(network.id)
-            .or_insert_with(|| NetworkActor::new(network.clone(), self.clone()).start())
-            .clone()
+    /// Every VIP that routes to a session now.
+    pub fn online(&self) -> HashSet<(NetworkId, Ipv4Addr)> {
+        self.routes.iter().map(|r| *r.key()).collect()
     }
 
     /// Routes `vip` to a local session; returns the session it replaces, if any (the same

@@ -21,22 +21,17 @@ use overlan_shared::wire::{close_code, reset_code, ErrorCode, MAX_DATAGRAM_PAYLO
 use quinn::VarInt;
 use tokio_util::codec::FramedRead;
 
-use crate::config::RelayConfig;
+use crate::allocator::LeaseSeen;
 use crate::control::{ControlQueue, PushError};
-use crate::datagram::{handle_datagram, NoticeBudget, Sender};
+use crate::counters::Reason;
+use crate::datagram::{DatagramPath, Sender};
 use crate::network::{JoinNetwork, LeaveNetwork, NetworkActor};
+use crate::node::Node;
 use crate::pair::{AnswerOffer, AttachStream, CloseSocket, HeldStream, PartyGone, SocketPairActor};
-use crate::relay::{INITIAL_STREAMS_PER_SESSION, MAX_STREAMS_PER_SESSION};
-use crate::router::{DatagramBinding, LocalSession, Route, Router, SessionId};
+use crate::relay::{INITIAL_STREAMS_PER_SESSION, SESSION_RECEIVE_WINDOW};
+use crate::router::{DatagramBinding, LocalSession, Route, SessionId};
 use crate::store::Network;
 
-/// Connection attempts a session may have waiting for an answer at once; more are
-/// refused, so one client cannot pile work (and `Incoming` frames) onto others.
-pub const MAX_PENDING_CONNECTS: usize = 256;
-/// Connection attempts a listening session may have waiting for its application's
-/// answer; more are refused. This bounds what other clients can queue on this
-/// session's control stream.
-pub const MAX_PENDING_OFFERS: usize = 1024;
 /// How long a newly opened stream has to deliver its header.
 const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -80,9 +75,8 @@ pub struct SessionActor {
     instance: String,
     network: Network,
     vip: Ipv4Addr,
-    router: Arc<Router>,
+    node: Arc<Node>,
     network_addr: Addr<NetworkActor>,
-    config: Arc<RelayConfig>,
     control: ControlQueue,
     codec: RelaySideCodec,
     control_recv: Option<FramedRead<quinn::RecvStream, RelaySideCodec>>,
@@ -102,20 +96,19 @@ pub struct SessionActor {
 
 impl SessionActor {
     /// Builds the actor; the control writer task starts at once.
-    pub fn new(parts: SessionParts, router: Arc<Router>, config: Arc<RelayConfig>) -> Self {
-        let parts_max_frame = config.max_control_frame;
-        let network_addr = router.network(&parts.network);
+    pub fn new(parts: SessionParts, node: Arc<Node>) -> Self {
+        let parts_max_frame = node.config.max_control_frame;
+        let network_addr = node.network(&parts.network);
         let control = ControlQueue::start(parts.control_send);
         Self {
-            id: router.next_session_id(),
+            id: node.router.next_session_id(),
             conn: parts.conn,
             identity: parts.identity,
             instance: parts.instance,
             network: parts.network,
             vip: parts.vip,
             network_addr,
-            router,
-            config,
+            node,
             control,
             codec: RelaySideCodec::new(parts_max_frame),
             control_recv: Some(parts.control_recv),
@@ -166,23 +159,35 @@ impl SessionActor {
         ctx.stop();
     }
 
+    /// Refuses request `req` because a limit of this session is reached.
+    fn limit(&mut self, ctx: &mut Context<Self>, req: u64, reason: Reason, message: String) {
+        self.node.count(reason);
+        self.fail(ctx, req, ErrorCode::LimitExceeded, message);
+    }
+
     fn handle_listen(&mut self, ctx: &mut Context<Self>, req: u64, port: u16) {
         if !self.is_current() {
             return self.fail(ctx, req, ErrorCode::Replaced, ErrorCode::Replaced.describe().to_owned());
+        }
+        let max = self.node.config.limits.max_listeners;
+        if self.listeners.len() >= max as usize {
+            let what =
+                format!("listen {}:{port}: this session already has {max} listeners (the relay's limit)", self.vip);
+            return self.limit(ctx, req, Reason::ListenerLimit, what);
         }
         let Ok(port) = self.stream_ports.claim(port) else {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("listen {}:{port}: address in use", self.vip));
         };
         self.listeners.insert(port);
         let local = self.local(ctx);
-        self.router.add_listener(self.net(), SocketAddrV4::new(self.vip, port), local);
+        self.node.router.add_listener(self.net(), SocketAddrV4::new(self.vip, port), local);
         self.send(ctx, RelayMessage::Listening { req, port });
     }
 
     fn handle_unlisten(&mut self, port: u16) {
         if self.listeners.remove(&port) {
             self.stream_ports.release(port);
-            self.router.remove_listener(self.net(), SocketAddrV4::new(self.vip, port), self.id);
+            self.node.router.remove_listener(self.net(), SocketAddrV4::new(self.vip, port), self.id);
         }
     }
 
@@ -190,28 +195,36 @@ impl SessionActor {
         if !self.is_current() {
             return self.fail(ctx, req, ErrorCode::Replaced, ErrorCode::Replaced.describe().to_owned());
         }
+        let max = self.node.config.limits.max_bound_ports;
+        if self.datagram_ports.len() >= max as usize {
+            let what =
+                format!("bind {}:{port}: this session already has {max} bound ports (the relay's limit)", self.vip);
+            return self.limit(ctx, req, Reason::PortLimit, what);
+        }
         let Ok(port) = self.datagram_ports.claim(port) else {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("bind {}:{port}: address in use", self.vip));
         };
         let binding = DatagramBinding { session: self.id, conn: self.conn.clone() };
-        self.router.bind_datagram(self.net(), SocketAddrV4::new(self.vip, port), binding);
+        self.node.router.bind_datagram(self.net(), SocketAddrV4::new(self.vip, port), binding);
         self.send(ctx, RelayMessage::Bound { req, port });
     }
 
     fn handle_unbind(&mut self, port: u16) {
         if self.datagram_ports.release(port) {
-            self.router.unbind_datagram(self.net(), SocketAddrV4::new(self.vip, port), self.id);
+            self.node.router.unbind_datagram(self.net(), SocketAddrV4::new(self.vip, port), self.id);
         }
     }
 
     fn handle_connect(&mut self, ctx: &mut Context<Self>, req: u64, to: SocketAddrV4) {
-        if self.pending_connects >= MAX_PENDING_CONNECTS {
-            return self.fail(
-                ctx,
-                req,
-                ErrorCode::TimedOut,
-                format!("connect {to}: too many connection attempts in flight ({MAX_PENDING_CONNECTS}); retry later"),
-            );
+        let limits = &self.node.config.limits;
+        let (max_pending, max_sockets) = (limits.max_pending_connects, limits.max_sockets);
+        if self.pending_connects >= max_pending as usize {
+            let what = format!("connect {to}: too many connection attempts in flight ({max_pending}); retry later");
+            return self.limit(ctx, req, Reason::PendingConnectLimit, what);
+        }
+        if self.sockets.len() >= max_sockets as usize {
+            let what = format!("connect {to}: this session already has {max_sockets} sockets open (the relay's limit)");
+            return self.limit(ctx, req, Reason::SocketLimit, what);
         }
         let subnet = self.network.subnet;
         if to.port() == 0 || !subnet.is_assignable(*to.ip()) {
@@ -222,7 +235,7 @@ impl SessionActor {
                 format!("connect {to}: unreachable (not a client address of network {} {subnet})", self.network.name),
             );
         }
-        if self.router.route(self.net(), *to.ip()).is_none() {
+        if self.node.router.route(self.net(), *to.ip()).is_none() {
             return self.fail(
                 ctx,
                 req,
@@ -230,23 +243,16 @@ impl SessionActor {
                 format!("connect {to}: unreachable (no session has that VIP)"),
             );
         }
-        let Some(listener) = self.router.listener(self.net(), to) else {
+        let Some(listener) = self.node.router.listener(self.net(), to) else {
             return self.fail(ctx, req, ErrorCode::Refused, format!("connect {to}: refused (nothing listening)"));
         };
         let Ok(port) = self.stream_ports.claim(0) else {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("connect {to}: no free ephemeral port"));
         };
-        let socket = self.router.next_socket_id();
+        let socket = self.node.router.next_socket_id();
         let local = SocketAddrV4::new(self.vip, port);
-        let pair = SocketPairActor::new(
-            socket,
-            req,
-            (self.local(ctx), local),
-            (listener, to),
-            self.router.clone(),
-            self.config.clone(),
-        )
-        .start();
+        let pair =
+            SocketPairActor::new(socket, req, (self.local(ctx), local), (listener, to), self.node.clone()).start();
         self.pending_connects += 1;
         self.add_socket(
             socket,
@@ -318,6 +324,11 @@ impl Actor for SessionActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.network_addr.do_send(LeaveNetwork { vip: self.vip, session: self.id });
+        self.node.allocator.do_send(LeaseSeen {
+            network: self.net(),
+            identity: self.identity,
+            instance: self.instance.clone(),
+        });
         self.release_all();
     }
 }
@@ -336,24 +347,28 @@ impl SessionActor {
             vip: self.vip,
             subnet: self.network.subnet,
             max_datagram_payload: MAX_DATAGRAM_PAYLOAD as u32,
-            idle_timeout_ms: self.config.idle_timeout.as_millis() as u64,
+            idle_timeout_ms: self.node.config.idle_timeout.as_millis() as u64,
         };
+        // Authenticated: the tiny windows of the handshake grow to a member's.
+        self.conn.set_receive_window(VarInt::from_u32(SESSION_RECEIVE_WINDOW));
+        self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.stream_limit));
         self.send(ctx, welcome);
         if let Some(recv) = self.control_recv.take() {
-            ctx.add_stream(recv);
+            ctx.add_stream(throttled(recv, &self.node));
         }
         let sender = Sender { session: self.id, net: self.net(), vip: self.vip, subnet: self.network.subnet };
-        tokio::spawn(run_session_io(self.conn.clone(), self.router.clone(), sender, ctx.address()));
+        let path = DatagramPath::new(sender, &self.node.config.limits);
+        tokio::spawn(run_session_io(self.conn.clone(), self.node.clone(), path, ctx.address()));
     }
 
     /// Releases everything the session registered and closes its connection.
     fn release_all(&mut self) {
         let net = self.net();
         for port in self.listeners.drain() {
-            self.router.remove_listener(net, SocketAddrV4::new(self.vip, port), self.id);
+            self.node.router.remove_listener(net, SocketAddrV4::new(self.vip, port), self.id);
         }
         for port in self.datagram_ports.drain() {
-            self.router.unbind_datagram(net, SocketAddrV4::new(self.vip, port), self.id);
+            self.node.router.unbind_datagram(net, SocketAddrV4::new(self.vip, port), self.id);
         }
         for (_, m) in self.sockets.drain() {
             m.pair.do_send(PartyGone { session: self.id });
@@ -429,8 +444,17 @@ impl Handler<Offer> for SessionActor {
             msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::Refused) });
             return;
         }
-        if self.pending_offers >= MAX_PENDING_OFFERS {
-            msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::TimedOut) });
+        let limits = &self.node.config.limits;
+        let refusal = if self.pending_offers >= limits.max_pending_offers as usize {
+            Some(Reason::PendingOfferLimit)
+        } else if self.sockets.len() >= limits.max_sockets as usize && !self.sockets.contains_key(&msg.socket) {
+            Some(Reason::SocketLimit)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.node.count(reason);
+            msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::LimitExceeded) });
             return;
         }
         self.pending_offers += 1;
@@ -493,9 +517,12 @@ impl SessionActor {
     }
 
     fn grow_stream_limit(&mut self) {
+        // Each socket needs one stream per side this session is on (two when it connects
+        // to its own listener), plus the control stream.
+        let max = self.node.config.limits.max_sockets * 2 + 1;
         let wanted = self.stream_demand + INITIAL_STREAMS_PER_SESSION / 2;
-        if wanted > self.stream_limit && self.stream_limit < MAX_STREAMS_PER_SESSION {
-            self.stream_limit = (self.stream_limit * 2).clamp(wanted, MAX_STREAMS_PER_SESSION);
+        if wanted > self.stream_limit && self.stream_limit < max {
+            self.stream_limit = (self.stream_limit * 2).clamp(wanted, max);
             self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.stream_limit));
         }
     }
@@ -523,7 +550,7 @@ impl SessionActor {
     /// Whether this session still holds its VIP (a newer session of the same identity
     /// and instance may have replaced it while its messages were in flight).
     fn is_current(&self) -> bool {
-        matches!(self.router.route(self.net(), self.vip), Some(Route::Local(s)) if s.id == self.id)
+        matches!(self.node.router.route(self.net(), self.vip), Some(Route::Local(s)) if s.id == self.id)
     }
 }
 
@@ -552,17 +579,17 @@ impl Handler<PairEnded> for SessionActor {
 /// The session's one data-path task: forwards the client's datagrams and hands each
 /// QUIC stream it opens to its socket pair. When the connection ends — closed, or the
 /// QUIC idle timeout found the client dead — it tells the session, which then ends.
-async fn run_session_io(conn: quinn::Connection, router: Arc<Router>, from: Sender, addr: Addr<SessionActor>) {
-    let mut budget = NoticeBudget::default();
+async fn run_session_io(conn: quinn::Connection, node: Arc<Node>, mut path: DatagramPath, addr: Addr<SessionActor>) {
+    let session = path.session();
     let reason = loop {
         tokio::select! {
             datagram = conn.read_datagram() => match datagram {
-                Ok(datagram) => handle_datagram(&router, &from, datagram, &mut budget, &addr),
+                Ok(datagram) => path.handle_datagram(&node, datagram, &addr),
                 Err(e) => break e,
             },
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tokio::spawn(attach_stream(send, recv, router.clone(), from.session, addr.clone()));
+                    tokio::spawn(attach_stream(send, recv, node.clone(), session, addr.clone()));
                 }
                 Err(e) => break e,
             },
@@ -587,7 +614,7 @@ impl Handler<ConnectionEnded> for SessionActor {
 async fn attach_stream(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    router: Arc<Router>,
+    node: Arc<Node>,
     session: SessionId,
     addr: Addr<SessionActor>,
 ) {
@@ -606,7 +633,7 @@ async fn attach_stream(
             return;
         }
     };
-    match router.pair(header.socket) {
+    match node.router.pair(header.socket) {
         Some(pair) => pair.do_send(AttachStream { session, session_addr: addr, stream }),
         None => {
             stream.reset(reset_code::UNKNOWN_SOCKET);
@@ -616,4 +643,32 @@ async fn attach_stream(
             });
         }
     }
+}
+
+/// The control stream, read no faster than the session's control rate: a client that
+/// sends faster is slowed down (its QUIC flow control pushes back), so one client's
+/// spam costs the shared arbiter a bounded amount of work.
+fn throttled(
+    recv: FramedRead<quinn::RecvStream, RelaySideCodec>,
+    node: &Arc<Node>,
+) -> impl futures_util::Stream<Item = Result<ClientMessage, FrameError>> {
+    use futures_util::StreamExt;
+    use governor::{Quota, RateLimiter};
+    use std::num::NonZeroU32;
+    let limits = &node.config.limits;
+    let quota = Quota::per_second(NonZeroU32::new(limits.control_rate).unwrap_or(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::new(limits.control_burst).unwrap_or(NonZeroU32::MIN));
+    let limiter = Arc::new(RateLimiter::direct(quota));
+    let node = node.clone();
+    recv.then(move |item| {
+        let limiter = limiter.clone();
+        let node = node.clone();
+        async move {
+            if limiter.check().is_err() {
+                node.count(Reason::ControlThrottled);
+                limiter.until_ready().await;
+            }
+            item
+        }
+    })
 }

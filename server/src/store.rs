@@ -1,10 +1,15 @@
 //! The relay's on-disk state in SQLite: networks, invites (token hashes only) and VIP
 //! leases. Synchronous; the relay calls it from the allocator's own thread, the CLI
 //! subcommands call it directly. WAL mode lets `overlan-server invite …` run beside a
-//! live relay.
+//! live relay. Writes are synchronous to the disk (`synchronous=FULL`): a lease a client
+//! was told about survives a crash or a power loss. The schema carries a version
+//! (`PRAGMA user_version`), checked and migrated at open.
 
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use overlan_shared::invite::valid_network_name;
@@ -16,6 +21,12 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 pub const DB_FILE: &str = "overlan.db";
 /// Name of the network that exists out of the box.
 pub const DEFAULT_NETWORK: &str = "default";
+
+/// File name of the lock a running relay holds on its data directory.
+pub const LOCK_FILE: &str = "relay.lock";
+/// Schema version this build reads and writes. 1: the first release (no version
+/// recorded); 2: leases keyed on the client's public key, per-network instance caps.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Database id of a network.
 pub type NetworkId = i64;
@@ -59,6 +70,38 @@ pub enum StoreError {
     /// Stored data does not parse (hand-edited database?).
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// The database was written by a newer overlan-server (or is not overlan's).
+    #[error("database {path} has schema version {found}, but this overlan-server reads version {SCHEMA_VERSION}; upgrade overlan-server or point --data-dir elsewhere")]
+    SchemaVersion {
+        /// The database file.
+        path: String,
+        /// The version found.
+        found: i64,
+    },
+    /// Another relay runs on this data directory.
+    #[error("data directory {path} is in use by another relay ({holder}); stop it first, or give this one its own --data-dir")]
+    Locked {
+        /// The data directory.
+        path: String,
+        /// Who holds the lock, as its lock file says.
+        holder: String,
+    },
+    /// The lock file could not be made.
+    #[error("locking data directory {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// No lease holds that VIP.
+    #[error("no lease holds {vip} in network {network:?} (see `overlan-server lease list`)")]
+    NoSuchLease {
+        /// The network.
+        network: String,
+        /// The VIP.
+        vip: Ipv4Addr,
+    },
 }
 
 /// A virtual network.
@@ -70,6 +113,37 @@ pub struct Network {
     pub name: String,
     /// Subnet.
     pub subnet: Subnet,
+    /// Instances one identity may hold here; `None`: the relay's default.
+    pub max_instances: Option<u32>,
+}
+
+/// A lease as listed by the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// Network name.
+    pub network: String,
+    /// The VIP.
+    pub vip: Ipv4Addr,
+    /// The holder's identity (SHA-256 of its public key; of its certificate for a lease
+    /// made before version 2 and not used since).
+    pub identity: String,
+    /// Instance name.
+    pub instance: String,
+    /// When the lease was made, unix seconds.
+    pub created_at: i64,
+    /// When its holder last joined or left, unix seconds.
+    pub last_seen: i64,
+}
+
+/// The key of a lease: network, identity, instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseKey {
+    /// Network id.
+    pub network: NetworkId,
+    /// Identity (public-key fingerprint).
+    pub identity: Fingerprint,
+    /// Instance name.
+    pub instance: String,
 }
 
 /// An invite as listed (the token itself is not stored).
@@ -155,22 +229,50 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|source| StoreError::DataDir { path: data_dir.display().to_string(), source })?;
-        let conn = Connection::open(data_dir.join(DB_FILE))?;
+        let path = data_dir.join(DB_FILE);
+        let mut conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // Leases are read once per join; a 512 KiB page cache is plenty and keeps the
         // relay's memory flat as the lease table grows.
         conn.pragma_update(None, "cache_size", -512)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS networks (
+        migrate(&mut conn, &path)?;
+        Ok(Self { conn })
+    }
+
+    /// How long a statement waits for another connection's write lock before failing.
+    pub fn set_busy_timeout(&self, timeout: Duration) -> Result<(), StoreError> {
+        Ok(self.conn.busy_timeout(timeout)?)
+    }
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] in one transaction, or refuses a database of
+/// a newer version.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let has_tables: bool =
+        tx.query_row("SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'networks'", [], |r| {
+            r.get(0)
+        })?;
+    if version == 0 && has_tables {
+        version = 1; // the first release recorded no version
+    }
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaVersion { path: path.display().to_string(), found: version });
+    }
+    if version == 0 {
+        tx.execute_batch(
+            "CREATE TABLE networks (
                 id INTEGER PRIMARY KEY,
                 name TEXT NOT NULL UNIQUE,
                 subnet TEXT NOT NULL,
-                created_at INTEGER NOT NULL
+                created_at INTEGER NOT NULL,
+                max_instances INTEGER
             );
-            CREATE TABLE IF NOT EXISTS invites (
+            CREATE TABLE invites (
                 id INTEGER PRIMARY KEY,
                 network_id INTEGER NOT NULL REFERENCES networks(id),
                 token_hash TEXT NOT NULL UNIQUE,
@@ -181,22 +283,73 @@ impl Store {
                 revoked INTEGER NOT NULL DEFAULT 0,
                 created_at INTEGER NOT NULL
             );
-            CREATE TABLE IF NOT EXISTS leases (
+            CREATE TABLE leases (
                 network_id INTEGER NOT NULL REFERENCES networks(id),
                 identity TEXT NOT NULL,
                 instance TEXT NOT NULL,
                 vip INTEGER NOT NULL,
                 created_at INTEGER NOT NULL,
                 last_seen INTEGER NOT NULL,
+                legacy_identity INTEGER NOT NULL DEFAULT 0,
                 PRIMARY KEY (network_id, identity, instance),
                 UNIQUE (network_id, vip)
             );",
         )?;
-        Ok(Self { conn })
+    } else if version == 1 {
+        // Version 1 keyed leases on the hash of the whole client certificate. Those rows
+        // are marked; each is re-keyed on its holder's public key at its next join.
+        tx.execute_batch(
+            "ALTER TABLE networks ADD COLUMN max_instances INTEGER;
+             ALTER TABLE leases ADD COLUMN legacy_identity INTEGER NOT NULL DEFAULT 0;
+             UPDATE leases SET legacy_identity = 1;",
+        )?;
     }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
 
+/// The exclusive lock a running relay holds on its data directory, so a second relay on
+/// the same directory is refused instead of running with a diverging VIP pool. The
+/// operator commands (`invite`, `network`, `lease`) do not take it: they run beside a
+/// live relay. Released when dropped (or when the process dies).
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    /// Takes the lock of `data_dir` (creating the directory), or says who holds it.
+    pub fn acquire(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| StoreError::DataDir { path: data_dir.display().to_string(), source })?;
+        let path: PathBuf = data_dir.join(LOCK_FILE);
+        let lock_err = |source| StoreError::Lock { path: path.display().to_string(), source };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(lock_err)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                let holder = if holder.is_empty() { "a running overlan-server".to_owned() } else { holder.to_owned() };
+                return Err(StoreError::Locked { path: data_dir.display().to_string(), holder });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(lock_err(e)),
+        }
+        file.set_len(0).map_err(lock_err)?;
+        writeln!(file, "overlan-server pid {}", std::process::id()).map_err(lock_err)?;
+        Ok(Self { _file: file })
+    }
+}
+
+impl Store {
     /// Creates the `default` network if there is none.
-    pub fn ensure_default_network(&self, subnet: Subnet) -> Result<Network, StoreError> {
+    pub fn ensure_default_network(&mut self, subnet: Subnet) -> Result<Network, StoreError> {
         match self.network(DEFAULT_NETWORK) {
             Ok(n) => Ok(n),
             Err(StoreError::NoSuchNetwork(_)) => self.add_network(DEFAULT_NETWORK, subnet),
@@ -204,12 +357,14 @@ impl Store {
         }
     }
 
-    /// Adds a network; its subnet may not overlap another's.
-    pub fn add_network(&self, name: &str, subnet: Subnet) -> Result<Network, StoreError> {
+    /// Adds a network; its subnet may not overlap another's. The check and the insert
+    /// are one transaction, so two concurrent adds cannot both pass the check.
+    pub fn add_network(&mut self, name: &str, subnet: Subnet) -> Result<Network, StoreError> {
         if !valid_network_name(name) {
             return Err(StoreError::BadNetworkName(name.to_owned()));
         }
-        for other in self.networks()? {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for other in networks_in(&tx)? {
             if other.name == name {
                 return Err(StoreError::NetworkExists(name.to_owned()));
             }
@@ -217,39 +372,39 @@ impl Store {
                 return Err(StoreError::Overlap { subnet, other: other.name, other_subnet: other.subnet });
             }
         }
-        self.conn.execute(
+        tx.execute(
             "INSERT INTO networks (name, subnet, created_at) VALUES (?1, ?2, ?3)",
             params![name, subnet.to_string(), unix_now()],
         )?;
+        tx.commit()?;
         self.network(name)
     }
 
-    fn network_from_row(id: i64, name: String, subnet: String) -> Result<Network, StoreError> {
-        let subnet = subnet.parse().map_err(|e| StoreError::Corrupt(format!("network {name}: {e}")))?;
-        Ok(Network { id, name, subnet })
+    /// Sets how many instances one identity may hold in a network (`None`: the relay's
+    /// default). Existing leases over a lowered cap are kept.
+    pub fn set_max_instances(&self, name: &str, max: Option<u32>) -> Result<Network, StoreError> {
+        let n = self.conn.execute("UPDATE networks SET max_instances = ?2 WHERE name = ?1", params![name, max])?;
+        if n == 0 {
+            return Err(StoreError::NoSuchNetwork(name.to_owned()));
+        }
+        self.network(name)
     }
 
     /// Looks a network up by name.
     pub fn network(&self, name: &str) -> Result<Network, StoreError> {
         let row = self
             .conn
-            .query_row("SELECT id, name, subnet FROM networks WHERE name = ?1", [name], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            .query_row("SELECT id, name, subnet, max_instances FROM networks WHERE name = ?1", [name], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
             .optional()?;
-        let (id, name, subnet) = row.ok_or_else(|| StoreError::NoSuchNetwork(name.to_owned()))?;
-        Self::network_from_row(id, name, subnet)
+        let (id, name, subnet, max) = row.ok_or_else(|| StoreError::NoSuchNetwork(name.to_owned()))?;
+        network_from_row(id, name, subnet, max)
     }
 
     /// All networks, by name.
     pub fn networks(&self) -> Result<Vec<Network>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT id, name, subnet FROM networks ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.map(|r| {
-            let (id, name, subnet) = r?;
-            Self::network_from_row(id, name, subnet)
-        })
-        .collect()
+        networks_in(&self.conn)
     }
 
     /// Number of leases in a network.
@@ -324,7 +479,7 @@ impl Store {
         let row = self
             .conn
             .query_row(
-                "SELECT i.id, i.max_uses, i.uses, i.expires_at, i.revoked, n.id, n.name, n.subnet
+                "SELECT i.id, i.max_uses, i.uses, i.expires_at, i.revoked, n.id, n.name, n.subnet, n.max_instances
                  FROM invites i JOIN networks n ON n.id = i.network_id WHERE i.token_hash = ?1",
                 [hash_token(token)],
                 |r| {
@@ -337,11 +492,12 @@ impl Store {
                         r.get::<_, i64>(5)?,
                         r.get::<_, String>(6)?,
                         r.get::<_, String>(7)?,
+                        r.get::<_, Option<u32>>(8)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((id, max_uses, uses, expires_at, revoked, net_id, name, subnet)) = row else {
+        let Some((id, max_uses, uses, expires_at, revoked, net_id, name, subnet, max_instances)) = row else {
             return Ok(Err(TokenProblem::Unknown));
         };
         if revoked {
@@ -352,7 +508,7 @@ impl Store {
         }
         Ok(Ok(ValidInvite {
             id,
-            network: Self::network_from_row(net_id, name, subnet)?,
+            network: network_from_row(net_id, name, subnet, max_instances)?,
             has_uses_left: max_uses.is_none_or(|max| uses < max),
         }))
     }
@@ -375,6 +531,39 @@ impl Store {
             .map(Ipv4Addr::from))
     }
 
+    /// The lease of (network, `identity`, instance); failing that, a lease made before
+    /// version 2 under `legacy` (the hash of the client's whole certificate), which is
+    /// then re-keyed on `identity`, so clients keep their VIPs across the upgrade.
+    pub fn lease_or_migrate(
+        &self,
+        network: NetworkId,
+        identity: &Fingerprint,
+        legacy: &Fingerprint,
+        instance: &str,
+    ) -> Result<Option<Ipv4Addr>, StoreError> {
+        if let Some(vip) = self.lease(network, identity, instance)? {
+            return Ok(Some(vip));
+        }
+        let moved = self.conn.execute(
+            "UPDATE leases SET identity = ?2, legacy_identity = 0
+             WHERE network_id = ?1 AND identity = ?3 AND instance = ?4 AND legacy_identity = 1",
+            params![network, identity.to_string(), legacy.to_string(), instance],
+        )?;
+        if moved == 0 {
+            return Ok(None);
+        }
+        self.lease(network, identity, instance)
+    }
+
+    /// How many instances `identity` holds leases for in `network`.
+    pub fn instances(&self, network: NetworkId, identity: &Fingerprint) -> Result<u32, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM leases WHERE network_id = ?1 AND identity = ?2",
+            params![network, identity.to_string()],
+            |r| r.get(0),
+        )?)
+    }
+
     /// All leases of a network.
     pub fn leases(&self, network: NetworkId) -> Result<Vec<Lease>, StoreError> {
         let mut stmt =
@@ -385,13 +574,74 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Records a join of an existing lease.
-    pub fn touch_lease(&self, network: NetworkId, identity: &Fingerprint, instance: &str) -> Result<(), StoreError> {
-        self.conn.execute(
-            "UPDATE leases SET last_seen = ?4 WHERE network_id = ?1 AND identity = ?2 AND instance = ?3",
-            params![network, identity.to_string(), instance, unix_now()],
-        )?;
+    /// Records when leases' holders were last seen, all in one transaction.
+    pub fn touch_leases<'a>(&mut self, seen: impl IntoIterator<Item = (&'a LeaseKey, i64)>) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "UPDATE leases SET last_seen = MAX(last_seen, ?4) WHERE network_id = ?1 AND identity = ?2 AND instance = ?3",
+            )?;
+            for (key, at) in seen {
+                stmt.execute(params![key.network, key.identity.to_string(), key.instance, at])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// Leases of one network (or all), by network and VIP.
+    pub fn lease_rows(&self, network: Option<&str>) -> Result<Vec<LeaseRow>, StoreError> {
+        if let Some(name) = network {
+            self.network(name)?;
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT n.name, l.vip, l.identity, l.instance, l.created_at, l.last_seen
+             FROM leases l JOIN networks n ON n.id = l.network_id
+             WHERE ?1 IS NULL OR n.name = ?1 ORDER BY n.name, l.vip",
+        )?;
+        let rows = stmt.query_map([network], |r| {
+            Ok(LeaseRow {
+                network: r.get(0)?,
+                vip: Ipv4Addr::from(r.get::<_, u32>(1)?),
+                identity: r.get(2)?,
+                instance: r.get(3)?,
+                created_at: r.get(4)?,
+                last_seen: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes the lease of `vip` in `network`; returns what it was.
+    pub fn release_lease(&mut self, network: &str, vip: Ipv4Addr) -> Result<LeaseRow, StoreError> {
+        let row = self
+            .lease_rows(Some(network))?
+            .into_iter()
+            .find(|l| l.vip == vip)
+            .ok_or_else(|| StoreError::NoSuchLease { network: network.to_owned(), vip })?;
+        let net = self.network(network)?;
+        self.conn.execute("DELETE FROM leases WHERE network_id = ?1 AND vip = ?2", params![net.id, u32::from(vip)])?;
+        Ok(row)
+    }
+
+    /// Deletes leases last seen before `before` (unix seconds), except those in `keep`
+    /// (online now). Returns the VIPs released.
+    pub fn expire_leases(
+        &mut self,
+        before: i64,
+        keep: &HashSet<(NetworkId, Ipv4Addr)>,
+    ) -> Result<Vec<(NetworkId, Ipv4Addr)>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let stale: Vec<(NetworkId, Ipv4Addr)> = {
+            let mut stmt = tx.prepare("SELECT network_id, vip FROM leases WHERE last_seen < ?1")?;
+            let rows = stmt.query_map([before], |r| Ok((r.get(0)?, Ipv4Addr::from(r.get::<_, u32>(1)?))))?;
+            rows.collect::<Result<Vec<_>, _>>()?.into_iter().filter(|k| !keep.contains(k)).collect()
+        };
+        for (net, vip) in &stale {
+            tx.execute("DELETE FROM leases WHERE network_id = ?1 AND vip = ?2", params![net, u32::from(*vip)])?;
+        }
+        tx.commit()?;
+        Ok(stale)
     }
 
     /// Stores a new lease and counts one use of the invite, atomically. Fails (without
@@ -422,6 +672,21 @@ impl Store {
     }
 }
 
+fn network_from_row(id: i64, name: String, subnet: String, max_instances: Option<u32>) -> Result<Network, StoreError> {
+    let subnet = subnet.parse().map_err(|e| StoreError::Corrupt(format!("network {name}: {e}")))?;
+    Ok(Network { id, name, subnet, max_instances })
+}
+
+fn networks_in(conn: &Connection) -> Result<Vec<Network>, StoreError> {
+    let mut stmt = conn.prepare("SELECT id, name, subnet, max_instances FROM networks ORDER BY name")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    rows.map(|r| {
+        let (id, name, subnet, max) = r?;
+        network_from_row(id, name, subnet, max)
+    })
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,7 +715,7 @@ mod tests {
     #[test]
     fn token_problems() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
         store.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
         assert_eq!(store.check_token("nope", 0).unwrap().unwrap_err(), TokenProblem::Unknown);
         store.add_invite("default", "exp", "issued", None, Some(Duration::from_secs(60))).unwrap();
@@ -468,7 +733,7 @@ mod tests {
     #[test]
     fn networks_are_validated() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
         store.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
         store.add_network("games", "10.88.0.0/24".parse().unwrap()).unwrap();
         assert!(matches!(
@@ -481,5 +746,91 @@ mod tests {
             Err(StoreError::BadNetworkName(_))
         ));
         assert_eq!(store.networks().unwrap().len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    /// The first release's schema, as it created it.
+    const VERSION_1: &str = "CREATE TABLE networks (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+            subnet TEXT NOT NULL, created_at INTEGER NOT NULL);
+        CREATE TABLE invites (id INTEGER PRIMARY KEY, network_id INTEGER NOT NULL REFERENCES networks(id),
+            token_hash TEXT NOT NULL UNIQUE, kind TEXT NOT NULL DEFAULT 'issued', max_uses INTEGER,
+            uses INTEGER NOT NULL DEFAULT 0, expires_at INTEGER, revoked INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL);
+        CREATE TABLE leases (network_id INTEGER NOT NULL REFERENCES networks(id), identity TEXT NOT NULL,
+            instance TEXT NOT NULL, vip INTEGER NOT NULL, created_at INTEGER NOT NULL, last_seen INTEGER NOT NULL,
+            PRIMARY KEY (network_id, identity, instance), UNIQUE (network_id, vip));";
+
+    #[test]
+    fn version_1_leases_are_migrated_to_the_public_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = Fingerprint::of(b"whole certificate");
+        let key = Fingerprint::of(b"public key");
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(VERSION_1).unwrap();
+            conn.execute("INSERT INTO networks VALUES (1, 'default', '10.77.0.0/16', 0)", []).unwrap();
+            let vip = u32::from(Ipv4Addr::new(10, 77, 0, 9));
+            conn.execute("INSERT INTO leases VALUES (1, ?1, 'game', ?2, 0, 0)", params![cert.to_string(), vip])
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let version: i64 = store.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(store.lease(1, &key, "game").unwrap(), None);
+        let vip = store.lease_or_migrate(1, &key, &cert, "game").unwrap();
+        assert_eq!(vip, Some(Ipv4Addr::new(10, 77, 0, 9)), "the old lease is found through the certificate hash");
+        assert_eq!(store.lease(1, &key, "game").unwrap(), vip, "and re-keyed on the public key");
+        assert_eq!(store.lease_or_migrate(1, &Fingerprint::of(b"other"), &cert, "game").unwrap(), None, "only once");
+        drop(store);
+        Store::open(dir.path()).unwrap(); // opening a current database again is a no-op
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        Connection::open(dir.path().join(DB_FILE)).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = Store::open(dir.path()).err().expect("refused").to_string();
+        assert!(err.contains("schema version 99") && err.contains(DB_FILE), "{err}");
+    }
+
+    #[test]
+    fn one_relay_per_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = DataDirLock::acquire(dir.path()).unwrap();
+        let err = DataDirLock::acquire(dir.path()).err().expect("second lock refused").to_string();
+        assert!(err.contains("in use by another relay") && err.contains("pid"), "{err}");
+        drop(lock);
+        DataDirLock::acquire(dir.path()).expect("free again once released");
+    }
+
+    #[test]
+    fn leases_are_listed_released_and_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let net = store.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
+        let invite = store.add_invite("default", "tok", "issued", None, None).unwrap();
+        let (a, b) = (Fingerprint::of(b"a"), Fingerprint::of(b"b"));
+        let (va, vb): (Ipv4Addr, Ipv4Addr) = ("10.77.0.2".parse().unwrap(), "10.77.0.3".parse().unwrap());
+        store.create_lease(invite, net.id, &a, "", va).unwrap();
+        store.create_lease(invite, net.id, &b, "x", vb).unwrap();
+        assert_eq!(store.instances(net.id, &a).unwrap(), 1);
+        let rows = store.lease_rows(Some("default")).unwrap();
+        assert_eq!(rows.iter().map(|r| r.vip).collect::<Vec<_>>(), vec![va, vb]);
+        assert!(matches!(store.lease_rows(Some("nope")), Err(StoreError::NoSuchNetwork(_))));
+
+        let key = LeaseKey { network: net.id, identity: b, instance: "x".into() };
+        store.touch_leases([(&key, unix_now() + 1000)]).unwrap();
+        let keep: HashSet<_> = HashSet::new();
+        let expired = store.expire_leases(unix_now() + 10, &keep).unwrap();
+        assert_eq!(expired, vec![(net.id, va)], "only the lease not seen since");
+
+        let released = store.release_lease("default", vb).unwrap();
+        assert_eq!(released.instance, "x");
+        assert!(matches!(store.release_lease("default", vb), Err(StoreError::NoSuchLease { .. })));
+        assert!(store.lease_rows(None).unwrap().is_empty());
     }
 }

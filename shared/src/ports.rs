@@ -49,6 +49,16 @@ impl PortSet {
         self.used.remove(&port)
     }
 
+    /// Number of ports held.
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    /// Whether no port is held.
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+
     /// Releases every port, yielding them.
     pub fn drain(&mut self) -> impl Iterator<Item = u16> + '_ {
         self.used.drain()

@@ -30,6 +30,14 @@ impl Fingerprint {
     }
 }
 
+/// The identity of a client: the SHA-256 of its certificate's public key (SPKI), so a
+/// certificate re-issued for the same key is the same identity. `None` if the
+/// certificate does not parse.
+pub fn spki_fingerprint(cert_der: &CertificateDer<'_>) -> Option<Fingerprint> {
+    let cert = webpki::EndEntityCert::try_from(cert_der).ok()?;
+    Some(Fingerprint::of(cert.subject_public_key_info().as_ref()))
+}
+
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in self.0 {
@@ -136,9 +144,14 @@ impl Identity {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
 
-    /// SHA-256 fingerprint of the certificate.
+    /// SHA-256 fingerprint of the certificate (what a client pins of a relay).
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint::of(&self.cert)
+    }
+
+    /// SHA-256 of the certificate's public key: what a relay keys this client's leases on.
+    pub fn key_fingerprint(&self) -> Fingerprint {
+        spki_fingerprint(&self.cert).expect("overlan's own certificates parse")
     }
 
     /// The identity as PEM: the certificate then the private key.
@@ -403,6 +416,17 @@ mod tests {
         let leftovers = std::fs::read_dir(&dir).unwrap().count();
         assert_eq!(leftovers, 1, "no temporary files left behind");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reissued_certificate_keeps_the_key_fingerprint() {
+        let id = Identity::generate(&["overlan-client"]).unwrap();
+        let key = rcgen::KeyPair::try_from(id.key_der()).unwrap();
+        let again = rcgen::CertificateParams::new(vec!["renamed".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let reissued = Identity { cert: again.der().clone(), key_der: id.key_der().to_vec() };
+        assert_ne!(reissued.fingerprint(), id.fingerprint(), "a new certificate");
+        assert_eq!(reissued.key_fingerprint(), id.key_fingerprint(), "the same key, so the same identity");
+        assert_ne!(Identity::generate(&["x"]).unwrap().key_fingerprint(), id.key_fingerprint());
     }
 
     #[test]

@@ -52,6 +52,11 @@ impl<D, E> FrameCodec<D, E> {
     pub fn new(max_len: usize) -> Self {
         Self { max_len, _types: PhantomData }
     }
+
+    /// Changes the cap (a relay allows only a small hello before authentication).
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len;
+    }
 }
 
 impl<D: DeserializeOwned, E: Serialize> FrameCodec<D, E> {

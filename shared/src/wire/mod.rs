@@ -71,6 +71,8 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// The relay hit an internal error; the request may be retried.
     Internal,
+    /// A per-session or per-identity limit of the relay was reached.
+    LimitExceeded,
 }
 
 impl ErrorCode {
@@ -95,6 +97,7 @@ impl ErrorCode {
             ErrorCode::RelayShutdown => "terminated by the relay",
             ErrorCode::UnsupportedVersion => "unsupported protocol version",
             ErrorCode::Internal => "relay internal error",
+            ErrorCode::LimitExceeded => "limit reached",
         }
     }
 }
@@ -121,8 +124,11 @@ pub mod close_code {
     pub const SHUTDOWN: u32 = 5;
     /// The hello did not arrive in time.
     pub const TIMED_OUT: u32 = 6;
-    /// Relay internal error.
+    /// Relay internal error, or the relay is busy; joining again may work.
     pub const INTERNAL: u32 = 7;
+    /// A limit of the relay refuses this client (e.g. its identity holds the most
+    /// instances a network allows); joining again will not help.
+    pub const LIMIT: u32 = 8;
 }
 
 /// QUIC stream reset / stop codes on virtual stream sockets.
@@ -139,6 +145,9 @@ pub mod reset_code {
     pub const RELAY_TERMINATED: u32 = 5;
     /// The stream header was malformed.
     pub const BAD_HEADER: u32 = 6;
+    /// The receiver took no data for too long (or the relay's cap on bytes held for
+    /// slow receivers was reached); the relay cut the socket.
+    pub const RECEIVER_STALLED: u32 = 7;
 
     /// A human phrase for a reset code.
     pub fn describe(code: u64) -> &'static str {
@@ -149,6 +158,7 @@ pub mod reset_code {
             TIMED_OUT => "peer never attached (timed out)",
             RELAY_TERMINATED => "terminated by the relay",
             BAD_HEADER => "malformed stream header",
+            RECEIVER_STALLED => "cut off by the relay: the receiver took no data for too long",
             _ => "reset by the peer",
         }
     }
