@@ -64,15 +64,20 @@ impl Listener {
                 Arrival::Offer(offer) => offer.socket,
                 Arrival::Stream(stream) => stream.socket,
             };
-            match self.client.inner.queued.remove(&socket) {
-                Some((_, true)) => {
-                    tracing::debug!(socket, "skipping a connection the relay closed while it waited in the backlog");
-                    if let Arrival::Stream(stream) = arrival {
-                        stream.abort();
-                    }
+            let queued = &self.client.inner.queued;
+            if queued.get(&socket).is_some_and(|closed| *closed) {
+                queued.remove(&socket);
+                tracing::debug!(socket, "skipping a connection the relay closed while it waited in the backlog");
+                if let Arrival::Stream(stream) = arrival {
+                    stream.abort();
                 }
-                _ => return Ok(arrival),
+                continue;
             }
+            // An offer stays tracked until it is answered (the relay may still close it).
+            if matches!(arrival, Arrival::Stream(_)) {
+                queued.remove(&socket);
+            }
+            return Ok(arrival);
         }
     }
 
@@ -178,10 +183,17 @@ impl IncomingConnection {
         Ok((client, session))
     }
 
-    /// Accepts: the connecting side's `connect` succeeds and bytes can flow.
+    /// Accepts: the connecting side's `connect` succeeds and bytes can flow. Fails if
+    /// the connecting side gave up (or its session ended) while the offer waited.
     pub async fn accept(mut self) -> Result<VirtualStream, Error> {
         let (client, session) = self.live_session()?;
         self.client = None; // answered; no deny on drop
+        if client.inner.queued.remove(&self.socket).is_some_and(|(_, closed)| closed) {
+            return Err(Error::SessionLost(format!(
+                "the connection from {} was abandoned before it was accepted",
+                self.peer
+            )));
+        }
         client.inner.notify(ClientMessage::Accept { socket: self.socket });
         VirtualStream::open(client, &session, self.socket, self.local, self.peer).await
     }
@@ -189,6 +201,7 @@ impl IncomingConnection {
     /// Denies: the connecting side's `connect` fails with `Denied`.
     pub fn deny(mut self) {
         if let Ok((client, _)) = self.live_session() {
+            client.inner.queued.remove(&self.socket);
             client.inner.notify(ClientMessage::Deny { socket: self.socket });
         }
         self.client = None;
@@ -198,6 +211,7 @@ impl IncomingConnection {
 impl Drop for IncomingConnection {
     fn drop(&mut self) {
         if let Ok((client, _)) = self.live_session() {
+            client.inner.queued.remove(&self.socket);
             client.inner.notify(ClientMessage::Deny { socket: self.socket });
         }
     }

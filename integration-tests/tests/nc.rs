@@ -1,0 +1,179 @@
+//! `overlan nc` as a user runs it, with slow consumers and signals: exit 0 means every
+//! byte of stdin reached the relay (and so the peer) and everything received was
+//! written out; SIGINT and SIGTERM end it at any stage with 130 and 143.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use overlan_integration_tests::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(11) as u8).collect()
+}
+
+fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill").args([&format!("-{sig}"), &pid]).status().expect("kill");
+    assert!(status.success());
+}
+
+/// An `overlan nc` process whose stdout the test reads itself (slowly), with stderr
+/// lines collected, and stdin from `input` (a file) or empty.
+struct Nc {
+    child: tokio::process::Child,
+    stderr: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Nc {
+    fn spawn(
+        relay: &TestRelay,
+        dir: &std::path::Path,
+        name: &str,
+        args: &[&str],
+        input: Option<&std::path::Path>,
+    ) -> Self {
+        let mut cmd = overlan_cmd(&relay.invite(), dir, name);
+        cmd.arg("nc").args(args);
+        cmd.stdin(match input {
+            Some(path) => Stdio::from(std::fs::File::open(path).expect("input file")),
+            None => Stdio::null(),
+        });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn overlan nc");
+        let (tx, stderr) = tokio::sync::mpsc::unbounded_channel();
+        let err = child.stderr.take().expect("stderr");
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, stderr }
+    }
+
+    async fn stderr_until(&mut self, needle: &str) -> String {
+        loop {
+            let line = within(&format!("stderr line with {needle:?}"), self.stderr.recv())
+                .await
+                .unwrap_or_else(|| panic!("stderr ended before {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Reads stdout to its end slowly: waits first, then pauses after every 256 KiB.
+    async fn read_stdout_slowly(&mut self) -> Vec<u8> {
+        let mut out = self.child.stdout.take().expect("stdout");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = within("stdout", out.read(&mut buf)).await.expect("read stdout");
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn exit_code(&mut self) -> i32 {
+        within("process exit", self.child.wait()).await.expect("wait").code().unwrap_or(-1)
+    }
+}
+
+async fn transfer_to_a_slow_reader(listener_sends: bool) {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("input");
+    let data = pattern(12 << 20);
+    std::fs::write(&file, &data).unwrap();
+    let listener_input = listener_sends.then_some(file.as_path());
+    let mut listener = Nc::spawn(&relay, dir.path(), "listener", &["-l", "7000"], listener_input);
+    let line = listener.stderr_until("listening on").await;
+    let addr = line.rsplit(' ').next().unwrap().to_owned();
+    let (vip, port) = addr.split_once(':').unwrap();
+    let connector_input = (!listener_sends).then_some(file.as_path());
+    let connector = Nc::spawn(&relay, dir.path(), "connector", &[vip, port], connector_input);
+    let (mut sender, mut receiver) = if listener_sends { (listener, connector) } else { (connector, listener) };
+
+    let reading = tokio::spawn(async move {
+        let got = receiver.read_stdout_slowly().await;
+        (got, receiver.exit_code().await)
+    });
+    let code = sender.exit_code().await;
+    assert_eq!(code, 0, "the sender succeeded");
+    assert!(!reading.is_finished(), "the scenario: the sender exits while the receiver is still reading");
+    let (got, code) = within("the slow receiver", reading).await.unwrap();
+    assert_eq!(got.len(), data.len(), "every byte of the file arrives after the sender exited 0");
+    assert!(got == data, "bytes changed in transit");
+    assert_eq!(code, 0, "the receiver succeeded");
+}
+
+#[tokio::test]
+async fn a_file_reaches_a_slow_reader_after_the_sending_nc_exits() {
+    transfer_to_a_slow_reader(false).await;
+}
+
+#[tokio::test]
+async fn a_listening_nc_that_sends_a_file_and_exits_reaches_a_slow_connector() {
+    transfer_to_a_slow_reader(true).await;
+}
+
+#[tokio::test]
+async fn signals_end_nc_at_every_stage_with_the_conventional_status() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Listening, nobody connected yet: SIGTERM → 143.
+    let mut waiting = Nc::spawn(&relay, dir.path(), "waiting", &["-l", "7100"], None);
+    waiting.stderr_until("listening on").await;
+    signal(&waiting.child, "TERM");
+    assert_eq!(waiting.exit_code().await, 143);
+
+    // Connected, mid-transfer (stdin never ends): SIGINT → 130, and the peer sees an
+    // error, not a clean end that would pass for a complete transfer.
+    let peer = join(&relay.invite()).await;
+    let listener = peer.listen(7101).await.unwrap();
+    let mut cmd = overlan_cmd(&relay.invite(), dir.path(), "talker");
+    cmd.args(["nc", &peer.vip().to_string(), "7101"]);
+    let mut talker = Proc::spawn(cmd);
+    let (mut stream, _) = within("accept", listener.accept()).await.unwrap();
+    talker.write_stdin(b"some bytes\n").await;
+    let mut buf = [0u8; 11];
+    within("the first bytes", stream.read_exact(&mut buf)).await.unwrap();
+    signal(&talker.child, "INT");
+    let (code, _) = talker.wait().await;
+    assert_eq!(code, 130);
+    let mut rest = Vec::new();
+    let err = within("the peer's read", stream.read_to_end(&mut rest)).await.unwrap_err();
+    assert!(err.to_string().contains("aborted"), "{err}");
+
+    // Datagram mode, no Enter pressed: SIGINT → 130 at once.
+    let mut cmd = overlan_cmd(&relay.invite(), dir.path(), "udp");
+    cmd.args(["nc", "-u", "-l", "7102"]);
+    let mut udp = Proc::spawn(cmd);
+    udp.stderr_until("bound").await;
+    signal(&udp.child, "INT");
+    assert_eq!(udp.wait().await.0, 130);
+
+    // Joining a relay that is not running: SIGINT ends the wait at once.
+    let dead = {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let mut invite = relay.invite();
+    invite.relay = dead.to_string();
+    let mut cmd = overlan_cmd(&invite, dir.path(), "nowhere");
+    cmd.args(["nc", "10.77.0.2", "7000"]);
+    let mut nowhere = Proc::spawn(cmd);
+    tokio::time::sleep(Duration::from_millis(300)).await; // let it start joining
+    let sent = Instant::now();
+    signal(&nowhere.child, "INT");
+    assert_eq!(nowhere.wait().await.0, 130);
+    assert!(sent.elapsed() < Duration::from_secs(3), "took {:?} to obey Ctrl-C", sent.elapsed());
+}
