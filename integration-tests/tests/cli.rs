@@ -318,3 +318,74 @@ async fn server_config_file_with_flag_and_env_overrides() {
     assert_ne!(code, 0);
     assert!(err.contains("duration \"forever\""), "{err}");
 }
+
+#[tokio::test]
+async fn server_lists_and_releases_leases_and_caps_instances() {
+    bin("overlan");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let mut c = server_cmd(&data);
+        c.args(args);
+        output(c)
+    };
+    let (code, out, err) = run(&["network", "add", "lan", "--subnet", "10.66.0.0/24", "--max-instances", "2"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("added network lan"), "{out}");
+    let (_, list, _) = run(&["network", "list"]).await;
+    let lan = list.lines().find(|l| l.starts_with("lan")).unwrap_or_default();
+    assert!(lan.split_whitespace().nth(2) == Some("2"), "{list}");
+    let (code, _, err) = run(&["network", "set", "lan", "--max-instances", "0"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("at least 1"), "{err}");
+    let (code, out, _) = run(&["invite", "lan"]).await;
+    assert_eq!(code, 0);
+    let invite: Invite = out.trim().parse().unwrap();
+
+    // A relay on that data directory; two instances of one identity join, a third is
+    // refused for good (exit 3) with the limit named.
+    let mut relay = Proc::spawn({
+        let mut cmd = server_cmd(&data);
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd
+    });
+    let addr = relay.stdout_line().await.strip_prefix("listen ").unwrap().to_owned();
+    let invite = Invite { relay: addr, ..invite };
+    let ip = |name: &str| {
+        let mut cmd = overlan_cmd(&invite, dir.path(), "me");
+        cmd.args(["--name", name, "ip"]);
+        output(cmd)
+    };
+    let (code, first, err) = ip("one").await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ip("two").await.0, 0);
+    let (code, _, err) = ip("three").await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("already holds 2 instances in network \"lan\""), "{err}");
+
+    let (code, list, err) = run(&["lease", "list", "lan"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(list.lines().count(), 3, "a header and two leases: {list}");
+    assert!(list.contains(first.trim()) && list.contains(" one ") && list.contains(" two "), "{list}");
+    let (code, _, err) = run(&["lease", "list", "nosuch"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no network named"), "{err}");
+    let (code, out, err) = run(&["lease", "release", "lan", first.trim()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("released {} in network lan", first.trim())), "{out}");
+    let (code, _, err) = run(&["lease", "release", "lan", first.trim()]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no lease holds"), "{err}");
+    // The place is free: the third instance joins now.
+    assert_eq!(ip("three").await.0, 0);
+    // A second relay on the same data directory is refused, naming the holder.
+    let (code, _, err) = {
+        let mut cmd = server_cmd(&data);
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        output(cmd).await
+    };
+    assert_eq!(code, 1);
+    assert!(err.contains("in use by another relay") && err.contains("pid"), "{err}");
+    nix_signal(&relay.child, "TERM");
+    assert_eq!(relay.wait().await.0, 0);
+}
