@@ -32,10 +32,7 @@ impl Fingerprint {
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(&hex::encode(self.0))
     }
 }
 
@@ -56,15 +53,9 @@ impl FromStr for Fingerprint {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         let s = s.strip_prefix("sha256:").unwrap_or(s);
-        let hex: Vec<u8> = s.bytes().filter(|&b| b != b':').collect();
-        if hex.len() != 64 {
-            return Err(FingerprintError);
-        }
+        let digits: Vec<u8> = s.bytes().filter(|&b| b != b':').collect();
         let mut out = [0u8; 32];
-        for (i, pair) in hex.chunks(2).enumerate() {
-            let digit = |c: u8| (c as char).to_digit(16).ok_or(FingerprintError);
-            out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
-        }
+        hex::decode_to_slice(digits, &mut out).map_err(|_| FingerprintError)?;
         Ok(Self(out))
     }
 }
@@ -363,7 +354,7 @@ pub fn random_token(bytes: usize) -> String {
     use ring::rand::SecureRandom;
     let mut buf = vec![0u8; bytes];
     ring::rand::SystemRandom::new().fill(&mut buf).expect("the system random generator failed");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(buf)
 }
 
 /// SHA-256 of a token, as hex; tokens are stored only as this hash.
@@ -383,6 +374,20 @@ mod tests {
         assert_eq!(text.parse::<Fingerprint>().unwrap(), fp);
         assert_eq!(format!("sha256:{text}").parse::<Fingerprint>().unwrap(), fp);
         assert!("abc".parse::<Fingerprint>().is_err());
+        assert_eq!(format!("{text}0").parse::<Fingerprint>(), Err(FingerprintError));
+        assert_eq!(format!("{}zz", &text[2..]).parse::<Fingerprint>(), Err(FingerprintError));
+        let colons: Vec<&str> = (0..32).map(|i| &text[2 * i..2 * i + 2]).collect();
+        let upper = format!(" sha256:{} ", colons.join(":").to_uppercase());
+        assert_eq!(upper.parse::<Fingerprint>().unwrap(), fp);
+        assert_eq!(Fingerprint([0xab; 32]).to_string(), "ab".repeat(32));
+    }
+
+    #[test]
+    fn tokens_are_lowercase_hex() {
+        let token = random_token(20);
+        assert_eq!(token.len(), 40);
+        assert!(token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{token}");
+        assert_ne!(token, random_token(20));
     }
 
     #[test]
