@@ -177,7 +177,11 @@ async fn offers_the_relay_closed_never_reach_the_listener() {
         async move { live.connect(to).await }
     });
     let offer = within("the live offer", listener.incoming()).await.unwrap();
-    assert_eq!(*offer.peer_addr().ip(), live.vip(), "the dead offer was skipped");
+    assert_eq!(
+        *offer.peer_addr().ip(),
+        live.vip(),
+        "the dead offer was skipped (doomed {doomed_vip}, first dead {dead_vip})"
+    );
     let mut inn = offer.accept().await.unwrap();
     let mut out = within("the live connect", live_connect).await.unwrap().unwrap();
     out.write_all(b"hi").await.unwrap();

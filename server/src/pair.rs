@@ -389,7 +389,6 @@ impl Handler<Stalled> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, _: Stalled, ctx: &mut Self::Context) {
         tracing::info!(socket = self.socket, a = %self.connector.addr, b = %self.listener.addr, "cutting a socket whose receiver takes no data");
-        self.node.count(Reason::ReceiverStalled);
         self.terminate(ctx, reset_code::RECEIVER_STALLED, ErrorCode::TimedOut);
     }
 }
@@ -504,6 +503,8 @@ async fn pump(
             if !stalled {
                 return;
             }
+            // Counted before the reset, so whoever sees the reset sees the count.
+            guard.node.count(Reason::ReceiverStalled);
             guard.pair.do_send(Stalled);
             VarInt::from_u32(reset_code::RECEIVER_STALLED)
         }

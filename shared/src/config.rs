@@ -1,5 +1,5 @@
 //! Configuration helpers shared by the relay and the client: human durations ("10s",
-//! "5m", "7d") and a secret string whose `Debug` never prints it.
+//! "5m", "7d", read by humantime) and a secret string whose `Debug` never prints it.
 
 use std::fmt;
 use std::time::Duration;
@@ -8,28 +8,38 @@ use serde::{Deserialize, Serialize};
 
 /// A duration text could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("duration {0:?}: expected a number with a unit, like 500ms, 10s, 5m, 2h or 7d")]
-pub struct DurationError(pub String);
-
-/// Parses `500ms`, `10s`, `5m`, `2h`, `7d` (and a bare number of seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
-    let t = text.trim();
-    let err = || DurationError(text.to_owned());
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let secs = |m: u64| n.checked_mul(m).map(Duration::from_secs).ok_or_else(err);
-    match unit.trim() {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        "d" => secs(86_400),
-        _ => Err(err()),
-    }
+pub enum DurationError {
+    /// A number without a unit ("3"): seconds or minutes would be a guess.
+    #[error("duration {0:?}: add a unit, like 500ms, 10s, 5m, 2h, 7d or 1w")]
+    NoUnit(String),
+    /// A unit humantime does not know ("5x").
+    #[error("duration {text:?}: unknown unit {unit:?}; use ms, s, m, h, d or w, like 500ms, 10s, 5m, 2h, 7d or 1w")]
+    UnknownUnit {
+        /// The text as given.
+        text: String,
+        /// The unit found.
+        unit: String,
+    },
+    /// Not a duration, or too large to hold.
+    #[error("duration {0:?}: expected a number with a unit, like 500ms, 10s, 5m, 2h, 7d or 1w")]
+    Invalid(String),
 }
 
-/// Formats a duration the way [`parse_duration`] reads it.
+/// Parses `500ms`, `10s`, `5m`, `2h`, `7d`, `1w` and combinations (`1h 30m`), with
+/// humantime's unit names. A bare number is refused: its unit would be a guess.
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(text.trim()).map_err(|e| match e {
+        humantime::DurationError::UnknownUnit { unit, .. } if unit.is_empty() => DurationError::NoUnit(text.to_owned()),
+        humantime::DurationError::UnknownUnit { unit, .. } => {
+            DurationError::UnknownUnit { text: text.to_owned(), unit }
+        }
+        _ => DurationError::Invalid(text.to_owned()),
+    })
+}
+
+/// Formats a duration in one unit the way [`parse_duration`] reads it ("90s", "7d").
+/// Not humantime's formatter: it counts months as 30.44 days, so 60 days print as
+/// "1month 29days 13h 26m 24s".
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if !ms.is_multiple_of(1000) {
@@ -100,14 +110,30 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5 weeks").is_err());
-        for d in ["250ms", "10s", "5m", "2h", "7d", "90s"] {
+        assert_eq!(parse_duration(" 7d ").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(parse_duration("1w").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(parse_duration("5 weeks").unwrap(), Duration::from_secs(5 * 604_800));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("ten"), Err(DurationError::Invalid("ten".into())));
+        assert_eq!(parse_duration(""), Err(DurationError::Invalid("".into())));
+        assert_eq!(
+            parse_duration("5 fortnights").unwrap_err().to_string(),
+            "duration \"5 fortnights\": unknown unit \"fortnights\"; use ms, s, m, h, d or w, like 500ms, 10s, 5m, 2h, 7d or 1w"
+        );
+        for d in ["250ms", "10s", "5m", "2h", "7d", "90s", "0s"] {
             assert_eq!(format_duration(parse_duration(d).unwrap()), d);
         }
+    }
+
+    #[test]
+    fn a_bare_number_needs_a_unit() {
+        let err = parse_duration("3").unwrap_err();
+        assert_eq!(err, DurationError::NoUnit("3".into()));
+        assert_eq!(err.to_string(), "duration \"3\": add a unit, like 500ms, 10s, 5m, 2h, 7d or 1w");
+        assert!(matches!(parse_duration("1h 30"), Err(DurationError::NoUnit(_))));
+        assert!("3".parse::<HumanDuration>().is_err());
     }
 
     #[test]

@@ -40,10 +40,7 @@ pub fn spki_fingerprint(cert_der: &CertificateDer<'_>) -> Option<Fingerprint> {
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(&hex::encode(self.0))
     }
 }
 
@@ -64,15 +61,9 @@ impl FromStr for Fingerprint {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         let s = s.strip_prefix("sha256:").unwrap_or(s);
-        let hex: Vec<u8> = s.bytes().filter(|&b| b != b':').collect();
-        if hex.len() != 64 {
-            return Err(FingerprintError);
-        }
+        let digits: Vec<u8> = s.bytes().filter(|&b| b != b':').collect();
         let mut out = [0u8; 32];
-        for (i, pair) in hex.chunks(2).enumerate() {
-            let digit = |c: u8| (c as char).to_digit(16).ok_or(FingerprintError);
-            out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
-        }
+        hex::decode_to_slice(digits, &mut out).map_err(|_| FingerprintError)?;
         Ok(Self(out))
     }
 }
@@ -197,37 +188,30 @@ impl Identity {
 }
 
 /// Creates `path` readable only by its owner with `contents`, atomically and only if it
-/// does not exist yet: the contents go to a uniquely named temporary file that is then
-/// hard-linked into place, so a reader never sees a half-written file and two creators
-/// never overwrite each other. Returns false if `path` already existed.
+/// does not exist yet: the contents go to a temporary file in the same directory that
+/// is then moved into place without replacing anything, so a reader never sees a
+/// half-written file and two creators never overwrite each other. Returns false if
+/// `path` already existed; the temporary file is removed in every case.
 pub fn create_private(path: &Path, contents: &[u8]) -> std::io::Result<bool> {
     use std::io::Write;
-    let unique = format!(
-        ".{}.{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id(),
-        random_token(4)
-    );
-    let tmp = path.with_file_name(unique);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let prefix = format!(".{}.", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"));
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
     #[cfg(unix)]
     {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o600));
     }
-    let result = (|| {
-        let mut file = opts.open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        match std::fs::hard_link(&tmp, path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        }
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result
+    let mut file = builder.tempfile_in(dir)?;
+    file.write_all(contents)?;
+    file.as_file().sync_all()?;
+    // On failure the temporary file comes back inside the error and is deleted with it.
+    match file.persist_noclobber(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e.error),
+    }
 }
 
 /// The crypto provider overlan uses everywhere (ring).
@@ -376,7 +360,7 @@ pub fn random_token(bytes: usize) -> String {
     use ring::rand::SecureRandom;
     let mut buf = vec![0u8; bytes];
     ring::rand::SystemRandom::new().fill(&mut buf).expect("the system random generator failed");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(buf)
 }
 
 /// SHA-256 of a token, as hex; tokens are stored only as this hash.
@@ -396,26 +380,60 @@ mod tests {
         assert_eq!(text.parse::<Fingerprint>().unwrap(), fp);
         assert_eq!(format!("sha256:{text}").parse::<Fingerprint>().unwrap(), fp);
         assert!("abc".parse::<Fingerprint>().is_err());
+        assert_eq!(format!("{text}0").parse::<Fingerprint>(), Err(FingerprintError));
+        assert_eq!(format!("{}zz", &text[2..]).parse::<Fingerprint>(), Err(FingerprintError));
+        let colons: Vec<&str> = (0..32).map(|i| &text[2 * i..2 * i + 2]).collect();
+        let upper = format!(" sha256:{} ", colons.join(":").to_uppercase());
+        assert_eq!(upper.parse::<Fingerprint>().unwrap(), fp);
+        assert_eq!(Fingerprint([0xab; 32]).to_string(), "ab".repeat(32));
+    }
+
+    #[test]
+    fn tokens_are_lowercase_hex() {
+        let token = random_token(20);
+        assert_eq!(token.len(), 40);
+        assert!(token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{token}");
+        assert_ne!(token, random_token(20));
     }
 
     #[test]
     fn identity_is_created_once() {
-        let dir = std::env::temp_dir().join(format!("overlan-tls-test-{}", random_token(6)));
-        let path = dir.join("id.pem");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id.pem");
         let (first, created) = Identity::load_or_create(&path, &["c"]).unwrap();
         assert!(created);
         let (again, created) = Identity::load_or_create(&path, &["c"]).unwrap();
         assert!(!created);
         assert_eq!(first.fingerprint(), again.fingerprint());
+        let before = std::fs::read(&path).unwrap();
         assert!(!create_private(&path, b"other").unwrap(), "an existing file is never replaced");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
-        let leftovers = std::fs::read_dir(&dir).unwrap().count();
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(leftovers, 1, "no temporary files left behind");
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_of_racing_creators_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("race.pem");
+        let wins: usize = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..8u8)
+                .map(|i| {
+                    let path = &path;
+                    scope.spawn(move || create_private(path, &[i; 64]).unwrap())
+                })
+                .collect();
+            racers.into_iter().map(|r| usize::from(r.join().unwrap())).sum()
+        });
+        assert_eq!(wins, 1);
+        let contents = std::fs::read(&path).unwrap();
+        assert!(contents.iter().all(|&b| b == contents[0]) && contents.len() == 64, "one writer's whole file");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary files left behind");
     }
 
     #[test]

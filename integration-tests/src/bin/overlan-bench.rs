@@ -13,68 +13,155 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
+use clap::Parser;
 use overlan_client::{Client, Identity, JoinOptions};
+use overlan_shared::config::format_duration;
 use overlan_shared::tls;
 use overlan_shared::wire::control::{ClientMessage, RelayMessage};
 use overlan_shared::wire::frame::ClientSideCodec;
 use overlan_shared::wire::{ALPN_CLIENT, DEFAULT_MAX_CONTROL_FRAME, PROTOCOL_VERSION, RELAY_SERVER_NAME};
 use overlan_shared::Invite;
+use quinn::VarInt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const CHUNK: usize = 256 * 1024;
+/// The `[limits]` the bench's relay runs with: rates and the cap on joins in progress
+/// raised far above what the bench sends; every other limit at its default.
+const BENCH_RELAY_LIMITS: &str = "[limits]
+datagram_rate = 100000000
+datagram_burst = 10000000
+broadcast_rate = 1000000
+broadcast_burst = 1000000
+control_rate = 1000000
+control_burst = 1000000
+max_unauthenticated = 100000
+";
+
 /// Bench-side sessions sharing one UDP socket.
 const SESSIONS_PER_SOCKET: usize = 20;
+/// Idle timeout of the relay in the data-path measurements (the idle-memory one runs the
+/// relay with its default).
+const DATA_PATH_IDLE: Duration = Duration::from_secs(30);
+/// Ports every bench-side member session binds (datagrams) and listens on (streams).
+const MEMBER_DATAGRAM_PORT: u16 = 4445;
+const MEMBER_STREAM_PORT: u16 = 7000;
 
-struct Args {
-    bytes: u64,
-    rtt_iters: usize,
-    datagram_secs: u64,
-    idle_sessions: Vec<usize>,
-    broadcast_members: usize,
+/// Measures the relay against direct QUIC on loopback, in one run.
+#[derive(Debug, Parser)]
+#[command(name = "overlan-bench")]
+struct Cli {
+    /// Small sizes, to check the bench end to end in seconds; flags given explicitly win.
+    #[arg(long)]
+    quick: bool,
+    /// Bytes sent one way per throughput round [default: 1 GiB; --quick: 64 MiB].
+    #[arg(long, value_name = "N")]
+    bytes: Option<u64>,
+    /// Throughput rounds; the median is the figure [default: 3; --quick: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
+    /// 64-byte round trips per path [default: 5000; --quick: 500].
+    #[arg(long, value_name = "N")]
+    rtt_iters: Option<usize>,
+    /// Seconds of datagram sending [default: 3; --quick: 1].
+    #[arg(long, value_name = "SECS")]
+    datagram_secs: Option<u64>,
+    /// Member sessions that get each broadcast [default: 1000; --quick: 100].
+    #[arg(long, value_name = "N")]
+    broadcast_members: Option<usize>,
+    /// Broadcasts timed, at least 5; the median is the figure.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(5..))]
+    broadcast_samples: u32,
+    /// Idle session counts, each on a fresh relay [default: 1000,10000; --quick: 200].
+    #[arg(long, value_name = "N,N", value_delimiter = ',')]
+    idle_sessions: Option<Vec<usize>>,
+    /// Only the idle-memory measurement.
+    #[arg(long)]
     only_idle: bool,
+    /// A rathole binary, for the stretch comparison with an encrypted TCP forwarder.
+    #[arg(long, value_name = "PATH")]
     rathole: Option<PathBuf>,
-    rounds: usize,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        bytes: 1 << 30,
-        rtt_iters: 5000,
-        datagram_secs: 3,
-        idle_sessions: vec![1000, 10_000],
-        broadcast_members: 1000,
-        only_idle: false,
-        rathole: None,
-        rounds: 3,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--bytes" => args.bytes = value()?.parse()?,
-            "--rtt-iters" => args.rtt_iters = value()?.parse()?,
-            "--datagram-secs" => args.datagram_secs = value()?.parse()?,
-            "--idle-sessions" => args.idle_sessions = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
-            "--broadcast-members" => args.broadcast_members = value()?.parse()?,
-            "--only-idle" => args.only_idle = true,
-            "--rathole" => args.rathole = Some(PathBuf::from(value()?)),
-            "--rounds" => args.rounds = value()?.parse::<usize>()?.max(1),
-            "--quick" => {
-                args.bytes = 64 << 20;
-                args.rtt_iters = 500;
-                args.datagram_secs = 1;
-                args.idle_sessions = vec![200];
-                args.broadcast_members = 100;
-                args.rounds = 1;
-            }
-            "-h" | "--help" => {
-                println!("overlan-bench [--quick] [--bytes N] [--rtt-iters N] [--datagram-secs N] [--idle-sessions N,N] [--broadcast-members N] [--only-idle] [--rathole PATH] [--rounds N]");
-                std::process::exit(0);
-            }
-            other => bail!("unknown flag {other}"),
+/// The settings of one run: the flags, with --quick or the defaults filled in.
+struct Args {
+    bytes: u64,
+    rounds: usize,
+    rtt_iters: usize,
+    datagram_secs: u64,
+    broadcast_members: usize,
+    broadcast_samples: usize,
+    idle_sessions: Vec<usize>,
+    only_idle: bool,
+    rathole: Option<PathBuf>,
+}
+
+impl From<Cli> for Args {
+    fn from(cli: Cli) -> Self {
+        let quick = cli.quick;
+        Args {
+            bytes: cli.bytes.unwrap_or(if quick { 64 << 20 } else { 1 << 30 }),
+            rounds: cli.rounds.unwrap_or(if quick { 1 } else { 3 }) as usize,
+            rtt_iters: cli.rtt_iters.unwrap_or(if quick { 500 } else { 5000 }),
+            datagram_secs: cli.datagram_secs.unwrap_or(if quick { 1 } else { 3 }),
+            broadcast_members: cli.broadcast_members.unwrap_or(if quick { 100 } else { 1000 }),
+            broadcast_samples: cli.broadcast_samples as usize,
+            idle_sessions: cli.idle_sessions.unwrap_or_else(|| if quick { vec![200] } else { vec![1000, 10_000] }),
+            only_idle: cli.only_idle,
+            rathole: cli.rathole,
         }
     }
-    Ok(args)
+}
+
+/// The client library's QUIC transport settings. Its `transport_config` (in
+/// client/src/client.rs) is private, so the values are repeated here: keep them in step.
+fn client_transport(idle_timeout: Duration) -> anyhow::Result<quinn::TransportConfig> {
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(VarInt::from_u32(7));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(idle_timeout.try_into().map_err(|_| anyhow::anyhow!("idle timeout out of range"))?))
+        .keep_alive_interval(Some(idle_timeout / 3))
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_receive_buffer_size(Some(1024 * 1024))
+        .datagram_send_buffer_size(1024 * 1024)
+        .stream_receive_window(VarInt::from_u32(4 << 20))
+        .send_window(16 << 20)
+        .ack_frequency_config(Some(ack));
+    Ok(transport)
+}
+
+/// How the direct quinn baseline is configured.
+#[derive(Debug, Clone, Copy)]
+enum Baseline {
+    /// quinn's defaults on both ends: plain quinn, as shipped.
+    Default,
+    /// The server end with the relay's transport settings, the client end with the
+    /// client library's: one hop of the relay path, without the relay.
+    RelaySettings,
+}
+
+impl Baseline {
+    fn label(self) -> &'static str {
+        match self {
+            Baseline::Default => "direct quinn (default settings)",
+            Baseline::RelaySettings => "direct quinn (relay's settings)",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Baseline::Default => "direct default",
+            Baseline::RelaySettings => "direct relay-set",
+        }
+    }
+}
+
+/// A direct quinn connection between two endpoints of this process.
+struct Direct {
+    baseline: Baseline,
+    client: quinn::Connection,
+    server: quinn::Connection,
 }
 
 /// Order-sensitive checksum: every 8-byte word is mixed with its offset.
@@ -180,9 +267,16 @@ where
     Ok(Throughput { mib_s: got as f64 / secs / (1 << 20) as f64, intact: got == total && recv_sum == sent_sum })
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+/// The median; of an even count, the mean of the middle two.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -223,7 +317,8 @@ struct RelayProcess {
 }
 
 impl RelayProcess {
-    async fn start() -> anyhow::Result<Self> {
+    /// Starts the relay with `args` after its listen, log and data-dir flags.
+    async fn start(args: &[&str]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let server: PathBuf = exe.with_file_name("overlan-server");
         if !server.exists() {
@@ -234,9 +329,21 @@ impl RelayProcess {
         let wrapper = std::env::var("OVERLAN_BENCH_RELAY_WRAPPER").unwrap_or_default();
         let mut words: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
         words.push(server.display().to_string());
+        // The relay's per-session rates (datagrams, broadcasts, control messages) and its
+        // cap on joins in progress protect members from each other; the bench measures
+        // the data path, so it raises them above what it sends and says so.
+        let config = dir.path().join("bench-relay.toml");
+        std::fs::write(&config, BENCH_RELAY_LIMITS)?;
+        eprintln!(
+            "relay limits raised for the bench: {}",
+            BENCH_RELAY_LIMITS.lines().skip(1).collect::<Vec<_>>().join(", ")
+        );
         let mut child = tokio::process::Command::new(&words[0])
             .args(&words[1..])
-            .args(["--listen", "127.0.0.1:0", "--log", "warn", "--idle-timeout", "30s"])
+            .args(["--listen", "127.0.0.1:0", "--log", "warn"])
+            .arg("--config")
+            .arg(&config)
+            .args(args)
             .arg("--data-dir")
             .arg(dir.path())
             .stdout(std::process::Stdio::piped())
@@ -385,35 +492,41 @@ async fn rathole_throughput(rathole: &std::path::Path, total: u64) -> anyhow::Re
 }
 
 /// A direct quinn server and client on loopback, the baseline.
-async fn direct_pair() -> anyhow::Result<(quinn::Connection, quinn::Connection)> {
+async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     let id = Identity::generate(&[RELAY_SERVER_NAME])?;
     let server_crypto = tls::server_config(&id, ALPN_CLIENT)?;
-    let server_config =
+    let mut server_config =
         quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server_crypto)?));
-    // quinn's default transport settings: the baseline is plain quinn, as shipped.
-    let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
     let client_crypto = tls::client_config(Some(&Identity::generate(&["c"])?), id.fingerprint(), ALPN_CLIENT)?;
-    let client_config =
+    let mut client_config =
         quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto)?));
+    if let Baseline::RelaySettings = baseline {
+        server_config.transport_config(Arc::new(overlan_server::relay::transport_config(DATA_PATH_IDLE)?));
+        client_config.transport_config(Arc::new(client_transport(DATA_PATH_IDLE)?));
+    }
+    let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
     let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     let addr = server.local_addr()?;
     let accept = tokio::spawn(async move { server.accept().await.expect("incoming").await });
     let c = client.connect_with(client_config, addr, RELAY_SERVER_NAME)?.await?;
     let s = accept.await??;
-    Ok((c, s))
+    // The relay raises a session's stream limit as its sockets grow; this pair opens one
+    // stream per round and one for the round trips, so allow them all from the start.
+    s.set_max_concurrent_bi_streams(VarInt::from_u32(64));
+    Ok(Direct { baseline, client: c, server: s })
 }
 
-/// Opens a bi stream on `c` and accepts it on `s` (a first byte makes it visible).
+/// Opens a bi stream from the client end and accepts it on the server end (a first
+/// byte makes it visible).
 async fn direct_stream(
-    c: &quinn::Connection,
-    s: &quinn::Connection,
+    direct: &Direct,
 ) -> anyhow::Result<(
     tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
     tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
 )> {
-    let (mut cs, cr) = c.open_bi().await?;
+    let (mut cs, cr) = direct.client.open_bi().await?;
     cs.write_all(&[0]).await?;
-    let (ss, mut sr) = s.accept_bi().await?;
+    let (ss, mut sr) = direct.server.accept_bi().await?;
     let mut one = [0u8; 1];
     sr.read_exact(&mut one).await?;
     Ok((tokio::io::join(cr, cs), tokio::io::join(sr, ss)))
@@ -423,58 +536,69 @@ async fn join(invite: &Invite, identity: &Identity, instance: &str) -> anyhow::R
     Ok(Client::join(JoinOptions::new(invite.clone(), identity.clone()).instance(instance)).await?)
 }
 
-/// A minimal idle session on a shared endpoint: handshake, hello, welcome, optional bind.
+/// A bench-side member session, held open: the QUIC connection and its control stream.
+struct RawSession {
+    conn: quinn::Connection,
+    /// The session's idle timeout, from the relay's welcome.
+    idle_timeout: Duration,
+    _control: (quinn::SendStream, quinn::RecvStream),
+}
+
+/// A minimal member session on a shared endpoint, shaped like a real member: handshake,
+/// hello, welcome, then a datagram port bound and a stream port listened on.
 async fn raw_session(
     endpoint: &quinn::Endpoint,
     config: &quinn::ClientConfig,
     relay: SocketAddr,
     token: &str,
     instance: String,
-    bind: Option<u16>,
-) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+) -> anyhow::Result<RawSession> {
     let conn = endpoint.connect_with(config.clone(), relay, RELAY_SERVER_NAME)?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let codec = ClientSideCodec::new(DEFAULT_MAX_CONTROL_FRAME);
     let mut buf = bytes::BytesMut::new();
-    codec.encode_into(
-        &ClientMessage::Hello {
-            protocol: PROTOCOL_VERSION,
-            token: overlan_shared::config::Secret::new(token),
-            instance,
-        },
-        &mut buf,
-    )?;
-    if let Some(port) = bind {
-        codec.encode_into(&ClientMessage::Bind { req: 1, port }, &mut buf)?;
-    }
+    let hello = ClientMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: overlan_shared::config::Secret::new(token),
+        instance,
+    };
+    codec.encode_into(&hello, &mut buf)?;
+    codec.encode_into(&ClientMessage::Bind { req: 1, port: MEMBER_DATAGRAM_PORT }, &mut buf)?;
+    codec.encode_into(&ClientMessage::Listen { req: 2, port: MEMBER_STREAM_PORT }, &mut buf)?;
     send.write_all(&buf).await?;
-    let expected = if bind.is_some() { 2 } else { 1 };
     let mut inbuf = bytes::BytesMut::new();
-    let mut got = 0;
-    while got < expected {
+    let (mut idle_timeout, mut bound, mut listening) = (None, false, false);
+    while idle_timeout.is_none() || !bound || !listening {
         let mut tmp = [0u8; 1024];
         let n = recv.read(&mut tmp).await?.context("relay closed the control stream")?;
         inbuf.extend_from_slice(&tmp[..n]);
         while let Some(msg) = codec.decode_from(&mut inbuf)? {
             match msg {
-                RelayMessage::Welcome { .. } | RelayMessage::Bound { .. } => got += 1,
+                RelayMessage::Welcome { idle_timeout_ms, .. } => {
+                    idle_timeout = Some(Duration::from_millis(idle_timeout_ms))
+                }
+                RelayMessage::Bound { .. } => bound = true,
+                RelayMessage::Listening { .. } => listening = true,
                 other => bail!("unexpected {other:?}"),
             }
         }
     }
-    Ok((conn, send, recv))
+    let idle_timeout = idle_timeout.expect("welcome received");
+    Ok(RawSession { conn, idle_timeout, _control: (send, recv) })
 }
 
+/// Opens `n` member sessions with the client library's transport settings, `per_socket`
+/// of them on each UDP socket.
 async fn open_sessions(
     relay: &RelayProcess,
     n: usize,
-    bind: Option<u16>,
     per_socket: usize,
-) -> anyhow::Result<Vec<(quinn::Connection, quinn::SendStream, quinn::RecvStream)>> {
+    idle_timeout: Duration,
+) -> anyhow::Result<Vec<RawSession>> {
     let identity = Identity::generate(&["bench"])?;
     let crypto = tls::client_config(Some(&identity), relay.invite.fingerprint, ALPN_CLIENT)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?));
-    config.transport_config(Arc::new(overlan_server::relay::transport_config(Duration::from_secs(30))?));
+    config.transport_config(Arc::new(client_transport(idle_timeout)?));
     // Members are separate machines in real life: one UDP socket per 20 sessions keeps
     // a burst to all of them from overflowing a single socket's receive buffer here.
     let endpoints = (0..n.div_ceil(per_socket))
@@ -489,7 +613,7 @@ async fn open_sessions(
         let (config, token, sem) = (config.clone(), token.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.expect("semaphore");
-            raw_session(&endpoint, &config, relay_addr, &token, format!("s{i}-{}", bind.unwrap_or(0)), bind).await
+            raw_session(&endpoint, &config, relay_addr, &token, format!("s{i}")).await
         }));
     }
     let mut out = Vec::with_capacity(n);
@@ -501,160 +625,273 @@ async fn open_sessions(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = Args::from(Cli::parse());
     println!("# overlan-bench  (relay process vs direct quinn on loopback, same run)");
     if !args.only_idle {
         data_path(&args).await?;
     }
-
     idle_memory(&args).await
 }
 
 async fn data_path(args: &Args) -> anyhow::Result<()> {
-    let relay = RelayProcess::start().await?;
+    let relay = RelayProcess::start(&["--idle-timeout", &format_duration(DATA_PATH_IDLE)]).await?;
     let me = Identity::generate(&["bench"])?;
-    // Stream throughput: rounds alternate direct, relay (and rathole), so a noisy
-    // neighbour hits all of them alike; the median of the rounds is the figure.
-    let (dc, ds) = direct_pair().await?;
     let a = join(&relay.invite, &me, "a").await?;
     let b = join(&relay.invite, &me, "b").await?;
+    let directs = [direct_pair(Baseline::Default).await?, direct_pair(Baseline::RelaySettings).await?];
+    stream_throughput(args, &a, &b, &directs).await?;
+    round_trip(args, &a, &b, &directs).await?;
+    datagrams(args, &a, &b).await?;
+    broadcast(args, &relay, &a).await?;
+    a.leave().await;
+    b.leave().await;
+    Ok(())
+}
+
+/// Stream throughput: rounds alternate the direct baselines, the relay (and rathole), so
+/// a noisy neighbour hits all of them alike; the medians of the rounds are the figures.
+async fn stream_throughput(args: &Args, a: &Client, b: &Client, directs: &[Direct]) -> anyhow::Result<()> {
     let listener = b.listen(9000).await?;
-    let gib = args.bytes as f64 / (1u64 << 30) as f64;
-    println!("stream throughput, {gib:.2} GiB one way per round, checksummed, {} rounds:", args.rounds);
-    let (mut directs, mut relayeds, mut ratholes) = (Vec::new(), Vec::new(), Vec::new());
+    let size = match args.bytes {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+    };
+    let rounds = if args.rounds == 1 { "1 round".to_owned() } else { format!("{} rounds", args.rounds) };
+    println!("stream throughput, {size} one way per round, checksummed, {rounds}:");
+    let (mut direct, mut relayed, mut ratholes) = (vec![Vec::new(); directs.len()], Vec::new(), Vec::new());
     for round in 1..=args.rounds {
-        let (c, s) = direct_stream(&dc, &ds).await?;
-        let (_cr, cw) = c.into_inner();
-        let (sr, _sw) = s.into_inner();
-        let direct = throughput(cw, sr, args.bytes).await?;
+        print!("  round {round}:");
+        for (pair, rounds) in directs.iter().zip(&mut direct) {
+            let (c, s) = direct_stream(pair).await?;
+            let (_cr, cw) = c.into_inner();
+            let (sr, _sw) = s.into_inner();
+            let measured = throughput(cw, sr, args.bytes).await?;
+            anyhow::ensure!(measured.intact, "{} lost or changed bytes", pair.baseline.label());
+            print!(" {} {:.1} MiB/s,", pair.baseline.short(), measured.mib_s);
+            rounds.push(measured.mib_s);
+        }
         let out = a.connect(listener.local_addr()).await?;
         let (inn, _) = listener.accept().await?;
         let (_or, ow) = out.into_split();
         let (ir, _iw) = inn.into_split();
-        let relayed = throughput(ow, ir, args.bytes).await?;
-        print!("  round {round}: direct {:.1} MiB/s, relay {:.1} MiB/s", direct.mib_s, relayed.mib_s);
-        if !direct.intact || !relayed.intact {
-            bail!("bytes lost or changed (direct intact={}, relay intact={})", direct.intact, relayed.intact);
-        }
-        directs.push(direct.mib_s);
-        relayeds.push(relayed.mib_s);
+        let measured = throughput(ow, ir, args.bytes).await?;
+        anyhow::ensure!(measured.intact, "the relay lost or changed bytes");
+        print!(" relay {:.1} MiB/s", measured.mib_s);
+        relayed.push(measured.mib_s);
         if let Some(rathole) = &args.rathole {
             let forwarded = rathole_throughput(rathole, args.bytes).await?;
-            print!(", rathole {:.1} MiB/s", forwarded.mib_s);
             anyhow::ensure!(forwarded.intact, "rathole lost or changed bytes");
+            print!(", rathole {:.1} MiB/s", forwarded.mib_s);
             ratholes.push(forwarded.mib_s);
         }
         println!("  (all intact)");
     }
-    let (direct, relayed) = (median(&mut directs), median(&mut relayeds));
-    println!("  direct quinn   {direct:>9.1} MiB/s (median)");
-    println!("  via relay      {relayed:>9.1} MiB/s (median)");
-    println!("  ratio relay/direct  {:.2}  (target >= 0.50)", relayed / direct);
-    if !ratholes.is_empty() {
-        let forwarded = median(&mut ratholes);
-        println!("  rathole (TLS transport), TCP A -> server -> client -> B  {forwarded:>9.1} MiB/s (median)");
-        println!("  ratio relay/rathole  {:.2}  (stretch target >= 1.00)", relayed / forwarded);
+    let relay_median = median(&relayed);
+    for (pair, rounds) in directs.iter().zip(&direct) {
+        println!("  {:<34} {:>9.1} MiB/s (median)", pair.baseline.label(), median(rounds));
     }
+    println!("  {:<34} {relay_median:>9.1} MiB/s (median)", "via relay");
+    // Each round's ratio is against the baseline measured beside it; the figure is
+    // their median.
+    let mut like_configured = None;
+    for (pair, rounds) in directs.iter().zip(&direct) {
+        let ratios: Vec<f64> = relayed.iter().zip(rounds).map(|(r, d)| r / d).collect();
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        let ratio = median(&ratios);
+        println!("  ratio relay / {:<34} {ratio:.2} (median of rounds: {})", pair.baseline.label(), shown.join(", "));
+        if let Baseline::RelaySettings = pair.baseline {
+            like_configured = Some(ratio);
+        }
+    }
+    let ratio = like_configured.expect("the like-configured baseline ran");
+    println!(
+        "  target relay >= 0.50 x direct quinn (relay's settings), median ratio {ratio:.2}: {}",
+        if ratio >= 0.50 { "met" } else { "not met" }
+    );
+    if !ratholes.is_empty() {
+        let forwarded = median(&ratholes);
+        println!("  rathole (TLS transport), TCP A -> server -> client -> B  {forwarded:>9.1} MiB/s (median)");
+        println!("  ratio relay/rathole  {:.2}  (stretch target >= 1.00)", relay_median / forwarded);
+    }
+    Ok(())
+}
 
-    // 64-byte request/response round trip.
-    let (c, s) = direct_stream(&dc, &ds).await?;
-    tokio::spawn(echo(s));
-    let mut c = c;
-    let (d50, d99) = rtt(&mut c, args.rtt_iters).await?;
+/// 64-byte request/response round trips on one stream, each direct baseline and the
+/// relay; the relay's budget is against the like-configured baseline.
+async fn round_trip(args: &Args, a: &Client, b: &Client, directs: &[Direct]) -> anyhow::Result<()> {
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!("64-byte round trip, {} iterations:", args.rtt_iters);
+    let mut like_configured = None;
+    for pair in directs {
+        let (mut c, s) = direct_stream(pair).await?;
+        tokio::spawn(echo(s));
+        let (p50, p99) = rtt(&mut c, args.rtt_iters).await?;
+        println!("  {:<34} p50 {:>7.1} us  p99 {:>7.1} us", pair.baseline.label(), us(p50), us(p99));
+        if let Baseline::RelaySettings = pair.baseline {
+            like_configured = Some(p50);
+        }
+    }
     let l = b.listen(9001).await?;
     let mut out = a.connect(l.local_addr()).await?;
     let (inn, _) = l.accept().await?;
     tokio::spawn(echo(inn));
     let (r50, r99) = rtt(&mut out, args.rtt_iters).await?;
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    println!("64-byte round trip, {} iterations:", args.rtt_iters);
-    println!("  direct quinn   p50 {:>7.1} us  p99 {:>7.1} us", us(d50), us(d99));
-    println!("  via relay      p50 {:>7.1} us  p99 {:>7.1} us", us(r50), us(r99));
+    println!("  {:<34} p50 {:>7.1} us  p99 {:>7.1} us", "via relay", us(r50), us(r99));
+    let budget = 2.0 * us(like_configured.expect("the like-configured baseline ran")) + 50.0;
     println!(
-        "  relay p50 budget 2 x direct + 50 us = {:.1} us: {}",
-        2.0 * us(d50) + 50.0,
-        if us(r50) <= 2.0 * us(d50) + 50.0 { "met" } else { "MISSED" }
+        "  relay p50 budget 2 x direct (relay's settings) + 50 us = {budget:.1} us: {}",
+        if us(r50) <= budget { "met" } else { "MISSED" }
     );
+    Ok(())
+}
 
-    // Datagrams per second through the relay.
+/// Datagrams A -> relay -> B as fast as `send_to` takes them. The receive rate counts
+/// what B got, over B's receive window (first to last datagram received).
+async fn datagrams(args: &Args, a: &Client, b: &Client) -> anyhow::Result<()> {
     let sa = a.bind_datagram(0).await?;
     let sb = b.bind_datagram(7000).await?;
     let target = sb.local_addr();
     let payload = vec![1u8; 64];
-    let stop = Instant::now() + Duration::from_secs(args.datagram_secs);
     let receiver = tokio::spawn(async move {
-        let mut n = 0u64;
+        let (mut count, mut first, mut last) = (0u64, None, None);
+        // The sender stops after datagram_secs; half a second of silence ends the count.
         while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), sb.recv()).await {
-            n += 1;
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = Some(now);
+            count += 1;
         }
-        n
+        (count, first.zip(last).map(|(f, l)| l - f))
     });
     let mut sent = 0u64;
     let t0 = Instant::now();
+    let stop = t0 + Duration::from_secs(args.datagram_secs);
     while Instant::now() < stop {
         for _ in 0..64 {
             sa.send_to(&payload, target).await?;
             sent += 1;
         }
     }
-    let elapsed = t0.elapsed().as_secs_f64();
-    let received = receiver.await?;
-    println!("datagrams (64-byte payload) through the relay for {}s:", args.datagram_secs);
-    println!(
-        "  sent {:.0}/s, delivered {:.0}/s ({:.1}% delivered)",
-        sent as f64 / elapsed,
-        received as f64 / elapsed,
-        100.0 * received as f64 / sent.max(1) as f64
-    );
-
-    // Broadcast fan-out.
-    let members = open_sessions(&relay, args.broadcast_members, Some(4445), SESSIONS_PER_SOCKET).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for (conn, _, _) in &members {
-        let (conn, tx) = (conn.clone(), tx.clone());
-        tokio::spawn(async move {
-            if conn.read_datagram().await.is_ok() {
-                let _ = tx.send(Instant::now());
-            }
-        });
+    let send_secs = t0.elapsed().as_secs_f64();
+    let (received, window) = receiver.await?;
+    println!("datagrams (64-byte payload) A -> relay -> B, sent for {}s:", args.datagram_secs);
+    println!("  sent       {:>10.0}/s  ({sent} in {send_secs:.2} s)", sent as f64 / send_secs);
+    match window.filter(|w| received > 1 && !w.is_zero()) {
+        Some(w) => println!(
+            "  received   {:>10.0}/s  ({received} in {:.2} s, first to last received)",
+            (received - 1) as f64 / w.as_secs_f64(),
+            w.as_secs_f64()
+        ),
+        None => println!("  received   {received} (too few for a rate)"),
     }
-    let caster = a.bind_datagram(4445).await?;
-    let t0 = Instant::now();
-    caster.send_to(b"lobby", SocketAddrV4::new(Ipv4Addr::BROADCAST, 4445)).await?;
-    let mut last = t0;
-    for _ in 0..members.len() {
-        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
-            Ok(Some(t)) => last = last.max(t),
-            _ => bail!("a broadcast copy did not arrive"),
-        }
-    }
-    println!("broadcast to {} members: all copies in {:.2} ms", members.len(), (last - t0).as_secs_f64() * 1e3);
-    drop(members);
-
-    a.leave().await;
-    b.leave().await;
+    println!("  delivered  {:>10.1}%", 100.0 * received as f64 / sent.max(1) as f64);
     Ok(())
 }
 
-/// Relay memory per idle session, each count on a fresh relay process.
+/// One broadcast to every member, several times: how long until the last member has
+/// its copy. Each member forwards the sample number it got and when.
+async fn broadcast(args: &Args, relay: &RelayProcess, a: &Client) -> anyhow::Result<()> {
+    let members = open_sessions(relay, args.broadcast_members, SESSIONS_PER_SOCKET, DATA_PATH_IDLE).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for member in &members {
+        let (conn, tx) = (member.conn.clone(), tx.clone());
+        tokio::spawn(async move {
+            while let Ok(datagram) = conn.read_datagram().await {
+                // The payload ends with the sample number.
+                let Some(tail) = datagram.len().checked_sub(4).map(|at| &datagram[at..]) else { continue };
+                let sample = u32::from_be_bytes(tail.try_into().expect("4 bytes"));
+                if tx.send((sample, Instant::now())).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let caster = a.bind_datagram(MEMBER_DATAGRAM_PORT).await?;
+    let to = SocketAddrV4::new(Ipv4Addr::BROADCAST, MEMBER_DATAGRAM_PORT);
+    println!(
+        "broadcast to {} members, {} samples (time until the last member got its copy):",
+        members.len(),
+        args.broadcast_samples
+    );
+    let mut samples = Vec::new();
+    for sample in 0..args.broadcast_samples as u32 {
+        let mut payload = b"lobby".to_vec();
+        payload.extend_from_slice(&sample.to_be_bytes());
+        let t0 = Instant::now();
+        caster.send_to(&payload, to).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let (mut got, mut last) = (0, t0);
+        while got < members.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((n, at))) if n == sample => {
+                    got += 1;
+                    last = last.max(at);
+                }
+                Ok(Some(_)) => {} // a late copy of an earlier sample
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let ms = (last - t0).as_secs_f64() * 1e3;
+        if got == members.len() {
+            println!("  sample {}: {ms:.2} ms", sample + 1);
+            samples.push(ms);
+        } else {
+            println!(
+                "  sample {}: only {got} of {} copies within 10 s (left out of the median)",
+                sample + 1,
+                members.len()
+            );
+        }
+    }
+    if samples.is_empty() {
+        println!("  median: none (no sample reached every member)");
+    } else {
+        println!("  median of {} samples: {:.2} ms", samples.len(), median(&samples));
+    }
+    // The forwarding tasks hold the connections; closing ends them.
+    for member in &members {
+        member.conn.close(VarInt::from_u32(0), b"bench done");
+    }
+    Ok(())
+}
+
+/// Relay memory per idle member session, each count on a fresh relay process with its
+/// default idle timeout. RSS is read once the sessions have run at least two keep-alive
+/// rounds (steady state), and again one keep-alive interval later.
 async fn idle_memory(args: &Args) -> anyhow::Result<()> {
     for &n in &args.idle_sessions {
-        let relay = RelayProcess::start().await?;
+        let relay = RelayProcess::start(&[]).await?;
         // One session first, so start-up allocations (database, runtime) are not counted.
-        let warm = open_sessions(&relay, 1, None, 1).await?;
+        let warm = open_sessions(&relay, 1, 1, overlan_client::DEFAULT_IDLE_TIMEOUT).await?;
+        let idle = warm[0].idle_timeout;
+        let keep_alive = idle / 3;
+        let settle = (keep_alive * 2 + Duration::from_secs(1)).max(Duration::from_secs(7));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = relay.rss_kib()?;
         let own_before = rss_kib("self")?;
-        let sessions = open_sessions(&relay, n, None, usize::MAX).await?;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let sessions = open_sessions(&relay, n, usize::MAX, overlan_client::DEFAULT_IDLE_TIMEOUT).await?;
+        tokio::time::sleep(settle).await;
+        let first = relay.rss_kib()?;
+        tokio::time::sleep(keep_alive).await;
         let after = relay.rss_kib()?;
         let own_after = rss_kib("self")?;
+        let open = sessions.iter().filter(|s| s.conn.close_reason().is_none()).count();
         let per = (after.saturating_sub(before)) as f64 / n as f64;
         let own = (own_after.saturating_sub(own_before)) as f64 / n as f64;
         println!(
-            "relay RSS with {n} idle sessions: {before} KiB -> {after} KiB, {per:.1} KiB per session (target <= 32)"
+            "relay RSS with {n} idle member sessions (each bound to a datagram port and listening on a stream port; \
+             idle timeout {:.1} s, keep-alive every {:.1} s):",
+            idle.as_secs_f64(),
+            keep_alive.as_secs_f64()
         );
+        println!(
+            "  {before} KiB before; {first} KiB {:.1} s after the last opened; {after} KiB {:.1} s later; {open} of {n} still open",
+            settle.as_secs_f64(),
+            keep_alive.as_secs_f64()
+        );
+        println!("  {per:.1} KiB per session (target <= 32)");
         println!("  baseline, same run: this process's side of the same connections (plain quinn client, one socket): {own:.1} KiB per connection");
+        anyhow::ensure!(open == n, "{} sessions closed while idle: keep-alives did not hold them", n - open);
         drop(sessions);
         drop(warm);
         relay.stop().await;
