@@ -189,7 +189,9 @@ async fn stall_streams(a: &Client, b: &Client, port: u16, n: usize) -> Vec<overl
         kept.push(inn); // accepted, never read
         let chunk = vec![7u8; 1 << 20];
         // Write until flow control stops us (the relay and b's windows are full).
-        while tokio::time::timeout(Duration::from_millis(300), out.write_all(&chunk)).await.is_ok() {}
+        while let Ok(written) = tokio::time::timeout(Duration::from_millis(300), out.write_all(&chunk)).await {
+            written.expect("writes succeed until flow control blocks them");
+        }
         kept.push(out);
     }
     kept

@@ -249,3 +249,51 @@ impl Handler<ExpireLeases> for VipAllocatorActor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DEFAULT_NETWORK;
+
+    #[test]
+    fn unused_leases_expire_and_their_vips_return_to_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = "tok";
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            store.ensure_default_network("10.9.0.0/29".parse().unwrap()).unwrap();
+            store.add_invite(DEFAULT_NETWORK, token, "issued", None, None).unwrap();
+        }
+        let counters = Arc::new(Counters::default());
+        let system = actix::System::new();
+        system.block_on(async {
+            let dir_path = dir.path().to_path_buf();
+            let c = counters.clone();
+            let allocator = SyncArbiter::start(1, move || VipAllocatorActor::open(&dir_path, 16, c.clone()).unwrap());
+            let admit = |name: &str| AllocateVip {
+                token: Secret::new(token),
+                identity: Fingerprint::of(name.as_bytes()),
+                legacy: Fingerprint::of(b"none"),
+                instance: String::new(),
+            };
+            // The /29 has five VIPs: fill it.
+            let mut vips = Vec::new();
+            for name in ["a", "b", "c", "d", "e"] {
+                vips.push(allocator.send(admit(name)).await.unwrap().unwrap().vip);
+            }
+            assert!(matches!(allocator.send(admit("f")).await.unwrap(), Err(AdmitError::NetworkFull { .. })));
+            // Everyone was last seen long ago; "a" is online now.
+            let net = Store::open(dir.path()).unwrap().network(DEFAULT_NETWORK).unwrap();
+            allocator.send(FlushSeen).await.unwrap();
+            let conn = rusqlite::Connection::open(dir.path().join(crate::store::DB_FILE)).unwrap();
+            conn.execute("UPDATE leases SET last_seen = 0", []).unwrap();
+            let online = HashSet::from([(net.id, vips[0])]);
+            allocator.send(ExpireLeases { max_age: Duration::from_secs(3600), online }).await.unwrap();
+            assert_eq!(counters.get(Reason::LeaseExpired), 4);
+            // "a" kept its VIP; a newcomer gets one of the released ones.
+            assert_eq!(allocator.send(admit("a")).await.unwrap().unwrap().vip, vips[0]);
+            let newcomer = allocator.send(admit("f")).await.unwrap().unwrap();
+            assert!(newcomer.new_lease && vips[1..].contains(&newcomer.vip));
+        });
+    }
+}

@@ -331,6 +331,33 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_with_every_default_uncommented() {
+        let example = include_str!("../../deploy/config/server.toml");
+        let file: FileConfig = toml::from_str(example).unwrap();
+        assert!(file.limits.is_none());
+        // `#key = value` and `#[table]` lines are the documented defaults.
+        let uncommented: String = example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest.starts_with('[') || rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let file: FileConfig = toml::from_str(&uncommented).expect("every documented key exists");
+        let config = RelayConfig::default().with_file(&file);
+        assert_eq!(
+            Limits { lease_expiry: None, ..config.limits.clone() },
+            Limits::default(),
+            "the documented defaults are the defaults"
+        );
+    }
+
+    #[test]
     fn invite_addr_prefers_public_addr() {
         let cfg = RelayConfig { public_addr: Some("relay.example.com:7700".into()), ..RelayConfig::default() };
         assert_eq!(cfg.invite_addr("0.0.0.0:7700".parse().unwrap()), "relay.example.com:7700");

@@ -790,6 +790,14 @@ mod schema_tests {
     }
 
     #[test]
+    fn writes_reach_the_disk_before_they_are_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sync: i64 = store.conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL");
+    }
+
+    #[test]
     fn a_newer_schema_is_refused_with_the_file_named() {
         let dir = tempfile::tempdir().unwrap();
         Connection::open(dir.path().join(DB_FILE)).unwrap().pragma_update(None, "user_version", 99).unwrap();

@@ -25,8 +25,9 @@ use quinn::VarInt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const CHUNK: usize = 256 * 1024;
-/// The `[limits]` the bench's relay runs with: rates and the cap on joins in progress
-/// raised far above what the bench sends; every other limit at its default.
+/// The `[limits]` the bench's relay runs with: rates, the cap on joins in progress and
+/// the per-identity instance cap (the bench's members are instances of one identity)
+/// raised far above what the bench uses; every other limit at its default.
 const BENCH_RELAY_LIMITS: &str = "[limits]
 datagram_rate = 100000000
 datagram_burst = 10000000
@@ -35,6 +36,7 @@ broadcast_burst = 1000000
 control_rate = 1000000
 control_burst = 1000000
 max_unauthenticated = 100000
+instances_per_identity = 1000000
 ";
 
 /// Bench-side sessions sharing one UDP socket.
