@@ -1,15 +1,10 @@
-//! `SocketPairActor`: one per virtual stream (a connect to a listener). It carries the
-//! connection through offer → accept/deny → both sides attach their QUIC streams →
-//! spliced, and supervises it: timeouts for a listener that never answers or a side
-//! that never attaches, and teardown when either side closes, aborts or stalls. The
-//! bytes are spliced by a task it owns (one `read_chunks`/`write_all_chunks` loop per
-//! direction), never through its mailbox.
-//!
-//! Closing is TCP-like: when a party's session ends, the direction toward it is reset
-//! (nobody is left to read), but the direction from it keeps delivering what the relay
-//! already accepted; if that party had finished its side, the receiver reads every byte
-//! and then a clean end, even though the sender has gone. Only an abort, the death of
-//! the receiving side, a stalled receiver or the drain deadline cut a socket short.
+//! `SocketPairActor`: one per virtual stream (a connect to a listener), the shell around
+//! its lifecycle machine ([`overlan_shared::pair::SocketPair`]: offer → accept/deny →
+//! both streams attached → spliced → ended, with its deadlines and the TCP-like close).
+//! The actor feeds the machine what happens, carries out what it decides, and holds
+//! the streams. The bytes are spliced by a task it owns (one
+//! `read_chunks`/`write_all_chunks` loop per direction), never through its mailbox; that
+//! task also watches for receivers that take no data.
 
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -17,10 +12,11 @@ use std::sync::Arc;
 use actix::dev::SendError;
 use actix::prelude::*;
 use bytes::Bytes;
+use overlan_shared::pair::{PairAction, PairTimeouts, Side, SocketPair};
 use overlan_shared::wire::control::SocketId;
 use overlan_shared::wire::{reset_code, ErrorCode};
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::counters::Reason;
@@ -66,43 +62,25 @@ impl Drop for HeldStream {
     }
 }
 
-/// One side of a pair.
+/// One side of a pair: its session, address and (until spliced) its stream.
 struct Party {
     session: LocalSession,
     addr: SocketAddrV4,
     stream: Option<HeldStream>,
-    gone: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PairState {
-    /// Waiting for the listener's application to accept or deny.
-    Offered,
-    /// Accepted; waiting for both data streams.
-    Accepted,
-    /// Bytes flow.
-    Spliced,
-}
-
-/// The two directions of a splice, by the party they write toward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Toward {
-    Connector = 0,
-    Listener = 1,
-}
-
-/// A connected (or connecting) virtual stream.
+/// A connected (or connecting) virtual stream: the shell around its [`SocketPair`]
+/// lifecycle, holding what the machine decides about.
 pub struct SocketPairActor {
     socket: SocketId,
     req: u64,
-    connector: Party,
-    listener: Party,
-    state: PairState,
+    parties: [Party; 2],
+    machine: SocketPair,
     node: Arc<Node>,
-    /// Cancels each direction of the splice, indexed by [`Toward`].
+    /// Cancels each direction of the splice, indexed by the [`Side`] it writes toward.
     cancel: Option<[watch::Sender<Option<VarInt>>; 2]>,
-    /// A party has gone and the drain deadline runs.
-    draining: bool,
+    /// The deadline the wake-up timer is set for.
+    timer: Option<(Instant, SpawnHandle)>,
 }
 
 impl SocketPairActor {
@@ -114,90 +92,107 @@ impl SocketPairActor {
         listener: (LocalSession, SocketAddrV4),
         node: Arc<Node>,
     ) -> Self {
-        let party = |(session, addr): (LocalSession, SocketAddrV4)| Party { session, addr, stream: None, gone: false };
+        let party = |(session, addr): (LocalSession, SocketAddrV4)| Party { session, addr, stream: None };
+        let config = &node.config;
+        let timeouts = PairTimeouts {
+            accept: config.accept_timeout,
+            attach: config.attach_timeout,
+            drain: config.limits.drain_timeout.0,
+        };
         Self {
             socket,
             req,
-            connector: party(connector),
-            listener: party(listener),
-            state: PairState::Offered,
+            parties: [party(connector), party(listener)],
+            machine: SocketPair::new(Instant::now(), timeouts),
             node,
             cancel: None,
-            draining: false,
+            timer: None,
         }
     }
 
-    fn connect_failed(&self, code: ErrorCode, why: &str) {
-        let to = self.listener.addr;
-        self.connector.session.addr.do_send(ConnectOutcome {
-            req: self.req,
-            socket: self.socket,
-            result: Err((code, format!("connect {to}: {why}"))),
-        });
+    fn party(&self, side: Side) -> &Party {
+        &self.parties[side as usize]
     }
 
-    fn cancel_direction(&self, toward: Toward, code: u32) {
-        if let Some(cancel) = &self.cancel {
-            let _ = cancel[toward as usize].send(Some(VarInt::from_u32(code)));
-        }
+    /// The sides `session` is (both for a client connected to its own listener).
+    fn sides_of(&self, session: SessionId) -> impl Iterator<Item = Side> + '_ {
+        [Side::Connector, Side::Listener].into_iter().filter(move |&s| self.party(s).session.id == session)
     }
 
-    /// Ends the pair: resets every attached stream with `code`, tells the sessions still
-    /// there why (`notify`), and stops.
-    fn terminate(&mut self, ctx: &mut Context<Self>, code: u32, notify: ErrorCode) {
-        self.cancel_direction(Toward::Connector, code);
-        self.cancel_direction(Toward::Listener, code);
-        for party in [&mut self.connector, &mut self.listener] {
-            if let Some(stream) = party.stream.take() {
-                stream.reset(code);
+    fn connector_outcome(&self, result: Result<(SocketAddrV4, SocketAddrV4), (ErrorCode, String)>) {
+        self.party(Side::Connector).session.addr.do_send(ConnectOutcome { req: self.req, socket: self.socket, result });
+    }
+
+    /// Carries out what the machine decided, then sets the timer for its next deadline.
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        while let Some(action) = self.machine.poll_action() {
+            match action {
+                PairAction::ConnectSucceeded => {
+                    let (a, b) = (self.party(Side::Connector).addr, self.party(Side::Listener).addr);
+                    self.connector_outcome(Ok((a, b)));
+                }
+                PairAction::ConnectFailed { code, why } => {
+                    let to = self.party(Side::Listener).addr;
+                    self.connector_outcome(Err((code, format!("connect {to}: {why}"))));
+                }
+                PairAction::Splice => self.splice(ctx),
+                PairAction::Cancel { toward, code } => {
+                    if let Some(cancel) = &self.cancel {
+                        let _ = cancel[toward as usize].send(Some(VarInt::from_u32(code)));
+                    }
+                }
+                PairAction::Terminate { code, notify } => {
+                    if let Some(cancel) = &self.cancel {
+                        for direction in cancel {
+                            let _ = direction.send(Some(VarInt::from_u32(code)));
+                        }
+                    }
+                    for side in [Side::Connector, Side::Listener] {
+                        if let Some(stream) = self.parties[side as usize].stream.take() {
+                            stream.reset(code);
+                        }
+                        if !self.machine.is_gone(side) {
+                            let addr = &self.party(side).session.addr;
+                            addr.do_send(PairEnded { socket: self.socket, notify: Some(notify) });
+                        }
+                    }
+                    ctx.stop();
+                }
+                PairAction::Stop => ctx.stop(),
             }
         }
-        if self.state == PairState::Offered && !self.connector.gone {
-            self.connect_failed(notify, notify.describe());
-        }
-        for party in [&self.connector, &self.listener] {
-            if !party.gone {
-                party.session.addr.do_send(PairEnded { socket: self.socket, notify: Some(notify) });
+        let next = self.machine.poll_timeout();
+        if next != self.timer.as_ref().map(|(at, _)| *at) {
+            if let Some((_, handle)) = self.timer.take() {
+                ctx.cancel_future(handle);
+            }
+            if let Some(at) = next {
+                let handle = ctx.run_later(at.saturating_duration_since(Instant::now()), |act, ctx| {
+                    act.timer = None;
+                    if act.machine.handle_timeout(Instant::now()) {
+                        act.node.count(Reason::DrainTimeout);
+                    }
+                    act.drive(ctx);
+                });
+                self.timer = Some((at, handle));
             }
         }
-        ctx.stop();
     }
 
-    fn maybe_splice(&mut self, ctx: &mut Context<Self>) {
-        if self.state != PairState::Accepted || self.connector.stream.is_none() || self.listener.stream.is_none() {
-            return;
-        }
-        let a = self.connector.stream.take().expect("checked above").take();
-        let b = self.listener.stream.take().expect("checked above").take();
+    fn splice(&mut self, ctx: &mut Context<Self>) {
+        let [connector, listener] = &mut self.parties;
+        let a = connector.stream.take().expect("the machine splices once both streams are attached").take();
+        let b = listener.stream.take().expect("the machine splices once both streams are attached").take();
         let (to_connector, to_connector_rx) = watch::channel(None);
         let (to_listener, to_listener_rx) = watch::channel(None);
         self.cancel = Some([to_connector, to_listener]);
-        self.state = PairState::Spliced;
-        tracing::debug!(socket = self.socket, from = %self.connector.addr, to = %self.listener.addr, "socket spliced");
+        tracing::debug!(socket = self.socket, from = %connector.addr, to = %listener.addr, "socket spliced");
         let guard = StallGuard {
             node: self.node.clone(),
             pair: ctx.address(),
             write_timeout: self.node.config.limits.write_timeout.0,
         };
         tokio::spawn(splice(a, b, [to_connector_rx, to_listener_rx], guard));
-        // A party that left before the splice began: its direction drains, the other
-        // is cut now.
-        for (party, toward) in [(&self.connector, Toward::Connector), (&self.listener, Toward::Listener)] {
-            if party.gone {
-                self.cancel_direction(toward, reset_code::SESSION_LOST);
-            }
-        }
-    }
-
-    /// Bounds how long a socket may go on delivering after a party has gone.
-    fn start_drain_deadline(&mut self, ctx: &mut Context<Self>) {
-        if std::mem::replace(&mut self.draining, true) {
-            return;
-        }
-        ctx.run_later(self.node.config.limits.drain_timeout.0, |act, ctx| {
-            act.node.count(Reason::DrainTimeout);
-            act.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
-        });
     }
 }
 
@@ -206,31 +201,26 @@ impl Actor for SocketPairActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.node.router.add_pair(self.socket, ctx.address());
-        let offer =
-            Offer { socket: self.socket, pair: ctx.address(), local: self.listener.addr, peer: self.connector.addr };
-        match self.listener.session.addr.try_send(offer) {
+        let listener = self.party(Side::Listener);
+        let offer = Offer {
+            socket: self.socket,
+            pair: ctx.address(),
+            local: listener.addr,
+            peer: self.party(Side::Connector).addr,
+        };
+        match listener.session.addr.try_send(offer) {
             Ok(()) => {}
             // A busy mailbox only delays the offer; unbounded delivery is fine for control.
-            Err(SendError::Full(offer)) => self.listener.session.addr.do_send(offer),
+            Err(SendError::Full(offer)) => self.party(Side::Listener).session.addr.do_send(offer),
             // The listener's session ended between the lookup and now: answer at once.
-            Err(SendError::Closed(_)) => {
-                self.listener.gone = true;
-                self.connect_failed(ErrorCode::Unreachable, "unreachable (the listener's session ended)");
-                self.connector.gone = true;
-                ctx.stop();
-                return;
-            }
+            Err(SendError::Closed(_)) => self.machine.handle_party_gone(Instant::now(), Side::Listener),
         }
-        ctx.run_later(self.node.config.accept_timeout, |act, ctx| {
-            if act.state == PairState::Offered {
-                act.terminate(ctx, reset_code::TIMED_OUT, ErrorCode::TimedOut);
-            }
-        });
+        self.drive(ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.node.router.remove_pair(self.socket);
-        for party in [&self.connector, &self.listener] {
+        for party in &self.parties {
             party.session.addr.do_send(PairEnded { socket: self.socket, notify: None });
         }
     }
@@ -249,28 +239,9 @@ pub struct AnswerOffer {
 impl Handler<AnswerOffer> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, msg: AnswerOffer, ctx: &mut Self::Context) {
-        if msg.session != self.listener.session.id || self.state != PairState::Offered {
-            return;
-        }
-        match msg.result {
-            Ok(()) => {
-                self.state = PairState::Accepted;
-                self.connector.session.addr.do_send(ConnectOutcome {
-                    req: self.req,
-                    socket: self.socket,
-                    result: Ok((self.connector.addr, self.listener.addr)),
-                });
-                ctx.run_later(self.node.config.attach_timeout, |act, ctx| {
-                    if act.state != PairState::Spliced {
-                        act.terminate(ctx, reset_code::TIMED_OUT, ErrorCode::TimedOut);
-                    }
-                });
-                self.maybe_splice(ctx);
-            }
-            Err(code) => {
-                self.connect_failed(code, code.describe());
-                ctx.stop();
-            }
+        if msg.session == self.party(Side::Listener).session.id {
+            self.machine.handle_answer(Instant::now(), msg.result);
+            self.drive(ctx);
         }
     }
 }
@@ -290,23 +261,25 @@ pub struct AttachStream {
 impl Handler<AttachStream> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, msg: AttachStream, ctx: &mut Self::Context) {
-        let socket = self.socket;
-        let spliced = self.state == PairState::Spliced;
         // A client connected to its own listener is both parties; its two streams are
-        // interchangeable ends of the splice, so either free slot will do.
-        let slot = [&mut self.connector, &mut self.listener]
-            .into_iter()
-            .find(|p| p.session.id == msg.session && p.stream.is_none() && !p.gone && !spliced);
-        let Some(slot) = slot else {
-            msg.stream.reset(reset_code::UNKNOWN_SOCKET);
-            msg.session_addr.do_send(Notice {
-                code: ErrorCode::UnknownSocket,
-                message: format!("stream for socket {socket} rejected: not this session's socket, or already attached"),
-            });
-            return;
-        };
-        slot.stream = Some(msg.stream);
-        self.maybe_splice(ctx);
+        // interchangeable ends of the splice, so either free side will do.
+        let side = self.sides_of(msg.session).find(|&s| !self.machine.is_attached(s));
+        match side {
+            Some(side) if self.machine.handle_attach(side) => {
+                self.parties[side as usize].stream = Some(msg.stream);
+                self.drive(ctx);
+            }
+            _ => {
+                msg.stream.reset(reset_code::UNKNOWN_SOCKET);
+                msg.session_addr.do_send(Notice {
+                    code: ErrorCode::UnknownSocket,
+                    message: format!(
+                        "stream for socket {} rejected: not this session's socket, or already attached",
+                        self.socket
+                    ),
+                });
+            }
+        }
     }
 }
 
@@ -321,8 +294,9 @@ pub struct CloseSocket {
 impl Handler<CloseSocket> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, msg: CloseSocket, ctx: &mut Self::Context) {
-        if self.connector.session.id == msg.session || self.listener.session.id == msg.session {
-            self.terminate(ctx, reset_code::ABORTED, ErrorCode::Closed);
+        if self.sides_of(msg.session).next().is_some() {
+            self.machine.handle_close();
+            self.drive(ctx);
         }
     }
 }
@@ -338,49 +312,15 @@ pub struct PartyGone {
 impl Handler<PartyGone> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, msg: PartyGone, ctx: &mut Self::Context) {
-        let mut found = false;
-        for party in [&mut self.connector, &mut self.listener] {
-            if party.session.id == msg.session {
-                party.gone = true;
-                found = true;
-            }
+        let sides: Vec<Side> = self.sides_of(msg.session).collect();
+        for side in sides {
+            self.machine.handle_party_gone(Instant::now(), side);
         }
-        if !found {
-            return;
-        }
-        let both_gone = self.connector.gone && self.listener.gone;
-        match self.state {
-            PairState::Offered => {
-                if self.listener.gone && !self.connector.gone {
-                    self.connect_failed(ErrorCode::Unreachable, "unreachable (the listener's session ended)");
-                    self.connector.gone = true; // already told; no second outcome
-                }
-                self.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
-            }
-            // A party that left after attaching its stream may have finished it: keep the
-            // pair until the other side attaches, so what it sent is still delivered.
-            PairState::Accepted => {
-                let gone_attached = [&self.connector, &self.listener].iter().all(|p| !p.gone || p.stream.is_some());
-                if both_gone || !gone_attached {
-                    self.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
-                } else {
-                    self.start_drain_deadline(ctx);
-                }
-            }
-            PairState::Spliced => {
-                if both_gone {
-                    self.terminate(ctx, reset_code::SESSION_LOST, ErrorCode::SessionLost);
-                    return;
-                }
-                let toward = if self.connector.gone { Toward::Connector } else { Toward::Listener };
-                self.cancel_direction(toward, reset_code::SESSION_LOST);
-                self.start_drain_deadline(ctx);
-            }
-        }
+        self.drive(ctx);
     }
 }
 
-/// A receiver took no data within the write timeout.
+/// A receiver took no data within the write timeout (counted by the pump).
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Stalled;
@@ -388,8 +328,10 @@ struct Stalled;
 impl Handler<Stalled> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, _: Stalled, ctx: &mut Self::Context) {
-        tracing::info!(socket = self.socket, a = %self.connector.addr, b = %self.listener.addr, "cutting a socket whose receiver takes no data");
-        self.terminate(ctx, reset_code::RECEIVER_STALLED, ErrorCode::TimedOut);
+        let (a, b) = (self.party(Side::Connector).addr, self.party(Side::Listener).addr);
+        tracing::info!(socket = self.socket, %a, %b, "cutting a socket whose receiver takes no data");
+        self.machine.handle_stalled();
+        self.drive(ctx);
     }
 }
 
@@ -401,8 +343,10 @@ pub struct Evicted;
 impl Handler<Evicted> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, _: Evicted, ctx: &mut Self::Context) {
-        tracing::info!(socket = self.socket, a = %self.connector.addr, b = %self.listener.addr, "cutting a stalled socket: relay cap on held bytes reached");
-        self.terminate(ctx, reset_code::RECEIVER_STALLED, ErrorCode::TimedOut);
+        let (a, b) = (self.party(Side::Connector).addr, self.party(Side::Listener).addr);
+        tracing::info!(socket = self.socket, %a, %b, "cutting a stalled socket: relay cap on held bytes reached");
+        self.machine.handle_stalled();
+        self.drive(ctx);
     }
 }
 
@@ -414,7 +358,8 @@ struct SpliceDone;
 impl Handler<SpliceDone> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, _: SpliceDone, ctx: &mut Self::Context) {
-        ctx.stop();
+        self.machine.handle_splice_done();
+        self.drive(ctx);
     }
 }
 
