@@ -389,10 +389,11 @@ fn unexpected(msg: RelayMessage) -> Error {
     Error::Relay { code: ErrorCode::ProtocolViolation, message: format!("unexpected answer from relay: {msg:?}") }
 }
 
-/// QUIC transport settings: the idle timeout, keep-alives at a third of it, datagrams
-/// on. The relay never opens streams toward a client (the client opens every socket's
-/// stream), so none are allowed; quinn would pre-allocate bookkeeping for each.
-fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, Error> {
+/// The client's QUIC transport settings: the idle timeout, keep-alives at a third of it,
+/// datagrams on. The relay never opens streams toward a client (the client opens every
+/// socket's stream), so none are allowed; quinn would pre-allocate bookkeeping for each.
+/// Public so measurements (overlan-bench) can configure a baseline like the real path.
+pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, Error> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout.try_into().map_err(|_| Error::Config("idle timeout out of range".into()))?))

@@ -13,6 +13,13 @@ fn server_cmd(data_dir: &std::path::Path) -> tokio::process::Command {
     cmd
 }
 
+/// Runs `overlan-server ARGS` on `data`: exit code, stdout, stderr.
+async fn server_run(data: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = server_cmd(data);
+    cmd.args(args);
+    output(cmd).await
+}
+
 async fn output(mut cmd: tokio::process::Command) -> (i32, String, String) {
     let out = within("command", cmd.output()).await.expect("run");
     (
@@ -119,38 +126,33 @@ fn nix_signal(child: &tokio::process::Child, sig: &str) {
 async fn server_manages_invites_and_networks() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let run = |args: &[&str]| {
-        let mut c = server_cmd(&data);
-        c.args(args);
-        output(c)
-    };
-    let (code, out, err) = run(&["invite", "default", "--uses", "2", "--expires", "1h"]).await;
+    let (code, out, err) = server_run(&data, &["invite", "default", "--uses", "2", "--expires", "1h"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.trim().parse::<Invite>().is_ok(), "{out}");
-    let (_, list, _) = run(&["invite", "list"]).await;
+    let (_, list, _) = server_run(&data, &["invite", "list"]).await;
     assert!(list.contains("0/2") && list.contains("in 1h") && list.contains("active"), "{list}");
     let id = list.lines().find(|l| l.contains("0/2")).unwrap().split_whitespace().next().unwrap().to_owned();
-    let (code, out, _) = run(&["invite", "revoke", &id]).await;
+    let (code, out, _) = server_run(&data, &["invite", "revoke", &id]).await;
     assert_eq!(code, 0);
     assert!(out.contains("revoked"), "{out}");
-    let (_, list, _) = run(&["invite", "list"]).await;
+    let (_, list, _) = server_run(&data, &["invite", "list"]).await;
     assert!(list.contains("revoked"), "{list}");
-    let (code, _, err) = run(&["invite", "revoke", "999"]).await;
+    let (code, _, err) = server_run(&data, &["invite", "revoke", "999"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("no invite with id 999"), "{err}");
 
-    let (code, out, err) = run(&["network", "add", "games", "--subnet", "10.88.0.0/24"]).await;
+    let (code, out, err) = server_run(&data, &["network", "add", "games", "--subnet", "10.88.0.0/24"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("added network games 10.88.0.0/24"), "{out}");
-    let (code, _, err) = run(&["network", "add", "clash", "--subnet", "10.77.1.0/24"]).await;
+    let (code, _, err) = server_run(&data, &["network", "add", "clash", "--subnet", "10.77.1.0/24"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("overlaps network \"default\""), "{err}");
-    let (code, _, err) = run(&["network", "add", "bad", "--subnet", "10.90.0.1/24"]).await;
+    let (code, _, err) = server_run(&data, &["network", "add", "bad", "--subnet", "10.90.0.1/24"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("did you mean 10.90.0.0/24"), "{err}");
-    let (_, list, _) = run(&["network", "list"]).await;
+    let (_, list, _) = server_run(&data, &["network", "list"]).await;
     assert!(list.contains("default") && list.contains("games") && list.contains("10.88.0.0/24"), "{list}");
-    let (code, _, err) = run(&["invite", "nosuch"]).await;
+    let (code, _, err) = server_run(&data, &["invite", "nosuch"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("no network named \"nosuch\""), "{err}");
 }
@@ -324,21 +326,17 @@ async fn server_lists_and_releases_leases_and_caps_instances() {
     bin("overlan");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let run = |args: &[&str]| {
-        let mut c = server_cmd(&data);
-        c.args(args);
-        output(c)
-    };
-    let (code, out, err) = run(&["network", "add", "lan", "--subnet", "10.66.0.0/24", "--max-instances", "2"]).await;
+    let (code, out, err) =
+        server_run(&data, &["network", "add", "lan", "--subnet", "10.66.0.0/24", "--max-instances", "2"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("added network lan"), "{out}");
-    let (_, list, _) = run(&["network", "list"]).await;
+    let (_, list, _) = server_run(&data, &["network", "list"]).await;
     let lan = list.lines().find(|l| l.starts_with("lan")).unwrap_or_default();
     assert!(lan.split_whitespace().nth(2) == Some("2"), "{list}");
-    let (code, _, err) = run(&["network", "set", "lan", "--max-instances", "0"]).await;
+    let (code, _, err) = server_run(&data, &["network", "set", "lan", "--max-instances", "0"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("at least 1"), "{err}");
-    let (code, out, _) = run(&["invite", "lan"]).await;
+    let (code, out, _) = server_run(&data, &["invite", "lan"]).await;
     assert_eq!(code, 0);
     let invite: Invite = out.trim().parse().unwrap();
 
@@ -363,17 +361,17 @@ async fn server_lists_and_releases_leases_and_caps_instances() {
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("already holds 2 instances in network \"lan\""), "{err}");
 
-    let (code, list, err) = run(&["lease", "list", "lan"]).await;
+    let (code, list, err) = server_run(&data, &["lease", "list", "lan"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(list.lines().count(), 3, "a header and two leases: {list}");
     assert!(list.contains(first.trim()) && list.contains(" one ") && list.contains(" two "), "{list}");
-    let (code, _, err) = run(&["lease", "list", "nosuch"]).await;
+    let (code, _, err) = server_run(&data, &["lease", "list", "nosuch"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("no network named"), "{err}");
-    let (code, out, err) = run(&["lease", "release", "lan", first.trim()]).await;
+    let (code, out, err) = server_run(&data, &["lease", "release", "lan", first.trim()]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&format!("released {} in network lan", first.trim())), "{out}");
-    let (code, _, err) = run(&["lease", "release", "lan", first.trim()]).await;
+    let (code, _, err) = server_run(&data, &["lease", "release", "lan", first.trim()]).await;
     assert_ne!(code, 0);
     assert!(err.contains("no lease holds"), "{err}");
     // The place is free: the third instance joins now.

@@ -12,8 +12,31 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(11) as u8).collect()
 }
 
-fn signal(child: &tokio::process::Child, sig: &str) {
-    let pid = child.id().expect("running").to_string();
+/// Sends `sig` once the process has installed its handler for it (its caught-signal
+/// mask in /proc says so), so a slow start is not mistaken for an ignored signal.
+async fn signal(child: &tokio::process::Child, sig: &str) {
+    let number = match sig {
+        "INT" => 2,
+        "TERM" => 15,
+        other => panic!("no signal number for {other}"),
+    };
+    let pid = child.id().expect("running");
+    within(&format!("the process to handle SIG{sig}"), async {
+        loop {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let caught = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .unwrap_or(0);
+            if caught & (1 << (number - 1)) != 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let pid = pid.to_string();
     let status = std::process::Command::new("kill").args([&format!("-{sig}"), &pid]).status().expect("kill");
     assert!(status.success());
 }
@@ -132,7 +155,7 @@ async fn signals_end_nc_at_every_stage_with_the_conventional_status() {
     // Listening, nobody connected yet: SIGTERM → 143.
     let mut waiting = Nc::spawn(&relay, dir.path(), "waiting", &["-l", "7100"], None);
     waiting.stderr_until("listening on").await;
-    signal(&waiting.child, "TERM");
+    signal(&waiting.child, "TERM").await;
     assert_eq!(waiting.exit_code().await, 143);
 
     // Connected, mid-transfer (stdin never ends): SIGINT → 130, and the peer sees an
@@ -146,7 +169,7 @@ async fn signals_end_nc_at_every_stage_with_the_conventional_status() {
     talker.write_stdin(b"some bytes\n").await;
     let mut buf = [0u8; 11];
     within("the first bytes", stream.read_exact(&mut buf)).await.unwrap();
-    signal(&talker.child, "INT");
+    signal(&talker.child, "INT").await;
     let (code, _) = talker.wait().await;
     assert_eq!(code, 130);
     let mut rest = Vec::new();
@@ -158,7 +181,7 @@ async fn signals_end_nc_at_every_stage_with_the_conventional_status() {
     cmd.args(["nc", "-u", "-l", "7102"]);
     let mut udp = Proc::spawn(cmd);
     udp.stderr_until("bound").await;
-    signal(&udp.child, "INT");
+    signal(&udp.child, "INT").await;
     assert_eq!(udp.wait().await.0, 130);
 
     // Joining a relay that is not running: SIGINT ends the wait at once.
@@ -171,9 +194,8 @@ async fn signals_end_nc_at_every_stage_with_the_conventional_status() {
     let mut cmd = overlan_cmd(&invite, dir.path(), "nowhere");
     cmd.args(["nc", "10.77.0.2", "7000"]);
     let mut nowhere = Proc::spawn(cmd);
-    tokio::time::sleep(Duration::from_millis(300)).await; // let it start joining
+    signal(&nowhere.child, "INT").await;
     let sent = Instant::now();
-    signal(&nowhere.child, "INT");
     assert_eq!(nowhere.wait().await.0, 130);
     assert!(sent.elapsed() < Duration::from_secs(3), "took {:?} to obey Ctrl-C", sent.elapsed());
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use actix::Addr;
 
 use crate::counters::{Counters, Reason};
-use crate::pair::{Evicted, SocketPairActor};
+use crate::pair::{SocketPairActor, Stalled};
 
 /// Bytes held for stalled receivers, relay-wide.
 pub struct HoldBudget {
@@ -46,7 +46,7 @@ impl HoldBudget {
     }
 
     /// Registers a stall of `pair` holding up to `bytes`. Older stalls are cut (their
-    /// pairs told [`Evicted`]) until the new one fits under the cap; a stall larger than
+    /// pairs told [`Stalled`]) until the new one fits under the cap; a stall larger than
     /// the whole cap evicts everything older and is itself let through, so one socket
     /// always makes progress.
     pub fn stall(self: &Arc<Self>, bytes: u64, pair: Addr<SocketPairActor>, counters: &Counters) -> Hold {
@@ -55,7 +55,7 @@ impl HoldBudget {
             let Some((_, (old_bytes, old_pair))) = state.stalls.pop_first() else { break };
             state.held -= old_bytes;
             counters.add(Reason::HeldBytesCap);
-            old_pair.do_send(Evicted);
+            old_pair.do_send(Stalled { why: "the relay's cap on bytes held for stalled receivers was reached" });
         }
         let id = state.next;
         state.next += 1;

@@ -320,31 +320,20 @@ impl Handler<PartyGone> for SocketPairActor {
     }
 }
 
-/// A receiver took no data within the write timeout (counted by the pump).
+/// Cut the pair: its receiver took no data within the write timeout (counted by the
+/// pump), or the relay-wide cap on held bytes was reached and its stall is the oldest.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Stalled;
+pub struct Stalled {
+    /// Why, for the log.
+    pub why: &'static str,
+}
 
 impl Handler<Stalled> for SocketPairActor {
     type Result = ();
-    fn handle(&mut self, _: Stalled, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Stalled, ctx: &mut Self::Context) {
         let (a, b) = (self.party(Side::Connector).addr, self.party(Side::Listener).addr);
-        tracing::info!(socket = self.socket, %a, %b, "cutting a socket whose receiver takes no data");
-        self.machine.handle_stalled();
-        self.drive(ctx);
-    }
-}
-
-/// The relay-wide cap on held bytes was reached and this pair's stall is the oldest.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Evicted;
-
-impl Handler<Evicted> for SocketPairActor {
-    type Result = ();
-    fn handle(&mut self, _: Evicted, ctx: &mut Self::Context) {
-        let (a, b) = (self.party(Side::Connector).addr, self.party(Side::Listener).addr);
-        tracing::info!(socket = self.socket, %a, %b, "cutting a stalled socket: relay cap on held bytes reached");
+        tracing::info!(socket = self.socket, %a, %b, why = msg.why, "cutting a stalled socket");
         self.machine.handle_stalled();
         self.drive(ctx);
     }
@@ -450,7 +439,7 @@ async fn pump(
             }
             // Counted before the reset, so whoever sees the reset sees the count.
             guard.node.count(Reason::ReceiverStalled);
-            guard.pair.do_send(Stalled);
+            guard.pair.do_send(Stalled { why: "the receiver took no data within the write timeout" });
             VarInt::from_u32(reset_code::RECEIVER_STALLED)
         }
     };

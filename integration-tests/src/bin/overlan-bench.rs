@@ -114,23 +114,9 @@ impl From<Cli> for Args {
     }
 }
 
-/// The client library's QUIC transport settings. Its `transport_config` (in
-/// client/src/client.rs) is private, so the values are repeated here: keep them in step.
+/// The client library's transport settings, for the clients of each path.
 fn client_transport(idle_timeout: Duration) -> anyhow::Result<quinn::TransportConfig> {
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(VarInt::from_u32(7));
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(idle_timeout.try_into().map_err(|_| anyhow::anyhow!("idle timeout out of range"))?))
-        .keep_alive_interval(Some(idle_timeout / 3))
-        .max_concurrent_bidi_streams(VarInt::from_u32(0))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .datagram_receive_buffer_size(Some(1024 * 1024))
-        .datagram_send_buffer_size(1024 * 1024)
-        .stream_receive_window(VarInt::from_u32(4 << 20))
-        .send_window(16 << 20)
-        .ack_frequency_config(Some(ack));
-    Ok(transport)
+    Ok(overlan_client::transport_config(idle_timeout)?)
 }
 
 /// How the direct quinn baseline is configured.
