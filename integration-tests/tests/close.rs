@@ -17,7 +17,6 @@ fn pattern(len: usize) -> Vec<u8> {
 
 /// Writes `data`, finishes, waits until the relay has every byte, then leaves at once.
 async fn send_and_leave(client: Client, mut stream: VirtualStream, data: Vec<u8>) {
-    let client = client;
     stream.write_all(&data).await.expect("write");
     stream.shutdown().await.expect("finish");
     within("the relay to acknowledge every byte", stream.delivered()).await.expect("delivered");
