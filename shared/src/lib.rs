@@ -8,6 +8,7 @@ pub mod invite;
 pub mod pair;
 pub mod pool;
 pub mod ports;
+pub mod route;
 pub mod tls;
 pub mod wire;
 
