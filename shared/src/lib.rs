@@ -3,6 +3,7 @@
 //! socket-pair lifecycle, invite URIs, configuration helpers and TLS/certificate helpers. Nothing here opens a socket.
 
 pub mod addr;
+pub mod cluster;
 pub mod config;
 pub mod invite;
 pub mod pair;

@@ -66,6 +66,8 @@ pub struct Announce {
     pub seq: u64,
     /// Node names from the origin to the sender.
     pub path: Vec<String>,
+    /// The origin's slot, so every node can check the VIP lies in it.
+    pub origin_slot: u8,
 }
 
 impl Announce {
@@ -133,6 +135,7 @@ pub enum Dropped {
 struct Learned {
     seq: u64,
     path: Vec<String>,
+    origin_slot: u8,
 }
 
 #[derive(Debug, Default)]
@@ -143,13 +146,14 @@ struct Entry {
     learned: BTreeMap<LinkId, Learned>,
     best: Option<Hop>,
     /// The links that were told a route: the sequence number and path they were told.
-    told: HashMap<LinkId, (u64, Vec<String>)>,
+    told: HashMap<LinkId, (u64, Vec<String>, u8)>,
 }
 
 /// The route table of one node.
 #[derive(Debug)]
 pub struct RouteTable {
     me: String,
+    slot: u8,
     links: BTreeMap<LinkId, String>,
     entries: HashMap<(NetKey, Ipv4Addr), Entry>,
     last_seq: u64,
@@ -157,9 +161,9 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// An empty table of the node named `me`.
-    pub fn new(me: impl Into<String>) -> Self {
-        Self { me: me.into(), links: BTreeMap::new(), entries: HashMap::new(), last_seq: 0, out: VecDeque::new() }
+    /// An empty table of the node named `me`, holding slot `slot`.
+    pub fn new(me: impl Into<String>, slot: u8) -> Self {
+        Self { me: me.into(), slot, links: BTreeMap::new(), entries: HashMap::new(), last_seq: 0, out: VecDeque::new() }
     }
 
     /// This node's name.
@@ -170,6 +174,15 @@ impl RouteTable {
     /// The best hop toward `vip`.
     pub fn best(&self, net: NetKey, vip: Ipv4Addr) -> Option<Hop> {
         self.entries.get(&(net, vip)).and_then(|e| e.best)
+    }
+
+    /// The origin node and its slot of the best route toward `vip`.
+    pub fn origin(&self, net: NetKey, vip: Ipv4Addr) -> Option<(&str, u8)> {
+        let entry = self.entries.get(&(net, vip))?;
+        match entry.best? {
+            Hop::Local => Some((&self.me, self.slot)),
+            Hop::Peer(link) => entry.learned.get(&link).map(|l| (l.path[0].as_str(), l.origin_slot)),
+        }
     }
 
     /// The path of the best route toward `vip` (this node's name alone for a local VIP).
@@ -262,7 +275,7 @@ impl RouteTable {
                     return Err(Dropped::Loop);
                 }
                 let entry = self.entries.entry((a.net, a.vip)).or_default();
-                entry.learned.insert(link, Learned { seq: a.seq, path: a.path.clone() });
+                entry.learned.insert(link, Learned { seq: a.seq, path: a.path.clone(), origin_slot: a.origin_slot });
                 self.recompute(a.net, a.vip);
             }
             RouteUpdate::Withdraw { net, vip } => {
@@ -321,18 +334,18 @@ impl RouteTable {
     fn tell(&mut self, link: LinkId, net: NetKey, vip: Ipv4Addr) -> Option<RouteUpdate> {
         let peer = self.links.get(&link)?.clone();
         let entry = self.entries.get(&(net, vip))?;
-        let (seq, mut path) = match entry.best {
-            Some(Hop::Local) => (entry.local.expect("a local best has a local seq"), Vec::new()),
+        let (seq, mut path, origin_slot) = match entry.best {
+            Some(Hop::Local) => (entry.local.expect("a local best has a local seq"), Vec::new(), self.slot),
             Some(Hop::Peer(via)) => {
                 let learned = &entry.learned[&via];
-                (learned.seq, learned.path.clone())
+                (learned.seq, learned.path.clone(), learned.origin_slot)
             }
-            None => (0, Vec::new()),
+            None => (0, Vec::new(), 0),
         };
         let wanted = match entry.best {
             Some(_) if !path.contains(&peer) => {
                 path.push(self.me.clone());
-                Some((seq, path))
+                Some((seq, path, origin_slot))
             }
             _ => None,
         };
@@ -342,9 +355,9 @@ impl RouteTable {
                 if entry.told.get(&link) == Some(&told) {
                     return None;
                 }
-                let (seq, path) = told.clone();
+                let (seq, path, origin_slot) = told.clone();
                 entry.told.insert(link, told);
-                Some(RouteUpdate::Announce(Announce { net, vip, seq, path }))
+                Some(RouteUpdate::Announce(Announce { net, vip, seq, path, origin_slot }))
             }
             None => {
                 entry.told.remove(&link)?;
@@ -360,7 +373,7 @@ impl RouteTable {
 /// restarted origin starts above what it sent before.
 #[derive(Debug, Default)]
 pub struct BroadcastDedup {
-    origins: HashMap<String, Window>,
+    origins: HashMap<u64, Window>,
 }
 
 /// How many sequence numbers below the highest seen are remembered.
@@ -396,11 +409,11 @@ impl Window {
 impl BroadcastDedup {
     /// Whether broadcast `seq` of `origin` is new (and records it). Too old to judge
     /// (below the window) counts as seen.
-    pub fn handle_broadcast(&mut self, origin: &str, seq: u64) -> bool {
-        let Some(window) = self.origins.get_mut(origin) else {
+    pub fn handle_broadcast(&mut self, origin: u64, seq: u64) -> bool {
+        let Some(window) = self.origins.get_mut(&origin) else {
             let mut window = Window { highest: seq, seen: [0; (DEDUP_WINDOW / 64) as usize] };
             window.seen[0] = 1;
-            self.origins.insert(origin.to_owned(), window);
+            self.origins.insert(origin, window);
             return true;
         };
         if seq > window.highest {
@@ -438,7 +451,7 @@ mod tests {
 
     impl Cluster {
         fn new(n: usize) -> Self {
-            Self { tables: (0..n).map(|i| RouteTable::new(format!("n{i}"))).collect(), links: Vec::new() }
+            Self { tables: (0..n).map(|i| RouteTable::new(format!("n{i}"), i as u8)).collect(), links: Vec::new() }
         }
 
         fn connect(&mut self, a: usize, b: usize) {
@@ -576,7 +589,7 @@ mod tests {
 
     #[test]
     fn sequence_numbers_never_go_backwards() {
-        let mut t = RouteTable::new("n0");
+        let mut t = RouteTable::new("n0", 0);
         t.handle_local_attach(NET, vip(1), 500);
         t.handle_local_attach(NET, vip(2), 10);
         t.handle_link_up(1, "n1");
@@ -597,9 +610,15 @@ mod tests {
 
     #[test]
     fn bad_updates_are_dropped_and_named() {
-        let mut t = RouteTable::new("n0");
+        let mut t = RouteTable::new("n0", 0);
         let announce = |path: &[&str]| {
-            RouteUpdate::Announce(Announce { net: NET, vip: vip(1), seq: 1, path: names(path).unwrap() })
+            RouteUpdate::Announce(Announce {
+                net: NET,
+                vip: vip(1),
+                seq: 1,
+                path: names(path).unwrap(),
+                origin_slot: 1,
+            })
         };
         assert_eq!(t.handle_updates(1, [announce(&["n1"])])[0].1, Dropped::UnknownLink);
         t.handle_link_up(1, "n1");
@@ -626,18 +645,18 @@ mod tests {
     #[test]
     fn dedup_passes_each_broadcast_once() {
         let mut d = BroadcastDedup::default();
-        assert!(d.handle_broadcast("n1", 1000));
-        assert!(!d.handle_broadcast("n1", 1000));
-        assert!(d.handle_broadcast("n1", 1002));
-        assert!(d.handle_broadcast("n1", 1001));
-        assert!(!d.handle_broadcast("n1", 1001));
-        assert!(d.handle_broadcast("n2", 1001), "origins are separate");
-        assert!(d.handle_broadcast("n1", 1000 + 300));
-        assert!(!d.handle_broadcast("n1", 1002), "still remembered after a shift of 298");
-        assert!(d.handle_broadcast("n1", 1003));
-        assert!(d.handle_broadcast("n1", 5000));
-        assert!(!d.handle_broadcast("n1", 5000 - DEDUP_WINDOW), "too old to judge");
-        assert!(d.handle_broadcast("n1", 5000 - DEDUP_WINDOW + 1));
+        assert!(d.handle_broadcast(1, 1000));
+        assert!(!d.handle_broadcast(1, 1000));
+        assert!(d.handle_broadcast(1, 1002));
+        assert!(d.handle_broadcast(1, 1001));
+        assert!(!d.handle_broadcast(1, 1001));
+        assert!(d.handle_broadcast(2, 1001), "origins are separate");
+        assert!(d.handle_broadcast(1, 1000 + 300));
+        assert!(!d.handle_broadcast(1, 1002), "still remembered after a shift of 298");
+        assert!(d.handle_broadcast(1, 1003));
+        assert!(d.handle_broadcast(1, 5000));
+        assert!(!d.handle_broadcast(1, 5000 - DEDUP_WINDOW), "too old to judge");
+        assert!(d.handle_broadcast(1, 5000 - DEDUP_WINDOW + 1));
     }
 
     proptest::proptest! {
@@ -648,7 +667,7 @@ mod tests {
             let mut highest = 0;
             for seq in seqs {
                 let expected = if !seen.is_empty() && seq + DEDUP_WINDOW <= highest { false } else { !seen.contains(&seq) };
-                proptest::prop_assert_eq!(d.handle_broadcast("o", seq), expected, "seq {}", seq);
+                proptest::prop_assert_eq!(d.handle_broadcast(0, seq), expected, "seq {}", seq);
                 seen.insert(seq);
                 highest = highest.max(seq);
             }

@@ -99,6 +99,8 @@ pub enum TlsError {
 #[derive(Clone)]
 pub struct Identity {
     cert: CertificateDer<'static>,
+    /// Certificates presented after `cert` (a cluster node's CA); empty when self-signed.
+    chain: Vec<CertificateDer<'static>>,
     key_der: Vec<u8>,
 }
 
@@ -118,7 +120,17 @@ impl Identity {
         dn.push(rcgen::DnType::CommonName, names.first().cloned().unwrap_or_default());
         params.distinguished_name = dn;
         let cert = params.self_signed(&key)?;
-        Ok(Self { cert: cert.der().clone(), key_der: key.serialize_der() })
+        Ok(Self { cert: cert.der().clone(), chain: Vec::new(), key_der: key.serialize_der() })
+    }
+
+    /// An identity presenting `cert` followed by `chain`, with the PKCS#8 key `key_der`.
+    pub fn with_chain(cert: CertificateDer<'static>, chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>) -> Self {
+        Self { cert, chain, key_der }
+    }
+
+    /// The certificate followed by its chain.
+    pub fn chain_der(&self) -> Vec<CertificateDer<'static>> {
+        std::iter::once(self.cert.clone()).chain(self.chain.iter().cloned()).collect()
     }
 
     /// The certificate in DER.
@@ -158,7 +170,7 @@ impl Identity {
         let format = |what: &str| TlsError::Format { path: path.to_owned(), what: what.to_owned() };
         let cert = CertificateDer::from_pem_slice(pem).map_err(|_| format("no CERTIFICATE block"))?;
         let key = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|_| format("no PRIVATE KEY (PKCS#8) block"))?;
-        Ok(Self { cert, key_der: key.secret_pkcs8_der().to_vec() })
+        Ok(Self { cert, chain: Vec::new(), key_der: key.secret_pkcs8_der().to_vec() })
     }
 
     /// Loads the identity at `path`, or makes one and stores it there (mode 0600) if the
@@ -219,8 +231,9 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Client-side verifier: the relay's certificate must have the pinned fingerprint, and
-/// its key must sign the handshake.
+/// Client-side verifier: the relay's certificate must have the pinned fingerprint, or
+/// be a node certificate signed by the pinned cluster CA (which the node sends after
+/// its own); its key must sign the handshake.
 #[derive(Debug)]
 struct PinnedServer {
     pin: Fingerprint,
@@ -231,15 +244,23 @@ impl ServerCertVerifier for PinnedServer {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let seen = Fingerprint::of(end_entity);
         if seen == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
+            return Ok(ServerCertVerified::assertion());
+        }
+        // A node of a cluster: the pin is the cluster CA, sent after the node's certificate.
+        if let Some(ca) = intermediates.iter().find(|c| Fingerprint::of(c) == self.pin) {
+            return match crate::cluster::verify_chain(end_entity, &[], ca) {
+                Ok(()) => Ok(ServerCertVerified::assertion()),
+                Err(e) => Err(rustls::Error::General(format!("relay certificate: {e}"))),
+            };
+        }
+        {
             Err(rustls::Error::General(format!(
                 "relay certificate fingerprint {seen} does not match the pinned {}; the invite is for another relay, or the relay's key changed",
                 self.pin
@@ -336,7 +357,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedServer { pin, provider }));
     let mut config = match identity {
-        Some(id) => builder.with_client_auth_cert(vec![id.cert.clone()], id.private_key())?,
+        Some(id) => builder.with_client_auth_cert(id.chain_der(), id.private_key())?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![alpn.to_vec()];
@@ -350,7 +371,7 @@ pub fn server_config(identity: &Identity, alpn: &[u8]) -> Result<rustls::ServerC
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
-        .with_single_cert(vec![identity.cert.clone()], identity.private_key())?;
+        .with_single_cert(identity.chain_der(), identity.private_key())?;
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
@@ -441,7 +462,7 @@ mod tests {
         let id = Identity::generate(&["overlan-client"]).unwrap();
         let key = rcgen::KeyPair::try_from(id.key_der()).unwrap();
         let again = rcgen::CertificateParams::new(vec!["renamed".to_owned()]).unwrap().self_signed(&key).unwrap();
-        let reissued = Identity { cert: again.der().clone(), key_der: id.key_der().to_vec() };
+        let reissued = Identity { cert: again.der().clone(), chain: Vec::new(), key_der: id.key_der().to_vec() };
         assert_ne!(reissued.fingerprint(), id.fingerprint(), "a new certificate");
         assert_eq!(reissued.key_fingerprint(), id.key_fingerprint(), "the same key, so the same identity");
         assert_ne!(Identity::generate(&["x"]).unwrap().key_fingerprint(), id.key_fingerprint());

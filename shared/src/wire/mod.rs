@@ -6,6 +6,7 @@
 pub mod control;
 pub mod datagram;
 pub mod frame;
+pub mod peer;
 pub mod stream;
 
 use serde::{Deserialize, Serialize};
