@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use overlan_shared::cluster::slot_block;
 use overlan_shared::config::Secret;
 use overlan_shared::pool::VipPool;
+use overlan_shared::route::NetKey;
 use overlan_shared::tls::Fingerprint;
 use overlan_shared::Subnet;
 
@@ -30,6 +32,8 @@ pub struct VipAllocatorActor {
     store: Store,
     pools: HashMap<NetworkId, VipPool>,
     default_max_instances: u32,
+    /// In a cluster, this node's slot: it hands out VIPs from its block of each subnet.
+    slot: Option<u8>,
     /// Last-seen times not written yet.
     seen: HashMap<LeaseKey, i64>,
     counters: Arc<Counters>,
@@ -37,16 +41,33 @@ pub struct VipAllocatorActor {
 
 impl VipAllocatorActor {
     /// Opens the store in `data_dir`; identities hold at most `default_max_instances`
-    /// instances in networks that set no cap of their own.
-    pub fn open(data_dir: &Path, default_max_instances: u32, counters: Arc<Counters>) -> Result<Self, StoreError> {
+    /// instances in networks that set no cap of their own. A cluster node with `slot`
+    /// hands out only its slot's block of each subnet.
+    pub fn open(
+        data_dir: &Path,
+        default_max_instances: u32,
+        slot: Option<u8>,
+        counters: Arc<Counters>,
+    ) -> Result<Self, StoreError> {
         let store = Store::open(data_dir)?;
         store.set_busy_timeout(BUSY_TIMEOUT)?;
-        Ok(Self { store, pools: HashMap::new(), default_max_instances, seen: HashMap::new(), counters })
+        Ok(Self { store, pools: HashMap::new(), default_max_instances, slot, seen: HashMap::new(), counters })
     }
 
     fn pool(&mut self, network: &Network) -> Result<&mut VipPool, StoreError> {
         if !self.pools.contains_key(&network.id) {
-            let mut pool = VipPool::new(network.subnet);
+            let mut pool = match self.slot {
+                None => VipPool::new(network.subnet),
+                Some(slot) => match slot_block(network.subnet, slot) {
+                    Some(block) => VipPool::for_block(network.subnet, block),
+                    None => {
+                        tracing::warn!(network = %network.name, subnet = %network.subnet,
+                            "subnet too small to share among cluster nodes (needs /28 or larger); no VIPs to hand out");
+                        let last = Subnet::new(network.subnet.broadcast(), 32).expect("a /32 is valid");
+                        VipPool::for_block(network.subnet, last)
+                    }
+                },
+            };
             for lease in self.store.leases(network.id)? {
                 if !pool.handle_existing_lease(lease.vip) {
                     tracing::warn!(network = %network.name, vip = %lease.vip, "stored lease outside the network's assignable range");
@@ -220,6 +241,18 @@ impl Handler<FlushSeen> for VipAllocatorActor {
     }
 }
 
+/// The networks in the database.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Network>, StoreError>")]
+pub struct ListNetworks;
+
+impl Handler<ListNetworks> for VipAllocatorActor {
+    type Result = Result<Vec<Network>, StoreError>;
+    fn handle(&mut self, _: ListNetworks, _ctx: &mut Self::Context) -> Self::Result {
+        self.store.networks()
+    }
+}
+
 /// Release leases whose holders have not been seen for `max_age`, except those online.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -227,7 +260,7 @@ pub struct ExpireLeases {
     /// Unused for longer than this.
     pub max_age: Duration,
     /// VIPs online now (their last-seen time is their join, which may be old).
-    pub online: HashSet<(NetworkId, Ipv4Addr)>,
+    pub online: HashSet<(NetKey, Ipv4Addr)>,
 }
 
 impl Handler<ExpireLeases> for VipAllocatorActor {
@@ -235,7 +268,12 @@ impl Handler<ExpireLeases> for VipAllocatorActor {
     fn handle(&mut self, msg: ExpireLeases, _ctx: &mut Self::Context) {
         self.flush_seen();
         let before = unix_now() - msg.max_age.as_secs() as i64;
-        match self.store.expire_leases(before, &msg.online) {
+        let ids: HashMap<NetKey, NetworkId> = match self.store.networks() {
+            Ok(networks) => networks.into_iter().map(|n| (n.key, n.id)).collect(),
+            Err(e) => return tracing::warn!(error = %e, "could not expire leases; will retry"),
+        };
+        let online = msg.online.iter().filter_map(|(key, vip)| Some((*ids.get(key)?, *vip))).collect();
+        match self.store.expire_leases(before, &online) {
             Ok(expired) => {
                 for (net, vip) in expired {
                     tracing::info!(network = net, %vip, "lease expired (unused for longer than limits.lease_expiry)");
@@ -269,7 +307,8 @@ mod tests {
         system.block_on(async {
             let dir_path = dir.path().to_path_buf();
             let c = counters.clone();
-            let allocator = SyncArbiter::start(1, move || VipAllocatorActor::open(&dir_path, 16, c.clone()).unwrap());
+            let allocator =
+                SyncArbiter::start(1, move || VipAllocatorActor::open(&dir_path, 16, None, c.clone()).unwrap());
             let admit = |name: &str| AllocateVip {
                 token: Secret::new(token),
                 identity: Fingerprint::of(name.as_bytes()),
@@ -287,7 +326,7 @@ mod tests {
             allocator.send(FlushSeen).await.unwrap();
             let conn = rusqlite::Connection::open(dir.path().join(crate::store::DB_FILE)).unwrap();
             conn.execute("UPDATE leases SET last_seen = 0", []).unwrap();
-            let online = HashSet::from([(net.id, vips[0])]);
+            let online = HashSet::from([(net.key, vips[0])]);
             allocator.send(ExpireLeases { max_age: Duration::from_secs(3600), online }).await.unwrap();
             assert_eq!(counters.get(Reason::LeaseExpired), 4);
             // "a" kept its VIP; a newcomer gets one of the released ones.

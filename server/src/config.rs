@@ -185,6 +185,33 @@ pub struct FileConfig {
     pub log: Option<String>,
     /// Per-session caps and rates, relay-wide bounds.
     pub limits: Option<Limits>,
+    /// Membership of a cluster of relay nodes.
+    pub cluster: Option<ClusterFileConfig>,
+}
+
+/// The `[cluster]` table: run as node `node` of the cluster whose credentials are in
+/// `dir`, linking to `peers`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFileConfig {
+    /// Cluster directory (`ca.crt` and `NODE.pem`, from `overlan-server ca issue`).
+    pub dir: Option<PathBuf>,
+    /// This node's name.
+    pub node: Option<String>,
+    /// Peers to link to, `HOST:PORT` (their client port).
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+/// A node of a cluster: who it is and whom it links to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Cluster directory.
+    pub dir: PathBuf,
+    /// This node's name.
+    pub node: String,
+    /// Peers to dial, `HOST:PORT`.
+    pub peers: Vec<String>,
 }
 
 impl FileConfig {
@@ -218,6 +245,8 @@ pub struct RelayConfig {
     pub hello_timeout: Duration,
     /// What one member may cost the others.
     pub limits: Limits,
+    /// Cluster membership; `None`: a standalone relay.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for RelayConfig {
@@ -233,6 +262,7 @@ impl Default for RelayConfig {
             attach_timeout: ATTACH_TIMEOUT,
             hello_timeout: HELLO_TIMEOUT,
             limits: Limits::default(),
+            cluster: None,
         }
     }
 }
@@ -264,6 +294,26 @@ impl RelayConfig {
         self
     }
 
+    /// Sets the cluster membership from `layers` (file, then flags; later layers win
+    /// key by key). No layer naming a directory or node: a standalone relay.
+    pub fn with_cluster(mut self, layers: &[&ClusterFileConfig]) -> anyhow::Result<Self> {
+        let (mut dir, mut node, mut peers) = (None, None, Vec::new());
+        for layer in layers {
+            dir = layer.dir.clone().or(dir);
+            node = layer.node.clone().or(node);
+            if !layer.peers.is_empty() {
+                peers = layer.peers.clone();
+            }
+        }
+        self.cluster = match (dir, node) {
+            (Some(dir), Some(node)) => Some(ClusterConfig { dir, node, peers }),
+            (None, None) if peers.is_empty() => None,
+            (None, _) => anyhow::bail!("a cluster node needs the cluster directory: --cluster DIR (or [cluster] dir)"),
+            (Some(_), None) => anyhow::bail!("a cluster node needs its name: --node NODE (or [cluster] node)"),
+        };
+        Ok(self)
+    }
+
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
@@ -276,6 +326,19 @@ impl RelayConfig {
             "max_control_frame must be between 1024 and 16777216 bytes"
         );
         self.limits.validate()?;
+        if let Some(cluster) = &self.cluster {
+            anyhow::ensure!(
+                overlan_shared::cluster::valid_node_name(&cluster.node),
+                "bad node name {:?}: use 1-63 of a-z 0-9 - (not starting or ending with -)",
+                cluster.node
+            );
+            for peer in &cluster.peers {
+                anyhow::ensure!(
+                    peer.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                    "peer {peer:?} must be HOST:PORT"
+                );
+            }
+        }
         if let Some(addr) = &self.public_addr {
             anyhow::ensure!(
                 addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),

@@ -17,10 +17,12 @@ use overlan_shared::Subnet;
 
 use crate::config::Limits;
 use crate::counters::Reason;
+use crate::link::{flood_broadcast, link_datagram};
 use crate::node::Node;
-use crate::router::{Router, SessionId};
+use crate::router::{Route, Router, SessionId};
 use crate::session::{Notice, SessionActor};
-use crate::store::NetworkId;
+use overlan_shared::route::NetKey;
+use overlan_shared::wire::peer::{LinkHeader, MAX_HOPS};
 
 /// Notices a session may get in a burst; after that one per second, so a flood of bad
 /// datagrams cannot make the relay flood back.
@@ -32,7 +34,7 @@ pub struct Sender {
     /// Session number.
     pub session: SessionId,
     /// Network.
-    pub net: NetworkId,
+    pub net: NetKey,
     /// The session's VIP.
     pub vip: Ipv4Addr,
     /// The network's subnet.
@@ -107,17 +109,27 @@ pub fn forward(
         return Ok(0);
     }
     if kind == Kind::Broadcast {
-        return Ok(router.for_each_broadcast_member(from.net, header.dst.port(), from.vip, |conn| {
+        let n = router.for_each_broadcast_member(from.net, header.dst.port(), from.vip, |conn| {
             let _ = conn.send_datagram(datagram.clone());
-        }));
+        });
+        // Every other node gets it once and fans it out to its own members.
+        flood_broadcast(router, from.net, &datagram);
+        return Ok(n);
     }
-    match router.datagram_target(from.net, header.dst) {
-        Some(conn) => {
-            // Unreliable by contract: a full receive buffer or a vanished peer drops it.
-            let _ = conn.send_datagram(datagram);
+    // Unreliable by contract: a full receive buffer, a vanished peer or a VIP with no
+    // route drops it.
+    if let Some(conn) = router.datagram_target(from.net, header.dst) {
+        let _ = conn.send_datagram(datagram);
+        return Ok(1);
+    }
+    match router.route(from.net, dst) {
+        Some(Route::Peer(link)) => {
+            let _ = link
+                .conn
+                .send_datagram(link_datagram(LinkHeader::Unicast { hops: MAX_HOPS, net: from.net }, &datagram));
             Ok(1)
         }
-        None => Ok(0),
+        _ => Ok(0),
     }
 }
 

@@ -11,11 +11,13 @@
 //! [`counters`] of what was refused or cut.
 
 pub mod allocator;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod counters;
 pub mod datagram;
 pub mod holds;
+pub mod link;
 pub mod network;
 pub mod node;
 pub mod pair;

@@ -5,10 +5,11 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use overlan_server::config::{FileConfig, RelayConfig};
+use overlan_server::config::{ClusterFileConfig, FileConfig, RelayConfig};
 use overlan_server::relay::{open_store, RelayState};
 use overlan_server::store::unix_now;
 use overlan_server::RelayHandle;
+use overlan_shared::cluster::ClusterDir;
 use overlan_shared::config::{format_duration, HumanDuration};
 use overlan_shared::tls::random_token;
 use overlan_shared::Subnet;
@@ -44,6 +45,16 @@ struct Global {
     /// Log filter, e.g. info or overlan_server=debug [default: info].
     #[arg(long, global = true, env = "OVERLAN_LOG", value_name = "FILTER")]
     log: Option<String>,
+    /// Run as a node of the cluster whose credentials are in DIR (from `ca issue`).
+    #[arg(long, global = true, env = "OVERLAN_CLUSTER", value_name = "DIR")]
+    cluster: Option<PathBuf>,
+    /// This node's name in the cluster.
+    #[arg(long, global = true, env = "OVERLAN_NODE", value_name = "NODE")]
+    node: Option<String>,
+    /// A peer node to link to (its client port); repeat for several. Links are
+    /// bidirectional: a node without --peer accepts links from nodes that name it.
+    #[arg(long = "peer", global = true, value_name = "HOST:PORT")]
+    peers: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -61,6 +72,28 @@ enum Command {
     /// List or release VIP leases.
     #[command(subcommand)]
     Lease(LeaseCmd),
+    /// Make the cluster CA and node credentials.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCmd {
+    /// Create a cluster CA in DIR.
+    Init {
+        /// The cluster directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Issue NODE's certificate and key into DIR, with a slot of its own (its block of
+    /// every network's subnet); issuing again keeps the slot.
+    Issue {
+        /// Node name: 1-63 of a-z 0-9 -.
+        node: String,
+        /// The cluster directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,7 +180,12 @@ fn resolve_config(global: &Global) -> anyhow::Result<(RelayConfig, Option<String
         log: global.log.clone(),
         ..FileConfig::default()
     };
-    let config = RelayConfig::default().with_file(&file).with_file(&flags);
+    let cluster_flags =
+        ClusterFileConfig { dir: global.cluster.clone(), node: global.node.clone(), peers: global.peers.clone() };
+    let config = RelayConfig::default()
+        .with_file(&file)
+        .with_file(&flags)
+        .with_cluster(&[&file.cluster.clone().unwrap_or_default(), &cluster_flags])?;
     config.validate()?;
     Ok((config, flags.log.or(file.log)))
 }
@@ -175,6 +213,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Ca(cmd)) = cli.command {
+        return ca(cmd);
+    }
     let (config, log) = resolve_config(&cli.global)?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
@@ -185,7 +226,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invite(cmd) => invite(&config, cmd),
         Command::Network(cmd) => network(&config, cmd),
         Command::Lease(cmd) => lease(&config, cmd),
+        Command::Ca(_) => unreachable!("handled above"),
     }
+}
+
+fn ca(cmd: CaCmd) -> anyhow::Result<()> {
+    match cmd {
+        CaCmd::Init { dir } => {
+            let fingerprint = ClusterDir::new(&dir).init()?;
+            println!("ca {}", ClusterDir::new(&dir).ca_cert_path().display());
+            println!("fingerprint {fingerprint}");
+        }
+        CaCmd::Issue { node, dir } => {
+            let issued = ClusterDir::new(&dir).issue(&node)?;
+            let verb = if issued.reissued { "reissued" } else { "issued" };
+            println!("{verb} {} slot {} {}", issued.node, issued.slot, issued.path.display());
+        }
+    }
+    Ok(())
 }
 
 fn run_relay(config: RelayConfig) -> anyhow::Result<()> {

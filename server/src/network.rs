@@ -10,10 +10,12 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use crate::cluster::{LocalAttach, LocalDetach};
 use crate::node::Node;
 use crate::router::{LocalSession, SessionId};
 use crate::session::Replace;
-use crate::store::{Network, NetworkId};
+use crate::store::Network;
+use overlan_shared::route::NetKey;
 
 /// Membership of one virtual network. The members themselves are the router's routes
 /// of this network (one table, read by the data path); only this actor writes them.
@@ -28,8 +30,8 @@ impl NetworkActor {
         Self { network, node }
     }
 
-    fn id(&self) -> NetworkId {
-        self.network.id
+    fn id(&self) -> NetKey {
+        self.network.key
     }
 }
 
@@ -59,6 +61,9 @@ impl Handler<JoinNetwork> for NetworkActor {
             tracing::info!(network = %self.network.name, vip = %msg.vip, old = old.id, "replacing the older session");
             old.addr.do_send(Replace);
         }
+        if let Some(cluster) = self.node.cluster_actor() {
+            cluster.do_send(LocalAttach { net: self.id(), vip: msg.vip });
+        }
     }
 }
 
@@ -75,6 +80,10 @@ pub struct LeaveNetwork {
 impl Handler<LeaveNetwork> for NetworkActor {
     type Result = ();
     fn handle(&mut self, msg: LeaveNetwork, _ctx: &mut Self::Context) {
-        self.node.router.detach_session(self.id(), msg.vip, msg.session);
+        if self.node.router.detach_session(self.id(), msg.vip, msg.session) {
+            if let Some(cluster) = self.node.cluster_actor() {
+                cluster.do_send(LocalDetach { net: self.id(), vip: msg.vip });
+            }
+        }
     }
 }

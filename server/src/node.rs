@@ -1,19 +1,30 @@
 //! What every actor and data-path task of one relay node shares: its configuration, the
 //! router's lookup tables, the lease allocator, the network actors, the relay-wide
-//! budget of held bytes and the counters of what was refused or cut.
+//! budget of held bytes, the counters of what was refused or cut, and — in a cluster —
+//! its credentials, the cluster actor and the filter of broadcasts seen already.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use actix::{Actor, Addr};
 use dashmap::DashMap;
+use overlan_shared::cluster::NodeCredentials;
+use overlan_shared::route::{BroadcastDedup, NetKey};
 
 use crate::allocator::VipAllocatorActor;
+use crate::cluster::ClusterActor;
 use crate::config::RelayConfig;
 use crate::counters::{Counters, Reason};
 use crate::holds::HoldBudget;
 use crate::network::NetworkActor;
 use crate::router::Router;
-use crate::store::{Network, NetworkId};
+use crate::store::Network;
+
+/// A node's membership of a cluster.
+pub struct ClusterNode {
+    /// Its name, slot, certificate and the cluster CA.
+    pub credentials: NodeCredentials,
+    actor: OnceLock<Addr<ClusterActor>>,
+}
 
 /// One relay node's shared state.
 pub struct Node {
@@ -27,22 +38,76 @@ pub struct Node {
     pub holds: Arc<HoldBudget>,
     /// What was refused, dropped or cut, by reason.
     pub counters: Arc<Counters>,
-    networks: DashMap<NetworkId, Addr<NetworkActor>>,
+    /// Cluster membership; `None` for a standalone relay.
+    pub cluster: Option<ClusterNode>,
+    networks: DashMap<NetKey, Addr<NetworkActor>>,
+    /// Every network this node knows, by cluster-wide id (refreshed from the database).
+    known: DashMap<NetKey, Network>,
+    dedup: Mutex<BroadcastDedup>,
 }
 
 impl Node {
-    /// A node with empty tables.
-    pub fn new(config: RelayConfig, allocator: Addr<VipAllocatorActor>, counters: Arc<Counters>) -> Self {
+    /// A node with empty tables; `cluster` makes it a cluster node.
+    pub fn new(
+        config: RelayConfig,
+        allocator: Addr<VipAllocatorActor>,
+        counters: Arc<Counters>,
+        cluster: Option<NodeCredentials>,
+    ) -> Self {
         let holds = Arc::new(HoldBudget::new(config.limits.max_held_bytes));
-        Self { config, router: Router::default(), allocator, holds, counters, networks: DashMap::new() }
+        let slot = cluster.as_ref().map_or(0, |c| c.slot);
+        Self {
+            config,
+            router: Router::new(slot),
+            allocator,
+            holds,
+            counters,
+            cluster: cluster.map(|credentials| ClusterNode { credentials, actor: OnceLock::new() }),
+            networks: DashMap::new(),
+            known: DashMap::new(),
+            dedup: Mutex::new(BroadcastDedup::default()),
+        }
+    }
+
+    /// Starts the cluster actor of a cluster node. Call once, on the relay's arbiter.
+    pub fn start_cluster(self: &Arc<Self>) {
+        if let Some(cluster) = &self.cluster {
+            let name = &cluster.credentials.name;
+            let actor = ClusterActor::new(name, cluster.credentials.slot, self.clone()).start();
+            let _ = cluster.actor.set(actor);
+        }
+    }
+
+    /// The cluster actor, in a cluster.
+    pub fn cluster_actor(&self) -> Option<&Addr<ClusterActor>> {
+        self.cluster.as_ref().and_then(|c| c.actor.get())
     }
 
     /// The actor of `network`, started on first use. Call on the relay's arbiter.
     pub fn network(self: &Arc<Self>, network: &Network) -> Addr<NetworkActor> {
+        self.known.entry(network.key).or_insert_with(|| network.clone());
         self.networks
-            .entry(network.id)
+            .entry(network.key)
             .or_insert_with(|| NetworkActor::new(network.clone(), self.clone()).start())
             .clone()
+    }
+
+    /// The network with cluster-wide id `key`, if this node knows it.
+    pub fn network_by_key(&self, key: NetKey) -> Option<Network> {
+        self.known.get(&key).map(|n| n.clone())
+    }
+
+    /// Records the networks in the database (networks added since start included).
+    pub fn set_networks(&self, networks: Vec<Network>) {
+        for network in networks {
+            self.known.insert(network.key, network);
+        }
+    }
+
+    /// Whether broadcast `seq` of the node in slot `origin` is seen here for the first
+    /// time.
+    pub fn first_sight(&self, origin: u8, seq: u64) -> bool {
+        self.dedup.lock().unwrap_or_else(|e| e.into_inner()).handle_broadcast(u64::from(origin), seq)
     }
 
     /// Counts one occurrence of `reason`.

@@ -20,10 +20,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::counters::Reason;
+use crate::link::{ForgetSocket, RegisterSocket, SendAnswer, SendConnect};
 use crate::node::Node;
 use crate::relay::STREAM_WINDOW;
-use crate::router::{LocalSession, SessionId};
+use crate::router::{LocalSession, PeerLink, SessionId};
 use crate::session::{ConnectOutcome, Notice, Offer, PairEnded, SessionActor};
+use overlan_shared::route::NetKey;
+use overlan_shared::wire::stream::StreamHeader;
 
 /// A client's QUIC stream for a socket while the relay holds it. Dropped without being
 /// taken (the pair ended, a message was dropped), it resets both directions, so the
@@ -62,9 +65,49 @@ impl Drop for HeldStream {
     }
 }
 
-/// One side of a pair: its session, address and (until spliced) its stream.
+/// Who is on one side of a socket: a client session of this node, or the peer link the
+/// socket crosses toward another node (which has a pair of its own for it).
+#[derive(Clone)]
+pub enum PartyRef {
+    /// A session of this node.
+    Session(LocalSession),
+    /// A peer link; `remote` is the other node's socket, once known.
+    Link {
+        /// The link.
+        link: PeerLink,
+        /// The other node's socket id for this socket.
+        remote: Option<SocketId>,
+    },
+}
+
+impl PartyRef {
+    /// The party's session number.
+    pub fn id(&self) -> SessionId {
+        match self {
+            PartyRef::Session(s) => s.id,
+            PartyRef::Link { link, .. } => link.session,
+        }
+    }
+
+    fn ended(&self, socket: SocketId, notify: Option<ErrorCode>) {
+        match self {
+            PartyRef::Session(s) => s.addr.do_send(PairEnded { socket, notify }),
+            PartyRef::Link { link, .. } => link.addr.do_send(ForgetSocket { socket, notify }),
+        }
+    }
+
+    /// The reset code for a stream of this party whose connection was lost.
+    fn lost_code(&self) -> VarInt {
+        VarInt::from_u32(match self {
+            PartyRef::Session(_) => reset_code::SESSION_LOST,
+            PartyRef::Link { .. } => reset_code::LINK_LOST,
+        })
+    }
+}
+
+/// One side of a pair: who, its address and (until spliced) its stream.
 struct Party {
-    session: LocalSession,
+    who: PartyRef,
     addr: SocketAddrV4,
     stream: Option<HeldStream>,
 }
@@ -74,6 +117,7 @@ struct Party {
 pub struct SocketPairActor {
     socket: SocketId,
     req: u64,
+    net: NetKey,
     parties: [Party; 2],
     machine: SocketPair,
     node: Arc<Node>,
@@ -84,15 +128,17 @@ pub struct SocketPairActor {
 }
 
 impl SocketPairActor {
-    /// A pair for `connector`'s request `req` to `listener`.
+    /// A pair for `connector`'s request `req` (0 when the connector is a peer link) to
+    /// `listener`, in network `net`.
     pub fn new(
         socket: SocketId,
         req: u64,
-        connector: (LocalSession, SocketAddrV4),
-        listener: (LocalSession, SocketAddrV4),
+        net: NetKey,
+        connector: (PartyRef, SocketAddrV4),
+        listener: (PartyRef, SocketAddrV4),
         node: Arc<Node>,
     ) -> Self {
-        let party = |(session, addr): (LocalSession, SocketAddrV4)| Party { session, addr, stream: None };
+        let party = |(who, addr): (PartyRef, SocketAddrV4)| Party { who, addr, stream: None };
         let config = &node.config;
         let timeouts = PairTimeouts {
             accept: config.accept_timeout,
@@ -102,6 +148,7 @@ impl SocketPairActor {
         Self {
             socket,
             req,
+            net,
             parties: [party(connector), party(listener)],
             machine: SocketPair::new(Instant::now(), timeouts),
             node,
@@ -116,11 +163,18 @@ impl SocketPairActor {
 
     /// The sides `session` is (both for a client connected to its own listener).
     fn sides_of(&self, session: SessionId) -> impl Iterator<Item = Side> + '_ {
-        [Side::Connector, Side::Listener].into_iter().filter(move |&s| self.party(s).session.id == session)
+        [Side::Connector, Side::Listener].into_iter().filter(move |&s| self.party(s).who.id() == session)
     }
 
     fn connector_outcome(&self, result: Result<(SocketAddrV4, SocketAddrV4), (ErrorCode, String)>) {
-        self.party(Side::Connector).session.addr.do_send(ConnectOutcome { req: self.req, socket: self.socket, result });
+        match &self.party(Side::Connector).who {
+            PartyRef::Session(s) => s.addr.do_send(ConnectOutcome { req: self.req, socket: self.socket, result }),
+            PartyRef::Link { link, remote } => link.addr.do_send(SendAnswer {
+                socket: self.socket,
+                to: remote.expect("a pair with a link connector knows the connecting node's socket"),
+                result: result.map(|_| ()),
+            }),
+        }
     }
 
     /// Carries out what the machine decided, then sets the timer for its next deadline.
@@ -152,8 +206,7 @@ impl SocketPairActor {
                             stream.reset(code);
                         }
                         if !self.machine.is_gone(side) {
-                            let addr = &self.party(side).session.addr;
-                            addr.do_send(PairEnded { socket: self.socket, notify: Some(notify) });
+                            self.party(side).who.ended(self.socket, Some(notify));
                         }
                     }
                     ctx.stop();
@@ -192,7 +245,8 @@ impl SocketPairActor {
             pair: ctx.address(),
             write_timeout: self.node.config.limits.write_timeout.0,
         };
-        tokio::spawn(splice(a, b, [to_connector_rx, to_listener_rx], guard));
+        let lost = [connector.who.lost_code(), listener.who.lost_code()];
+        tokio::spawn(splice(a, b, [to_connector_rx, to_listener_rx], lost, guard));
     }
 }
 
@@ -201,19 +255,35 @@ impl Actor for SocketPairActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.node.router.add_pair(self.socket, ctx.address());
-        let listener = self.party(Side::Listener);
-        let offer = Offer {
-            socket: self.socket,
-            pair: ctx.address(),
-            local: listener.addr,
-            peer: self.party(Side::Connector).addr,
+        for party in &self.parties {
+            if let PartyRef::Link { link, remote } = &party.who {
+                link.addr.do_send(RegisterSocket { socket: self.socket, remote: *remote, pair: ctx.address() });
+            }
+        }
+        let (listener, connector) = (self.party(Side::Listener), self.party(Side::Connector));
+        let gone = match &listener.who {
+            PartyRef::Session(session) => {
+                let offer =
+                    Offer { socket: self.socket, pair: ctx.address(), local: listener.addr, peer: connector.addr };
+                match session.addr.try_send(offer) {
+                    Ok(()) => false,
+                    // A busy mailbox only delays the offer; unbounded delivery is fine for control.
+                    Err(SendError::Full(offer)) => {
+                        session.addr.do_send(offer);
+                        false
+                    }
+                    // The listener's session ended between the lookup and now: answer at once.
+                    Err(SendError::Closed(_)) => true,
+                }
+            }
+            PartyRef::Link { link, .. } => {
+                let connect =
+                    SendConnect { socket: self.socket, net: self.net, from: connector.addr, to: listener.addr };
+                link.addr.try_send(connect).is_err()
+            }
         };
-        match listener.session.addr.try_send(offer) {
-            Ok(()) => {}
-            // A busy mailbox only delays the offer; unbounded delivery is fine for control.
-            Err(SendError::Full(offer)) => self.party(Side::Listener).session.addr.do_send(offer),
-            // The listener's session ended between the lookup and now: answer at once.
-            Err(SendError::Closed(_)) => self.machine.handle_party_gone(Instant::now(), Side::Listener),
+        if gone {
+            self.machine.handle_party_gone(Instant::now(), Side::Listener);
         }
         self.drive(ctx);
     }
@@ -221,7 +291,7 @@ impl Actor for SocketPairActor {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.node.router.remove_pair(self.socket);
         for party in &self.parties {
-            party.session.addr.do_send(PairEnded { socket: self.socket, notify: None });
+            party.who.ended(self.socket, None);
         }
     }
 }
@@ -239,11 +309,58 @@ pub struct AnswerOffer {
 impl Handler<AnswerOffer> for SocketPairActor {
     type Result = ();
     fn handle(&mut self, msg: AnswerOffer, ctx: &mut Self::Context) {
-        if msg.session == self.party(Side::Listener).session.id {
+        if msg.session == self.party(Side::Listener).who.id() {
             self.machine.handle_answer(Instant::now(), msg.result);
             self.drive(ctx);
         }
     }
+}
+
+/// The other node answered this node's connect across a link.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PeerAnswer {
+    /// The link's session number.
+    pub session: SessionId,
+    /// The other node's socket.
+    pub remote: SocketId,
+    /// Accepted, or why not.
+    pub result: Result<(), ErrorCode>,
+}
+
+impl Handler<PeerAnswer> for SocketPairActor {
+    type Result = ();
+    fn handle(&mut self, msg: PeerAnswer, ctx: &mut Self::Context) {
+        let socket = self.socket;
+        let PartyRef::Link { link, remote } = &mut self.parties[Side::Listener as usize].who else { return };
+        if link.session != msg.session || remote.is_some() {
+            return;
+        }
+        *remote = Some(msg.remote);
+        if msg.result.is_ok() {
+            // This node opens the socket's stream on the link (the node that answered
+            // waits for it), and attaches it as the listener's side.
+            let (conn, session, pair) = (link.conn.clone(), link.session, ctx.address());
+            tokio::spawn(async move {
+                match open_link_stream(&conn, socket).await {
+                    Ok(stream) => pair.do_send(AttachStream { session, session_addr: None, stream }),
+                    Err(e) => {
+                        tracing::debug!(socket, error = %e, "could not open a socket stream on a peer link");
+                        pair.do_send(PartyGone { session });
+                    }
+                }
+            });
+        }
+        self.machine.handle_answer(Instant::now(), msg.result);
+        self.drive(ctx);
+    }
+}
+
+/// Opens a QUIC stream for `socket` on a peer link and sends its header.
+async fn open_link_stream(conn: &quinn::Connection, socket: SocketId) -> Result<HeldStream, String> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&StreamHeader { socket }.to_bytes()).await.map_err(|e| e.to_string())?;
+    Ok(HeldStream::new(send, recv))
 }
 
 /// A client opened the QUIC stream of a socket.
@@ -252,8 +369,8 @@ impl Handler<AnswerOffer> for SocketPairActor {
 pub struct AttachStream {
     /// The session that opened it.
     pub session: SessionId,
-    /// That session's actor (told if the stream is rejected).
-    pub session_addr: Addr<SessionActor>,
+    /// That session's actor (told if the stream is rejected); `None` for a link.
+    pub session_addr: Option<Addr<SessionActor>>,
     /// The stream (reset if this message is dropped undelivered).
     pub stream: HeldStream,
 }
@@ -271,7 +388,8 @@ impl Handler<AttachStream> for SocketPairActor {
             }
             _ => {
                 msg.stream.reset(reset_code::UNKNOWN_SOCKET);
-                msg.session_addr.do_send(Notice {
+                let Some(session) = msg.session_addr else { return };
+                session.do_send(Notice {
                     code: ErrorCode::UnknownSocket,
                     message: format!(
                         "stream for socket {} rejected: not this session's socket, or already attached",
@@ -356,12 +474,17 @@ async fn splice(
     a: (SendStream, RecvStream),
     b: (SendStream, RecvStream),
     cancel: [watch::Receiver<Option<VarInt>>; 2],
+    lost: [VarInt; 2],
     guard: StallGuard,
 ) {
     let (a_send, a_recv) = a;
     let (b_send, b_recv) = b;
     let [to_connector, to_listener] = cancel;
-    tokio::join!(pump(a_recv, b_send, to_listener, &guard), pump(b_recv, a_send, to_connector, &guard));
+    let [a_lost, b_lost] = lost;
+    tokio::join!(
+        pump(a_recv, b_send, to_listener, [a_lost, b_lost], &guard),
+        pump(b_recv, a_send, to_connector, [b_lost, a_lost], &guard)
+    );
     guard.pair.do_send(SpliceDone);
 }
 
@@ -423,17 +546,19 @@ impl StallGuard {
 }
 
 /// Copies one direction until it ends or is cancelled; a cancel resets both halves
-/// with its code, a stalled receiver has the whole pair cut.
+/// with its code, a stalled receiver has the whole pair cut. `lost` holds the codes
+/// that tell the other end that the sender's or the receiver's connection was lost.
 async fn pump(
     mut from: RecvStream,
     mut to: SendStream,
     mut cancel: watch::Receiver<Option<VarInt>>,
+    lost: [VarInt; 2],
     guard: &StallGuard,
 ) {
     let code = tokio::select! {
         biased;
         code = cancelled(&mut cancel) => code,
-        stalled = copy(&mut from, &mut to, guard) => {
+        stalled = copy(&mut from, &mut to, lost, guard) => {
             if !stalled {
                 return;
             }
@@ -449,10 +574,11 @@ async fn pump(
 
 /// Copies `from` to `to`, carrying the end over faithfully: a finish (half-close) as a
 /// finish, a reset as a reset with the same code, a stop as a stop, a lost connection
-/// as `SESSION_LOST`. Data the relay already accepted from a sender whose connection has
-/// since closed is still read and delivered. Returns true if the receiver stalled.
-async fn copy(from: &mut RecvStream, to: &mut SendStream, guard: &StallGuard) -> bool {
-    let session_lost = VarInt::from_u32(reset_code::SESSION_LOST);
+/// as `lost` says (`SESSION_LOST`, or `LINK_LOST` across nodes). Data the relay already
+/// accepted from a sender whose connection has since closed is still read and
+/// delivered. Returns true if the receiver stalled.
+async fn copy(from: &mut RecvStream, to: &mut SendStream, lost: [VarInt; 2], guard: &StallGuard) -> bool {
+    let [sender_lost, receiver_lost] = lost;
     let mut chunks: [Bytes; SPLICE_BATCH] = Default::default();
     loop {
         match from.read_chunks(&mut chunks).await {
@@ -462,7 +588,7 @@ async fn copy(from: &mut RecvStream, to: &mut SendStream, guard: &StallGuard) ->
                 Err(WriteEnd::Failed(e)) => {
                     let code = match e {
                         WriteError::Stopped(code) => code,
-                        _ => session_lost,
+                        _ => receiver_lost,
                     };
                     let _ = from.stop(code);
                     return false;
@@ -477,7 +603,7 @@ async fn copy(from: &mut RecvStream, to: &mut SendStream, guard: &StallGuard) ->
                 return false;
             }
             Err(_) => {
-                let _ = to.reset(session_lost);
+                let _ = to.reset(sender_lost);
                 return false;
             }
         }

@@ -16,19 +16,22 @@ use std::time::Duration;
 use actix::prelude::*;
 use anyhow::Context as _;
 use futures_util::StreamExt;
+use overlan_shared::cluster::{ClusterDir, NodeCredentials};
 use overlan_shared::config::Secret;
 use overlan_shared::invite::Invite;
 use overlan_shared::tls::{self, Fingerprint, Identity};
 use overlan_shared::wire::control::ClientMessage;
 use overlan_shared::wire::frame::RelaySideCodec;
+use overlan_shared::wire::peer::ALPN_PEER;
 use overlan_shared::wire::{close_code, ALPN_CLIENT, PROTOCOL_VERSION, RELAY_SERVER_NAME};
 use quinn::VarInt;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 
-use crate::allocator::{AdmitError, AllocateVip, ExpireLeases, FlushSeen, VipAllocatorActor};
+use crate::allocator::{AdmitError, AllocateVip, ExpireLeases, FlushSeen, ListNetworks, VipAllocatorActor};
 use crate::config::RelayConfig;
 use crate::counters::{Counters, Reason};
+use crate::link;
 use crate::node::Node;
 use crate::session::{SessionActor, SessionParts};
 use crate::store::{DataDirLock, Store, DEFAULT_NETWORK};
@@ -130,10 +133,11 @@ struct Prepared {
     _lock: DataDirLock,
 }
 
-/// The default network's invite token: derived from the relay key, so it is stable
-/// across restarts without storing the token itself (only its hash is stored).
-pub fn default_invite_token(identity: &Identity, network: &str) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, identity.key_der());
+/// The default network's invite token: derived from the relay key (in a cluster, from
+/// the cluster secret every node holds, so every node derives the same), so it is
+/// stable across restarts without storing the token itself (only its hash is stored).
+pub fn default_invite_token(key: &[u8], network: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
     let tag = ring::hmac::sign(&key, format!("overlan default invite v1:{network}").as_bytes());
     hex::encode(&tag.as_ref()[..20])
 }
@@ -158,8 +162,10 @@ pub fn open_store(config: &RelayConfig) -> anyhow::Result<Store> {
 /// A relay's state directory, opened: what the relay runs with and what the operator
 /// commands work on. Blocking (file and database I/O).
 pub struct RelayState {
-    /// The relay certificate and key.
+    /// The relay certificate and key (a cluster node's: its node certificate).
     pub identity: Identity,
+    /// A cluster node's credentials.
+    pub cluster: Option<NodeCredentials>,
     /// The database.
     pub store: Store,
     /// The default network's reusable invite token, unless the operator revoked it.
@@ -169,22 +175,38 @@ pub struct RelayState {
 impl RelayState {
     /// Opens (creating on first use) the identity, the database and the default invite.
     pub fn open(config: &RelayConfig) -> anyhow::Result<Self> {
-        let identity = load_identity(&config.data_dir)?;
+        let cluster = match &config.cluster {
+            Some(c) => Some(
+                ClusterDir::new(&c.dir)
+                    .load_node(&c.node)
+                    .with_context(|| format!("loading node {}'s credentials from {}", c.node, c.dir.display()))?,
+            ),
+            None => None,
+        };
+        let identity = match &cluster {
+            Some(creds) => creds.identity.clone(),
+            None => load_identity(&config.data_dir)?,
+        };
         let store = open_store(config)?;
-        let token = default_invite_token(&identity, DEFAULT_NETWORK);
+        let key = cluster.as_ref().map_or(identity.key_der(), |c| &c.secret);
+        let token = default_invite_token(key, DEFAULT_NETWORK);
         store.add_invite(DEFAULT_NETWORK, &token, "default", None, None)?;
         let default_token = (!store.invite_revoked(&token)?).then_some(token);
-        Ok(Self { identity, store, default_token })
+        Ok(Self { identity, cluster, store, default_token })
+    }
+
+    /// The fingerprint clients pin: the relay certificate's, or in a cluster the
+    /// cluster CA's (so an invite from any node works on every node).
+    pub fn pin(&self) -> Fingerprint {
+        match &self.cluster {
+            Some(creds) => Fingerprint::of(&creds.ca),
+            None => self.identity.fingerprint(),
+        }
     }
 
     /// The invite URI for `token` into `network`, naming the relay as `relay`.
     pub fn invite(&self, relay: String, network: &str, token: String) -> Invite {
-        Invite {
-            relay,
-            network: network.to_owned(),
-            fingerprint: self.identity.fingerprint(),
-            token: Secret::new(token),
-        }
+        Invite { relay, network: network.to_owned(), fingerprint: self.pin(), token: Secret::new(token) }
     }
 
     /// The default network's invite, for a relay reachable at `relay`.
@@ -203,7 +225,8 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
         .await??
     };
 
-    let crypto = tls::server_config(&state.identity, ALPN_CLIENT)?;
+    let alpns: &[&[u8]] = if state.cluster.is_some() { &[ALPN_CLIENT, ALPN_PEER] } else { &[ALPN_CLIENT] };
+    let crypto = tls::server_config(&state.identity, alpns)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("QUIC TLS configuration")?,
     ));
@@ -211,17 +234,38 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let local_addr = endpoint.local_addr()?;
-    let fingerprint = state.identity.fingerprint();
+    let fingerprint = state.pin();
     let default_invite = state.default_invite(config.invite_addr(local_addr));
 
     let data_dir = config.data_dir.clone();
     let counters = Arc::new(Counters::default());
     let (max_instances, allocator_counters) = (config.limits.instances_per_identity, counters.clone());
+    let slot = state.cluster.as_ref().map(|c| c.slot);
     let allocator = SyncArbiter::start(1, move || {
-        VipAllocatorActor::open(&data_dir, max_instances, allocator_counters.clone())
+        VipAllocatorActor::open(&data_dir, max_instances, slot, allocator_counters.clone())
             .expect("the lease database opened a moment ago")
     });
-    let node = Arc::new(Node::new(config, allocator, counters));
+    let networks = state.store.networks()?;
+    let peer_client = match &state.cluster {
+        Some(creds) => {
+            let crypto = overlan_shared::cluster::peer_client_config(creds, ALPN_PEER)?;
+            let mut client = quinn::ClientConfig::new(Arc::new(
+                quinn::crypto::rustls::QuicClientConfig::try_from(crypto).context("QUIC TLS configuration")?,
+            ));
+            client.transport_config(Arc::new(link::link_transport_config()));
+            Some(client)
+        }
+        None => None,
+    };
+    let node = Arc::new(Node::new(config, allocator, counters, state.cluster));
+    node.set_networks(networks);
+    node.start_cluster();
+    if let (Some(client), Some(cluster)) = (peer_client, &node.config.cluster) {
+        tracing::info!(node = %cluster.node, slot, peers = ?cluster.peers, "running as a cluster node");
+        for peer in &cluster.peers {
+            actix_rt::spawn(link::dial(node.clone(), endpoint.clone(), client.clone(), peer.clone()));
+        }
+    }
     let prepared = Prepared { node, endpoint, _lock: lock };
     Ok((prepared, RelayInfo { local_addr, fingerprint, default_invite }))
 }
@@ -250,6 +294,9 @@ pub const PREAUTH_MAX_FRAME: usize = 4 * 1024;
 pub const ALLOCATOR_DEADLINE: Duration = Duration::from_secs(5);
 /// How often last-seen times are written.
 const SEEN_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the networks in the database are read again (networks added by an
+/// operator command while the relay runs).
+const NETWORK_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often changed counters are logged.
 const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -332,6 +379,7 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
 /// the counters that changed.
 async fn housekeeping(node: Arc<Node>) {
     let mut flush = tokio::time::interval(SEEN_FLUSH_INTERVAL);
+    let mut networks = tokio::time::interval(NETWORK_REFRESH_INTERVAL);
     let mut log = tokio::time::interval(COUNTER_LOG_INTERVAL);
     let expiry = node.config.limits.lease_expiry.map(|d| d.0);
     let mut expire =
@@ -340,6 +388,9 @@ async fn housekeeping(node: Arc<Node>) {
     loop {
         tokio::select! {
             _ = flush.tick() => node.allocator.do_send(FlushSeen),
+            _ = networks.tick() => if let Ok(Ok(list)) = node.allocator.send(ListNetworks).await {
+                node.set_networks(list);
+            },
             _ = expire.tick() => if let Some(max_age) = expiry {
                 node.allocator.do_send(ExpireLeases { max_age, online: node.router.online() });
             },
@@ -379,6 +430,15 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
             return;
         }
     };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() == Some(ALPN_PEER) {
+        link::accept(conn, node).await;
+        drop(permit);
+        return;
+    }
     let Some((identity, legacy)) = peer_identity(&conn) else {
         return refuse(
             &conn,

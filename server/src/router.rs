@@ -1,7 +1,9 @@
-//! The router: where each VIP, listener, datagram port and socket pair lives. Actors
-//! write it when they register and deregister; the data path only reads it (a `DashMap`
-//! lookup, no guard held across an `.await`). A route is a local session today; a
-//! federated relay adds `Route::Peer` for VIPs behind a peer link.
+//! The router: where each VIP, listener, datagram port, socket pair and peer link lives.
+//! Actors write it when they register and deregister; the data path only reads it (a
+//! `DashMap` lookup, no guard held across an `.await`). Every forwarding decision — a
+//! stream connect, a unicast datagram, a broadcast — starts with [`Router::route`], whose
+//! answer is a local session or a peer link. Tables are keyed on cluster-wide network
+//! ids ([`NetKey`]); session and socket ids are this node's own.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -9,13 +11,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::Addr;
 use dashmap::DashMap;
+use overlan_shared::route::{LinkId, NetKey};
 use overlan_shared::wire::control::SocketId;
 
+use crate::link::PeerLinkActor;
 use crate::pair::SocketPairActor;
 use crate::session::SessionActor;
-use crate::store::NetworkId;
 
-/// Relay-local session number.
+/// Node-local session number (peer links get one too: a link is a party of the sockets
+/// that cross it).
 pub type SessionId = u64;
 
 /// A session attached to this relay.
@@ -29,11 +33,28 @@ pub struct LocalSession {
     pub conn: quinn::Connection,
 }
 
+/// A live link to a peer node.
+#[derive(Clone)]
+pub struct PeerLink {
+    /// The link's number.
+    pub id: LinkId,
+    /// Its session number, as a party of sockets.
+    pub session: SessionId,
+    /// The peer node's name.
+    pub node: String,
+    /// The link actor.
+    pub addr: Addr<PeerLinkActor>,
+    /// The link's QUIC connection (datagrams and socket streams go straight to it).
+    pub conn: quinn::Connection,
+}
+
 /// Where a VIP lives.
 #[derive(Clone)]
 pub enum Route {
     /// A session on this relay.
     Local(LocalSession),
+    /// Behind a peer link.
+    Peer(PeerLink),
 }
 
 /// A bound datagram port.
@@ -45,19 +66,49 @@ pub struct DatagramBinding {
     pub conn: quinn::Connection,
 }
 
+/// What a route table entry holds: a local session, or the link number of a peer route.
+#[derive(Clone)]
+enum Entry {
+    Local(LocalSession),
+    Peer(LinkId),
+}
+
 /// Lookup tables shared by every actor and data-path task of a relay.
-#[derive(Default)]
 pub struct Router {
     next_session: AtomicU64,
     next_socket: AtomicU64,
-    routes: DashMap<(NetworkId, Ipv4Addr), Route>,
-    listeners: DashMap<(NetworkId, SocketAddrV4), LocalSession>,
-    datagram_ports: DashMap<(NetworkId, SocketAddrV4), DatagramBinding>,
-    broadcast_groups: DashMap<(NetworkId, u16), HashMap<Ipv4Addr, DatagramBinding>>,
+    routes: DashMap<(NetKey, Ipv4Addr), Entry>,
+    links: DashMap<LinkId, PeerLink>,
+    listeners: DashMap<(NetKey, SocketAddrV4), LocalSession>,
+    datagram_ports: DashMap<(NetKey, SocketAddrV4), DatagramBinding>,
+    broadcast_groups: DashMap<(NetKey, u16), HashMap<Ipv4Addr, DatagramBinding>>,
     pairs: DashMap<SocketId, Addr<SocketPairActor>>,
+    /// This node's slot (0 for a standalone relay).
+    slot: u8,
+    broadcast_seq: AtomicU64,
 }
 
 impl Router {
+    /// Empty tables of a node holding `slot`.
+    pub fn new(slot: u8) -> Self {
+        // Broadcast numbers start at the clock (in microseconds), so a restarted node
+        // numbers above what it sent before and peers' duplicate filters let it through.
+        let start =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+        Self {
+            next_session: AtomicU64::new(0),
+            next_socket: AtomicU64::new(0),
+            routes: DashMap::new(),
+            links: DashMap::new(),
+            listeners: DashMap::new(),
+            datagram_ports: DashMap::new(),
+            broadcast_groups: DashMap::new(),
+            pairs: DashMap::new(),
+            slot,
+            broadcast_seq: AtomicU64::new(start),
+        }
+    }
+
     /// A fresh session number.
     pub fn next_session_id(&self) -> SessionId {
         self.next_session.fetch_add(1, Ordering::Relaxed) + 1
@@ -68,51 +119,113 @@ impl Router {
         self.next_socket.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Every VIP that routes to a session now.
-    pub fn online(&self) -> HashSet<(NetworkId, Ipv4Addr)> {
-        self.routes.iter().map(|r| *r.key()).collect()
+    /// This node's slot.
+    pub fn slot(&self) -> u8 {
+        self.slot
+    }
+
+    /// A fresh sequence number for a broadcast entering the cluster here.
+    pub fn next_broadcast_seq(&self) -> u64 {
+        self.broadcast_seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Every VIP a session of this node holds now.
+    pub fn online(&self) -> HashSet<(NetKey, Ipv4Addr)> {
+        self.routes.iter().filter(|r| matches!(r.value(), Entry::Local(_))).map(|r| *r.key()).collect()
     }
 
     /// Routes `vip` to a local session; returns the session it replaces, if any (the same
     /// identity and instance joined again: same lease, same VIP). Only the network's
     /// actor calls this.
-    pub fn attach_session(&self, net: NetworkId, vip: Ipv4Addr, session: LocalSession) -> Option<LocalSession> {
-        self.routes.insert((net, vip), Route::Local(session)).map(|Route::Local(old)| old)
+    pub fn attach_session(&self, net: NetKey, vip: Ipv4Addr, session: LocalSession) -> Option<LocalSession> {
+        match self.routes.insert((net, vip), Entry::Local(session)) {
+            Some(Entry::Local(old)) => Some(old),
+            _ => None,
+        }
     }
 
-    /// Removes the route of `vip` if session `id` still holds it.
-    pub fn detach_session(&self, net: NetworkId, vip: Ipv4Addr, id: SessionId) {
-        self.routes.remove_if(&(net, vip), |_, route| matches!(route, Route::Local(s) if s.id == id));
+    /// Removes the route of `vip` if session `id` still holds it; returns whether it did.
+    pub fn detach_session(&self, net: NetKey, vip: Ipv4Addr, id: SessionId) -> bool {
+        self.routes.remove_if(&(net, vip), |_, e| matches!(e, Entry::Local(s) if s.id == id)).is_some()
+    }
+
+    /// Routes `vip` over `link` (`None`: no peer route), unless a local session holds
+    /// it. Only the cluster actor calls this.
+    pub fn set_peer_route(&self, net: NetKey, vip: Ipv4Addr, link: Option<LinkId>) {
+        match link {
+            Some(link) => {
+                let mut entry = self.routes.entry((net, vip)).or_insert(Entry::Peer(link));
+                if let Entry::Peer(old) = entry.value_mut() {
+                    *old = link;
+                }
+            }
+            None => {
+                self.routes.remove_if(&(net, vip), |_, e| matches!(e, Entry::Peer(_)));
+            }
+        }
     }
 
     /// Where `vip` lives.
-    pub fn route(&self, net: NetworkId, vip: Ipv4Addr) -> Option<Route> {
-        self.routes.get(&(net, vip)).map(|r| r.clone())
+    pub fn route(&self, net: NetKey, vip: Ipv4Addr) -> Option<Route> {
+        match self.routes.get(&(net, vip))?.value() {
+            Entry::Local(s) => Some(Route::Local(s.clone())),
+            Entry::Peer(link) => self.links.get(link).map(|l| Route::Peer(l.clone())),
+        }
+    }
+
+    /// Whether `vip` is routed over some peer link (a source a peer may forward).
+    pub fn is_remote(&self, net: NetKey, vip: Ipv4Addr) -> bool {
+        self.routes.get(&(net, vip)).is_some_and(|e| matches!(e.value(), Entry::Peer(_)))
+    }
+
+    /// Registers a live peer link.
+    pub fn add_link(&self, link: PeerLink) {
+        self.links.insert(link.id, link);
+    }
+
+    /// Removes a peer link (its routes are withdrawn by the cluster actor).
+    pub fn remove_link(&self, link: LinkId) {
+        self.links.remove(&link);
+    }
+
+    /// A peer link.
+    pub fn link(&self, link: LinkId) -> Option<PeerLink> {
+        self.links.get(&link).map(|l| l.clone())
+    }
+
+    /// Calls `f` with every live link's connection except `except`'s. `f` must not
+    /// block or await.
+    pub fn for_each_link(&self, except: Option<LinkId>, mut f: impl FnMut(&quinn::Connection)) {
+        for link in self.links.iter() {
+            if Some(*link.key()) != except {
+                f(&link.conn);
+            }
+        }
     }
 
     /// Registers a stream listener (overwrites a stale entry of a replaced session).
-    pub fn add_listener(&self, net: NetworkId, addr: SocketAddrV4, session: LocalSession) {
+    pub fn add_listener(&self, net: NetKey, addr: SocketAddrV4, session: LocalSession) {
         self.listeners.insert((net, addr), session);
     }
 
     /// Removes a listener if session `id` owns it.
-    pub fn remove_listener(&self, net: NetworkId, addr: SocketAddrV4, id: SessionId) {
+    pub fn remove_listener(&self, net: NetKey, addr: SocketAddrV4, id: SessionId) {
         self.listeners.remove_if(&(net, addr), |_, s| s.id == id);
     }
 
     /// The session listening on `addr`.
-    pub fn listener(&self, net: NetworkId, addr: SocketAddrV4) -> Option<LocalSession> {
+    pub fn listener(&self, net: NetKey, addr: SocketAddrV4) -> Option<LocalSession> {
         self.listeners.get(&(net, addr)).map(|s| s.clone())
     }
 
     /// Binds a datagram port and joins the port's broadcast group.
-    pub fn bind_datagram(&self, net: NetworkId, addr: SocketAddrV4, binding: DatagramBinding) {
+    pub fn bind_datagram(&self, net: NetKey, addr: SocketAddrV4, binding: DatagramBinding) {
         self.broadcast_groups.entry((net, addr.port())).or_default().insert(*addr.ip(), binding.clone());
         self.datagram_ports.insert((net, addr), binding);
     }
 
     /// Releases a datagram port if session `id` owns it.
-    pub fn unbind_datagram(&self, net: NetworkId, addr: SocketAddrV4, id: SessionId) {
+    pub fn unbind_datagram(&self, net: NetKey, addr: SocketAddrV4, id: SessionId) {
         self.datagram_ports.remove_if(&(net, addr), |_, b| b.session == id);
         let key = (net, addr.port());
         if let Some(mut group) = self.broadcast_groups.get_mut(&key) {
@@ -124,20 +237,20 @@ impl Router {
     }
 
     /// Whether session `id` has bound `addr`.
-    pub fn owns_datagram_port(&self, net: NetworkId, addr: SocketAddrV4, id: SessionId) -> bool {
+    pub fn owns_datagram_port(&self, net: NetKey, addr: SocketAddrV4, id: SessionId) -> bool {
         self.datagram_ports.get(&(net, addr)).is_some_and(|b| b.session == id)
     }
 
-    /// The connection that receives datagrams for `addr`.
-    pub fn datagram_target(&self, net: NetworkId, addr: SocketAddrV4) -> Option<quinn::Connection> {
+    /// The local connection that receives datagrams for `addr`.
+    pub fn datagram_target(&self, net: NetKey, addr: SocketAddrV4) -> Option<quinn::Connection> {
         self.datagram_ports.get(&(net, addr)).map(|b| b.conn.clone())
     }
 
-    /// Calls `f` with every connection bound to `port` in `net` except `except`'s.
+    /// Calls `f` with every local connection bound to `port` in `net` except `except`'s.
     /// Returns how many were called. `f` must not block or await.
     pub fn for_each_broadcast_member(
         &self,
-        net: NetworkId,
+        net: NetKey,
         port: u16,
         except: Ipv4Addr,
         mut f: impl FnMut(&quinn::Connection),

@@ -13,6 +13,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytes::BytesMut;
 use overlan_shared::ports::PortSet;
+use overlan_shared::route::NetKey;
 use overlan_shared::tls::Fingerprint;
 use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
 use overlan_shared::wire::frame::{FrameError, RelaySideCodec};
@@ -27,7 +28,7 @@ use crate::counters::Reason;
 use crate::datagram::{DatagramPath, Sender};
 use crate::network::{JoinNetwork, LeaveNetwork, NetworkActor};
 use crate::node::Node;
-use crate::pair::{AnswerOffer, AttachStream, CloseSocket, HeldStream, PartyGone, SocketPairActor};
+use crate::pair::{AnswerOffer, AttachStream, CloseSocket, HeldStream, PartyGone, PartyRef, SocketPairActor};
 use crate::relay::{INITIAL_STREAMS_PER_SESSION, SESSION_RECEIVE_WINDOW};
 use crate::router::{DatagramBinding, LocalSession, Route, SessionId};
 use crate::store::Network;
@@ -128,8 +129,8 @@ impl SessionActor {
         LocalSession { id: self.id, addr: ctx.address(), conn: self.conn.clone() }
     }
 
-    fn net(&self) -> i64 {
-        self.network.id
+    fn net(&self) -> NetKey {
+        self.network.key
     }
 
     /// Queues a control message; a client that lets the queue fill is cut off. Frames
@@ -235,24 +236,37 @@ impl SessionActor {
                 format!("connect {to}: unreachable (not a client address of network {} {subnet})", self.network.name),
             );
         }
-        if self.node.router.route(self.net(), *to.ip()).is_none() {
-            return self.fail(
-                ctx,
-                req,
-                ErrorCode::Unreachable,
-                format!("connect {to}: unreachable (no session has that VIP)"),
-            );
-        }
-        let Some(listener) = self.node.router.listener(self.net(), to) else {
-            return self.fail(ctx, req, ErrorCode::Refused, format!("connect {to}: refused (nothing listening)"));
+        // The one route lookup: a session here (its listener answers), or a peer link
+        // toward the node that has it (that node's listener answers).
+        let listener = match self.node.router.route(self.net(), *to.ip()) {
+            None => {
+                return self.fail(
+                    ctx,
+                    req,
+                    ErrorCode::Unreachable,
+                    format!("connect {to}: unreachable (no session has that VIP)"),
+                )
+            }
+            Some(Route::Local(_)) => match self.node.router.listener(self.net(), to) {
+                Some(listener) => PartyRef::Session(listener),
+                None => {
+                    return self.fail(
+                        ctx,
+                        req,
+                        ErrorCode::Refused,
+                        format!("connect {to}: refused (nothing listening)"),
+                    )
+                }
+            },
+            Some(Route::Peer(link)) => PartyRef::Link { link, remote: None },
         };
         let Ok(port) = self.stream_ports.claim(0) else {
             return self.fail(ctx, req, ErrorCode::AddrInUse, format!("connect {to}: no free ephemeral port"));
         };
         let socket = self.node.router.next_socket_id();
         let local = SocketAddrV4::new(self.vip, port);
-        let pair =
-            SocketPairActor::new(socket, req, (self.local(ctx), local), (listener, to), self.node.clone()).start();
+        let connector = (PartyRef::Session(self.local(ctx)), local);
+        let pair = SocketPairActor::new(socket, req, self.net(), connector, (listener, to), self.node.clone()).start();
         self.pending_connects += 1;
         self.add_socket(
             socket,
@@ -325,7 +339,7 @@ impl Actor for SessionActor {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.network_addr.do_send(LeaveNetwork { vip: self.vip, session: self.id });
         self.node.allocator.do_send(LeaseSeen {
-            network: self.net(),
+            network: self.network.id,
             identity: self.identity,
             instance: self.instance.clone(),
         });
@@ -634,7 +648,7 @@ async fn attach_stream(
         }
     };
     match node.router.pair(header.socket) {
-        Some(pair) => pair.do_send(AttachStream { session, session_addr: addr, stream }),
+        Some(pair) => pair.do_send(AttachStream { session, session_addr: Some(addr), stream }),
         None => {
             stream.reset(reset_code::UNKNOWN_SOCKET);
             addr.do_send(Notice {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use overlan_shared::invite::valid_network_name;
+use overlan_shared::route::NetKey;
 use overlan_shared::tls::{hash_token, Fingerprint};
 use overlan_shared::Subnet;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -107,8 +108,10 @@ pub enum StoreError {
 /// A virtual network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Network {
-    /// Database id.
+    /// Database id (this node's).
     pub id: NetworkId,
+    /// Cluster-wide id, derived from the name.
+    pub key: NetKey,
     /// Name.
     pub name: String,
     /// Subnet.
@@ -674,7 +677,7 @@ impl Store {
 
 fn network_from_row(id: i64, name: String, subnet: String, max_instances: Option<u32>) -> Result<Network, StoreError> {
     let subnet = subnet.parse().map_err(|e| StoreError::Corrupt(format!("network {name}: {e}")))?;
-    Ok(Network { id, name, subnet, max_instances })
+    Ok(Network { id, key: NetKey::of(&name), name, subnet, max_instances })
 }
 
 fn networks_in(conn: &Connection) -> Result<Vec<Network>, StoreError> {

@@ -103,6 +103,9 @@ pub fn valid_node_name(name: &str) -> bool {
 struct ClusterFile {
     /// Random id, part of the CA's name.
     id: String,
+    /// Random secret every node gets: keys what all nodes must derive alike (the
+    /// default network's invite token).
+    secret: String,
     /// Slots taken, by node.
     slots: BTreeMap<String, Slot>,
 }
@@ -182,7 +185,8 @@ impl ClusterDir {
         }
         let crt = self.ca_cert_path();
         std::fs::write(&crt, cert.pem()).map_err(io(&crt))?;
-        self.write_cluster(&ClusterFile { id, slots: BTreeMap::new() })?;
+        let secret = crate::tls::random_token(32);
+        self.write_cluster(&ClusterFile { id, secret, slots: BTreeMap::new() })?;
         Ok(Fingerprint::of(cert.der()))
     }
 
@@ -247,10 +251,11 @@ impl ClusterDir {
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &issuer)?;
         let pem = format!(
-            "{}{}{}",
+            "{}{}{}{}",
             cert.pem(),
             pem::encode(&pem::Pem::new("CERTIFICATE", ca_cert.to_vec())),
-            key.serialize_pem()
+            key.serialize_pem(),
+            pem::encode(&pem::Pem::new(SECRET_LABEL, cluster.secret.as_bytes().to_vec())),
         );
         let path = self.node_path(node);
         // Replace atomically: a node restarting mid-issue sees the old or the new file.
@@ -286,8 +291,14 @@ impl ClusterDir {
         if info.name != node {
             return Err(format(&format!("the certificate is node {}'s, not {node}'s", info.name)));
         }
+        let secret = pem::parse_many(&pem)
+            .map_err(|_| format("bad PEM"))?
+            .into_iter()
+            .find(|p| p.tag() == SECRET_LABEL)
+            .map(|p| p.into_contents())
+            .ok_or_else(|| format(&format!("no {SECRET_LABEL} block: re-issue the node's credentials")))?;
         let identity = Identity::with_chain(cert, chain[1..].to_vec(), key.secret_pkcs8_der().to_vec());
-        Ok(NodeCredentials { identity, ca, slot: info.slot })
+        Ok(NodeCredentials { identity, ca, slot: info.slot, name: info.name, secret })
     }
 }
 
@@ -297,15 +308,28 @@ fn read_cert(path: &Path) -> Result<CertificateDer<'static>, ClusterError> {
         .map_err(|_| ClusterError::Format { path: path.display().to_string(), what: "no CERTIFICATE block".into() })
 }
 
+/// PEM label of the cluster secret in a node's credentials.
+const SECRET_LABEL: &str = "OVERLAN CLUSTER SECRET";
+
 /// What a node runs with in a cluster.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeCredentials {
+    /// Its name.
+    pub name: String,
+    /// The cluster secret (see `ClusterFile::secret`).
+    pub secret: Vec<u8>,
     /// Its certificate (with the CA's after it) and key.
     pub identity: Identity,
     /// The cluster CA certificate.
     pub ca: CertificateDer<'static>,
     /// Its slot.
     pub slot: Slot,
+}
+
+impl std::fmt::Debug for NodeCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCredentials").field("name", &self.name).field("slot", &self.slot).finish_non_exhaustive()
+    }
 }
 
 /// Who a verified node certificate names.
@@ -354,6 +378,66 @@ pub fn node_info(end: &CertificateDer<'_>) -> Result<NodeInfo, ClusterError> {
         (Some(name), Some(slot)) => Ok(NodeInfo { name, slot }),
         _ => Err(ClusterError::NotANode),
     }
+}
+
+/// Dialing side of a peer link: the peer's certificate must chain to the cluster CA and
+/// name a node; its key must sign the handshake.
+#[derive(Debug)]
+struct ClusterServer {
+    ca: CertificateDer<'static>,
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ClusterServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        verify_chain(end_entity, intermediates, &self.ca)
+            .and_then(|()| node_info(end_entity))
+            .map(|_| rustls::client::danger::ServerCertVerified::assertion())
+            .map_err(|e| rustls::Error::General(format!("peer node certificate: {e}")))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// rustls configuration for dialing a peer node: TLS 1.3, presents this node's
+/// certificate, accepts a peer whose certificate chains to the cluster CA, speaks `alpn`.
+pub fn peer_client_config(creds: &NodeCredentials, alpn: &[u8]) -> Result<rustls::ClientConfig, crate::tls::TlsError> {
+    let provider = provider();
+    let verifier = std::sync::Arc::new(ClusterServer { ca: creds.ca.clone(), provider: provider.clone() });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(creds.identity.chain_der(), creds.identity.private_key())?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
 }
 
 #[cfg(test)]

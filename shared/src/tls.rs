@@ -143,7 +143,7 @@ impl Identity {
         &self.key_der
     }
 
-    fn private_key(&self) -> PrivateKeyDer<'static> {
+    pub(crate) fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
 
@@ -365,14 +365,14 @@ pub fn client_config(
 }
 
 /// rustls configuration of a relay: TLS 1.3, presents `identity`, asks clients for a
-/// certificate, speaks `alpn`.
-pub fn server_config(identity: &Identity, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+/// certificate, speaks the protocols in `alpns` (clients; peer nodes in a cluster).
+pub fn server_config(identity: &Identity, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
         .with_single_cert(identity.chain_der(), identity.private_key())?;
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     Ok(config)
 }
 

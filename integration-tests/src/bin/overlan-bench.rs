@@ -482,7 +482,7 @@ async fn rathole_throughput(rathole: &std::path::Path, total: u64) -> anyhow::Re
 /// A direct quinn server and client on loopback, the baseline.
 async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     let id = Identity::generate(&[RELAY_SERVER_NAME])?;
-    let server_crypto = tls::server_config(&id, ALPN_CLIENT)?;
+    let server_crypto = tls::server_config(&id, &[ALPN_CLIENT])?;
     let mut server_config =
         quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server_crypto)?));
     let client_crypto = tls::client_config(Some(&Identity::generate(&["c"])?), id.fingerprint(), ALPN_CLIENT)?;

@@ -149,6 +149,8 @@ pub mod reset_code {
     /// The receiver took no data for too long (or the relay's cap on bytes held for
     /// slow receivers was reached); the relay cut the socket.
     pub const RECEIVER_STALLED: u32 = 7;
+    /// The link between two relay nodes that carried the socket was lost.
+    pub const LINK_LOST: u32 = 8;
 
     /// A human phrase for a reset code.
     pub fn describe(code: u64) -> &'static str {
@@ -160,6 +162,7 @@ pub mod reset_code {
             RELAY_TERMINATED => "terminated by the relay",
             BAD_HEADER => "malformed stream header",
             RECEIVER_STALLED => "cut off by the relay: the receiver took no data for too long",
+            LINK_LOST => "the link between relay nodes that carried it was lost",
             _ => "reset by the peer",
         }
     }

@@ -1,0 +1,210 @@
+//! `ClusterActor`: one per cluster node, the shell around its route table
+//! ([`overlan_shared::route::RouteTable`]). Network actors tell it which VIPs sessions
+//! here hold; peer-link actors tell it of links that come and go and of the route
+//! updates peers send, which it checks first (route-origin validation: a node announces
+//! only VIPs of its own slot). It carries out what the table decides: the router's
+//! peer routes are rewritten, updates go out on the links, and a local session whose VIP
+//! a fresher announcement placed on another node (the client roamed) is replaced.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use overlan_shared::cluster::in_slot;
+use overlan_shared::route::{Announce, Hop, LinkId, NetKey, RouteOutput, RouteTable, RouteUpdate};
+
+use crate::counters::Reason;
+use crate::link::SendRoutes;
+use crate::node::Node;
+use crate::router::Route;
+use crate::session::Replace;
+
+/// The route table's shell.
+pub struct ClusterActor {
+    table: RouteTable,
+    node: Arc<Node>,
+    /// Each link's peer and its slot (from its certificate).
+    links: std::collections::HashMap<LinkId, (String, u8, Addr<crate::link::PeerLinkActor>)>,
+}
+
+impl ClusterActor {
+    /// The actor of node `name` holding `slot`.
+    pub fn new(name: &str, slot: u8, node: Arc<Node>) -> Self {
+        Self { table: RouteTable::new(name, slot), node, links: Default::default() }
+    }
+
+    fn now_ms() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// Carries out what the table decided.
+    fn drive(&mut self) {
+        while let Some(out) = self.table.poll_output() {
+            match out {
+                RouteOutput::BestChanged { net, vip, best } => self.sync(net, vip, best),
+                RouteOutput::Superseded { net, vip } => {
+                    if let Some(Route::Local(session)) = self.node.router.route(net, vip) {
+                        tracing::info!(%vip, "the client joined another node; replacing its session here");
+                        session.addr.do_send(Replace);
+                    }
+                }
+                RouteOutput::Send { link, updates } => {
+                    if let Some((_, _, addr)) = self.links.get(&link) {
+                        addr.do_send(SendRoutes { updates });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the router's entry of `vip` say what the table says (local entries are the
+    /// network actors' to write).
+    fn sync(&self, net: NetKey, vip: Ipv4Addr, best: Option<Hop>) {
+        match best {
+            Some(Hop::Peer(link)) => self.node.router.set_peer_route(net, vip, Some(link)),
+            Some(Hop::Local) => {}
+            None => self.node.router.set_peer_route(net, vip, None),
+        }
+    }
+
+    /// Whether the peer on `link` may announce `a`: the origin's slot must be the one
+    /// its certificate names when the origin is the peer itself, and the VIP must lie in
+    /// the origin's slot of a network this node knows.
+    fn check(&self, link: LinkId, a: &Announce) -> Result<(), String> {
+        let Some((peer, peer_slot, _)) = self.links.get(&link) else { return Err("unknown link".into()) };
+        if a.origin() == peer && a.origin_slot != *peer_slot {
+            return Err(format!("{peer} claims slot {} but its certificate says {peer_slot}", a.origin_slot));
+        }
+        if let Some((_, slot, _)) = self.links.values().find(|(name, _, _)| name == a.origin()) {
+            if *slot != a.origin_slot {
+                return Err(format!("origin {} claimed with slot {} but holds {slot}", a.origin(), a.origin_slot));
+            }
+        }
+        let Some(network) = self.node.network_by_key(a.net) else {
+            return Err(format!("unknown network {}", a.net));
+        };
+        if !in_slot(network.subnet, a.origin_slot, a.vip) {
+            return Err(format!(
+                "{} is not in slot {} of network {} ({})",
+                a.vip, a.origin_slot, network.name, network.subnet
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Actor for ClusterActor {
+    type Context = Context<Self>;
+}
+
+/// A session here took `vip`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LocalAttach {
+    /// Network.
+    pub net: NetKey,
+    /// The VIP.
+    pub vip: Ipv4Addr,
+}
+
+impl Handler<LocalAttach> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: LocalAttach, _ctx: &mut Self::Context) {
+        self.table.handle_local_attach(msg.net, msg.vip, Self::now_ms());
+        self.drive();
+    }
+}
+
+/// The session here holding `vip` is gone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LocalDetach {
+    /// Network.
+    pub net: NetKey,
+    /// The VIP.
+    pub vip: Ipv4Addr,
+}
+
+impl Handler<LocalDetach> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: LocalDetach, _ctx: &mut Self::Context) {
+        self.table.handle_local_detach(msg.net, msg.vip);
+        self.drive();
+        // The route may have pointed at a peer all along (a roamed client's old session
+        // here just ended): the router's entry was the local one until now.
+        let best = self.table.best(msg.net, msg.vip);
+        self.sync(msg.net, msg.vip, best);
+    }
+}
+
+/// A link came up.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LinkUp {
+    /// The link.
+    pub link: LinkId,
+    /// The peer node.
+    pub peer: String,
+    /// Its slot.
+    pub slot: u8,
+    /// The link actor.
+    pub addr: Addr<crate::link::PeerLinkActor>,
+}
+
+impl Handler<LinkUp> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: LinkUp, _ctx: &mut Self::Context) {
+        self.links.insert(msg.link, (msg.peer.clone(), msg.slot, msg.addr));
+        self.table.handle_link_up(msg.link, msg.peer);
+        self.drive();
+    }
+}
+
+/// A link went down.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LinkDown {
+    /// The link.
+    pub link: LinkId,
+}
+
+impl Handler<LinkDown> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: LinkDown, _ctx: &mut Self::Context) {
+        self.links.remove(&msg.link);
+        self.table.handle_link_down(msg.link);
+        self.drive();
+    }
+}
+
+/// A peer sent route updates.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RoutesReceived {
+    /// The link they came on.
+    pub link: LinkId,
+    /// The updates.
+    pub updates: Vec<RouteUpdate>,
+}
+
+impl Handler<RoutesReceived> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: RoutesReceived, _ctx: &mut Self::Context) {
+        let peer = self.links.get(&msg.link).map(|(name, _, _)| name.clone()).unwrap_or_default();
+        let mut accepted = Vec::with_capacity(msg.updates.len());
+        for update in msg.updates {
+            if let RouteUpdate::Announce(a) = &update {
+                if let Err(why) = self.check(msg.link, a) {
+                    self.node.count(Reason::RouteRejected);
+                    tracing::warn!(%peer, vip = %a.vip, origin = a.origin(), %why, "dropping a route announcement");
+                    continue;
+                }
+            }
+            accepted.push(update);
+        }
+        for (update, why) in self.table.handle_updates(msg.link, accepted) {
+            tracing::debug!(%peer, ?update, ?why, "route update dropped");
+        }
+        self.drive();
+    }
+}

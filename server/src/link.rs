@@ -1,0 +1,657 @@
+//! Peer links between the relay nodes of a cluster. `PeerLinkActor` is one link: it
+//! owns the link's control stream (hello, route updates, connects and answers for
+//! sockets that cross it), tells the cluster actor when the link comes and goes, and is
+//! a party of every socket that crosses it. The link's data path runs in a task that
+//! reads the link's datagrams (unicast and broadcast, forwarded by router lookup with no
+//! mailbox in between) and hands each socket stream the peer opens to its pair.
+//!
+//! [`dial`] keeps a link to one `--peer` address up: connect, reconnect with backoff
+//! and jitter. [`accept`] takes a link a peer dialed. Both check that the peer's
+//! certificate chains to the cluster CA before anything else happens.
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use overlan_shared::cluster::{verify_node, NodeInfo};
+use overlan_shared::route::{LinkId, NetKey, RouteUpdate};
+use overlan_shared::wire::control::SocketId;
+use overlan_shared::wire::datagram::{DatagramHeader, HEADER_LEN};
+use overlan_shared::wire::frame::{FrameCodec, FrameError};
+use overlan_shared::wire::peer::{LinkHeader, PeerMessage, MAX_HOPS, PEER_PROTOCOL_VERSION};
+use overlan_shared::wire::stream::{StreamHeader, HEADER_LEN as STREAM_HEADER_LEN};
+use overlan_shared::wire::{close_code, reset_code, ErrorCode, MAX_DATAGRAM_PAYLOAD, RELAY_SERVER_NAME};
+use quinn::VarInt;
+use tokio::sync::oneshot;
+use tokio_util::codec::FramedRead;
+
+use crate::cluster::{LinkDown, LinkUp, RoutesReceived};
+use crate::control::ControlQueue;
+use crate::counters::Reason;
+use crate::node::Node;
+use crate::pair::{AttachStream, HeldStream, PartyGone, PartyRef, PeerAnswer, SocketPairActor};
+use crate::router::{PeerLink, Route, Router};
+
+/// Largest control frame on a link (a full route table goes in pieces of
+/// [`ROUTES_PER_FRAME`]).
+const MAX_LINK_FRAME: usize = 1 << 20;
+/// Route updates per `Routes` frame.
+const ROUTES_PER_FRAME: usize = 1000;
+/// How long a new link has to exchange hellos.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A link that carries nothing for this long is dead (keep-alives go out every second),
+/// so routes behind a dead node are withdrawn within a few seconds.
+pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alive interval of links.
+const LINK_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Concurrent socket streams a link allows each way.
+const LINK_STREAMS: u32 = 100_000;
+/// Flow-control window of a whole link.
+const LINK_RECEIVE_WINDOW: u32 = 256 << 20;
+/// First reconnect delay; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest reconnect delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A link that stayed up this long resets the backoff.
+const STABLE_LINK: Duration = Duration::from_secs(10);
+
+type LinkCodec = FrameCodec<PeerMessage, PeerMessage>;
+
+/// QUIC transport settings of a link: large windows and many streams (every socket
+/// between the nodes is a stream), keep-alives every second.
+pub fn link_transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(LINK_IDLE_TIMEOUT.try_into().expect("a small timeout fits")))
+        .keep_alive_interval(Some(LINK_KEEP_ALIVE))
+        .max_concurrent_bidi_streams(VarInt::from_u32(LINK_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_receive_buffer_size(Some(8 << 20))
+        .datagram_send_buffer_size(8 << 20)
+        .mtu_discovery_config(None)
+        .stream_receive_window(VarInt::from_u32(crate::relay::STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(LINK_RECEIVE_WINDOW))
+        .send_window(u64::from(LINK_RECEIVE_WINDOW))
+        .ack_frequency_config(Some(crate::relay::ack_frequency()));
+    transport
+}
+
+/// One link to a peer node.
+pub struct PeerLinkActor {
+    id: LinkId,
+    peer: NodeInfo,
+    conn: quinn::Connection,
+    node: Arc<Node>,
+    control: ControlQueue,
+    codec: LinkCodec,
+    control_recv: Option<FramedRead<quinn::RecvStream, LinkCodec>>,
+    /// Sockets with a party on this link: this node's socket id → its pair.
+    pairs: HashMap<SocketId, Addr<SocketPairActor>>,
+    /// The peer's socket ids → this node's.
+    remote: HashMap<SocketId, SocketId>,
+    /// Told when the link ends (the dialer then reconnects).
+    ended: Option<oneshot::Sender<()>>,
+    /// This link as a party of sockets.
+    me: Option<PeerLink>,
+}
+
+impl PeerLinkActor {
+    fn link(&self) -> PeerLink {
+        self.me.clone().expect("set when the actor starts")
+    }
+
+    fn send(&mut self, ctx: &mut Context<Self>, msg: &PeerMessage) {
+        let mut buf = BytesMut::new();
+        if let Err(e) = self.codec.encode_into(msg, &mut buf) {
+            tracing::error!(error = %e, "dropping an unencodable peer message");
+            return;
+        }
+        if self.control.push(buf.freeze()).is_err() {
+            tracing::warn!(peer = %self.peer.name, "peer link control queue full or closed; dropping the link");
+            ctx.stop();
+        }
+    }
+
+    fn answer_err(&mut self, ctx: &mut Context<Self>, to: SocketId, code: ErrorCode, message: String) {
+        self.send(ctx, &PeerMessage::Answer { socket: 0, to, result: Err((code, message)) });
+    }
+
+    /// A client behind the peer connects to `to` in `net`: a pair here joins the link
+    /// (as the connecting side) to what the route lookup finds.
+    fn handle_connect(
+        &mut self,
+        ctx: &mut Context<Self>,
+        socket: SocketId,
+        net: NetKey,
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+    ) {
+        let router = &self.node.router;
+        if !router.is_remote(net, *from.ip()) {
+            self.node.count(Reason::LinkDatagramDropped);
+            tracing::warn!(peer = %self.peer.name, %from, "connect from a source not behind a peer; refused");
+            return self.answer_err(ctx, socket, ErrorCode::Unreachable, format!("connect {to}: unreachable"));
+        }
+        let listener = match router.route(net, *to.ip()) {
+            None => {
+                let why = format!("connect {to}: unreachable (no session has that VIP)");
+                return self.answer_err(ctx, socket, ErrorCode::Unreachable, why);
+            }
+            Some(Route::Local(_)) => match router.listener(net, to) {
+                Some(listener) => PartyRef::Session(listener),
+                None => {
+                    let why = format!("connect {to}: refused (nothing listening)");
+                    return self.answer_err(ctx, socket, ErrorCode::Refused, why);
+                }
+            },
+            Some(Route::Peer(next)) if next.id == self.id => {
+                let why = format!("connect {to}: unreachable (routes are changing)");
+                return self.answer_err(ctx, socket, ErrorCode::Unreachable, why);
+            }
+            Some(Route::Peer(next)) => PartyRef::Link { link: next, remote: None },
+        };
+        let local = router.next_socket_id();
+        let connector = (PartyRef::Link { link: self.link(), remote: Some(socket) }, from);
+        // Registered here at once (the pair registers too), so a `Closed` or the stream
+        // that follows finds it even before the pair has started.
+        let pair = SocketPairActor::new(local, 0, net, connector, (listener, to), self.node.clone()).start();
+        self.pairs.insert(local, pair);
+        self.remote.insert(socket, local);
+    }
+
+    fn handle_message(&mut self, ctx: &mut Context<Self>, msg: PeerMessage) {
+        match msg {
+            PeerMessage::Hello { .. } => {
+                tracing::warn!(peer = %self.peer.name, "protocol violation on a peer link: hello sent twice");
+                ctx.stop();
+            }
+            PeerMessage::Routes { updates } => {
+                if let Some(cluster) = self.node.cluster_actor() {
+                    cluster.do_send(RoutesReceived { link: self.id, updates });
+                }
+            }
+            PeerMessage::Connect { socket, net, from, to } => self.handle_connect(ctx, socket, net, from, to),
+            PeerMessage::Answer { socket, to, result } => {
+                if let Some(pair) = self.pairs.get(&to) {
+                    if result.is_ok() {
+                        self.remote.insert(socket, to);
+                    }
+                    let result = result.map_err(|(code, _)| code);
+                    pair.do_send(PeerAnswer { session: self.id, remote: socket, result });
+                }
+            }
+            PeerMessage::Closed { socket, .. } => {
+                if let Some(pair) = self.remote.get(&socket).and_then(|local| self.pairs.get(local)) {
+                    pair.do_send(PartyGone { session: self.id });
+                }
+            }
+            PeerMessage::Ping { nonce } => self.send(ctx, &PeerMessage::Pong { nonce }),
+            PeerMessage::Pong { .. } => {}
+        }
+    }
+}
+
+impl Actor for PeerLinkActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let link = PeerLink {
+            id: self.id,
+            session: self.id,
+            node: self.peer.name.clone(),
+            addr: ctx.address(),
+            conn: self.conn.clone(),
+        };
+        self.me = Some(link.clone());
+        self.node.router.add_link(link);
+        tracing::info!(peer = %self.peer.name, slot = self.peer.slot, addr = %self.conn.remote_address(), link = self.id, "peer link up");
+        if let Some(cluster) = self.node.cluster_actor() {
+            cluster.do_send(LinkUp {
+                link: self.id,
+                peer: self.peer.name.clone(),
+                slot: self.peer.slot,
+                addr: ctx.address(),
+            });
+        }
+        if let Some(recv) = self.control_recv.take() {
+            ctx.add_stream(recv);
+        }
+        tokio::spawn(run_link_io(self.conn.clone(), self.node.clone(), self.id, ctx.address()));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.node.router.remove_link(self.id);
+        if let Some(cluster) = self.node.cluster_actor() {
+            cluster.do_send(LinkDown { link: self.id });
+        }
+        for pair in self.pairs.values() {
+            pair.do_send(PartyGone { session: self.id });
+        }
+        self.conn.close(VarInt::from_u32(close_code::NORMAL), b"link closed");
+        tracing::info!(peer = %self.peer.name, link = self.id, "peer link down");
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(());
+        }
+    }
+}
+
+impl StreamHandler<Result<PeerMessage, FrameError>> for PeerLinkActor {
+    fn handle(&mut self, item: Result<PeerMessage, FrameError>, ctx: &mut Self::Context) {
+        match item {
+            Ok(msg) => self.handle_message(ctx, msg),
+            Err(FrameError::Io(_)) => ctx.stop(),
+            Err(e) => {
+                tracing::warn!(peer = %self.peer.name, error = %e, "protocol violation on a peer link; dropping it");
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+/// Route updates for the peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SendRoutes {
+    /// The updates, in order.
+    pub updates: Vec<RouteUpdate>,
+}
+
+impl Handler<SendRoutes> for PeerLinkActor {
+    type Result = ();
+    fn handle(&mut self, msg: SendRoutes, ctx: &mut Self::Context) {
+        for chunk in msg.updates.chunks(ROUTES_PER_FRAME) {
+            self.send(ctx, &PeerMessage::Routes { updates: chunk.to_vec() });
+        }
+    }
+}
+
+/// A pair here has a party on this link.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RegisterSocket {
+    /// This node's socket.
+    pub socket: SocketId,
+    /// The peer's socket, if known.
+    pub remote: Option<SocketId>,
+    /// The pair.
+    pub pair: Addr<SocketPairActor>,
+}
+
+impl Handler<RegisterSocket> for PeerLinkActor {
+    type Result = ();
+    fn handle(&mut self, msg: RegisterSocket, _ctx: &mut Self::Context) {
+        self.pairs.insert(msg.socket, msg.pair);
+        if let Some(remote) = msg.remote {
+            self.remote.insert(remote, msg.socket);
+        }
+    }
+}
+
+/// A client here connects across this link.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SendConnect {
+    /// This node's socket.
+    pub socket: SocketId,
+    /// Network.
+    pub net: NetKey,
+    /// The connecting client.
+    pub from: SocketAddrV4,
+    /// The address connected to.
+    pub to: SocketAddrV4,
+}
+
+impl Handler<SendConnect> for PeerLinkActor {
+    type Result = ();
+    fn handle(&mut self, msg: SendConnect, ctx: &mut Self::Context) {
+        self.send(ctx, &PeerMessage::Connect { socket: msg.socket, net: msg.net, from: msg.from, to: msg.to });
+    }
+}
+
+/// This node's answer to the peer's connect.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SendAnswer {
+    /// This node's socket.
+    pub socket: SocketId,
+    /// The peer's socket it answers.
+    pub to: SocketId,
+    /// Accepted, or why not.
+    pub result: Result<(), (ErrorCode, String)>,
+}
+
+impl Handler<SendAnswer> for PeerLinkActor {
+    type Result = ();
+    fn handle(&mut self, msg: SendAnswer, ctx: &mut Self::Context) {
+        self.send(ctx, &PeerMessage::Answer { socket: msg.socket, to: msg.to, result: msg.result });
+    }
+}
+
+/// A pair with a party on this link ended; `notify`: it ended abnormally, tell the peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetSocket {
+    /// This node's socket.
+    pub socket: SocketId,
+    /// Why, if the peer must be told.
+    pub notify: Option<ErrorCode>,
+}
+
+impl Handler<ForgetSocket> for PeerLinkActor {
+    type Result = ();
+    fn handle(&mut self, msg: ForgetSocket, ctx: &mut Self::Context) {
+        if self.pairs.remove(&msg.socket).is_none() {
+            return;
+        }
+        self.remote.retain(|_, local| *local != msg.socket);
+        if let Some(code) = msg.notify {
+            self.send(ctx, &PeerMessage::Closed { socket: msg.socket, code });
+        }
+    }
+}
+
+/// The peer opened a socket stream naming its socket `remote`.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct LinkStream {
+    remote: SocketId,
+    stream: HeldStream,
+}
+
+impl Handler<LinkStream> for PeerLinkActor {
+    type Result = ();
+    fn handle(&mut self, msg: LinkStream, _ctx: &mut Self::Context) {
+        match self.remote.get(&msg.remote).and_then(|local| self.pairs.get(local)) {
+            Some(pair) => pair.do_send(AttachStream { session: self.id, session_addr: None, stream: msg.stream }),
+            None => msg.stream.reset(reset_code::UNKNOWN_SOCKET),
+        }
+    }
+}
+
+/// The link's connection ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct LinkLost(quinn::ConnectionError);
+
+impl Handler<LinkLost> for PeerLinkActor {
+    type Result = ();
+    fn handle(&mut self, msg: LinkLost, ctx: &mut Self::Context) {
+        tracing::info!(peer = %self.peer.name, reason = %msg.0, "peer link lost");
+        ctx.stop();
+    }
+}
+
+/// The link's data path: datagrams forwarded by lookup, socket streams handed to pairs.
+async fn run_link_io(conn: quinn::Connection, node: Arc<Node>, link: LinkId, addr: Addr<PeerLinkActor>) {
+    let reason = loop {
+        tokio::select! {
+            datagram = conn.read_datagram() => match datagram {
+                Ok(datagram) => forward_link_datagram(&node, link, datagram),
+                Err(e) => break e,
+            },
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => { tokio::spawn(read_stream_header(send, recv, addr.clone())); }
+                Err(e) => break e,
+            },
+        }
+    };
+    addr.do_send(LinkLost(reason));
+}
+
+async fn read_stream_header(send: quinn::SendStream, mut recv: quinn::RecvStream, addr: Addr<PeerLinkActor>) {
+    let mut raw = [0u8; STREAM_HEADER_LEN];
+    let header = tokio::time::timeout(HELLO_TIMEOUT, recv.read_exact(&mut raw)).await;
+    let stream = HeldStream::new(send, recv);
+    match header.ok().and_then(|r| r.ok()).and_then(|()| StreamHeader::parse(&raw).ok()) {
+        Some(header) => addr.do_send(LinkStream { remote: header.socket, stream }),
+        None => stream.reset(reset_code::BAD_HEADER),
+    }
+}
+
+/// A link datagram: `header` then the client datagram.
+pub fn link_datagram(header: LinkHeader, inner: &[u8]) -> Bytes {
+    let head = header.to_bytes();
+    let mut out = BytesMut::with_capacity(head.len() + inner.len());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(inner);
+    out.freeze()
+}
+
+/// Sends a client's broadcast (already delivered here) on every link, numbered as one
+/// that enters the cluster at this node.
+pub fn flood_broadcast(router: &Router, net: NetKey, datagram: &[u8]) {
+    let mut out = None;
+    router.for_each_link(None, |conn| {
+        let out = out.get_or_insert_with(|| {
+            let header =
+                LinkHeader::Broadcast { hops: MAX_HOPS, net, origin: router.slot(), seq: router.next_broadcast_seq() };
+            link_datagram(header, datagram)
+        });
+        let _ = conn.send_datagram(out.clone());
+    });
+}
+
+/// Forwards one datagram that came over `link`: to a local session, on toward another
+/// node, or (a broadcast seen here for the first time) to every local member and every
+/// other link. The source the origin node stamped must be a VIP behind a peer.
+fn forward_link_datagram(node: &Node, link: LinkId, datagram: Bytes) {
+    let drop = |why: &str| {
+        node.count(Reason::LinkDatagramDropped);
+        tracing::debug!(link, why, "dropping a link datagram");
+    };
+    let Ok(header) = LinkHeader::parse(&datagram) else { return drop("malformed link header") };
+    let inner = datagram.slice(header.len()..);
+    let Ok(client) = DatagramHeader::parse(&inner) else { return drop("malformed datagram header") };
+    if inner.len() - HEADER_LEN > MAX_DATAGRAM_PAYLOAD {
+        return drop("payload too large");
+    }
+    let router = &node.router;
+    let net = match header {
+        LinkHeader::Unicast { net, .. } | LinkHeader::Broadcast { net, .. } => net,
+    };
+    if !router.is_remote(net, *client.src.ip()) {
+        return drop("source is not behind a peer");
+    }
+    match header {
+        LinkHeader::Unicast { .. } => {
+            if let Some(conn) = router.datagram_target(net, client.dst) {
+                let _ = conn.send_datagram(inner);
+                return;
+            }
+            if let (Some(Route::Peer(next)), Some(header)) = (router.route(net, *client.dst.ip()), header.next_hop()) {
+                if next.id != link {
+                    let _ = next.conn.send_datagram(link_datagram(header, &inner));
+                }
+            }
+        }
+        LinkHeader::Broadcast { origin, seq, .. } => {
+            if origin == router.slot() || !node.first_sight(origin, seq) {
+                return;
+            }
+            router.for_each_broadcast_member(net, client.dst.port(), *client.src.ip(), |conn| {
+                let _ = conn.send_datagram(inner.clone());
+            });
+            if let Some(header) = header.next_hop() {
+                let out = link_datagram(header, &inner);
+                router.for_each_link(Some(link), |conn| {
+                    let _ = conn.send_datagram(out.clone());
+                });
+            }
+        }
+    }
+}
+
+/// The peer's certificate chain, verified against the cluster CA.
+fn verified_peer(conn: &quinn::Connection, node: &Node) -> Result<NodeInfo, String> {
+    let cluster = node.cluster.as_ref().ok_or("this relay is not a cluster node")?;
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .ok_or("no certificate")?;
+    let info = verify_node(&certs, &cluster.credentials.ca).map_err(|e| e.to_string())?;
+    if info.name == cluster.credentials.name {
+        return Err(format!("it presents this node's own name {}", info.name));
+    }
+    Ok(info)
+}
+
+/// Exchanges hellos on a new link's control stream. The dialer opens the stream.
+async fn hello(
+    conn: &quinn::Connection,
+    me: &str,
+    peer: &NodeInfo,
+    dialer: bool,
+) -> Result<(quinn::SendStream, FramedRead<quinn::RecvStream, LinkCodec>), String> {
+    let exchange = async {
+        let (mut send, recv) = if dialer { conn.open_bi().await } else { conn.accept_bi().await }
+            .map_err(|e| format!("control stream: {e}"))?;
+        let codec = LinkCodec::new(MAX_LINK_FRAME);
+        let mut buf = BytesMut::new();
+        let hello = PeerMessage::Hello { protocol: PEER_PROTOCOL_VERSION, node: me.to_owned() };
+        codec.encode_into(&hello, &mut buf).map_err(|e| e.to_string())?;
+        send.write_all(&buf).await.map_err(|e| format!("sending hello: {e}"))?;
+        let mut framed = FramedRead::new(recv, codec);
+        match framed.next().await {
+            Some(Ok(PeerMessage::Hello { protocol, node })) => {
+                if protocol != PEER_PROTOCOL_VERSION {
+                    return Err(format!("peer protocol {protocol}, this node speaks {PEER_PROTOCOL_VERSION}"));
+                }
+                if node != peer.name {
+                    return Err(format!("hello names node {node} but the certificate is {}'s", peer.name));
+                }
+                Ok((send, framed))
+            }
+            Some(Ok(other)) => Err(format!("expected hello, got {other:?}")),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("control stream closed before hello".to_owned()),
+        }
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, exchange).await.map_err(|_| "no hello in time".to_owned())?
+}
+
+fn start_link(
+    conn: quinn::Connection,
+    node: Arc<Node>,
+    peer: NodeInfo,
+    (send, recv): (quinn::SendStream, FramedRead<quinn::RecvStream, LinkCodec>),
+    ended: Option<oneshot::Sender<()>>,
+) {
+    let id = node.router.next_session_id();
+    let actor = PeerLinkActor {
+        id,
+        peer,
+        conn,
+        codec: LinkCodec::new(MAX_LINK_FRAME),
+        control: ControlQueue::start(send),
+        control_recv: Some(recv),
+        node,
+        pairs: HashMap::new(),
+        remote: HashMap::new(),
+        ended,
+        me: None,
+    };
+    actor.start();
+}
+
+/// Takes a link a peer dialed (a connection that chose the peer ALPN). Run on the
+/// relay's arbiter.
+pub async fn accept(conn: quinn::Connection, node: Arc<Node>) {
+    let peer = match verified_peer(&conn, &node) {
+        Ok(peer) => peer,
+        Err(why) => {
+            node.count(Reason::PeerRefused);
+            tracing::warn!(addr = %conn.remote_address(), %why, "refusing peer link: certificate does not chain to the cluster CA or names no node");
+            conn.close(VarInt::from_u32(close_code::UNAUTHORIZED), b"not a node of this cluster");
+            return;
+        }
+    };
+    // Authenticated: the tiny windows of the handshake grow to a link's.
+    conn.set_receive_window(VarInt::from_u32(LINK_RECEIVE_WINDOW));
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(LINK_STREAMS));
+    let me = node.cluster.as_ref().map(|c| c.credentials.name.clone()).unwrap_or_default();
+    match hello(&conn, &me, &peer, false).await {
+        Ok(control) => start_link(conn, node, peer, control, None),
+        Err(why) => {
+            node.count(Reason::PeerRefused);
+            tracing::warn!(peer = %peer.name, %why, "refusing peer link");
+            conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), why.as_bytes());
+        }
+    }
+}
+
+/// Keeps a link to `addr` (`HOST:PORT`) up for as long as the relay runs: connects,
+/// waits for the link to end, reconnects after a backoff that doubles up to
+/// [`MAX_BACKOFF`] with jitter. Failures are logged once per change (then at debug).
+pub async fn dial(node: Arc<Node>, endpoint: quinn::Endpoint, client: quinn::ClientConfig, addr: String) {
+    let mut backoff = MIN_BACKOFF;
+    let mut last_error = String::new();
+    loop {
+        let started = Instant::now();
+        match connect(&node, &endpoint, &client, &addr).await {
+            Ok(ended) => {
+                last_error.clear();
+                let _ = ended.await;
+                if started.elapsed() >= STABLE_LINK {
+                    backoff = MIN_BACKOFF;
+                }
+            }
+            Err(why) => {
+                if why != last_error {
+                    tracing::warn!(peer = %addr, %why, "cannot link to peer; retrying");
+                    last_error = why;
+                } else {
+                    tracing::debug!(peer = %addr, why = %last_error, "cannot link to peer; retrying");
+                }
+            }
+        }
+        let jitter = rand_fraction();
+        tokio::time::sleep(backoff.mul_f64(0.5 + jitter)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A number in [0, 1) from the system's randomness.
+fn rand_fraction() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
+}
+
+async fn connect(
+    node: &Arc<Node>,
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    addr: &str,
+) -> Result<oneshot::Receiver<()>, String> {
+    let target = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("resolving {addr}: {e}"))?
+        .find(|a| a.is_ipv4() == endpoint.local_addr().map(|l| l.is_ipv4()).unwrap_or(true))
+        .ok_or_else(|| format!("{addr} has no address of this endpoint's family"))?;
+    let conn = endpoint
+        .connect_with(client.clone(), target, RELAY_SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let peer = verified_peer(&conn, node).or_else(|e| {
+        // The TLS verifier checked the chain already; only the name check can fail here.
+        conn.close(VarInt::from_u32(close_code::UNAUTHORIZED), e.as_bytes());
+        Err(e)
+    })?;
+    let me = node.cluster.as_ref().map(|c| c.credentials.name.clone()).unwrap_or_default();
+    let control = hello(&conn, &me, &peer, true).await.inspect_err(|e| {
+        conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), e.as_bytes());
+    })?;
+    let (tx, rx) = oneshot::channel();
+    start_link(conn, node.clone(), peer, control, Some(tx));
+    Ok(rx)
+}
