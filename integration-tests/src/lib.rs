@@ -74,8 +74,42 @@ impl TestRelay {
         Self { handle: Some(handle), dir, config }
     }
 
-    fn handle(&self) -> &RelayHandle {
+    /// The running relay.
+    pub fn handle(&self) -> &RelayHandle {
         self.handle.as_ref().expect("relay running")
+    }
+
+    /// Stops the relay (as a killed node would vanish for its peers and clients).
+    pub fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+        }
+    }
+
+    /// Waits until this node routes `vip` of the default network (a route learned
+    /// from peers, or a session here), returning the next hop.
+    pub async fn routed(&self, vip: std::net::Ipv4Addr) -> String {
+        let what = format!("a route to {vip} at {}", self.addr());
+        within(&what, async {
+            loop {
+                if let Some(hop) = self.handle().next_hop(overlan_server::store::DEFAULT_NETWORK, vip) {
+                    return hop;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+
+    /// Waits until this node has no route to `vip` of the default network.
+    pub async fn unrouted(&self, vip: std::net::Ipv4Addr) {
+        let what = format!("the route to {vip} at {} to be withdrawn", self.addr());
+        within(&what, async {
+            while self.handle().next_hop(overlan_server::store::DEFAULT_NETWORK, vip).is_some() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
     }
 
     /// Stops the relay and starts it again on the same data directory (a new port).
@@ -140,6 +174,70 @@ impl TestRelay {
     /// An invite with a token the relay never issued.
     pub fn bogus_invite(&self) -> Invite {
         Invite { token: Secret::new("0000deadbeef"), ..self.invite() }
+    }
+}
+
+/// Relay nodes of one cluster, in-process, each on its own port and data directory,
+/// named `n0`, `n1`, … and linked as the test says.
+pub struct TestCluster {
+    /// The nodes, by index.
+    pub nodes: Vec<TestRelay>,
+    ca: Arc<TempDir>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes; each `(i, j)` in `dials` (with `j < i`) makes node `i` dial
+    /// node `j`. Returns once every link is up.
+    pub async fn start(n: usize, dials: &[(usize, usize)]) -> Self {
+        init_logging();
+        let ca = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let dir = overlan_shared::cluster::ClusterDir::new(ca.path());
+        dir.init().expect("ca init");
+        let mut nodes: Vec<TestRelay> = Vec::new();
+        for i in 0..n {
+            let name = format!("n{i}");
+            dir.issue(&name).expect("ca issue");
+            let peers = dials.iter().filter(|(a, _)| *a == i).map(|(_, j)| nodes[*j].addr().to_string()).collect();
+            let cluster = overlan_server::config::ClusterConfig { dir: ca.path().to_path_buf(), node: name, peers };
+            nodes.push(TestRelay::start_with(|c| c.cluster = Some(cluster)));
+        }
+        let cluster = Self { nodes, ca };
+        for &(i, j) in dials {
+            cluster.linked(i, j).await;
+        }
+        cluster
+    }
+
+    /// `n0 — n1 — n2`.
+    pub async fn line() -> Self {
+        Self::start(3, &[(1, 0), (2, 1)]).await
+    }
+
+    /// `n0`, `n1`, `n2`, each linked to both others.
+    pub async fn triangle() -> Self {
+        Self::start(3, &[(1, 0), (2, 1), (2, 0)]).await
+    }
+
+    /// Waits until nodes `i` and `j` have a link to each other.
+    pub async fn linked(&self, i: usize, j: usize) {
+        let (a, b) = (&self.nodes[i], &self.nodes[j]);
+        let (na, nb) = (format!("n{i}"), format!("n{j}"));
+        within(&format!("link {na} — {nb}"), async {
+            while !(a.handle().peer_links().contains(&nb) && b.handle().peer_links().contains(&na)) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+
+    /// The cluster directory (CA and node credentials).
+    pub fn dir(&self) -> &Path {
+        self.ca.path()
+    }
+
+    /// Node `i`'s default invite (pins the cluster CA; names node `i`'s address).
+    pub fn invite(&self, i: usize) -> Invite {
+        self.nodes[i].invite()
     }
 }
 

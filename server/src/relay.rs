@@ -54,6 +54,7 @@ pub struct RelayInfo {
 pub struct RelayHandle {
     info: RelayInfo,
     counters: Arc<Counters>,
+    node: Arc<Node>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -77,7 +78,7 @@ impl RelayHandle {
                 system.block_on(async move {
                     match prepare(config).await {
                         Ok((prepared, info)) => {
-                            let _ = ready_tx.send(Ok((info, prepared.node.counters.clone())));
+                            let _ = ready_tx.send(Ok((info, prepared.node.clone())));
                             serve(prepared, shutdown_rx).await;
                         }
                         Err(e) => {
@@ -87,8 +88,31 @@ impl RelayHandle {
                 });
             })
             .context("spawning the relay thread")?;
-        let (info, counters) = ready_rx.recv().context("relay thread ended before it was ready")??;
-        Ok(Self { info, counters, shutdown: Some(shutdown_tx), thread: Some(thread) })
+        let (info, node) = ready_rx.recv().context("relay thread ended before it was ready")??;
+        let counters = node.counters.clone();
+        Ok(Self { info, counters, node, shutdown: Some(shutdown_tx), thread: Some(thread) })
+    }
+
+    /// The names of the peer nodes this node has live links to (one entry per link).
+    pub fn peer_links(&self) -> Vec<String> {
+        let mut peers = self.node.router.link_peers();
+        peers.sort();
+        peers
+    }
+
+    /// Where traffic to `vip` of `network` goes next: `Some("local")`, the name of the
+    /// peer node of the link it takes, or `None` if it has no route.
+    pub fn next_hop(&self, network: &str, vip: std::net::Ipv4Addr) -> Option<String> {
+        match self.node.router.route(overlan_shared::route::NetKey::of(network), vip)? {
+            crate::router::Route::Local(_) => Some("local".to_owned()),
+            crate::router::Route::Peer(link) => Some(link.node),
+        }
+    }
+
+    /// Closes every link to peer node `peer` (as if the network between them failed);
+    /// a node that dials `peer` links again after its backoff. For tests and operators.
+    pub fn cut_links_to(&self, peer: &str) -> usize {
+        self.node.router.close_links_to(peer)
     }
 
     /// What the relay refused, dropped or cut so far, by reason.

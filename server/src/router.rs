@@ -188,6 +188,21 @@ impl Router {
         self.links.remove(&link);
     }
 
+    /// The peer node of every live link.
+    pub fn link_peers(&self) -> Vec<String> {
+        self.links.iter().map(|l| l.node.clone()).collect()
+    }
+
+    /// Closes every live link to node `peer`; returns how many.
+    pub fn close_links_to(&self, peer: &str) -> usize {
+        let mut n = 0;
+        for link in self.links.iter().filter(|l| l.node == peer) {
+            link.conn.close(quinn::VarInt::from_u32(overlan_shared::wire::close_code::NORMAL), b"link cut");
+            n += 1;
+        }
+        n
+    }
+
     /// A peer link.
     pub fn link(&self, link: LinkId) -> Option<PeerLink> {
         self.links.get(&link).map(|l| l.clone())
