@@ -30,6 +30,9 @@ use crate::stream::{Arrival, IncomingConnection, Listener, ListenerSlot, Virtual
 
 /// Default idle timeout the client asks for; the relay's own may be shorter.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle timeout with more than one relay to fail over to: a dead relay is noticed
+/// within this, so the client is on its next relay within about 5 s.
+pub const FAILOVER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a request to the relay may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`], each delay jittered (after a
@@ -57,12 +60,42 @@ pub struct JoinOptions {
     pub idle_timeout: Duration,
     /// Reconnect after the session is lost.
     pub reconnect: bool,
+    /// Relays (`HOST:PORT`) to use instead of the invite's, in order of preference; the
+    /// client moves to the next when its relay is unreachable or dies. Empty: the
+    /// invite's relay.
+    pub relays: Vec<String>,
 }
 
 impl JoinOptions {
     /// Options with defaults: no instance name, reconnect on.
     pub fn new(invite: Invite, identity: Identity) -> Self {
-        Self { invite, identity, instance: String::new(), idle_timeout: DEFAULT_IDLE_TIMEOUT, reconnect: true }
+        Self {
+            invite,
+            identity,
+            instance: String::new(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            reconnect: true,
+            relays: Vec::new(),
+        }
+    }
+
+    /// Sets the relays to use instead of the invite's, in order of preference. With
+    /// more than one, the default idle timeout becomes [`FAILOVER_IDLE_TIMEOUT`].
+    pub fn relays(mut self, relays: Vec<String>) -> Self {
+        if relays.len() > 1 && self.idle_timeout == DEFAULT_IDLE_TIMEOUT {
+            self.idle_timeout = FAILOVER_IDLE_TIMEOUT;
+        }
+        self.relays = relays;
+        self
+    }
+
+    /// The relays to try, in order.
+    fn relay_list(&self) -> Vec<String> {
+        if self.relays.is_empty() {
+            vec![self.invite.relay.clone()]
+        } else {
+            self.relays.clone()
+        }
     }
 
     /// Sets the instance name.
@@ -115,7 +148,10 @@ pub(crate) struct Inner {
     options: JoinOptions,
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
-    relay: SocketAddr,
+    /// The relay in use, by index into the relay list, and its address.
+    relay: Mutex<(usize, SocketAddr)>,
+    /// The lease proof the relay gave (in a cluster): presented when joining another node.
+    lease: Mutex<Option<String>>,
     vip: Ipv4Addr,
     network: String,
     subnet: Subnet,
@@ -172,6 +208,7 @@ struct Welcome {
     network: String,
     subnet: Subnet,
     max_payload: usize,
+    lease: Option<String>,
 }
 
 fn connection_error(relay: &str, e: &quinn::ConnectionError) -> Error {
@@ -197,31 +234,51 @@ fn connection_error(relay: &str, e: &quinn::ConnectionError) -> Error {
 }
 
 impl Client {
-    /// Joins the relay named by `options.invite`; fails at once if the relay refuses.
+    /// Joins the relay named by `options.invite` (or the first of `options.relays` that
+    /// answers); fails at once if a relay refuses.
     pub async fn join(options: JoinOptions) -> Result<Client, Error> {
-        let relay_text = options.invite.relay.clone();
-        let relay = tokio::net::lookup_host(&relay_text)
-            .await
-            .map_err(|e| Error::Connect { relay: relay_text.clone(), message: format!("cannot resolve: {e}") })?
-            .next()
-            .ok_or_else(|| Error::Connect { relay: relay_text.clone(), message: "no address".into() })?;
+        let relays = options.relay_list();
         let crypto = tls::client_config(Some(&options.identity), options.invite.fingerprint, ALPN_CLIENT)
             .map_err(|e| Error::Config(e.to_string()))?;
         let mut quic = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| Error::Config(e.to_string()))?,
         ));
         quic.transport_config(Arc::new(transport_config(options.idle_timeout)?));
-        let bind: SocketAddr =
-            if relay.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
+        let first = resolve(&relays[0]).await;
+        let ipv6 = first.as_ref().is_ok_and(|a| a.is_ipv6());
+        let bind: SocketAddr = if ipv6 { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
         let endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| Error::Connect { relay: relay_text.clone(), message: format!("binding a UDP socket: {e}") })?;
-        let (conn, send, recv, welcome) = establish(&endpoint, &quic, relay, &options).await?;
+            .map_err(|e| Error::Connect { relay: relays[0].clone(), message: format!("binding a UDP socket: {e}") })?;
+        // The first relay that answers; a refusal (bad token, limits) ends the join.
+        let mut last_error = None;
+        let mut joined = None;
+        for (index, text) in relays.iter().enumerate() {
+            let attempt = match resolve(text).await {
+                Ok(addr) => establish(&endpoint, &quic, addr, text, &options, None).await.map(|e| (index, addr, e)),
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(done) => {
+                    joined = Some(done);
+                    break;
+                }
+                Err(e) if e.is_terminal() => return Err(e),
+                Err(e) => {
+                    tracing::info!(relay = %text, error = %e, "relay unavailable; trying the next");
+                    last_error = Some(e);
+                }
+            }
+        }
+        let Some((index, relay, (conn, send, recv, welcome))) = joined else {
+            return Err(last_error.expect("at least one relay was tried"));
+        };
         let (state, _) = watch::channel(SessionState::Up);
         let inner = Arc::new(Inner {
             options,
             endpoint,
             quic,
-            relay,
+            relay: Mutex::new((index, relay)),
+            lease: Mutex::new(welcome.lease),
             vip: welcome.vip,
             network: welcome.network,
             subnet: welcome.subnet,
@@ -270,9 +327,9 @@ impl Client {
         self.inner.max_payload
     }
 
-    /// The relay's UDP address.
+    /// The UDP address of the relay in use.
     pub fn relay_addr(&self) -> SocketAddr {
-        self.inner.relay
+        self.inner.relay.lock().expect("relay lock").1
     }
 
     /// The session state now.
@@ -414,14 +471,26 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
 
 type ControlRecv = FramedRead<quinn::RecvStream, ClientSideCodec>;
 
-/// Connects, says hello and waits for the welcome.
+/// The address of relay `text` (`HOST:PORT`).
+async fn resolve(text: &str) -> Result<SocketAddr, Error> {
+    tokio::net::lookup_host(text)
+        .await
+        .map_err(|e| Error::Connect { relay: text.to_owned(), message: format!("cannot resolve: {e}") })?
+        .next()
+        .ok_or_else(|| Error::Connect { relay: text.to_owned(), message: "no address".into() })
+}
+
+/// Connects to `relay` (named `relay_text`), says hello (presenting `lease`, if any)
+/// and waits for the welcome.
 async fn establish(
     endpoint: &quinn::Endpoint,
     quic: &quinn::ClientConfig,
     relay: SocketAddr,
+    relay_text: &str,
     options: &JoinOptions,
+    lease: Option<String>,
 ) -> Result<(quinn::Connection, quinn::SendStream, ControlRecv, Welcome), Error> {
-    let relay_text = options.invite.relay.clone();
+    let relay_text = relay_text.to_owned();
     let connect_err = |message: String| Error::Connect { relay: relay_text.clone(), message };
     let connecting =
         endpoint.connect_with(quic.clone(), relay, RELAY_SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
@@ -437,6 +506,7 @@ async fn establish(
             protocol: PROTOCOL_VERSION,
             token: options.invite.token.clone(),
             instance: options.instance.clone(),
+            lease,
         };
         codec.encode_into(&hello, &mut buf).map_err(|e| Error::Config(e.to_string()))?;
         if send.write_all(&buf).await.is_err() {
@@ -444,8 +514,9 @@ async fn establish(
         }
         let mut framed = FramedRead::new(recv, codec);
         match framed.next().await {
-            Some(Ok(RelayMessage::Welcome { vip, network, subnet, max_datagram_payload, .. })) => {
-                Ok((send, framed, Welcome { vip, network, subnet, max_payload: max_datagram_payload as usize }))
+            Some(Ok(RelayMessage::Welcome { vip, network, subnet, max_datagram_payload, lease, .. })) => {
+                let max_payload = max_datagram_payload as usize;
+                Ok((send, framed, Welcome { vip, network, subnet, max_payload, lease }))
             }
             Some(Ok(other)) => Err(unexpected(other)),
             _ => Err(closed_error(&conn, &relay_text)),
@@ -694,9 +765,10 @@ async fn run_datagram_reader(conn: quinn::Connection, inner: std::sync::Weak<Inn
 /// Runs sessions until the client gives up: dispatches control messages, and when a
 /// session ends fails what waits on it and reconnects with backoff.
 async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
-    let relay_text = inner.options.invite.relay.clone();
+    let relays = inner.options.relay_list();
     let (mut session, mut recv) = first;
     loop {
+        let relay_text = relays[inner.relay.lock().expect("relay lock").0].clone();
         let end = tokio::select! {
             _ = inner.shutdown.cancelled() => None,
             end = async {
@@ -737,17 +809,36 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
         inner.state.send_replace(SessionState::Reconnecting(why));
         let mut delays = reconnect_delays();
         let generation = session.generation + 1;
-        loop {
-            let backoff = delays.next().unwrap_or(MAX_BACKOFF);
-            tokio::select! {
-                _ = inner.shutdown.cancelled() => {
-                    inner.give_up("closed by this client".into());
-                    return;
+        // With several relays, the next one is tried at once, then the others in turn
+        // (the one just lost last); a full round without success waits a backoff.
+        let (current, n) = (inner.relay.lock().expect("relay lock").0, relays.len());
+        let mut backoff = Duration::ZERO;
+        for attempt in 0usize.. {
+            let index = (current + 1 + attempt) % n;
+            if n == 1 || (attempt > 0 && attempt % n == 0) {
+                backoff = delays.next().unwrap_or(MAX_BACKOFF);
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => {
+                        inner.give_up("closed by this client".into());
+                        return;
+                    }
+                    _ = tokio::time::sleep(backoff) => {}
                 }
-                _ = tokio::time::sleep(backoff) => {}
             }
-            match establish(&inner.endpoint, &inner.quic, inner.relay, &inner.options).await {
-                Ok((conn, send, new_recv, welcome)) => {
+            let text = &relays[index];
+            let lease = inner.lease.lock().expect("lease lock").clone();
+            let attempt = match resolve(text).await {
+                Ok(addr) => establish(&inner.endpoint, &inner.quic, addr, text, &inner.options, lease)
+                    .await
+                    .map(|established| (addr, established)),
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok((addr, (conn, send, new_recv, welcome))) => {
+                    *inner.relay.lock().expect("relay lock") = (index, addr);
+                    if welcome.lease.is_some() {
+                        *inner.lease.lock().expect("lease lock") = welcome.lease.clone();
+                    }
                     if welcome.vip != inner.vip {
                         // Every socket is bound to the old VIP; carrying on would only
                         // produce rejected datagrams. A relay that lost its leases needs
@@ -761,7 +852,7 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
                     }
                     let (s, r) = inner.install(conn, send, new_recv, generation);
                     inner.reregister(&s);
-                    tracing::info!(vip = %inner.vip, "session re-established");
+                    tracing::info!(vip = %inner.vip, relay = %text, "session re-established");
                     session = s;
                     recv = r;
                     break;

@@ -21,8 +21,8 @@ mod identity;
 mod stream;
 
 pub use client::{
-    transport_config, Client, JoinOptions, Notice, SessionState, DEFAULT_IDLE_TIMEOUT, LEAVE_LINGER, MAX_BACKOFF,
-    MIN_BACKOFF, REQUEST_TIMEOUT,
+    transport_config, Client, JoinOptions, Notice, SessionState, DEFAULT_IDLE_TIMEOUT, FAILOVER_IDLE_TIMEOUT,
+    LEAVE_LINGER, MAX_BACKOFF, MIN_BACKOFF, REQUEST_TIMEOUT,
 };
 pub use datagram::{Datagram, DatagramSocket};
 pub use error::Error;

@@ -25,6 +25,11 @@ struct Cli {
     /// Instance name: several instances on one machine each get their own VIP.
     #[arg(long, global = true, env = "OVERLAN_NAME", value_name = "INSTANCE", default_value = "")]
     name: String,
+    /// Relay to use instead of the invite's address (HOST:PORT); repeat for several, in
+    /// order of preference: the client moves to the next when its relay is unreachable
+    /// or dies (any node of a cluster accepts the same invite).
+    #[arg(long = "relay", global = true, value_name = "HOST:PORT")]
+    relays: Vec<String>,
     /// Log filter for diagnostics on stderr, e.g. info or overlan_client=debug [default: warn].
     #[arg(long, global = true, env = "OVERLAN_LOG", value_name = "FILTER")]
     log: Option<String>,
@@ -115,6 +120,11 @@ impl CliError {
         Self { message: Some(message), code: EXIT_REFUSED }
     }
 
+    /// The command line is wrong (as clap's own usage errors: exit 2).
+    fn usage(message: String) -> Self {
+        Self { message: Some(message), code: 2 }
+    }
+
     /// A signal ended the command.
     fn interrupted(signal: Signal) -> Self {
         Self { message: None, code: signal.exit_code() }
@@ -140,7 +150,12 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
     let invite: Invite = text.parse().map_err(|e| format!("invite: {e}"))?;
     let path = cli.identity.clone().unwrap_or_else(default_identity_path);
     let identity = load_or_create_identity(&path).map_err(|e| e.to_string())?;
-    let options = JoinOptions::new(invite, identity).instance(cli.name.clone());
+    for relay in &cli.relays {
+        if !relay.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+            return Err(CliError::usage(format!("--relay {relay:?}: expected HOST:PORT")));
+        }
+    }
+    let options = JoinOptions::new(invite, identity).instance(cli.name.clone()).relays(cli.relays.clone());
     Client::join(options).await.map_err(|e| {
         let message = format!("join: {e}");
         if e.is_terminal() {

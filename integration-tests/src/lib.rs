@@ -449,6 +449,7 @@ impl RawSession {
             protocol: PROTOCOL_VERSION,
             token: invite.token.clone(),
             instance: String::new(),
+            lease: None,
         })
         .await;
         match me.next().await {

@@ -59,7 +59,12 @@ fn frame(body: &[u8]) -> BytesMut {
 }
 
 fn hello(token: &str) -> BytesMut {
-    let msg = ClientMessage::Hello { protocol: PROTOCOL_VERSION, token: Secret::new(token), instance: String::new() };
+    let msg = ClientMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: Secret::new(token),
+        instance: String::new(),
+        lease: None,
+    };
     frame(&serde_json::to_vec(&msg).unwrap())
 }
 

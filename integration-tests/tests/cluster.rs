@@ -13,7 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Connects, waiting first until `via` routes the target (routes converge quickly, but
 /// a test must not race them).
-async fn connect_via(via: &TestRelay, client: &overlan_client::Client, to: SocketAddrV4) -> overlan_client::VirtualStream {
+async fn connect_via(
+    via: &TestRelay,
+    client: &overlan_client::Client,
+    to: SocketAddrV4,
+) -> overlan_client::VirtualStream {
     via.routed(*to.ip()).await;
     within("connect", client.connect(to)).await.expect("connect across the cluster")
 }
@@ -129,7 +133,12 @@ async fn a_broadcast_reaches_every_member_on_every_node_exactly_once() {
     socket.send_to(b"lobby?", SocketAddrV4::new(sender.broadcast_addr(), 27015)).await.unwrap();
     for (client, socket) in &members[1..] {
         let d = within("broadcast", socket.recv()).await.unwrap();
-        assert_eq!((&d.payload[..], d.src), (&b"lobby?"[..], SocketAddrV4::new(sender.vip(), 27015)), "{}", client.vip());
+        assert_eq!(
+            (&d.payload[..], d.src),
+            (&b"lobby?"[..], SocketAddrV4::new(sender.vip(), 27015)),
+            "{}",
+            client.vip()
+        );
     }
     // Nothing more: not a second copy anywhere, no copy to the sender.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -196,4 +205,170 @@ async fn a_stopped_node_is_withdrawn_and_its_vips_answer_unreachable_at_once() {
     let err = within("unreachable", a.connect(SocketAddrV4::new(c.vip(), 7003))).await.unwrap_err();
     assert!(matches!(err, Error::Unreachable { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2), "answered at once, not after a timeout");
+}
+
+#[tokio::test]
+async fn a_client_fails_over_to_its_next_relay_and_keeps_its_vip() {
+    let mut cluster = TestCluster::triangle().await;
+    let relays = vec![cluster.nodes[0].addr().to_string(), cluster.nodes[2].addr().to_string()];
+    let options = overlan_client::JoinOptions::new(cluster.invite(0), identity()).relays(relays);
+    assert_eq!(options.idle_timeout, overlan_client::FAILOVER_IDLE_TIMEOUT, "several relays: quick failure detection");
+    let x = within("join", overlan_client::Client::join(options)).await.unwrap();
+    assert_eq!(x.relay_addr(), cluster.nodes[0].addr(), "the first relay of the list");
+    let vip = x.vip();
+    let listener = x.listen(7000).await.unwrap();
+    let socket = x.bind_datagram(5000).await.unwrap();
+    let y = join(&cluster.invite(1)).await;
+    cluster.nodes[1].routed(vip).await;
+
+    cluster.nodes[0].stop();
+    let started = std::time::Instant::now();
+    // Back up on n2 with the same VIP (n2 adopted n0's lease from the client's proof,
+    // although n0 is down), listeners and ports re-registered.
+    within("failover", async {
+        while x.relay_addr() != cluster.nodes[2].addr() || x.state() != overlan_client::SessionState::Up {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let failover = started.elapsed();
+    assert!(failover < Duration::from_secs(5), "failover took {failover:?}");
+    assert_eq!(x.vip(), vip);
+    assert_eq!(cluster.nodes[2].routed(vip).await, "local");
+    // n1 learns the VIP from n2, outside n2's slot, with its proof.
+    within("route via n2", async {
+        while cluster.nodes[1].handle().next_hop("default", vip).as_deref() != Some("n2") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let target = SocketAddrV4::new(vip, 7000);
+    let mut s = within("connect after failover", async {
+        loop {
+            match y.connect(target).await {
+                Ok(s) => return s,
+                // The listener is re-registered just after the session is up.
+                Err(Error::Refused { .. }) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    let (mut inc, _) = within("accept after failover", listener.accept()).await.unwrap();
+    s.write_all(b"still here").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within("read", inc.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"still here");
+    let ys = y.bind_datagram(0).await.unwrap();
+    ys.send_to(b"dgram", SocketAddrV4::new(vip, 5000)).await.unwrap();
+    let d = within("datagram after failover", socket.recv()).await.unwrap();
+    assert_eq!(&d.payload[..], b"dgram");
+}
+
+/// A peer of the cluster (its certificate is the CA's) that lies in its announcements.
+async fn rogue_peer(
+    cluster: &TestCluster,
+    name: &str,
+    creds: overlan_shared::cluster::NodeCredentials,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    use overlan_shared::wire::frame::FrameCodec;
+    use overlan_shared::wire::peer::{PeerMessage, ALPN_PEER, PEER_PROTOCOL_VERSION};
+    let crypto = overlan_shared::cluster::peer_client_config(&creds, ALPN_PEER).unwrap();
+    let quic = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
+    ));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = within("rogue connects", endpoint.connect_with(quic, cluster.nodes[0].addr(), "overlan-relay").unwrap())
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let codec = FrameCodec::<PeerMessage, PeerMessage>::new(1 << 20);
+    let mut buf = bytes::BytesMut::new();
+    codec.encode_into(&PeerMessage::Hello { protocol: PEER_PROTOCOL_VERSION, node: name.into() }, &mut buf).unwrap();
+    send.write_all(&buf).await.unwrap();
+    (conn, send, recv)
+}
+
+#[tokio::test]
+async fn a_lying_peer_cannot_take_over_another_nodes_clients() {
+    use overlan_shared::route::{Announce, NetKey, RouteUpdate};
+    use overlan_shared::wire::frame::FrameCodec;
+    use overlan_shared::wire::peer::PeerMessage;
+    let cluster = TestCluster::start(2, &[(1, 0)]).await;
+    let victim = join(&cluster.invite(1)).await;
+    let _l = victim.listen(7000).await.unwrap();
+    assert_eq!(cluster.nodes[0].routed(victim.vip()).await, "n1");
+
+    let dir = overlan_shared::cluster::ClusterDir::new(cluster.dir());
+    let issued = dir.issue("liar").unwrap();
+    let (conn, mut send, _recv) = rogue_peer(&cluster, "liar", dir.load_node("liar").unwrap()).await;
+    within("rogue link up", async {
+        while !cluster.nodes[0].handle().peer_links().contains(&"liar".to_owned()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let lie = |origin: &str, slot: u8| {
+        RouteUpdate::Announce(Announce {
+            net: NetKey::of("default"),
+            vip: victim.vip(),
+            seq: u64::MAX / 2,
+            path: vec![origin.to_owned(), "liar".to_owned()][usize::from(origin == "liar")..].to_vec(),
+            origin_slot: slot,
+            proof: None,
+        })
+    };
+    let n1_slot = 1;
+    let updates = vec![
+        // The victim's VIP as the liar's own: not in the liar's slot.
+        lie("liar", issued.slot),
+        // Claiming n1's slot: the liar's certificate says otherwise.
+        lie("liar", n1_slot),
+        // Relaying a far fresher route of n1's client: plausible on its face, so not
+        // counted, but n0 hears n1 itself and takes n1's word.
+        lie("n1", n1_slot),
+    ];
+    let codec = FrameCodec::<PeerMessage, PeerMessage>::new(1 << 20);
+    let mut buf = bytes::BytesMut::new();
+    codec.encode_into(&PeerMessage::Routes { updates }, &mut buf).unwrap();
+    send.write_all(&buf).await.unwrap();
+    let rejected = || cluster.nodes[0].counters().get(overlan_server::counters::Reason::RouteRejected);
+    within("announcements rejected", async {
+        while rejected() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // One more round trip on the rogue's link: every lie has been handled by now.
+    let (mut s2, _) = conn.open_bi().await.unwrap();
+    s2.write_all(&[0u8; 12]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rejected(), 2, "the first two lies are dropped and counted");
+    assert_eq!(cluster.nodes[0].handle().next_hop("default", victim.vip()).as_deref(), Some("n1"));
+    let a = join(&cluster.invite(0)).await;
+    let mut s = within("connect to the victim", a.connect(SocketAddrV4::new(victim.vip(), 7000))).await.unwrap();
+    s.write_all(b"to the real one").await.unwrap();
+    // The victim leaves: its route is gone, not replaced by the liar's relayed copy.
+    victim.close();
+    cluster.nodes[0].unrouted(victim.vip()).await;
+    drop(conn);
+}
+
+#[tokio::test]
+async fn a_peer_whose_certificate_is_not_from_the_cluster_ca_is_refused() {
+    let cluster = TestCluster::start(1, &[]).await;
+    // A node of another cluster that knows this cluster's CA certificate (it is public).
+    let other = tempfile::tempdir().unwrap();
+    let other_dir = overlan_shared::cluster::ClusterDir::new(other.path());
+    other_dir.init().unwrap();
+    other_dir.issue("n7").unwrap();
+    let mut creds = other_dir.load_node("n7").unwrap();
+    creds.ca = overlan_shared::cluster::ClusterDir::new(cluster.dir()).ca_cert().unwrap();
+    let (conn, _send, _recv) = rogue_peer(&cluster, "n7", creds).await;
+    let (code, reason) = close_reason(&conn).await;
+    assert_eq!(code, u64::from(overlan_shared::wire::close_code::UNAUTHORIZED), "{reason}");
+    assert!(reason.contains("not a node of this cluster"), "{reason}");
+    assert_eq!(cluster.nodes[0].counters().get(overlan_server::counters::Reason::PeerRefused), 1);
+    assert!(cluster.nodes[0].handle().peer_links().is_empty());
 }

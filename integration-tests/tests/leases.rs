@@ -68,6 +68,7 @@ async fn leases_of_the_first_release_are_migrated_on_the_next_join() {
         conn.execute_batch(
             "ALTER TABLE networks DROP COLUMN max_instances;
              ALTER TABLE leases DROP COLUMN legacy_identity;
+             ALTER TABLE leases DROP COLUMN proof;
              PRAGMA user_version = 0;",
         )
         .unwrap();

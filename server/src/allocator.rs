@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use overlan_shared::cluster::slot_block;
+use overlan_shared::cluster::{
+    in_slot, sign_lease, slot_block, verify_lease, ClusterError, LeaseClaim, NodeCredentials,
+};
 use overlan_shared::config::Secret;
 use overlan_shared::pool::VipPool;
 use overlan_shared::route::NetKey;
@@ -32,8 +34,9 @@ pub struct VipAllocatorActor {
     store: Store,
     pools: HashMap<NetworkId, VipPool>,
     default_max_instances: u32,
-    /// In a cluster, this node's slot: it hands out VIPs from its block of each subnet.
-    slot: Option<u8>,
+    /// In a cluster, this node's credentials: it hands out VIPs from its slot's block of
+    /// each subnet, signs the leases it issues and checks those other nodes issued.
+    cluster: Option<NodeCredentials>,
     /// Last-seen times not written yet.
     seen: HashMap<LeaseKey, i64>,
     counters: Arc<Counters>,
@@ -41,22 +44,22 @@ pub struct VipAllocatorActor {
 
 impl VipAllocatorActor {
     /// Opens the store in `data_dir`; identities hold at most `default_max_instances`
-    /// instances in networks that set no cap of their own. A cluster node with `slot`
+    /// instances in networks that set no cap of their own. A cluster node (`cluster`)
     /// hands out only its slot's block of each subnet.
     pub fn open(
         data_dir: &Path,
         default_max_instances: u32,
-        slot: Option<u8>,
+        cluster: Option<NodeCredentials>,
         counters: Arc<Counters>,
     ) -> Result<Self, StoreError> {
         let store = Store::open(data_dir)?;
         store.set_busy_timeout(BUSY_TIMEOUT)?;
-        Ok(Self { store, pools: HashMap::new(), default_max_instances, slot, seen: HashMap::new(), counters })
+        Ok(Self { store, pools: HashMap::new(), default_max_instances, cluster, seen: HashMap::new(), counters })
     }
 
     fn pool(&mut self, network: &Network) -> Result<&mut VipPool, StoreError> {
         if !self.pools.contains_key(&network.id) {
-            let mut pool = match self.slot {
+            let mut pool = match self.cluster.as_ref().map(|c| c.slot) {
                 None => VipPool::new(network.subnet),
                 Some(slot) => match slot_block(network.subnet, slot) {
                     Some(block) => VipPool::for_block(network.subnet, block),
@@ -69,7 +72,8 @@ impl VipAllocatorActor {
                 },
             };
             for lease in self.store.leases(network.id)? {
-                if !pool.handle_existing_lease(lease.vip) {
+                // Leases adopted from other nodes lie outside this node's block.
+                if !pool.handle_existing_lease(lease.vip) && self.cluster.is_none() {
                     tracing::warn!(network = %network.name, vip = %lease.vip, "stored lease outside the network's assignable range");
                 }
             }
@@ -84,9 +88,17 @@ impl VipAllocatorActor {
             Err(problem) => return Err(AdmitError::Token(problem)),
         };
         let network = invite.network;
+        if let Some(proof) = &msg.lease {
+            if let Some(vip) = self.adopt(&network, &msg, proof)? {
+                let proof = Some(proof.clone());
+                self.mark_seen(LeaseKey { network: network.id, identity: msg.identity, instance: msg.instance });
+                return Ok(Admission { network, vip, new_lease: false, proof });
+            }
+        }
         if let Some(vip) = self.store.lease_or_migrate(network.id, &msg.identity, &msg.legacy, &msg.instance)? {
+            let proof = self.proof(&network, vip, &msg)?;
             self.mark_seen(LeaseKey { network: network.id, identity: msg.identity, instance: msg.instance });
-            return Ok(Admission { network, vip, new_lease: false });
+            return Ok(Admission { network, vip, new_lease: false, proof });
         }
         if !invite.has_uses_left {
             return Err(AdmitError::Token(TokenProblem::UsedUp));
@@ -101,7 +113,10 @@ impl VipAllocatorActor {
             return Err(AdmitError::NetworkFull { network: network.name.clone(), subnet: network.subnet });
         };
         match self.store.create_lease(invite.id, network.id, &msg.identity, &msg.instance, vip) {
-            Ok(true) => Ok(Admission { network, vip, new_lease: true }),
+            Ok(true) => {
+                let proof = self.proof(&network, vip, &msg)?;
+                Ok(Admission { network, vip, new_lease: true, proof })
+            }
             Ok(false) => {
                 self.pool(&network)?.handle_release(vip);
                 Err(AdmitError::Token(TokenProblem::UsedUp))
@@ -109,6 +124,62 @@ impl VipAllocatorActor {
             Err(e) => {
                 self.pool(&network)?.handle_release(vip);
                 Err(e.into())
+            }
+        }
+    }
+
+    /// A lease another node issued, presented by its holder: adopted (recorded here,
+    /// so this node serves it too) if the proof holds up. An invalid proof is logged and
+    /// ignored; the client is then admitted as if it had none. A proof of this node's
+    /// own lease adds nothing: its database has the lease.
+    fn adopt(&mut self, network: &Network, msg: &AllocateVip, proof: &str) -> Result<Option<Ipv4Addr>, StoreError> {
+        let Some(creds) = &self.cluster else { return Ok(None) };
+        let checked = verify_lease(proof, &creds.ca).and_then(|(claim, issuer)| {
+            let fits = claim.network == network.name
+                && claim.identity == msg.identity.to_string()
+                && claim.instance == msg.instance
+                && in_slot(network.subnet, issuer.slot, claim.vip);
+            match fits {
+                true => Ok((claim, issuer)),
+                false => Err(ClusterError::Untrusted("the lease is another client's, network's or slot's".into())),
+            }
+        });
+        let (claim, issuer) = match checked {
+            Ok(checked) => checked,
+            Err(e) => {
+                tracing::warn!(network = %network.name, error = %e, "ignoring a lease proof");
+                return Ok(None);
+            }
+        };
+        if issuer.name == creds.name {
+            return Ok(None);
+        }
+        if self.store.lease(network.id, &msg.identity, &msg.instance)? != Some(claim.vip) {
+            self.store.adopt_lease(network.id, &msg.identity, &msg.instance, claim.vip, proof)?;
+            tracing::info!(network = %network.name, vip = %claim.vip, issuer = %issuer.name, "adopted a lease issued by another node");
+        }
+        Ok(Some(claim.vip))
+    }
+
+    /// The proof to give the holder of `vip`: the issuer's, for an adopted lease; else
+    /// this node signs one (only in a cluster).
+    fn proof(&self, network: &Network, vip: Ipv4Addr, msg: &AllocateVip) -> Result<Option<String>, StoreError> {
+        let Some(creds) = &self.cluster else { return Ok(None) };
+        if let Some(proof) = self.store.lease_proof(network.id, &msg.identity, &msg.instance)? {
+            return Ok(Some(proof));
+        }
+        let claim = LeaseClaim {
+            network: network.name.clone(),
+            vip,
+            identity: msg.identity.to_string(),
+            instance: msg.instance.clone(),
+            issuer: creds.name.clone(),
+        };
+        match sign_lease(creds, &claim) {
+            Ok(proof) => Ok(Some(proof)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign a lease");
+                Ok(None)
             }
         }
     }
@@ -154,6 +225,8 @@ pub struct AllocateVip {
     pub legacy: Fingerprint,
     /// Instance name.
     pub instance: String,
+    /// A lease proof the client presents (it joined another node of the cluster before).
+    pub lease: Option<String>,
 }
 
 /// A successful admission.
@@ -165,6 +238,8 @@ pub struct Admission {
     pub vip: Ipv4Addr,
     /// Whether the lease was created now.
     pub new_lease: bool,
+    /// In a cluster: the signed lease, for the client to present to other nodes.
+    pub proof: Option<String>,
 }
 
 /// Why a client was not admitted.
@@ -314,6 +389,7 @@ mod tests {
                 identity: Fingerprint::of(name.as_bytes()),
                 legacy: Fingerprint::of(b"none"),
                 instance: String::new(),
+                lease: None,
             };
             // The /29 has five VIPs: fill it.
             let mut vips = Vec::new();

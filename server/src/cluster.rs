@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use overlan_shared::cluster::in_slot;
+use overlan_shared::cluster::{in_slot, verify_lease};
 use overlan_shared::route::{Announce, Hop, LinkId, NetKey, RouteOutput, RouteTable, RouteUpdate};
 
 use crate::counters::Reason;
@@ -83,11 +83,17 @@ impl ClusterActor {
         let Some(network) = self.node.network_by_key(a.net) else {
             return Err(format!("unknown network {}", a.net));
         };
-        if !in_slot(network.subnet, a.origin_slot, a.vip) {
-            return Err(format!(
-                "{} is not in slot {} of network {} ({})",
-                a.vip, a.origin_slot, network.name, network.subnet
-            ));
+        if in_slot(network.subnet, a.origin_slot, a.vip) {
+            return Ok(());
+        }
+        // Outside the origin's slot: only a client that roamed there, with its lease.
+        let outside =
+            || format!("{} is not in slot {} of network {} ({})", a.vip, a.origin_slot, network.name, network.subnet);
+        let Some(proof) = &a.proof else { return Err(format!("{} and comes with no lease proof", outside())) };
+        let ca = &self.node.cluster.as_ref().expect("a cluster actor runs on a cluster node").credentials.ca;
+        let (claim, issuer) = verify_lease(proof, ca).map_err(|e| format!("{}: {e}", outside()))?;
+        if claim.vip != a.vip || NetKey::of(&claim.network) != a.net || !in_slot(network.subnet, issuer.slot, a.vip) {
+            return Err(format!("{} and its lease proof is for another VIP, network or slot", outside()));
         }
         Ok(())
     }
@@ -105,12 +111,14 @@ pub struct LocalAttach {
     pub net: NetKey,
     /// The VIP.
     pub vip: Ipv4Addr,
+    /// Its lease proof, if it lies outside this node's slot.
+    pub proof: Option<String>,
 }
 
 impl Handler<LocalAttach> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LocalAttach, _ctx: &mut Self::Context) {
-        self.table.handle_local_attach(msg.net, msg.vip, Self::now_ms());
+        self.table.handle_local_attach(msg.net, msg.vip, msg.proof, Self::now_ms());
         self.drive();
     }
 }

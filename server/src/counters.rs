@@ -41,6 +41,7 @@ reasons! {
     RouteRejected => "route_rejected": "A peer's route announcement failed route-origin validation and was dropped.",
     LinkDatagramDropped => "link_datagram_dropped": "A datagram from a peer link was malformed, too large or had a source not behind a peer.",
     PeerRefused => "peer_refused": "A peer link was refused (certificate not from the cluster CA, wrong name, bad hello).",
+    PeerForgedSource => "peer_forged_source": "A peer connected from a source VIP that is a client of this node; refused.",
     UnauthenticatedLimit => "unauthenticated_limit": "A new connection over the cap on unauthenticated connections was refused.",
     AddressValidation => "address_validation": "A new connection was asked to validate its address (QUIC retry).",
     AllocatorTimeout => "allocator_timeout": "A join was refused because the lease database did not answer in time.",

@@ -131,9 +131,12 @@ impl PeerLinkActor {
         to: SocketAddrV4,
     ) {
         let router = &self.node.router;
-        if !router.is_remote(net, *from.ip()) {
-            self.node.count(Reason::LinkDatagramDropped);
-            tracing::warn!(peer = %self.peer.name, %from, "connect from a source not behind a peer; refused");
+        // A peer may not speak for a client of this node. (The connecting client's route
+        // may still be on its way here — a connect right after a join can overtake it —
+        // so an unknown source is let through.)
+        if matches!(router.route(net, *from.ip()), Some(Route::Local(_))) {
+            self.node.count(Reason::PeerForgedSource);
+            tracing::warn!(peer = %self.peer.name, %from, "connect from a source that is a client of this node; refused");
             return self.answer_err(ctx, socket, ErrorCode::Unreachable, format!("connect {to}: unreachable"));
         }
         let listener = match router.route(net, *to.ip()) {

@@ -52,6 +52,8 @@ pub struct JoinNetwork {
     pub vip: Ipv4Addr,
     /// The session.
     pub session: LocalSession,
+    /// The lease proof of a VIP outside this node's slot.
+    pub proof: Option<String>,
 }
 
 impl Handler<JoinNetwork> for NetworkActor {
@@ -62,7 +64,7 @@ impl Handler<JoinNetwork> for NetworkActor {
             old.addr.do_send(Replace);
         }
         if let Some(cluster) = self.node.cluster_actor() {
-            cluster.do_send(LocalAttach { net: self.id(), vip: msg.vip });
+            cluster.do_send(LocalAttach { net: self.id(), vip: msg.vip, proof: msg.proof });
         }
     }
 }

@@ -265,8 +265,9 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     let counters = Arc::new(Counters::default());
     let (max_instances, allocator_counters) = (config.limits.instances_per_identity, counters.clone());
     let slot = state.cluster.as_ref().map(|c| c.slot);
+    let creds = state.cluster.clone();
     let allocator = SyncArbiter::start(1, move || {
-        VipAllocatorActor::open(&data_dir, max_instances, slot, allocator_counters.clone())
+        VipAllocatorActor::open(&data_dir, max_instances, creds.clone(), allocator_counters.clone())
             .expect("the lease database opened a moment ago")
     });
     let networks = state.store.networks()?;
@@ -495,8 +496,8 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
         Ok(None) => return,
         Err(_) => return refuse(&conn, close_code::TIMED_OUT, "timed out: no hello received"),
     };
-    let (protocol, token, instance) = match first {
-        Ok(ClientMessage::Hello { protocol, token, instance }) => (protocol, token, instance),
+    let (protocol, token, instance, lease) = match first {
+        Ok(ClientMessage::Hello { protocol, token, instance, lease }) => (protocol, token, instance, lease),
         Ok(other) => {
             let what = format!("protocol violation: expected hello as the first control frame, got {other:?}");
             return refuse(&conn, close_code::PROTOCOL_VIOLATION, &what);
@@ -515,7 +516,7 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
             "protocol violation: instance name must be at most 64 of A-Z a-z 0-9 . _ -",
         );
     }
-    let request = AllocateVip { token, identity, legacy, instance: instance.clone() };
+    let request = AllocateVip { token, identity, legacy, instance: instance.clone(), lease };
     let admitted = tokio::time::timeout(ALLOCATOR_DEADLINE, node.allocator.send(request)).await;
     let admission = match admitted {
         Ok(Ok(Ok(a))) => a,
@@ -548,6 +549,7 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
         instance,
         network: admission.network,
         vip: admission.vip,
+        proof: admission.proof,
     };
     SessionActor::new(parts, node.clone()).start();
     drop(permit);

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::BytesMut;
+use overlan_shared::cluster::in_slot;
 use overlan_shared::ports::PortSet;
 use overlan_shared::route::NetKey;
 use overlan_shared::tls::Fingerprint;
@@ -52,6 +53,8 @@ pub struct SessionParts {
     pub network: Network,
     /// The client's VIP.
     pub vip: Ipv4Addr,
+    /// In a cluster: the signed lease of the VIP.
+    pub proof: Option<String>,
 }
 
 /// A socket this session takes part in (as connector, listener, or both when a client
@@ -76,6 +79,7 @@ pub struct SessionActor {
     instance: String,
     network: Network,
     vip: Ipv4Addr,
+    proof: Option<String>,
     node: Arc<Node>,
     network_addr: Addr<NetworkActor>,
     control: ControlQueue,
@@ -108,6 +112,7 @@ impl SessionActor {
             instance: parts.instance,
             network: parts.network,
             vip: parts.vip,
+            proof: parts.proof,
             network_addr,
             node,
             control,
@@ -326,7 +331,12 @@ impl Actor for SessionActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Join the network first; nothing else happens until the VIP routes here, so the
         // client is welcomed only once others can reach it.
-        let join = JoinNetwork { vip: self.vip, session: self.local(ctx) };
+        // A VIP outside this node's slot (the client roamed here) is announced with the
+        // proof of its issuing node, so peers accept it.
+        let slot = self.node.router.slot();
+        let foreign = self.node.cluster.is_some() && !in_slot(self.network.subnet, slot, self.vip);
+        let proof = if foreign { self.proof.clone() } else { None };
+        let join = JoinNetwork { vip: self.vip, session: self.local(ctx), proof };
         ctx.wait(self.network_addr.send(join).into_actor(self).map(|joined, act, ctx| match joined {
             Ok(()) => act.welcome(ctx),
             Err(_) => {
@@ -362,6 +372,7 @@ impl SessionActor {
             subnet: self.network.subnet,
             max_datagram_payload: MAX_DATAGRAM_PAYLOAD as u32,
             idle_timeout_ms: self.node.config.idle_timeout.as_millis() as u64,
+            lease: self.proof.clone(),
         };
         // Authenticated: the tiny windows of the handshake grow to a member's.
         self.conn.set_receive_window(VarInt::from_u32(SESSION_RECEIVE_WINDOW));

@@ -27,7 +27,7 @@ pub const DEFAULT_NETWORK: &str = "default";
 pub const LOCK_FILE: &str = "relay.lock";
 /// Schema version this build reads and writes. 1: the first release (no version
 /// recorded); 2: leases keyed on the client's public key, per-network instance caps.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Database id of a network.
 pub type NetworkId = i64;
@@ -294,11 +294,14 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
                 created_at INTEGER NOT NULL,
                 last_seen INTEGER NOT NULL,
                 legacy_identity INTEGER NOT NULL DEFAULT 0,
+                proof TEXT,
                 PRIMARY KEY (network_id, identity, instance),
                 UNIQUE (network_id, vip)
             );",
         )?;
-    } else if version == 1 {
+        version = SCHEMA_VERSION;
+    }
+    if version == 1 {
         // Version 1 keyed leases on the hash of the whole client certificate. Those rows
         // are marked; each is re-keyed on its holder's public key at its next join.
         tx.execute_batch(
@@ -306,6 +309,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
              ALTER TABLE leases ADD COLUMN legacy_identity INTEGER NOT NULL DEFAULT 0;
              UPDATE leases SET legacy_identity = 1;",
         )?;
+        version = 2;
+    }
+    if version == 2 {
+        // Version 3: a lease another node of the cluster issued keeps that node's proof.
+        tx.execute_batch("ALTER TABLE leases ADD COLUMN proof TEXT;")?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -532,6 +540,50 @@ impl Store {
             )
             .optional()?
             .map(Ipv4Addr::from))
+    }
+
+    /// Records a lease another node of the cluster issued (the client roamed here with
+    /// its `proof`), replacing this identity and instance's own lease and any lease of
+    /// the same VIP.
+    pub fn adopt_lease(
+        &mut self,
+        network: NetworkId,
+        identity: &Fingerprint,
+        instance: &str,
+        vip: Ipv4Addr,
+        proof: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM leases WHERE network_id = ?1 AND (vip = ?2 OR (identity = ?3 AND instance = ?4))",
+            params![network, u32::from(vip), identity.to_string(), instance],
+        )?;
+        let now = unix_now();
+        tx.execute(
+            "INSERT INTO leases (network_id, identity, instance, vip, created_at, last_seen, proof)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+            params![network, identity.to_string(), instance, u32::from(vip), now, proof],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The proof of an adopted lease (one another node issued), if it is one.
+    pub fn lease_proof(
+        &self,
+        network: NetworkId,
+        identity: &Fingerprint,
+        instance: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT proof FROM leases WHERE network_id = ?1 AND identity = ?2 AND instance = ?3",
+                params![network, identity.to_string(), instance],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// The lease of (network, `identity`, instance); failing that, a lease made before
@@ -790,6 +842,36 @@ mod schema_tests {
         assert_eq!(store.lease_or_migrate(1, &Fingerprint::of(b"other"), &cert, "game").unwrap(), None, "only once");
         drop(store);
         Store::open(dir.path()).unwrap(); // opening a current database again is a no-op
+    }
+
+    #[test]
+    fn version_2_gains_lease_proofs_and_adopted_leases_replace_their_holders_own() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(VERSION_1).unwrap();
+            conn.execute_batch(
+                "ALTER TABLE networks ADD COLUMN max_instances INTEGER;
+                 ALTER TABLE leases ADD COLUMN legacy_identity INTEGER NOT NULL DEFAULT 0;
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+            conn.execute("INSERT INTO networks VALUES (1, 'default', '10.77.0.0/16', 0, NULL)", []).unwrap();
+        }
+        let mut store = Store::open(dir.path()).unwrap();
+        let me = Fingerprint::of(b"me");
+        let own = Ipv4Addr::new(10, 77, 0, 9);
+        store
+            .conn
+            .execute("INSERT INTO leases (network_id, identity, instance, vip, created_at, last_seen) VALUES (1, ?1, 'game', ?2, 0, 0)", params![me.to_string(), u32::from(own)])
+            .unwrap();
+        assert_eq!(store.lease(1, &me, "game").unwrap(), Some(own));
+        assert_eq!(store.lease_proof(1, &me, "game").unwrap(), None, "a node's own lease has no proof stored");
+        let roamed = Ipv4Addr::new(10, 77, 16, 4);
+        store.adopt_lease(1, &me, "game", roamed, "proof-text").unwrap();
+        assert_eq!(store.lease(1, &me, "game").unwrap(), Some(roamed));
+        assert_eq!(store.lease_proof(1, &me, "game").unwrap().as_deref(), Some("proof-text"));
+        assert_eq!(store.lease_proof(1, &Fingerprint::of(b"other"), "game").unwrap(), None);
     }
 
     #[test]

@@ -380,6 +380,71 @@ pub fn node_info(end: &CertificateDer<'_>) -> Result<NodeInfo, ClusterError> {
     }
 }
 
+/// A lease as its issuing node vouches for it: `identity` (SPKI fingerprint, hex) and
+/// `instance` hold `vip` in `network`. Signed by the issuer's node key and carried by
+/// the client, so any node of the cluster can check it — also while the issuer is down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseClaim {
+    /// Network name.
+    pub network: String,
+    /// The VIP.
+    pub vip: Ipv4Addr,
+    /// The holder's identity (SPKI SHA-256, hex).
+    pub identity: String,
+    /// The holder's instance name.
+    pub instance: String,
+    /// The issuing node.
+    pub issuer: String,
+}
+
+/// Signs `claim` with `creds`' node key. The proof is text: the claim, the signature and
+/// the issuer's certificate, each hex, joined by dots.
+pub fn sign_lease(creds: &NodeCredentials, claim: &LeaseClaim) -> Result<String, ClusterError> {
+    let rng = ring::rand::SystemRandom::new();
+    let bad = |what: &str| ClusterError::Format { path: "node key".into(), what: what.to_owned() };
+    let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        creds.identity.key_der(),
+        &rng,
+    )
+    .map_err(|_| bad("not an ECDSA P-256 key"))?;
+    let body = serde_json::to_vec(claim).expect("plain data serializes");
+    let sig = key.sign(&rng, &body).map_err(|_| bad("signing failed"))?;
+    Ok(format!("{}.{}.{}", hex::encode(&body), hex::encode(sig.as_ref()), hex::encode(creds.identity.cert_der())))
+}
+
+/// Checks a lease proof: the issuer's certificate chains to `ca` and names a node, and
+/// its key signed the claim. Returns the claim and the issuer. (Whether the VIP lies in
+/// the issuer's slot of the network is the caller's check: it knows the subnet.)
+pub fn verify_lease(proof: &str, ca: &CertificateDer<'_>) -> Result<(LeaseClaim, NodeInfo), ClusterError> {
+    let bad = |what: &str| ClusterError::Untrusted(format!("lease proof: {what}"));
+    let mut parts = proof.split('.');
+    let (Some(body), Some(sig), Some(cert), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(bad("not three dot-separated parts"));
+    };
+    let body = hex::decode(body).map_err(|_| bad("claim is not hex"))?;
+    let sig = hex::decode(sig).map_err(|_| bad("signature is not hex"))?;
+    let cert = CertificateDer::from(hex::decode(cert).map_err(|_| bad("certificate is not hex"))?);
+    verify_chain(&cert, &[], ca)?;
+    let issuer = node_info(&cert)?;
+    let end = webpki::EndEntityCert::try_from(&cert).map_err(|e| bad(&e.to_string()))?;
+    let algs = provider().signature_verification_algorithms;
+    let (_, candidates) = algs
+        .mapping
+        .iter()
+        .find(|(scheme, _)| *scheme == rustls::SignatureScheme::ECDSA_NISTP256_SHA256)
+        .ok_or_else(|| bad("no ECDSA P-256 verifier"))?;
+    if !candidates.iter().any(|alg| end.verify_signature(*alg, &body, &sig).is_ok()) {
+        return Err(bad("bad signature"));
+    }
+    let claim: LeaseClaim = serde_json::from_slice(&body).map_err(|e| bad(&e.to_string()))?;
+    if claim.issuer != issuer.name {
+        return Err(bad("claim names another issuer than its certificate"));
+    }
+    Ok((claim, issuer))
+}
+
 /// Dialing side of a peer link: the peer's certificate must chain to the cluster CA and
 /// name a node; its key must sign the handshake.
 #[derive(Debug)]
@@ -479,6 +544,23 @@ mod tests {
         let other = ClusterDir::new(dir.path().join("other"));
         other.init().unwrap();
         assert!(matches!(verify_node(&chain, &other.ca_cert().unwrap()), Err(ClusterError::Untrusted(_))));
+        // A lease signed by n2 verifies against the CA, and not once changed.
+        let claim = LeaseClaim {
+            network: "default".into(),
+            vip: "10.77.16.9".parse().unwrap(),
+            identity: "ab".repeat(32),
+            instance: "laptop".into(),
+            issuer: "n2".into(),
+        };
+        let proof = sign_lease(&creds, &claim).unwrap();
+        let (back, issuer) = verify_lease(&proof, &creds.ca).unwrap();
+        assert_eq!((back, issuer.name.as_str(), issuer.slot), (claim.clone(), "n2", b.slot));
+        assert!(verify_lease(&proof, &other.ca_cert().unwrap()).is_err(), "another cluster's CA");
+        let forged = LeaseClaim { vip: "10.77.16.10".parse().unwrap(), ..claim };
+        let forged_body = hex::encode(serde_json::to_vec(&forged).unwrap());
+        let tampered = format!("{forged_body}.{}", proof.split_once('.').unwrap().1);
+        assert!(verify_lease(&tampered, &creds.ca).is_err(), "a changed claim fails the signature");
+        assert!(verify_lease("zz", &creds.ca).is_err());
         // Nor does a self-signed certificate pass as a node.
         let stranger = Identity::generate(&["n3.node.overlan", "0.slot.overlan"]).unwrap();
         assert!(verify_node(&stranger.chain_der(), &creds.ca).is_err());

@@ -68,6 +68,10 @@ pub struct Announce {
     pub path: Vec<String>,
     /// The origin's slot, so every node can check the VIP lies in it.
     pub origin_slot: u8,
+    /// For a VIP outside the origin's slot (a client that roamed there): the lease
+    /// proof its issuing node signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
 }
 
 impl Announce {
@@ -131,22 +135,34 @@ pub enum Dropped {
     BadPath,
 }
 
+/// What a link was told about a VIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Told {
+    seq: u64,
+    path: Vec<String>,
+    origin_slot: u8,
+    proof: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 struct Learned {
     seq: u64,
     path: Vec<String>,
     origin_slot: u8,
+    proof: Option<String>,
 }
 
 #[derive(Debug, Default)]
 struct Entry {
     /// Sequence number of the local attachment, if a session here holds the VIP.
     local: Option<u64>,
+    /// The lease proof of a local VIP outside this node's slot.
+    local_proof: Option<String>,
     /// What each link announced.
     learned: BTreeMap<LinkId, Learned>,
     best: Option<Hop>,
     /// The links that were told a route: the sequence number and path they were told.
-    told: HashMap<LinkId, (u64, Vec<String>, u8)>,
+    told: HashMap<LinkId, Told>,
 }
 
 /// The route table of one node.
@@ -199,12 +215,15 @@ impl RouteTable {
         self.links.get(&link).map(String::as_str)
     }
 
-    /// A session here took `vip`. `now_ms` is wall-clock milliseconds; sequence numbers
-    /// never go backwards even if the clock does.
-    pub fn handle_local_attach(&mut self, net: NetKey, vip: Ipv4Addr, now_ms: u64) {
+    /// A session here took `vip` (`proof`: the lease proof of a VIP outside this node's
+    /// slot). `now_ms` is wall-clock milliseconds; sequence numbers never go backwards
+    /// even if the clock does.
+    pub fn handle_local_attach(&mut self, net: NetKey, vip: Ipv4Addr, proof: Option<String>, now_ms: u64) {
         self.last_seq = now_ms.max(self.last_seq + 1);
         let seq = self.last_seq;
-        self.entries.entry((net, vip)).or_default().local = Some(seq);
+        let entry = self.entries.entry((net, vip)).or_default();
+        entry.local = Some(seq);
+        entry.local_proof = proof;
         self.recompute(net, vip);
     }
 
@@ -212,16 +231,18 @@ impl RouteTable {
     pub fn handle_local_detach(&mut self, net: NetKey, vip: Ipv4Addr) {
         if let Some(entry) = self.entries.get_mut(&(net, vip)) {
             entry.local = None;
+            entry.local_proof = None;
             self.recompute(net, vip);
         }
     }
 
     /// A link to node `peer` came up: it is told the whole table.
     pub fn handle_link_up(&mut self, link: LinkId, peer: impl Into<String>) {
-        self.links.insert(link, peer.into());
+        let peer = peer.into();
+        self.links.insert(link, peer.clone());
         let keys: Vec<_> = self.entries.keys().copied().collect();
         let mut updates = Vec::new();
-        for (net, vip) in keys {
+        for &(net, vip) in &keys {
             if let Some(update) = self.tell(link, net, vip) {
                 updates.push(update);
             }
@@ -229,13 +250,23 @@ impl RouteTable {
         if !updates.is_empty() {
             self.out.push_back(RouteOutput::Send { link, updates });
         }
+        // Routes relayed from `peer`'s origin now wait for its own word.
+        self.recompute_origin(&peer, &keys);
+    }
+
+    /// Recomputes the entries with a route from `origin` (whose eligibility changed).
+    fn recompute_origin(&mut self, origin: &str, keys: &[(NetKey, Ipv4Addr)]) {
+        for &(net, vip) in keys {
+            let has = self.entries.get(&(net, vip)).is_some_and(|e| e.learned.values().any(|l| l.path[0] == origin));
+            if has {
+                self.recompute(net, vip);
+            }
+        }
     }
 
     /// A link went down: everything learned over it is forgotten.
     pub fn handle_link_down(&mut self, link: LinkId) {
-        if self.links.remove(&link).is_none() {
-            return;
-        }
+        let Some(peer) = self.links.remove(&link) else { return };
         let affected: Vec<_> = self
             .entries
             .iter_mut()
@@ -247,6 +278,9 @@ impl RouteTable {
         for (net, vip) in affected {
             self.recompute(net, vip);
         }
+        // Routes of `peer` relayed by others count again if no other link to it is left.
+        let keys: Vec<_> = self.entries.keys().copied().collect();
+        self.recompute_origin(&peer, &keys);
     }
 
     /// Updates a peer sent on `link`. Returns the ones dropped, and why.
@@ -275,7 +309,9 @@ impl RouteTable {
                     return Err(Dropped::Loop);
                 }
                 let entry = self.entries.entry((a.net, a.vip)).or_default();
-                entry.learned.insert(link, Learned { seq: a.seq, path: a.path.clone(), origin_slot: a.origin_slot });
+                let learned =
+                    Learned { seq: a.seq, path: a.path.clone(), origin_slot: a.origin_slot, proof: a.proof.clone() };
+                entry.learned.insert(link, learned);
                 self.recompute(a.net, a.vip);
             }
             RouteUpdate::Withdraw { net, vip } => {
@@ -298,10 +334,28 @@ impl RouteTable {
     /// changed.
     fn recompute(&mut self, net: NetKey, vip: Ipv4Addr) {
         let Some(entry) = self.entries.get_mut(&(net, vip)) else { return };
-        // Freshest first; then shortest path; then the lowest link (deterministic).
-        let mut best: Option<(u64, usize, Hop)> = entry.local.map(|seq| (seq, 0, Hop::Local));
-        for (link, learned) in &entry.learned {
-            let candidate = (learned.seq, learned.path.len(), Hop::Peer(*link));
+        // A route of an origin this node has a link to counts only as that link
+        // announced it: a peer cannot relay a fake route of a node whose own word this
+        // node hears. Relayed copies wait until the direct link is gone.
+        let links = &self.links;
+        let eligible = |link: &LinkId, learned: &Learned| {
+            let origin = &learned.path[0];
+            links.get(link) == Some(origin) || !links.values().any(|peer| peer == origin)
+        };
+        // The freshest origin wins (a client that roamed); within one origin, whose
+        // copies may carry older and newer numbers, the shortest path; then the lowest
+        // link (deterministic).
+        let mut freshest: HashMap<&str, u64> = HashMap::new();
+        if let Some(seq) = entry.local {
+            freshest.insert(&self.me, seq);
+        }
+        for (_, learned) in entry.learned.iter().filter(|(l, x)| eligible(l, x)) {
+            let seq = freshest.entry(learned.path[0].as_str()).or_insert(learned.seq);
+            *seq = (*seq).max(learned.seq);
+        }
+        let mut best: Option<(u64, usize, Hop)> = entry.local.map(|_| (freshest[self.me.as_str()], 0, Hop::Local));
+        for (link, learned) in entry.learned.iter().filter(|(l, x)| eligible(l, x)) {
+            let candidate = (freshest[learned.path[0].as_str()], learned.path.len(), Hop::Peer(*link));
             let better = match best {
                 None => true,
                 Some((seq, len, _)) => candidate.0 > seq || (candidate.0 == seq && candidate.1 < len),
@@ -334,18 +388,20 @@ impl RouteTable {
     fn tell(&mut self, link: LinkId, net: NetKey, vip: Ipv4Addr) -> Option<RouteUpdate> {
         let peer = self.links.get(&link)?.clone();
         let entry = self.entries.get(&(net, vip))?;
-        let (seq, mut path, origin_slot) = match entry.best {
-            Some(Hop::Local) => (entry.local.expect("a local best has a local seq"), Vec::new(), self.slot),
+        let (seq, mut path, origin_slot, proof) = match entry.best {
+            Some(Hop::Local) => {
+                (entry.local.expect("a local best has a local seq"), Vec::new(), self.slot, entry.local_proof.clone())
+            }
             Some(Hop::Peer(via)) => {
                 let learned = &entry.learned[&via];
-                (learned.seq, learned.path.clone(), learned.origin_slot)
+                (learned.seq, learned.path.clone(), learned.origin_slot, learned.proof.clone())
             }
-            None => (0, Vec::new(), 0),
+            None => (0, Vec::new(), 0, None),
         };
         let wanted = match entry.best {
             Some(_) if !path.contains(&peer) => {
                 path.push(self.me.clone());
-                Some((seq, path, origin_slot))
+                Some(Told { seq, path, origin_slot, proof })
             }
             _ => None,
         };
@@ -355,9 +411,9 @@ impl RouteTable {
                 if entry.told.get(&link) == Some(&told) {
                     return None;
                 }
-                let (seq, path, origin_slot) = told.clone();
+                let Told { seq, path, origin_slot, proof } = told.clone();
                 entry.told.insert(link, told);
-                Some(RouteUpdate::Announce(Announce { net, vip, seq, path, origin_slot }))
+                Some(RouteUpdate::Announce(Announce { net, vip, seq, path, origin_slot, proof }))
             }
             None => {
                 entry.told.remove(&link)?;
@@ -515,7 +571,7 @@ mod tests {
         let mut c = Cluster::new(3);
         c.connect(0, 1);
         c.connect(1, 2);
-        c.tables[2].handle_local_attach(NET, vip(3), 1);
+        c.tables[2].handle_local_attach(NET, vip(3), None, 1);
         c.settle();
         assert_eq!(c.path(0, vip(3)), names(&["n2", "n1"]));
         assert_eq!(c.tables[0].best(NET, vip(3)), Some(Hop::Peer(1)));
@@ -530,8 +586,8 @@ mod tests {
     #[test]
     fn a_link_that_comes_up_later_gets_the_whole_table() {
         let mut c = Cluster::new(3);
-        c.tables[0].handle_local_attach(NET, vip(1), 1);
-        c.tables[2].handle_local_attach(NET, vip(3), 1);
+        c.tables[0].handle_local_attach(NET, vip(1), None, 1);
+        c.tables[2].handle_local_attach(NET, vip(3), None, 1);
         c.connect(0, 1);
         c.connect(1, 2);
         assert_eq!(c.path(0, vip(3)), names(&["n2", "n1"]));
@@ -544,7 +600,7 @@ mod tests {
         c.connect(0, 1);
         c.connect(1, 2);
         c.connect(0, 2);
-        c.tables[2].handle_local_attach(NET, vip(3), 1);
+        c.tables[2].handle_local_attach(NET, vip(3), None, 1);
         c.settle();
         assert_eq!(c.path(0, vip(3)), names(&["n2"]));
         c.cut(0, 2);
@@ -558,7 +614,7 @@ mod tests {
     fn changes_report_the_new_best_hop() {
         let mut c = Cluster::new(2);
         c.connect(0, 1);
-        c.tables[1].handle_local_attach(NET, vip(9), 1);
+        c.tables[1].handle_local_attach(NET, vip(9), None, 1);
         let outputs = c.settle();
         assert!(outputs.contains(&(0, RouteOutput::BestChanged { net: NET, vip: vip(9), best: Some(Hop::Peer(1)) })));
         assert!(outputs.contains(&(1, RouteOutput::BestChanged { net: NET, vip: vip(9), best: Some(Hop::Local) })));
@@ -572,10 +628,10 @@ mod tests {
         let mut c = Cluster::new(3);
         c.connect(0, 1);
         c.connect(1, 2);
-        c.tables[0].handle_local_attach(NET, vip(5), 100);
+        c.tables[0].handle_local_attach(NET, vip(5), None, 100);
         c.settle();
         // The client joins n2 before n0 noticed it left.
-        c.tables[2].handle_local_attach(NET, vip(5), 200);
+        c.tables[2].handle_local_attach(NET, vip(5), None, 200);
         let outputs = c.settle();
         assert!(outputs.contains(&(0, RouteOutput::Superseded { net: NET, vip: vip(5) })));
         assert_eq!(c.path(1, vip(5)), names(&["n2"]));
@@ -588,10 +644,31 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_cannot_relay_a_fresher_fake_route_of_a_node_this_node_hears_itself() {
+        let mut t = RouteTable::new("n0", 0);
+        t.handle_link_up(1, "n1");
+        t.handle_link_up(2, "liar");
+        let announce = |seq: u64, path: &[&str]| {
+            let path = names(path).unwrap();
+            RouteUpdate::Announce(Announce { net: NET, vip: vip(7), seq, path, origin_slot: 1, proof: None })
+        };
+        assert!(t.handle_updates(1, [announce(10, &["n1"])]).is_empty());
+        // The liar relays "n1's" route with a far fresher number: not taken.
+        assert!(t.handle_updates(2, [announce(u64::MAX / 2, &["n1", "liar"])]).is_empty());
+        assert_eq!(t.best(NET, vip(7)), Some(Hop::Peer(1)));
+        // n1's client leaves: no phantom route through the liar while n1 is linked.
+        t.handle_updates(1, [RouteUpdate::Withdraw { net: NET, vip: vip(7) }]);
+        assert_eq!(t.best(NET, vip(7)), None);
+        // Without a link to n1, a relayed route is all there is, and it counts.
+        t.handle_link_down(1);
+        assert_eq!(t.best(NET, vip(7)), Some(Hop::Peer(2)));
+    }
+
+    #[test]
     fn sequence_numbers_never_go_backwards() {
         let mut t = RouteTable::new("n0", 0);
-        t.handle_local_attach(NET, vip(1), 500);
-        t.handle_local_attach(NET, vip(2), 10);
+        t.handle_local_attach(NET, vip(1), None, 500);
+        t.handle_local_attach(NET, vip(2), None, 10);
         t.handle_link_up(1, "n1");
         let Some(RouteOutput::Send { updates, .. }) =
             std::iter::from_fn(|| t.poll_output()).find(|o| matches!(o, RouteOutput::Send { .. }))
@@ -618,6 +695,7 @@ mod tests {
                 seq: 1,
                 path: names(path).unwrap(),
                 origin_slot: 1,
+                proof: None,
             })
         };
         assert_eq!(t.handle_updates(1, [announce(&["n1"])])[0].1, Dropped::UnknownLink);
@@ -634,7 +712,7 @@ mod tests {
     fn networks_are_kept_apart() {
         let mut c = Cluster::new(2);
         c.connect(0, 1);
-        c.tables[1].handle_local_attach(NetKey::of("a"), vip(1), 1);
+        c.tables[1].handle_local_attach(NetKey::of("a"), vip(1), None, 1);
         c.settle();
         assert_eq!(c.tables[0].best(NetKey::of("b"), vip(1)), None);
         assert!(c.tables[0].best(NetKey::of("a"), vip(1)).is_some());

@@ -549,6 +549,7 @@ async fn raw_session(
         protocol: PROTOCOL_VERSION,
         token: overlan_shared::config::Secret::new(token),
         instance,
+        lease: None,
     };
     codec.encode_into(&hello, &mut buf)?;
     codec.encode_into(&ClientMessage::Bind { req: 1, port: MEMBER_DATAGRAM_PORT }, &mut buf)?;

@@ -26,6 +26,10 @@ pub enum ClientMessage {
         /// Instance name; one identity may run several instances, each with its own VIP.
         #[serde(default)]
         instance: String,
+        /// A lease proof a node of the cluster gave this client (see `Welcome::lease`):
+        /// joining another node, the client keeps its VIP.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<String>,
     },
     /// Register a stream listener on `port` (0: the relay picks an ephemeral port).
     Listen {
@@ -100,6 +104,9 @@ pub enum RelayMessage {
         max_datagram_payload: u32,
         /// Idle timeout of the session in milliseconds.
         idle_timeout_ms: u64,
+        /// In a cluster: the signed lease of this VIP, to present when joining any node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<String>,
     },
     /// A `Listen` succeeded.
     Listening {

@@ -148,7 +148,7 @@ mod tests {
     fn arb_client_message() -> impl Strategy<Value = ClientMessage> {
         prop_oneof![
             (any::<u32>(), ".{0,40}", "[a-z0-9-]{0,16}").prop_map(|(protocol, token, instance)| {
-                ClientMessage::Hello { protocol, token: crate::config::Secret::new(token), instance }
+                ClientMessage::Hello { protocol, token: crate::config::Secret::new(token), instance, lease: None }
             }),
             (any::<u64>(), any::<u16>()).prop_map(|(req, port)| ClientMessage::Listen { req, port }),
             any::<u16>().prop_map(|port| ClientMessage::Unlisten { port }),
@@ -203,6 +203,7 @@ mod tests {
                 subnet: "10.77.0.0/16".parse().unwrap(),
                 max_datagram_payload: 1100,
                 idle_timeout_ms: 10_000,
+                lease: Some("a.b.c".into()),
             },
             RelayMessage::Failed { req: 3, code: crate::ErrorCode::Refused, message: "x".into() },
             RelayMessage::SocketClosed { socket: 9, code: crate::ErrorCode::SessionLost },
