@@ -89,10 +89,15 @@ impl TestRelay {
     /// Waits until this node routes `vip` of the default network (a route learned
     /// from peers, or a session here), returning the next hop.
     pub async fn routed(&self, vip: std::net::Ipv4Addr) -> String {
-        let what = format!("a route to {vip} at {}", self.addr());
+        self.routed_in(overlan_server::store::DEFAULT_NETWORK, vip).await
+    }
+
+    /// Waits until this node routes `vip` of `network`, returning the next hop.
+    pub async fn routed_in(&self, network: &str, vip: std::net::Ipv4Addr) -> String {
+        let what = format!("a route to {vip} in {network} at {}", self.addr());
         within(&what, async {
             loop {
-                if let Some(hop) = self.handle().next_hop(overlan_server::store::DEFAULT_NETWORK, vip) {
+                if let Some(hop) = self.handle().next_hop(network, vip) {
                     return hop;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -18,7 +18,7 @@ async fn connect_via(
     client: &overlan_client::Client,
     to: SocketAddrV4,
 ) -> overlan_client::VirtualStream {
-    via.routed(*to.ip()).await;
+    via.routed_in(client.network(), *to.ip()).await;
     within("connect", client.connect(to)).await.expect("connect across the cluster")
 }
 
@@ -371,4 +371,66 @@ async fn a_peer_whose_certificate_is_not_from_the_cluster_ca_is_refused() {
     assert!(reason.contains("not a node of this cluster"), "{reason}");
     assert_eq!(cluster.nodes[0].counters().get(overlan_server::counters::Reason::PeerRefused), 1);
     assert!(cluster.nodes[0].handle().peer_links().is_empty());
+}
+
+/// Joins with `invite` until the relay admits it (its catalog may still be on the way).
+async fn join_when_admitted(invite: &overlan_shared::Invite) -> (overlan_client::Client, Duration) {
+    let started = std::time::Instant::now();
+    let client = within("admitted", async {
+        loop {
+            let options = overlan_client::JoinOptions::new(invite.clone(), identity());
+            match overlan_client::Client::join(options).await {
+                Ok(c) => return c,
+                Err(Error::Unauthorized(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    (client, started.elapsed())
+}
+
+#[tokio::test]
+async fn networks_and_invites_made_on_one_node_work_on_every_node() {
+    let cluster = TestCluster::line().await;
+    // On n0, as `overlan-server network add` and `invite` would (beside the running node).
+    cluster.nodes[0].store().add_network("lan", "10.88.0.0/16".parse().unwrap()).unwrap();
+    let on_n0 = cluster.nodes[0].new_invite("lan", None, None);
+    let on_n2 = overlan_shared::Invite { relay: cluster.nodes[2].addr().to_string(), ..on_n0.clone() };
+    let (c2, took) = join_when_admitted(&on_n2).await;
+    println!("network and invite reached n2 (two hops) in {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(c2.network(), "lan");
+    assert!(c2.subnet().contains(c2.vip()));
+    let c0 = join(&on_n0).await;
+    // A route in the new network crosses the cluster like any other.
+    let l = c2.listen(80).await.unwrap();
+    let mut s = connect_via(&cluster.nodes[0], &c0, SocketAddrV4::new(c2.vip(), 80)).await;
+    let (mut inc, _) = within("accept", l.accept()).await.unwrap();
+    s.write_all(b"lan").await.unwrap();
+    let mut buf = [0u8; 3];
+    within("read", inc.read_exact(&mut buf)).await.unwrap();
+
+    // Revoked on n2: refused on n0 soon after.
+    let id = cluster.nodes[2].store().invites().unwrap().into_iter().find(|i| i.network == "lan").unwrap().id;
+    cluster.nodes[2].store().revoke_invite(id).unwrap();
+    let started = std::time::Instant::now();
+    within("revocation reaches n0", async {
+        loop {
+            let options = overlan_client::JoinOptions::new(on_n0.clone(), identity());
+            match overlan_client::Client::join(options).await {
+                Err(Error::Unauthorized(why)) => return why,
+                Ok(c) => {
+                    c.close();
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    println!("revocation reached n0 (two hops) in {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Members it admitted stay.
+    assert_eq!(c2.state(), overlan_client::SessionState::Up);
 }

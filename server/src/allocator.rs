@@ -20,6 +20,7 @@ use overlan_shared::config::Secret;
 use overlan_shared::pool::VipPool;
 use overlan_shared::route::NetKey;
 use overlan_shared::tls::Fingerprint;
+use overlan_shared::wire::peer::Catalog;
 use overlan_shared::Subnet;
 
 use crate::counters::{Counters, Reason};
@@ -39,6 +40,8 @@ pub struct VipAllocatorActor {
     cluster: Option<NodeCredentials>,
     /// Last-seen times not written yet.
     seen: HashMap<LeaseKey, i64>,
+    /// What was last sent to the cluster's other nodes, and the database version then.
+    catalog: CatalogState,
     counters: Arc<Counters>,
 }
 
@@ -54,7 +57,15 @@ impl VipAllocatorActor {
     ) -> Result<Self, StoreError> {
         let store = Store::open(data_dir)?;
         store.set_busy_timeout(BUSY_TIMEOUT)?;
-        Ok(Self { store, pools: HashMap::new(), default_max_instances, cluster, seen: HashMap::new(), counters })
+        Ok(Self {
+            store,
+            pools: HashMap::new(),
+            default_max_instances,
+            cluster,
+            seen: HashMap::new(),
+            counters,
+            catalog: CatalogState::default(),
+        })
     }
 
     fn pool(&mut self, network: &Network) -> Result<&mut VipPool, StoreError> {
@@ -313,6 +324,77 @@ impl Handler<FlushSeen> for VipAllocatorActor {
     type Result = ();
     fn handle(&mut self, _: FlushSeen, _ctx: &mut Self::Context) {
         self.flush_seen();
+    }
+}
+
+/// Replication of networks and invites: what was sent last, and whether the database
+/// changed since.
+#[derive(Default)]
+struct CatalogState {
+    sent: Option<Catalog>,
+    data_version: Option<i64>,
+    /// A merge changed the database (its own writes do not move `data_version`).
+    dirty: bool,
+    /// Conflicts reported already (each is logged once).
+    reported: HashSet<String>,
+}
+
+/// This node's catalog of networks and invites, for a link that just came up.
+#[derive(Message)]
+#[rtype(result = "Result<Catalog, StoreError>")]
+pub struct GetCatalog;
+
+impl Handler<GetCatalog> for VipAllocatorActor {
+    type Result = Result<Catalog, StoreError>;
+    fn handle(&mut self, _: GetCatalog, _ctx: &mut Self::Context) -> Self::Result {
+        self.store.catalog()
+    }
+}
+
+/// The catalog, if it changed since it was last returned (an operator command or a
+/// merge changed the database).
+#[derive(Message)]
+#[rtype(result = "Option<Catalog>")]
+pub struct CatalogIfChanged;
+
+impl Handler<CatalogIfChanged> for VipAllocatorActor {
+    type Result = Option<Catalog>;
+    fn handle(&mut self, _: CatalogIfChanged, _ctx: &mut Self::Context) -> Self::Result {
+        let version = self.store.data_version().ok();
+        let state = &mut self.catalog;
+        if version == state.data_version && !state.dirty && state.sent.is_some() {
+            return None;
+        }
+        state.data_version = version;
+        state.dirty = false;
+        let catalog = self.store.catalog().map_err(|e| tracing::warn!(error = %e, "cannot read the catalog")).ok()?;
+        if state.sent.as_ref() == Some(&catalog) {
+            return None;
+        }
+        state.sent = Some(catalog.clone());
+        Some(catalog)
+    }
+}
+
+/// Another node's catalog.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct MergeCatalog(pub Catalog);
+
+impl Handler<MergeCatalog> for VipAllocatorActor {
+    type Result = ();
+    fn handle(&mut self, msg: MergeCatalog, _ctx: &mut Self::Context) {
+        match self.store.merge_catalog(&msg.0) {
+            Ok((changed, conflicts)) => {
+                self.catalog.dirty |= changed;
+                for conflict in conflicts {
+                    if self.catalog.reported.insert(conflict.clone()) {
+                        tracing::warn!(%conflict, "networks disagree between nodes; keeping this node's");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot take in a peer's networks and invites; will retry"),
+        }
     }
 }
 

@@ -25,12 +25,26 @@ pub struct ClusterActor {
     node: Arc<Node>,
     /// Each link's peer and its slot (from its certificate).
     links: std::collections::HashMap<LinkId, (String, u8, Addr<crate::link::PeerLinkActor>)>,
+    /// Announcements for networks this node does not know yet (the network was just
+    /// added on another node; its catalog is on the way), checked again when it arrives.
+    pending: Vec<(LinkId, Announce)>,
+}
+
+/// Most announcements held for networks not known yet.
+const MAX_PENDING: usize = 100_000;
+
+/// Why an announcement was not taken.
+enum Refusal {
+    /// Its network is not known here (yet).
+    UnknownNetwork,
+    /// It failed route-origin validation.
+    Invalid(String),
 }
 
 impl ClusterActor {
     /// The actor of node `name` holding `slot`.
     pub fn new(name: &str, slot: u8, node: Arc<Node>) -> Self {
-        Self { table: RouteTable::new(name, slot), node, links: Default::default() }
+        Self { table: RouteTable::new(name, slot), node, links: Default::default(), pending: Vec::new() }
     }
 
     fn now_ms() -> u64 {
@@ -70,7 +84,13 @@ impl ClusterActor {
     /// Whether the peer on `link` may announce `a`: the origin's slot must be the one
     /// its certificate names when the origin is the peer itself, and the VIP must lie in
     /// the origin's slot of a network this node knows.
-    fn check(&self, link: LinkId, a: &Announce) -> Result<(), String> {
+    fn check(&self, link: LinkId, a: &Announce) -> Result<(), Refusal> {
+        self.check_origin(link, a).map_err(Refusal::Invalid)?;
+        let Some(network) = self.node.network_by_key(a.net) else { return Err(Refusal::UnknownNetwork) };
+        self.check_vip(&network, a).map_err(Refusal::Invalid)
+    }
+
+    fn check_origin(&self, link: LinkId, a: &Announce) -> Result<(), String> {
         let Some((peer, peer_slot, _)) = self.links.get(&link) else { return Err("unknown link".into()) };
         if a.origin() == peer && a.origin_slot != *peer_slot {
             return Err(format!("{peer} claims slot {} but its certificate says {peer_slot}", a.origin_slot));
@@ -80,9 +100,10 @@ impl ClusterActor {
                 return Err(format!("origin {} claimed with slot {} but holds {slot}", a.origin(), a.origin_slot));
             }
         }
-        let Some(network) = self.node.network_by_key(a.net) else {
-            return Err(format!("unknown network {}", a.net));
-        };
+        Ok(())
+    }
+
+    fn check_vip(&self, network: &crate::store::Network, a: &Announce) -> Result<(), String> {
         if in_slot(network.subnet, a.origin_slot, a.vip) {
             return Ok(());
         }
@@ -180,6 +201,7 @@ impl Handler<LinkDown> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LinkDown, _ctx: &mut Self::Context) {
         self.links.remove(&msg.link);
+        self.pending.retain(|(link, _)| *link != msg.link);
         self.table.handle_link_down(msg.link);
         self.drive();
     }
@@ -202,11 +224,28 @@ impl Handler<RoutesReceived> for ClusterActor {
         let mut accepted = Vec::with_capacity(msg.updates.len());
         for update in msg.updates {
             if let RouteUpdate::Announce(a) = &update {
-                if let Err(why) = self.check(msg.link, a) {
-                    self.node.count(Reason::RouteRejected);
-                    tracing::warn!(%peer, vip = %a.vip, origin = a.origin(), %why, "dropping a route announcement");
-                    continue;
+                // A newer word about the VIP from this link replaces one still waiting.
+                self.pending.retain(|(link, p)| !(*link == msg.link && p.net == a.net && p.vip == a.vip));
+                match self.check(msg.link, a) {
+                    Ok(()) => {}
+                    Err(Refusal::UnknownNetwork) if self.pending.len() < MAX_PENDING => {
+                        tracing::debug!(%peer, vip = %a.vip, net = %a.net, "route for a network not known yet; held");
+                        self.pending.push((msg.link, a.clone()));
+                        continue;
+                    }
+                    Err(Refusal::UnknownNetwork) => {
+                        self.node.count(Reason::RouteRejected);
+                        tracing::warn!(%peer, vip = %a.vip, net = %a.net, "dropping a route for an unknown network");
+                        continue;
+                    }
+                    Err(Refusal::Invalid(why)) => {
+                        self.node.count(Reason::RouteRejected);
+                        tracing::warn!(%peer, vip = %a.vip, origin = a.origin(), %why, "dropping a route announcement");
+                        continue;
+                    }
                 }
+            } else if let RouteUpdate::Withdraw { net, vip } = &update {
+                self.pending.retain(|(link, p)| !(*link == msg.link && p.net == *net && p.vip == *vip));
             }
             accepted.push(update);
         }
@@ -214,5 +253,30 @@ impl Handler<RoutesReceived> for ClusterActor {
             tracing::debug!(%peer, ?update, ?why, "route update dropped");
         }
         self.drive();
+    }
+}
+
+/// The node learned networks it did not know: announcements held for them are checked
+/// again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NetworksChanged;
+
+impl Handler<NetworksChanged> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, _: NetworksChanged, ctx: &mut Self::Context) {
+        let mut by_link: std::collections::HashMap<LinkId, Vec<RouteUpdate>> = Default::default();
+        let mut still = Vec::new();
+        for (link, a) in std::mem::take(&mut self.pending) {
+            if self.node.network_by_key(a.net).is_none() {
+                still.push((link, a));
+            } else {
+                by_link.entry(link).or_default().push(RouteUpdate::Announce(a));
+            }
+        }
+        self.pending = still;
+        for (link, updates) in by_link {
+            self.handle(RoutesReceived { link, updates }, ctx);
+        }
     }
 }

@@ -22,13 +22,14 @@ use overlan_shared::route::{LinkId, NetKey, RouteUpdate};
 use overlan_shared::wire::control::SocketId;
 use overlan_shared::wire::datagram::{DatagramHeader, HEADER_LEN};
 use overlan_shared::wire::frame::{FrameCodec, FrameError};
-use overlan_shared::wire::peer::{LinkHeader, PeerMessage, MAX_HOPS, PEER_PROTOCOL_VERSION};
+use overlan_shared::wire::peer::{Catalog, LinkHeader, PeerMessage, MAX_HOPS, PEER_PROTOCOL_VERSION};
 use overlan_shared::wire::stream::{StreamHeader, HEADER_LEN as STREAM_HEADER_LEN};
 use overlan_shared::wire::{close_code, reset_code, ErrorCode, MAX_DATAGRAM_PAYLOAD, RELAY_SERVER_NAME};
 use quinn::VarInt;
 use tokio::sync::oneshot;
 use tokio_util::codec::FramedRead;
 
+use crate::allocator::{GetCatalog, MergeCatalog};
 use crate::cluster::{LinkDown, LinkUp, RoutesReceived};
 use crate::control::ControlQueue;
 use crate::counters::Reason;
@@ -38,7 +39,7 @@ use crate::router::{PeerLink, Route, Router};
 
 /// Largest control frame on a link (a full route table goes in pieces of
 /// [`ROUTES_PER_FRAME`]).
-const MAX_LINK_FRAME: usize = 1 << 20;
+const MAX_LINK_FRAME: usize = 16 << 20;
 /// Route updates per `Routes` frame.
 const ROUTES_PER_FRAME: usize = 1000;
 /// How long a new link has to exchange hellos.
@@ -192,6 +193,7 @@ impl PeerLinkActor {
                     pair.do_send(PartyGone { session: self.id });
                 }
             }
+            PeerMessage::Catalog(catalog) => self.node.allocator.do_send(MergeCatalog(catalog)),
             PeerMessage::Ping { nonce } => self.send(ctx, &PeerMessage::Pong { nonce }),
             PeerMessage::Pong { .. } => {}
         }
@@ -223,6 +225,13 @@ impl Actor for PeerLinkActor {
         if let Some(recv) = self.control_recv.take() {
             ctx.add_stream(recv);
         }
+        // The peer gets this node's networks and invites at once, then changes as they
+        // happen.
+        let catalog = self.node.allocator.send(GetCatalog).into_actor(self).map(|got, act, ctx| match got {
+            Ok(Ok(catalog)) => act.send(ctx, &PeerMessage::Catalog(catalog)),
+            _ => tracing::warn!(peer = %act.peer.name, "cannot read the catalog for a new link"),
+        });
+        ctx.spawn(catalog);
         tokio::spawn(run_link_io(self.conn.clone(), self.node.clone(), self.id, ctx.address()));
     }
 
@@ -256,6 +265,18 @@ impl StreamHandler<Result<PeerMessage, FrameError>> for PeerLinkActor {
 
     fn finished(&mut self, ctx: &mut Self::Context) {
         ctx.stop();
+    }
+}
+
+/// This node's networks and invites changed: tell the peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SendCatalog(pub Catalog);
+
+impl Handler<SendCatalog> for PeerLinkActor {
+    type Result = ();
+    fn handle(&mut self, msg: SendCatalog, ctx: &mut Self::Context) {
+        self.send(ctx, &PeerMessage::Catalog(msg.0));
     }
 }
 

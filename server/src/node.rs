@@ -98,10 +98,13 @@ impl Node {
     }
 
     /// Records the networks in the database (networks added since start included).
-    pub fn set_networks(&self, networks: Vec<Network>) {
+    /// Returns whether one was new.
+    pub fn set_networks(&self, networks: Vec<Network>) -> bool {
+        let mut new = false;
         for network in networks {
-            self.known.insert(network.key, network);
+            new |= self.known.insert(network.key, network).is_none();
         }
+        new
     }
 
     /// Whether broadcast `seq` of the node in slot `origin` is seen here for the first

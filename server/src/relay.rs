@@ -28,10 +28,14 @@ use quinn::VarInt;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 
-use crate::allocator::{AdmitError, AllocateVip, ExpireLeases, FlushSeen, ListNetworks, VipAllocatorActor};
+use crate::allocator::{
+    AdmitError, AllocateVip, CatalogIfChanged, ExpireLeases, FlushSeen, ListNetworks, VipAllocatorActor,
+};
+use crate::cluster::NetworksChanged;
 use crate::config::RelayConfig;
 use crate::counters::{Counters, Reason};
 use crate::link;
+use crate::link::SendCatalog;
 use crate::node::Node;
 use crate::session::{SessionActor, SessionParts};
 use crate::store::{DataDirLock, Store, DEFAULT_NETWORK};
@@ -322,6 +326,9 @@ const SEEN_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the networks in the database are read again (networks added by an
 /// operator command while the relay runs).
 const NETWORK_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a cluster node checks whether its networks and invites changed (an
+/// operator command, or a peer's change taken in) and tells its peers.
+const CATALOG_INTERVAL: Duration = Duration::from_millis(250);
 /// How often changed counters are logged.
 const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -405,6 +412,8 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
 async fn housekeeping(node: Arc<Node>) {
     let mut flush = tokio::time::interval(SEEN_FLUSH_INTERVAL);
     let mut networks = tokio::time::interval(NETWORK_REFRESH_INTERVAL);
+    let mut catalog = tokio::time::interval(CATALOG_INTERVAL);
+    let clustered = node.cluster.is_some();
     let mut log = tokio::time::interval(COUNTER_LOG_INTERVAL);
     let expiry = node.config.limits.lease_expiry.map(|d| d.0);
     let mut expire =
@@ -413,8 +422,14 @@ async fn housekeeping(node: Arc<Node>) {
     loop {
         tokio::select! {
             _ = flush.tick() => node.allocator.do_send(FlushSeen),
-            _ = networks.tick() => if let Ok(Ok(list)) = node.allocator.send(ListNetworks).await {
-                node.set_networks(list);
+            _ = networks.tick() => refresh_networks(&node).await,
+            _ = catalog.tick(), if clustered => {
+                if let Ok(Some(changed)) = node.allocator.send(CatalogIfChanged).await {
+                    for link in node.router.links() {
+                        link.addr.do_send(SendCatalog(changed.clone()));
+                    }
+                    refresh_networks(&node).await;
+                }
             },
             _ = expire.tick() => if let Some(max_age) = expiry {
                 node.allocator.do_send(ExpireLeases { max_age, online: node.router.online() });
@@ -426,6 +441,18 @@ async fn housekeeping(node: Arc<Node>) {
                     tracing::info!(counters = %text.join(" "), held_bytes = node.holds.held(), "refused, dropped or cut so far");
                     logged = now;
                 }
+            }
+        }
+    }
+}
+
+/// Reads the networks in the database again; new ones let waiting route announcements
+/// of the cluster through.
+async fn refresh_networks(node: &Node) {
+    if let Ok(Ok(list)) = node.allocator.send(ListNetworks).await {
+        if node.set_networks(list) {
+            if let Some(cluster) = node.cluster_actor() {
+                cluster.do_send(NetworksChanged);
             }
         }
     }

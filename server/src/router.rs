@@ -188,6 +188,11 @@ impl Router {
         self.links.remove(&link);
     }
 
+    /// Every live link.
+    pub fn links(&self) -> Vec<PeerLink> {
+        self.links.iter().map(|l| l.clone()).collect()
+    }
+
     /// The peer node of every live link.
     pub fn link_peers(&self) -> Vec<String> {
         self.links.iter().map(|l| l.node.clone()).collect()

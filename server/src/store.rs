@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use overlan_shared::invite::valid_network_name;
 use overlan_shared::route::NetKey;
 use overlan_shared::tls::{hash_token, Fingerprint};
+use overlan_shared::wire::peer::{Catalog, CatalogInvite, CatalogNetwork};
 use overlan_shared::Subnet;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -483,6 +484,85 @@ impl Store {
             return Err(StoreError::NoSuchInvite(id));
         }
         Ok(())
+    }
+
+    /// The networks and invites, for the other nodes of a cluster.
+    pub fn catalog(&self) -> Result<Catalog, StoreError> {
+        let networks = networks_in(&self.conn)?
+            .into_iter()
+            .map(|n| CatalogNetwork { name: n.name, subnet: n.subnet.to_string(), max_instances: n.max_instances })
+            .collect();
+        let mut stmt = self.conn.prepare(
+            "SELECT i.token_hash, n.name, i.kind, i.max_uses, i.uses, i.expires_at, i.revoked, i.created_at
+             FROM invites i JOIN networks n ON n.id = i.network_id ORDER BY i.id",
+        )?;
+        let invites = stmt
+            .query_map([], |r| {
+                Ok(CatalogInvite {
+                    token_hash: r.get(0)?,
+                    network: r.get(1)?,
+                    kind: r.get(2)?,
+                    max_uses: r.get(3)?,
+                    uses: r.get(4)?,
+                    expires_at: r.get(5)?,
+                    revoked: r.get(6)?,
+                    created_at: r.get(7)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Catalog { networks, invites })
+    }
+
+    /// Takes in another node's catalog: networks and invites this node lacks are added,
+    /// revocations are taken, use counts rise to the other's. A network whose subnet
+    /// differs from this node's network of the same name is kept as it is here (and
+    /// reported). Returns whether anything changed.
+    pub fn merge_catalog(&mut self, catalog: &Catalog) -> Result<(bool, Vec<String>), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut changed = false;
+        let mut conflicts = Vec::new();
+        let known = networks_in(&tx)?;
+        for net in &catalog.networks {
+            let Ok(subnet) = net.subnet.parse::<Subnet>() else { continue };
+            match known.iter().find(|k| k.name == net.name) {
+                Some(k) if k.subnet != subnet => {
+                    conflicts.push(format!("network {} is {} here but {} on a peer", net.name, k.subnet, subnet))
+                }
+                Some(_) => {}
+                None if valid_network_name(&net.name) => {
+                    tx.execute(
+                        "INSERT INTO networks (name, subnet, created_at, max_instances) VALUES (?1, ?2, ?3, ?4)",
+                        params![net.name, subnet.to_string(), unix_now(), net.max_instances],
+                    )?;
+                    changed = true;
+                }
+                None => {}
+            }
+        }
+        for inv in &catalog.invites {
+            let network: Option<i64> =
+                tx.query_row("SELECT id FROM networks WHERE name = ?1", [&inv.network], |r| r.get(0)).optional()?;
+            let Some(network) = network else { continue };
+            let inserted = tx.execute(
+                "INSERT OR IGNORE INTO invites (network_id, token_hash, kind, max_uses, uses, expires_at, revoked, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![network, inv.token_hash, inv.kind, inv.max_uses, inv.uses, inv.expires_at, inv.revoked, inv.created_at],
+            )?;
+            let updated = tx.execute(
+                "UPDATE invites SET revoked = MAX(revoked, ?2), uses = MAX(uses, ?3)
+                 WHERE token_hash = ?1 AND (revoked < ?2 OR uses < ?3)",
+                params![inv.token_hash, inv.revoked, inv.uses],
+            )?;
+            changed |= inserted + updated > 0;
+        }
+        tx.commit()?;
+        Ok((changed, conflicts))
+    }
+
+    /// A number that changes whenever another connection commits to the database (an
+    /// operator command): the relay then sends its catalog again.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "data_version", |r| r.get(0))?)
     }
 
     /// Checks a token: which network it admits to, or why not.

@@ -66,6 +66,9 @@ pub enum PeerMessage {
         /// Why.
         code: ErrorCode,
     },
+    /// The sender's networks and invites (on link-up and whenever they change): the
+    /// receiver adds what it lacks and takes revocations and use counts.
+    Catalog(Catalog),
     /// Keep-alive and round-trip probe.
     Ping {
         /// Echoed.
@@ -76,6 +79,48 @@ pub enum PeerMessage {
         /// Echoed.
         nonce: u64,
     },
+}
+
+/// What every node of a cluster must agree on: the networks and the invites (by token
+/// hash; tokens themselves never travel).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    /// Networks.
+    pub networks: Vec<CatalogNetwork>,
+    /// Invites.
+    pub invites: Vec<CatalogInvite>,
+}
+
+/// A network in a [`Catalog`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogNetwork {
+    /// Name (the cluster-wide key).
+    pub name: String,
+    /// Subnet, CIDR.
+    pub subnet: String,
+    /// Instances one identity may hold, if the network sets its own cap.
+    pub max_instances: Option<u32>,
+}
+
+/// An invite in a [`Catalog`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogInvite {
+    /// SHA-256 of the token, hex.
+    pub token_hash: String,
+    /// The network it admits to.
+    pub network: String,
+    /// `default` or `issued`.
+    pub kind: String,
+    /// Most new members, if limited.
+    pub max_uses: Option<i64>,
+    /// New members admitted so far (as far as the sender knows).
+    pub uses: i64,
+    /// Expiry, unix seconds.
+    pub expires_at: Option<i64>,
+    /// Revoked.
+    pub revoked: bool,
+    /// When made, unix seconds.
+    pub created_at: i64,
 }
 
 /// Kind byte of a unicast datagram on a link.
