@@ -1,0 +1,190 @@
+//! The cluster's command-line contract as real processes: `overlan-server ca init` and
+//! `ca issue`, three nodes started with `--cluster DIR --node NODE --peer HOST:PORT`,
+//! an invite printed by one node used on another with `overlan --relay`, a stream
+//! across the cluster through `overlan nc`, and a client that fails over to its next
+//! `--relay` when its node is killed.
+
+use std::time::Duration;
+
+use overlan_integration_tests::*;
+use overlan_shared::Invite;
+
+async fn output(mut cmd: tokio::process::Command) -> (i32, String, String) {
+    let out = within("command", cmd.output()).await.expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn server(args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin("overlan-server"));
+    cmd.args(args)
+        .env_remove("OVERLAN_CONFIG")
+        .env_remove("OVERLAN_LISTEN")
+        .env_remove("OVERLAN_CLUSTER")
+        .env_remove("OVERLAN_NODE")
+        .env("OVERLAN_LOG", "info");
+    cmd
+}
+
+/// A started node: its process, address and invite.
+struct NodeProc {
+    proc: Proc,
+    addr: String,
+    invite: Invite,
+}
+
+async fn start_node(cluster: &std::path::Path, data: &std::path::Path, node: &str, peers: &[&str]) -> NodeProc {
+    let mut cmd = server(&["--listen", "127.0.0.1:0", "--node", node]);
+    cmd.arg("--data-dir").arg(data).arg("--cluster").arg(cluster);
+    for peer in peers {
+        cmd.args(["--peer", peer]);
+    }
+    let mut proc = Proc::spawn(cmd);
+    let listen = proc.stdout_line().await;
+    let fingerprint = proc.stdout_line().await;
+    let invite = proc.stdout_line().await;
+    let addr = listen.strip_prefix("listen ").expect("listen line").to_owned();
+    assert!(fingerprint.starts_with("fingerprint "), "{fingerprint}");
+    let invite: Invite = invite.strip_prefix("invite ").expect("invite line").parse().unwrap();
+    assert_eq!(invite.fingerprint.to_string(), fingerprint.strip_prefix("fingerprint ").unwrap());
+    NodeProc { proc, addr, invite }
+}
+
+#[tokio::test]
+async fn three_nodes_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("cluster");
+    let ca_s = ca.to_str().unwrap();
+
+    // ca init: the CA's certificate and fingerprint; a second init is refused.
+    let (code, out, err) = output(server(&["ca", "init", "--dir", ca_s])).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], format!("ca {}", ca.join("ca.crt").display()));
+    let ca_fp = lines[1].strip_prefix("fingerprint ").expect("fingerprint line").to_owned();
+    let (code, _, err) = output(server(&["ca", "init", "--dir", ca_s])).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("already holds a cluster CA"), "{err}");
+
+    // ca issue: one slot per node, kept on re-issue.
+    for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
+        let (code, out, err) = output(server(&["ca", "issue", node, "--dir", ca_s])).await;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out.trim(), format!("issued {node} slot {i} {}", ca.join(format!("{node}.pem")).display()));
+    }
+    let (_, out, _) = output(server(&["ca", "issue", "n1", "--dir", ca_s])).await;
+    assert!(out.starts_with("reissued n1 slot 0 "), "{out}");
+    let (code, _, err) = output(server(&["ca", "issue", "Bad_Name", "--dir", ca_s])).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("bad node name"), "{err}");
+
+    // A line n1 — n2 — n3; n1 names no peer and accepts n2's link.
+    let n1 = start_node(&ca, &dir.path().join("d1"), "n1", &[]).await;
+    let n2 = start_node(&ca, &dir.path().join("d2"), "n2", &[&n1.addr]).await;
+    let mut n3 = start_node(&ca, &dir.path().join("d3"), "n3", &[&n2.addr]).await;
+    assert_eq!(n1.invite.fingerprint.to_string(), ca_fp, "in a cluster the invite pins the cluster CA");
+    assert_eq!(n1.invite.token.expose(), n3.invite.token.expose(), "every node prints the same default invite");
+    within("n3 links to n2", n3.proc.stderr_until("peer link up")).await;
+
+    // n1's invite on n3 (`--relay`): a listener there, reached from a client of n1.
+    let ip = |invite: &Invite, relay: &str, name: &str| {
+        let mut c = overlan_cmd(invite, dir.path(), name);
+        c.args(["--relay", relay, "ip"]);
+        c
+    };
+    let (code, vip, err) = output(ip(&n1.invite, &n3.addr, "listener")).await;
+    assert_eq!(code, 0, "{err}");
+    let vip = vip.trim().to_owned();
+    let mut listener = Proc::spawn({
+        let mut c = overlan_cmd(&n1.invite, dir.path(), "listener");
+        c.args(["--relay", &n3.addr, "nc", "-l", "7000"]);
+        c
+    });
+    // Nothing to send back: the sender sees the end of the stream and exits.
+    listener.close_stdin();
+    let sent = within("a stream from n1 to n3", async {
+        loop {
+            let mut sender = Proc::spawn({
+                let mut c = overlan_cmd(&n1.invite, dir.path(), "sender");
+                c.args(["nc", &vip, "7000"]);
+                c
+            });
+            sender.write_stdin(b"across three nodes\n").await;
+            sender.close_stdin();
+            let (code, err) = sender.wait().await;
+            if code == 0 {
+                return;
+            }
+            println!("sender: {code} {err:?}");
+            // The listener may not be registered yet, or its route still on its way.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    sent.await;
+    assert_eq!(within("received", listener.stdout_line()).await, "across three nodes");
+    let (code, _) = listener.wait().await;
+    assert_eq!(code, 0);
+    let _ = n1;
+}
+
+#[tokio::test]
+async fn a_client_fails_over_when_its_node_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("cluster");
+    let cluster = overlan_shared::cluster::ClusterDir::new(&ca);
+    cluster.init().unwrap();
+    for node in ["n1", "n2", "n3"] {
+        cluster.issue(node).unwrap();
+    }
+    let mut n1 = start_node(&ca, &dir.path().join("d1"), "n1", &[]).await;
+    let n2 = start_node(&ca, &dir.path().join("d2"), "n2", &[&n1.addr]).await;
+    let mut n3 = start_node(&ca, &dir.path().join("d3"), "n3", &[&n2.addr, &n1.addr]).await;
+    within("n3 links", n3.proc.stderr_until("peer link up")).await;
+
+    // A listener on n1 that knows n3 as its fallback.
+    let relays = ["--relay", &n1.addr, "--relay", &n3.addr];
+    let (code, vip, err) = output({
+        let mut c = overlan_cmd(&n1.invite, dir.path(), "l");
+        c.args(relays).arg("ip");
+        c
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let vip = vip.trim().to_owned();
+    let mut listener = Proc::spawn({
+        let mut c = overlan_cmd(&n1.invite, dir.path(), "l");
+        c.args(relays).args(["nc", "-l", "7001"]);
+        c
+    });
+    listener.close_stdin();
+    // Let the listener register on n1 before n1 dies.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    n1.proc.child.start_kill().unwrap();
+    let killed = std::time::Instant::now();
+    let _ = n1.proc.child.wait().await;
+
+    // A client of n2 reaches the same VIP and port: the listener moved to n3 with its VIP.
+    within("a stream after failover", async {
+        loop {
+            let mut sender = Proc::spawn({
+                let mut c = overlan_cmd(&n2.invite, dir.path(), "s");
+                c.args(["nc", &vip, "7001"]);
+                c
+            });
+            sender.write_stdin(b"after failover\n").await;
+            sender.close_stdin();
+            let (code, err) = sender.wait().await;
+            if code == 0 {
+                return;
+            }
+            println!("sender: {code} {err:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    println!("reachable again {:?} after the kill", killed.elapsed());
+    assert_eq!(within("received", listener.stdout_line()).await, "after failover");
+}
