@@ -1,6 +1,8 @@
-//! Several hosts on one machine: the relay and two clients each in their own network
+//! Several hosts on one machine: relays and clients each in their own network
 //! namespace, joined by veth links with their own subnets, so nothing travels over
-//! loopback and each side sees the others only through real interfaces. Needs root
+//! loopback and each side sees the others only through real interfaces. One relay
+//! with two client hosts; and a cluster of three relay hosts (linked in a triangle)
+//! with two client hosts, one of whose relay host is killed mid-test. Needs root
 //! (`ip netns`); the namespaces are removed afterwards, also when the test fails.
 //!
 //! A `harness = false` test (libtest-mimic): whether namespaces can be made is decided
@@ -16,12 +18,25 @@ use overlan_shared::Invite;
 fn main() {
     let args = Arguments::from_args();
     let runnable = can_make_namespaces();
-    let trials = vec![Trial::test("clients_on_separate_hosts_talk_through_the_relay", || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        runtime.block_on(clients_on_separate_hosts_talk_through_the_relay());
-        Ok(())
-    })
-    .with_ignored_flag(!runnable)];
+    let run = |test: fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>| {
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(test());
+            Ok(())
+        }
+    };
+    let trials = vec![
+        Trial::test(
+            "clients_on_separate_hosts_talk_through_the_relay",
+            run(|| Box::pin(clients_on_separate_hosts_talk_through_the_relay())),
+        )
+        .with_ignored_flag(!runnable),
+        Trial::test(
+            "a_cluster_of_three_relay_hosts_survives_losing_one",
+            run(|| Box::pin(a_cluster_of_three_relay_hosts_survives_losing_one())),
+        )
+        .with_ignored_flag(!runnable),
+    ];
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -57,6 +72,30 @@ impl Hosts {
             ip(&["-n", &relay, "link", "set", &r_if, "up"]);
             ip(&["-n", &host, "link", "set", &c_if, "up"]);
             ip(&["-n", &host, "link", "set", "lo", "up"]);
+        }
+        hosts
+    }
+
+    /// Hosts named `names` (their namespaces are made now), linked by `links`:
+    /// `(a, b, subnet)` joins host `a` (address `subnet.A`) and host `b` (`subnet.B`),
+    /// where A and B are the hosts' indexes plus one.
+    fn mesh(names: &[&str], links: &[(usize, usize, &str)]) -> Self {
+        let tag = std::process::id() % 100_000;
+        let mut hosts = Hosts { names: Vec::new() };
+        for name in names {
+            let ns = format!("ovl{tag}{name}");
+            ip(&["netns", "add", &ns]);
+            hosts.names.push(ns.clone());
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        for (i, &(a, b, subnet)) in links.iter().enumerate() {
+            let (a_if, b_if) = (format!("l{i}a"), format!("l{i}b"));
+            let (na, nb) = (&hosts.names[a], &hosts.names[b]);
+            ip(&["link", "add", &a_if, "netns", na, "type", "veth", "peer", "name", &b_if, "netns", nb]);
+            ip(&["-n", na, "addr", "add", &format!("{subnet}.{}/24", a + 1), "dev", &a_if]);
+            ip(&["-n", nb, "addr", "add", &format!("{subnet}.{}/24", b + 1), "dev", &b_if]);
+            ip(&["-n", na, "link", "set", &a_if, "up"]);
+            ip(&["-n", nb, "link", "set", &b_if, "up"]);
         }
         hosts
     }
@@ -147,4 +186,134 @@ async fn clients_on_separate_hosts_talk_through_the_relay() {
     caster.stderr_until("bound ").await;
     caster.write_stdin(b"lobby open\n").await;
     assert_eq!(hearer.stdout_line().await, format!("{vip1}:4445 lobby open"));
+}
+
+/// Sends `line` with `overlan nc` from a fresh process until one exits 0 (routes take a
+/// moment to converge, and after a failover a moment to move).
+async fn send_until_delivered(mut make: impl FnMut() -> tokio::process::Command, line: &[u8]) {
+    within("a stream delivered", async {
+        loop {
+            let mut sender = Proc::spawn(make());
+            sender.write_stdin(line).await;
+            sender.close_stdin();
+            if sender.wait().await.0 == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+}
+
+async fn a_cluster_of_three_relay_hosts_survives_losing_one() {
+    let (server, client) = (bin("overlan-server"), bin("overlan"));
+    let dir = tempfile::tempdir().unwrap();
+    // Relay hosts r1 r2 r3 (indexes 0-2) in a triangle; client host c1 (3) reaches r1
+    // and, as its fallback, r3; client host c2 (4) reaches only r2.
+    let hosts = Hosts::mesh(
+        &["r1", "r2", "r3", "c1", "c2"],
+        &[
+            (0, 1, "10.232.12"),
+            (1, 2, "10.232.23"),
+            (0, 2, "10.232.13"),
+            (3, 0, "10.233.1"),
+            (3, 2, "10.233.3"),
+            (4, 1, "10.233.2"),
+        ],
+    );
+    let ca = dir.path().join("cluster");
+    let cluster = overlan_shared::cluster::ClusterDir::new(&ca);
+    cluster.init().unwrap();
+    let mut relays = Vec::new();
+    for (i, peers) in
+        [vec![], vec!["10.232.12.1:7700"], vec!["10.232.13.1:7700", "10.232.23.2:7700"]].into_iter().enumerate()
+    {
+        let node = format!("n{}", i + 1);
+        cluster.issue(&node).unwrap();
+        let mut relay = Proc::spawn({
+            let mut c = hosts.cmd(i, &server);
+            c.args(["--listen", "0.0.0.0:7700", "--node", &node, "--log", "info"])
+                .arg("--cluster")
+                .arg(&ca)
+                .arg("--data-dir")
+                .arg(dir.path().join(&node));
+            for peer in peers {
+                c.args(["--peer", peer]);
+            }
+            c
+        });
+        let _listen = relay.stdout_line().await;
+        let _fingerprint = relay.stdout_line().await;
+        let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
+        relays.push((relay, invite));
+    }
+    within("n3 links to n1 and n2", async {
+        relays[2].0.stderr_until("peer link up").await;
+        relays[2].0.stderr_until("peer link up").await;
+    })
+    .await;
+    // Any node's invite works on every node; each client host names the relays it reaches.
+    let invite = relays[0].1.clone();
+    let overlan = |host: usize, name: &str, args: &[&str]| {
+        let mut c = hosts.cmd(host, &client);
+        c.env("OVERLAN_INVITE", invite.to_string()).arg("--identity").arg(dir.path().join(format!("{name}.pem")));
+        match host {
+            3 => c.args(["--relay", "10.233.1.1:7700", "--relay", "10.233.3.3:7700"]),
+            _ => c.args(["--relay", "10.233.2.2:7700"]),
+        };
+        c.args(args);
+        c
+    };
+    let out = within("overlan ip", overlan(3, "c1", &["ip"]).output()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vip1 = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    // c2's session on r2 must live through everything below undisturbed.
+    let mut bystander = Proc::spawn(overlan(4, "c2-up", &["up"]));
+    let _ = bystander.stdout_line().await;
+
+    // A stream c2 → c1 across r2 and r1, and a broadcast from c1 heard on c2.
+    let mut listener = Proc::spawn(overlan(3, "c1", &["nc", "-l", "7000"]));
+    listener.close_stdin();
+    listener.stderr_until("listening on").await;
+    send_until_delivered(|| overlan(4, "c2", &["nc", &vip1, "7000"]), b"across the cluster\n").await;
+    assert_eq!(listener.stdout_line().await, "across the cluster");
+    let mut hearer = Proc::spawn(overlan(4, "c2-hear", &["nc", "-u", "-b", "--show-source", "4445"]));
+    hearer.stderr_until("bound ").await;
+    let mut caster = Proc::spawn(overlan(3, "c1-cast", &["nc", "-u", "-b", "4445"]));
+    caster.stderr_until("bound ").await;
+    let line = heard(&mut hearer, &mut caster, "lobby open").await;
+    assert!(line.ends_with(":4445 lobby open"), "{line}");
+
+    // A second listener on c1, then r1 is killed: c1's sessions move to r3 with the VIP.
+    let mut second = Proc::spawn(overlan(3, "c1", &["nc", "-l", "7001"]));
+    second.close_stdin();
+    second.stderr_until("listening on").await;
+    relays[0].0.child.start_kill().unwrap();
+    let _ = relays[0].0.child.wait().await;
+    let killed = std::time::Instant::now();
+    send_until_delivered(|| overlan(4, "c2", &["nc", &vip1, "7001"]), b"after losing r1\n").await;
+    println!("c1 reachable again {:?} after r1 was killed", killed.elapsed());
+    assert_eq!(second.stdout_line().await, "after losing r1");
+    let line = heard(&mut hearer, &mut caster, "still open").await;
+    assert!(line.ends_with(":4445 still open"), "{line}");
+
+    // The bystander on r2 never noticed.
+    bystander.child.start_kill().unwrap();
+    let (_, stderr) = bystander.wait().await;
+    assert!(!stderr.iter().any(|l| l.contains("session lost") || l.contains("reconnected")), "{stderr:?}");
+}
+
+/// Writes `what` on the caster until the hearer prints a line (broadcasts are
+/// unreliable, and the first may race the caster's port at the far node).
+async fn heard(hearer: &mut Proc, caster: &mut Proc, what: &str) -> String {
+    within("a broadcast heard", async {
+        loop {
+            caster.write_stdin(format!("{what}\n").as_bytes()).await;
+            if let Ok(line) = tokio::time::timeout(std::time::Duration::from_millis(300), hearer.stdout_line()).await {
+                return line;
+            }
+        }
+    })
+    .await
 }

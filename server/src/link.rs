@@ -46,7 +46,7 @@ const ROUTES_PER_FRAME: usize = 1000;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// A link that carries nothing for this long is dead (keep-alives go out every second),
 /// so routes behind a dead node are withdrawn within a few seconds.
-pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Keep-alive interval of links.
 const LINK_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Concurrent socket streams a link allows each way.
