@@ -6,11 +6,11 @@
 //! are dropped and counted, as UDP would drop them).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::num::NonZeroU32;
+use std::time::Instant;
 
 use actix::Addr;
 use bytes::Bytes;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use overlan_shared::session::TokenBucket;
 use overlan_shared::wire::datagram::{DatagramHeader, HEADER_LEN};
 use overlan_shared::wire::{ErrorCode, MAX_DATAGRAM_PAYLOAD};
 use overlan_shared::Subnet;
@@ -133,27 +133,23 @@ pub fn forward(
     }
 }
 
-fn limiter(rate: u32, burst: u32) -> DefaultDirectRateLimiter {
-    let nonzero = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-    RateLimiter::direct(Quota::per_second(nonzero(rate)).allow_burst(nonzero(burst)))
-}
-
 /// One session's datagram path: who sends, and its rate limits.
 pub struct DatagramPath {
     from: Sender,
-    unicast: DefaultDirectRateLimiter,
-    broadcast: DefaultDirectRateLimiter,
-    notices: DefaultDirectRateLimiter,
+    unicast: TokenBucket,
+    broadcast: TokenBucket,
+    notices: TokenBucket,
 }
 
 impl DatagramPath {
     /// The path of `from`, limited as `limits` say.
     pub fn new(from: Sender, limits: &Limits) -> Self {
+        let now = Instant::now();
         Self {
             from,
-            unicast: limiter(limits.datagram_rate, limits.datagram_burst),
-            broadcast: limiter(limits.broadcast_rate, limits.broadcast_burst),
-            notices: limiter(1, NOTICE_BURST),
+            unicast: TokenBucket::new(limits.datagram_rate, limits.datagram_burst, now),
+            broadcast: TokenBucket::new(limits.broadcast_rate, limits.broadcast_burst, now),
+            notices: TokenBucket::new(1, NOTICE_BURST, now),
         }
     }
 
@@ -165,12 +161,14 @@ impl DatagramPath {
     /// Forwards one datagram, telling the session (within the notice rate) if it was
     /// rejected and counting what its rate limits dropped.
     pub fn handle_datagram(&mut self, node: &Node, datagram: Bytes, session: &Addr<SessionActor>) {
+        let now = Instant::now();
+        let (unicast, broadcast) = (&mut self.unicast, &mut self.broadcast);
         let admit = |kind| {
-            let (limiter, reason) = match kind {
-                Kind::Unicast => (&self.unicast, Reason::DatagramRate),
-                Kind::Broadcast => (&self.broadcast, Reason::BroadcastRate),
+            let (bucket, reason) = match kind {
+                Kind::Unicast => (unicast, Reason::DatagramRate),
+                Kind::Broadcast => (broadcast, Reason::BroadcastRate),
             };
-            let ok = limiter.check().is_ok();
+            let ok = bucket.handle_take(now);
             if !ok {
                 node.count(reason);
             }
@@ -178,7 +176,7 @@ impl DatagramPath {
         };
         if let Err(reject) = forward(&node.router, &self.from, datagram, admit) {
             tracing::debug!(session = self.from.session, ?reject, "datagram rejected");
-            if self.notices.check().is_ok() {
+            if self.notices.handle_take(now) {
                 session.do_send(reject.notice());
             }
         }

@@ -5,7 +5,7 @@
 //! and instance. Data never passes through it: datagrams and stream splices run in
 //! tasks that read the router directly.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +13,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytes::BytesMut;
 use overlan_shared::cluster::in_slot;
-use overlan_shared::ports::PortSet;
 use overlan_shared::route::NetKey;
+use overlan_shared::session::{Refusal, SessionLimits, SessionPolicy, TokenBucket};
 use overlan_shared::tls::Fingerprint;
 use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
 use overlan_shared::wire::frame::{FrameError, RelaySideCodec};
@@ -57,20 +57,6 @@ pub struct SessionParts {
     pub proof: Option<String>,
 }
 
-/// A socket this session takes part in (as connector, listener, or both when a client
-/// connects to its own listener).
-struct Membership {
-    pair: Addr<SocketPairActor>,
-    /// The ephemeral stream port this session holds as the connecting side.
-    local_port: Option<u16>,
-    /// Waiting for this session's `Connect` answer (connecting side).
-    connecting: bool,
-    /// Waiting for this session's application to accept or deny (listening side).
-    offered: bool,
-    /// QUIC streams this session opens for the socket: one per side it is on.
-    streams: u32,
-}
-
 /// One joined client.
 pub struct SessionActor {
     id: SessionId,
@@ -85,16 +71,10 @@ pub struct SessionActor {
     control: ControlQueue,
     codec: RelaySideCodec,
     control_recv: Option<FramedRead<quinn::RecvStream, RelaySideCodec>>,
-    listeners: HashSet<u16>,
-    datagram_ports: PortSet,
-    stream_ports: PortSet,
-    sockets: HashMap<SocketId, Membership>,
-    /// Streams the client may need for its sockets (sum of `Membership::streams`).
-    stream_demand: u32,
-    pending_connects: usize,
-    pending_offers: usize,
-    /// Current QUIC stream limit granted to the client.
-    stream_limit: u32,
+    /// What the client holds and may hold (the sans-IO policy machine).
+    policy: SessionPolicy,
+    /// The pairs of the sockets it takes part in.
+    pairs: HashMap<SocketId, Addr<SocketPairActor>>,
     /// QUIC close code and reason used when the session stops.
     end: (u32, String),
 }
@@ -105,6 +85,7 @@ impl SessionActor {
         let parts_max_frame = node.config.max_control_frame;
         let network_addr = node.network(&parts.network);
         let control = ControlQueue::start(parts.control_send);
+        let policy = SessionPolicy::new(session_limits(&node.config.limits), INITIAL_STREAMS_PER_SESSION);
         Self {
             id: node.router.next_session_id(),
             conn: parts.conn,
@@ -118,14 +99,8 @@ impl SessionActor {
             control,
             codec: RelaySideCodec::new(parts_max_frame),
             control_recv: Some(parts.control_recv),
-            listeners: HashSet::new(),
-            datagram_ports: PortSet::default(),
-            stream_ports: PortSet::default(),
-            sockets: HashMap::new(),
-            stream_demand: 0,
-            pending_connects: 0,
-            pending_offers: 0,
-            stream_limit: INITIAL_STREAMS_PER_SESSION,
+            policy,
+            pairs: HashMap::new(),
             end: (close_code::NORMAL, "session ended".to_owned()),
         }
     }
@@ -171,28 +146,51 @@ impl SessionActor {
         self.fail(ctx, req, ErrorCode::LimitExceeded, message);
     }
 
+    /// Tells the client why the policy refused request `req` (`what`: the request, for
+    /// the message), counting refusals by a limit.
+    fn refuse(&mut self, ctx: &mut Context<Self>, req: u64, what: String, refusal: Refusal) {
+        let (reason, message) = match refusal {
+            Refusal::ListenerLimit(max) => {
+                (Reason::ListenerLimit, format!("{what}: this session already has {max} listeners (the relay's limit)"))
+            }
+            Refusal::PortLimit(max) => {
+                (Reason::PortLimit, format!("{what}: this session already has {max} bound ports (the relay's limit)"))
+            }
+            Refusal::PendingConnectLimit(max) => (
+                Reason::PendingConnectLimit,
+                format!("{what}: too many connection attempts in flight ({max}); retry later"),
+            ),
+            Refusal::SocketLimit(max) => (
+                Reason::SocketLimit,
+                format!("{what}: this session already has {max} sockets open (the relay's limit)"),
+            ),
+            Refusal::PendingOfferLimit(_) | Refusal::NotListening => {
+                return self.fail(ctx, req, ErrorCode::Refused, format!("{what}: refused"))
+            }
+            Refusal::AddrInUse => return self.fail(ctx, req, ErrorCode::AddrInUse, format!("{what}: address in use")),
+            Refusal::NoEphemeralPort => {
+                return self.fail(ctx, req, ErrorCode::AddrInUse, format!("{what}: no free ephemeral port"))
+            }
+        };
+        self.limit(ctx, req, reason, message);
+    }
+
     fn handle_listen(&mut self, ctx: &mut Context<Self>, req: u64, port: u16) {
         if !self.is_current() {
             return self.fail(ctx, req, ErrorCode::Replaced, ErrorCode::Replaced.describe().to_owned());
         }
-        let max = self.node.config.limits.max_listeners;
-        if self.listeners.len() >= max as usize {
-            let what =
-                format!("listen {}:{port}: this session already has {max} listeners (the relay's limit)", self.vip);
-            return self.limit(ctx, req, Reason::ListenerLimit, what);
+        match self.policy.handle_listen(port) {
+            Ok(port) => {
+                let local = self.local(ctx);
+                self.node.router.add_listener(self.net(), SocketAddrV4::new(self.vip, port), local);
+                self.send(ctx, RelayMessage::Listening { req, port });
+            }
+            Err(refusal) => self.refuse(ctx, req, format!("listen {}:{port}", self.vip), refusal),
         }
-        let Ok(port) = self.stream_ports.claim(port) else {
-            return self.fail(ctx, req, ErrorCode::AddrInUse, format!("listen {}:{port}: address in use", self.vip));
-        };
-        self.listeners.insert(port);
-        let local = self.local(ctx);
-        self.node.router.add_listener(self.net(), SocketAddrV4::new(self.vip, port), local);
-        self.send(ctx, RelayMessage::Listening { req, port });
     }
 
     fn handle_unlisten(&mut self, port: u16) {
-        if self.listeners.remove(&port) {
-            self.stream_ports.release(port);
+        if self.policy.handle_unlisten(port) {
             self.node.router.remove_listener(self.net(), SocketAddrV4::new(self.vip, port), self.id);
         }
     }
@@ -201,36 +199,25 @@ impl SessionActor {
         if !self.is_current() {
             return self.fail(ctx, req, ErrorCode::Replaced, ErrorCode::Replaced.describe().to_owned());
         }
-        let max = self.node.config.limits.max_bound_ports;
-        if self.datagram_ports.len() >= max as usize {
-            let what =
-                format!("bind {}:{port}: this session already has {max} bound ports (the relay's limit)", self.vip);
-            return self.limit(ctx, req, Reason::PortLimit, what);
+        match self.policy.handle_bind(port) {
+            Ok(port) => {
+                let binding = DatagramBinding { session: self.id, conn: self.conn.clone() };
+                self.node.router.bind_datagram(self.net(), SocketAddrV4::new(self.vip, port), binding);
+                self.send(ctx, RelayMessage::Bound { req, port });
+            }
+            Err(refusal) => self.refuse(ctx, req, format!("bind {}:{port}", self.vip), refusal),
         }
-        let Ok(port) = self.datagram_ports.claim(port) else {
-            return self.fail(ctx, req, ErrorCode::AddrInUse, format!("bind {}:{port}: address in use", self.vip));
-        };
-        let binding = DatagramBinding { session: self.id, conn: self.conn.clone() };
-        self.node.router.bind_datagram(self.net(), SocketAddrV4::new(self.vip, port), binding);
-        self.send(ctx, RelayMessage::Bound { req, port });
     }
 
     fn handle_unbind(&mut self, port: u16) {
-        if self.datagram_ports.release(port) {
+        if self.policy.handle_unbind(port) {
             self.node.router.unbind_datagram(self.net(), SocketAddrV4::new(self.vip, port), self.id);
         }
     }
 
     fn handle_connect(&mut self, ctx: &mut Context<Self>, req: u64, to: SocketAddrV4) {
-        let limits = &self.node.config.limits;
-        let (max_pending, max_sockets) = (limits.max_pending_connects, limits.max_sockets);
-        if self.pending_connects >= max_pending as usize {
-            let what = format!("connect {to}: too many connection attempts in flight ({max_pending}); retry later");
-            return self.limit(ctx, req, Reason::PendingConnectLimit, what);
-        }
-        if self.sockets.len() >= max_sockets as usize {
-            let what = format!("connect {to}: this session already has {max_sockets} sockets open (the relay's limit)");
-            return self.limit(ctx, req, Reason::SocketLimit, what);
+        if let Err(refusal) = self.policy.admit_connect() {
+            return self.refuse(ctx, req, format!("connect {to}"), refusal);
         }
         let subnet = self.network.subnet;
         if to.port() == 0 || !subnet.is_assignable(*to.ip()) {
@@ -265,18 +252,16 @@ impl SessionActor {
             },
             Some(Route::Peer(link)) => PartyRef::Link { link, remote: None },
         };
-        let Ok(port) = self.stream_ports.claim(0) else {
-            return self.fail(ctx, req, ErrorCode::AddrInUse, format!("connect {to}: no free ephemeral port"));
-        };
         let socket = self.node.router.next_socket_id();
+        let port = match self.policy.handle_connect(socket) {
+            Ok(port) => port,
+            Err(refusal) => return self.refuse(ctx, req, format!("connect {to}"), refusal),
+        };
         let local = SocketAddrV4::new(self.vip, port);
         let connector = (PartyRef::Session(self.local(ctx)), local);
         let pair = SocketPairActor::new(socket, req, self.net(), connector, (listener, to), self.node.clone()).start();
-        self.pending_connects += 1;
-        self.add_socket(
-            socket,
-            Membership { pair, local_port: Some(port), connecting: true, offered: false, streams: 1 },
-        );
+        self.pairs.insert(socket, pair);
+        self.grant_streams();
     }
 
     fn with_socket(
@@ -285,8 +270,8 @@ impl SessionActor {
         socket: SocketId,
         f: impl FnOnce(&Addr<SocketPairActor>, SessionId),
     ) {
-        match self.sockets.get(&socket) {
-            Some(m) => f(&m.pair, self.id),
+        match self.pairs.get(&socket) {
+            Some(pair) => f(pair, self.id),
             None => self.send(
                 ctx,
                 RelayMessage::Error {
@@ -308,11 +293,11 @@ impl SessionActor {
             ClientMessage::Unbind { port } => self.handle_unbind(port),
             ClientMessage::Connect { req, to } => self.handle_connect(ctx, req, to),
             ClientMessage::Accept { socket } => {
-                self.answered(socket);
+                self.policy.handle_offer_answered(socket);
                 self.with_socket(ctx, socket, |pair, session| pair.do_send(AnswerOffer { session, result: Ok(()) }))
             }
             ClientMessage::Deny { socket } => {
-                self.answered(socket);
+                self.policy.handle_offer_answered(socket);
                 self.with_socket(ctx, socket, |pair, session| {
                     pair.do_send(AnswerOffer { session, result: Err(ErrorCode::Denied) })
                 })
@@ -376,7 +361,7 @@ impl SessionActor {
         };
         // Authenticated: the tiny windows of the handshake grow to a member's.
         self.conn.set_receive_window(VarInt::from_u32(SESSION_RECEIVE_WINDOW));
-        self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.stream_limit));
+        self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(INITIAL_STREAMS_PER_SESSION));
         self.send(ctx, welcome);
         if let Some(recv) = self.control_recv.take() {
             ctx.add_stream(throttled(recv, &self.node));
@@ -389,14 +374,15 @@ impl SessionActor {
     /// Releases everything the session registered and closes its connection.
     fn release_all(&mut self) {
         let net = self.net();
-        for port in self.listeners.drain() {
+        let (listeners, ports, _) = self.policy.drain();
+        for port in listeners {
             self.node.router.remove_listener(net, SocketAddrV4::new(self.vip, port), self.id);
         }
-        for port in self.datagram_ports.drain() {
+        for port in ports {
             self.node.router.unbind_datagram(net, SocketAddrV4::new(self.vip, port), self.id);
         }
-        for (_, m) in self.sockets.drain() {
-            m.pair.do_send(PartyGone { session: self.id });
+        for (_, pair) in self.pairs.drain() {
+            pair.do_send(PartyGone { session: self.id });
         }
         let (code, reason) = &self.end;
         self.conn.close(VarInt::from_u32(*code), reason.as_bytes());
@@ -465,37 +451,24 @@ pub struct Offer {
 impl Handler<Offer> for SessionActor {
     type Result = ();
     fn handle(&mut self, msg: Offer, ctx: &mut Self::Context) {
-        if !self.listeners.contains(&msg.local.port()) {
-            msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::Refused) });
-            return;
-        }
-        let limits = &self.node.config.limits;
-        let refusal = if self.pending_offers >= limits.max_pending_offers as usize {
-            Some(Reason::PendingOfferLimit)
-        } else if self.sockets.len() >= limits.max_sockets as usize && !self.sockets.contains_key(&msg.socket) {
-            Some(Reason::SocketLimit)
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            self.node.count(reason);
-            msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::LimitExceeded) });
-            return;
-        }
-        self.pending_offers += 1;
-        match self.sockets.get_mut(&msg.socket) {
-            // A connect to this session's own listener: one membership on both sides.
-            Some(m) => {
-                m.offered = true;
-                m.streams += 1;
-                self.stream_demand += 1;
-                self.grow_stream_limit();
+        match self.policy.handle_offer(msg.socket, msg.local.port()) {
+            Ok(()) => {}
+            Err(Refusal::NotListening) => {
+                msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::Refused) });
+                return;
             }
-            None => self.add_socket(
-                msg.socket,
-                Membership { pair: msg.pair, local_port: None, connecting: false, offered: true, streams: 1 },
-            ),
+            Err(refusal) => {
+                let reason = match refusal {
+                    Refusal::PendingOfferLimit(_) => Reason::PendingOfferLimit,
+                    _ => Reason::SocketLimit,
+                };
+                self.node.count(reason);
+                msg.pair.do_send(AnswerOffer { session: self.id, result: Err(ErrorCode::LimitExceeded) });
+                return;
+            }
         }
+        self.pairs.entry(msg.socket).or_insert(msg.pair);
+        self.grant_streams();
         self.send(ctx, RelayMessage::Incoming { socket: msg.socket, local: msg.local, peer: msg.peer });
     }
 }
@@ -515,11 +488,7 @@ pub struct ConnectOutcome {
 impl Handler<ConnectOutcome> for SessionActor {
     type Result = ();
     fn handle(&mut self, msg: ConnectOutcome, ctx: &mut Self::Context) {
-        if let Some(m) = self.sockets.get_mut(&msg.socket) {
-            if std::mem::take(&mut m.connecting) {
-                self.pending_connects -= 1;
-            }
-        }
+        self.policy.handle_connect_answered(msg.socket);
         match msg.result {
             Ok((local, peer)) => {
                 self.send(ctx, RelayMessage::Connected { req: msg.req, socket: msg.socket, local, peer })
@@ -533,43 +502,17 @@ impl Handler<ConnectOutcome> for SessionActor {
 }
 
 impl SessionActor {
-    /// Records a socket and makes sure the client may open a QUIC stream for it: the
-    /// stream limit doubles while sockets approach it.
-    fn add_socket(&mut self, socket: SocketId, membership: Membership) {
-        self.stream_demand += membership.streams;
-        self.sockets.insert(socket, membership);
-        self.grow_stream_limit();
-    }
-
-    fn grow_stream_limit(&mut self) {
-        // Each socket needs one stream per side this session is on (two when it connects
-        // to its own listener), plus the control stream.
-        let max = self.node.config.limits.max_sockets * 2 + 1;
-        let wanted = self.stream_demand + INITIAL_STREAMS_PER_SESSION / 2;
-        if wanted > self.stream_limit && self.stream_limit < max {
-            self.stream_limit = (self.stream_limit * 2).clamp(wanted, max);
-            self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.stream_limit));
+    /// Lets the client open the QUIC streams its sockets need (the policy grows the
+    /// limit as sockets approach it).
+    fn grant_streams(&mut self) {
+        if let Some(limit) = self.policy.poll_stream_limit() {
+            self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(limit));
         }
     }
 
     fn forget_socket(&mut self, socket: SocketId) {
-        if let Some(m) = self.sockets.remove(&socket) {
-            if let Some(port) = m.local_port {
-                self.stream_ports.release(port);
-            }
-            self.stream_demand -= m.streams;
-            self.pending_connects -= usize::from(m.connecting);
-            self.pending_offers -= usize::from(m.offered);
-        }
-    }
-
-    /// The application answered an offer: no longer pending.
-    fn answered(&mut self, socket: SocketId) {
-        if let Some(m) = self.sockets.get_mut(&socket) {
-            if std::mem::take(&mut m.offered) {
-                self.pending_offers -= 1;
-            }
-        }
+        self.policy.handle_socket_ended(socket);
+        self.pairs.remove(&socket);
     }
 
     /// Whether this session still holds its VIP (a newer session of the same identity
@@ -592,7 +535,7 @@ pub struct PairEnded {
 impl Handler<PairEnded> for SessionActor {
     type Result = ();
     fn handle(&mut self, msg: PairEnded, ctx: &mut Self::Context) {
-        if self.sockets.contains_key(&msg.socket) {
+        if self.policy.has_socket(msg.socket) {
             self.forget_socket(msg.socket);
             if let Some(code) = msg.notify {
                 self.send(ctx, RelayMessage::SocketClosed { socket: msg.socket, code });
@@ -678,22 +621,40 @@ fn throttled(
     node: &Arc<Node>,
 ) -> impl futures_util::Stream<Item = Result<ClientMessage, FrameError>> {
     use futures_util::StreamExt;
-    use governor::{Quota, RateLimiter};
-    use std::num::NonZeroU32;
     let limits = &node.config.limits;
-    let quota = Quota::per_second(NonZeroU32::new(limits.control_rate).unwrap_or(NonZeroU32::MIN))
-        .allow_burst(NonZeroU32::new(limits.control_burst).unwrap_or(NonZeroU32::MIN));
-    let limiter = Arc::new(RateLimiter::direct(quota));
+    let bucket = TokenBucket::new(limits.control_rate, limits.control_burst, std::time::Instant::now());
+    let bucket = Arc::new(std::sync::Mutex::new(bucket));
     let node = node.clone();
     recv.then(move |item| {
-        let limiter = limiter.clone();
-        let node = node.clone();
+        let (bucket, node) = (bucket.clone(), node.clone());
         async move {
-            if limiter.check().is_err() {
-                node.count(Reason::ControlThrottled);
-                limiter.until_ready().await;
+            let mut throttled = false;
+            loop {
+                let wait = {
+                    let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
+                    let now = std::time::Instant::now();
+                    if bucket.handle_take(now) {
+                        break;
+                    }
+                    bucket.poll_wait(now)
+                };
+                if !std::mem::replace(&mut throttled, true) {
+                    node.count(Reason::ControlThrottled);
+                }
+                tokio::time::sleep(wait).await;
             }
             item
         }
     })
+}
+
+/// The policy's caps from the relay's `[limits]`.
+fn session_limits(limits: &crate::config::Limits) -> SessionLimits {
+    SessionLimits {
+        max_sockets: limits.max_sockets,
+        max_pending_connects: limits.max_pending_connects,
+        max_pending_offers: limits.max_pending_offers,
+        max_listeners: limits.max_listeners,
+        max_bound_ports: limits.max_bound_ports,
+    }
 }

@@ -10,6 +10,7 @@ pub mod pair;
 pub mod pool;
 pub mod ports;
 pub mod route;
+pub mod session;
 pub mod tls;
 pub mod wire;
 
