@@ -394,10 +394,29 @@ mod tests {
     }
 
     #[test]
+    fn half_a_cluster_setting_is_an_error_naming_what_is_missing() {
+        let node_only = ClusterFileConfig { node: Some("eu".into()), ..Default::default() };
+        let err = RelayConfig::default().with_cluster(&[&node_only]).unwrap_err().to_string();
+        assert!(err.contains("--cluster DIR"), "{err}");
+        let dir_only = ClusterFileConfig { dir: Some("/x".into()), ..Default::default() };
+        let err = RelayConfig::default().with_cluster(&[&dir_only]).unwrap_err().to_string();
+        assert!(err.contains("--node NODE"), "{err}");
+        // Flags over the file, key by key.
+        let file = ClusterFileConfig { dir: Some("/x".into()), node: Some("eu".into()), peers: vec!["a:1".into()] };
+        let flags = ClusterFileConfig { node: Some("us".into()), ..Default::default() };
+        let cfg = RelayConfig::default().with_cluster(&[&file, &flags]).unwrap();
+        let cluster = cfg.cluster.clone().unwrap();
+        assert_eq!((cluster.node.as_str(), cluster.peers), ("us", vec!["a:1".to_owned()]));
+        let bad = RelayConfig { cluster: Some(ClusterConfig { node: "Bad".into(), ..cfg.cluster.unwrap() }), ..cfg };
+        assert!(bad.validate().unwrap_err().to_string().contains("bad node name"));
+        assert!(RelayConfig::default().with_cluster(&[&ClusterFileConfig::default()]).unwrap().cluster.is_none());
+    }
+
+    #[test]
     fn the_example_config_parses_with_every_default_uncommented() {
         let example = include_str!("../../deploy/config/server.toml");
         let file: FileConfig = toml::from_str(example).unwrap();
-        assert!(file.limits.is_none());
+        assert!(file.limits.is_none() && file.cluster.is_none());
         // `#key = value` and `#[table]` lines are the documented defaults.
         let uncommented: String = example
             .lines()
@@ -412,7 +431,10 @@ mod tests {
             .map(|l| format!("{l}\n"))
             .collect();
         let file: FileConfig = toml::from_str(&uncommented).expect("every documented key exists");
-        let config = RelayConfig::default().with_file(&file);
+        let cluster = file.cluster.clone().expect("the example documents [cluster]");
+        let config = RelayConfig::default().with_file(&file).with_cluster(&[&cluster]).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.cluster.as_ref().map(|c| c.node.as_str()), Some("eu"));
         assert_eq!(
             Limits { lease_expiry: None, ..config.limits.clone() },
             Limits::default(),
