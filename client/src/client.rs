@@ -64,6 +64,9 @@ pub struct JoinOptions {
     /// client moves to the next when its relay is unreachable or dies. Empty: the
     /// invite's relay.
     pub relays: Vec<String>,
+    /// A lease proof a node of a cluster gave this identity and instance before
+    /// ([`Client::lease`]): presented at join, it keeps the VIP on any node.
+    pub lease: Option<String>,
 }
 
 impl JoinOptions {
@@ -76,7 +79,14 @@ impl JoinOptions {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             reconnect: true,
             relays: Vec::new(),
+            lease: None,
         }
+    }
+
+    /// Sets the lease proof to present (from [`Client::lease`] of an earlier join).
+    pub fn lease(mut self, lease: Option<String>) -> Self {
+        self.lease = lease;
+        self
     }
 
     /// Sets the relays to use instead of the invite's, in order of preference. With
@@ -254,7 +264,9 @@ impl Client {
         let mut joined = None;
         for (index, text) in relays.iter().enumerate() {
             let attempt = match resolve(text).await {
-                Ok(addr) => establish(&endpoint, &quic, addr, text, &options, None).await.map(|e| (index, addr, e)),
+                Ok(addr) => establish(&endpoint, &quic, addr, text, &options, options.lease.clone())
+                    .await
+                    .map(|e| (index, addr, e)),
                 Err(e) => Err(e),
             };
             match attempt {
@@ -272,13 +284,14 @@ impl Client {
         let Some((index, relay, (conn, send, recv, welcome))) = joined else {
             return Err(last_error.expect("at least one relay was tried"));
         };
+        let lease = welcome.lease.or_else(|| options.lease.clone());
         let (state, _) = watch::channel(SessionState::Up);
         let inner = Arc::new(Inner {
             options,
             endpoint,
             quic,
             relay: Mutex::new((index, relay)),
-            lease: Mutex::new(welcome.lease),
+            lease: Mutex::new(lease),
             vip: welcome.vip,
             network: welcome.network,
             subnet: welcome.subnet,
@@ -325,6 +338,13 @@ impl Client {
     /// The exact largest datagram payload, in bytes.
     pub fn max_payload(&self) -> usize {
         self.inner.max_payload
+    }
+
+    /// In a cluster: the signed lease of this client's VIP. Keep it with the identity
+    /// and pass it to [`JoinOptions::lease`] next time, so any node of the cluster gives
+    /// the same VIP.
+    pub fn lease(&self) -> Option<String> {
+        self.inner.lease.lock().expect("lease lock").clone()
     }
 
     /// The UDP address of the relay in use.

@@ -24,3 +24,54 @@ pub fn load_or_create_identity(path: &Path) -> Result<Identity, Error> {
     }
     Ok(identity)
 }
+
+/// Where the CLI keeps the lease proofs of the identity at `identity` (beside it):
+/// `identity.pem` → `identity.leases.json`.
+pub fn lease_file_path(identity: &Path) -> PathBuf {
+    identity.with_extension("leases.json")
+}
+
+/// The lease proof stored for `network` and `instance` in `file`, if any.
+pub fn load_lease(file: &Path, network: &str, instance: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let map: std::collections::BTreeMap<String, String> = serde_json::from_str(&text).ok()?;
+    map.get(&format!("{network}/{instance}")).cloned()
+}
+
+/// Stores `proof` for `network` and `instance` in `file` (owner-only, replaced
+/// atomically), keeping the others.
+pub fn save_lease(file: &Path, network: &str, instance: &str, proof: &str) -> Result<(), Error> {
+    let mut map: std::collections::BTreeMap<String, String> =
+        std::fs::read_to_string(file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    let key = format!("{network}/{instance}");
+    if map.get(&key).map(String::as_str) == Some(proof) {
+        return Ok(());
+    }
+    map.insert(key, proof.to_owned());
+    let text = serde_json::to_string_pretty(&map).expect("plain data serializes");
+    let tmp = file.with_extension("leases.json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let io = |e: std::io::Error| Error::Config(format!("lease file {}: {e}", file.display()));
+    overlan_shared::tls::create_private(&tmp, text.as_bytes()).map_err(io)?;
+    std::fs::rename(&tmp, file).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_kept_per_network_and_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = lease_file_path(&dir.path().join("identity.pem"));
+        assert_eq!(file.file_name().unwrap(), "identity.leases.json");
+        assert_eq!(load_lease(&file, "default", ""), None);
+        save_lease(&file, "default", "", "p1").unwrap();
+        save_lease(&file, "games", "laptop", "p2").unwrap();
+        save_lease(&file, "default", "", "p3").unwrap();
+        assert_eq!(load_lease(&file, "default", "").as_deref(), Some("p3"));
+        assert_eq!(load_lease(&file, "games", "laptop").as_deref(), Some("p2"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

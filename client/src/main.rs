@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use overlan_client::{
-    default_identity_path, load_or_create_identity, Client, Error, Invite, JoinOptions, SessionState,
+    default_identity_path, lease_file_path, load_lease, load_or_create_identity, save_lease, Client, Error, Invite,
+    JoinOptions, SessionState,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -155,15 +156,27 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
             return Err(CliError::usage(format!("--relay {relay:?}: expected HOST:PORT")));
         }
     }
-    let options = JoinOptions::new(invite, identity).instance(cli.name.clone()).relays(cli.relays.clone());
-    Client::join(options).await.map_err(|e| {
+    // In a cluster the VIP's signed lease is kept beside the identity, so joining any
+    // node (another --relay, another day) gives the same VIP.
+    let leases = lease_file_path(&path);
+    let network = invite.network.clone();
+    let lease = load_lease(&leases, &network, &cli.name);
+    let options =
+        JoinOptions::new(invite, identity).instance(cli.name.clone()).relays(cli.relays.clone()).lease(lease.clone());
+    let client = Client::join(options).await.map_err(|e| {
         let message = format!("join: {e}");
         if e.is_terminal() {
             CliError::refused(message)
         } else {
             CliError::from(message)
         }
-    })
+    })?;
+    if let Some(proof) = client.lease().filter(|p| Some(p) != lease.as_ref()) {
+        if let Err(e) = save_lease(&leases, &network, &cli.name, &proof) {
+            tracing::warn!(error = %e, "could not keep the lease; another node may give another VIP");
+        }
+    }
+    Ok(client)
 }
 
 /// Joins, unless a signal comes first.

@@ -434,3 +434,51 @@ async fn networks_and_invites_made_on_one_node_work_on_every_node() {
     // Members it admitted stay.
     assert_eq!(c2.state(), overlan_client::SessionState::Up);
 }
+
+#[tokio::test]
+async fn one_vip_per_identity_and_instance_on_every_node_and_the_newer_session_wins() {
+    let cluster = TestCluster::line().await;
+    let me = identity();
+    let first = join_as(&cluster.invite(0), &me, "game").await;
+    let proof = first.lease().expect("a cluster node gives its lease");
+    // The same identity and instance on n2, with the lease: the same VIP; the session
+    // on n0 is replaced, as on one relay.
+    let options = overlan_client::JoinOptions::new(cluster.invite(2), me.clone()).instance("game").lease(Some(proof));
+    let second = within("join n2", overlan_client::Client::join(options)).await.unwrap();
+    assert_eq!(second.vip(), first.vip());
+    let why = within("the older session replaced", first.closed()).await;
+    assert!(why.contains("replaced"), "{why}");
+    within("n0 routes the VIP to n2 now", async {
+        while cluster.nodes[0].handle().next_hop("default", second.vip()).as_deref() != Some("n1") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let leases = cluster.nodes[2].store().lease_rows(None).unwrap();
+    assert!(leases.iter().any(|l| l.vip == second.vip()), "n2 adopted the lease: {leases:?}");
+}
+
+#[tokio::test]
+async fn an_abort_crosses_nodes_as_an_error_either_way() {
+    let cluster = TestCluster::line().await;
+    let a = join(&cluster.invite(0)).await;
+    let c = join(&cluster.invite(2)).await;
+    let listener = c.listen(7004).await.unwrap();
+    let target = SocketAddrV4::new(c.vip(), 7004);
+    // Abort by the connecting side: the listener's read fails, it does not see a clean end.
+    let mut s = connect_via(&cluster.nodes[0], &a, target).await;
+    let (mut inc, _) = within("accept", listener.accept()).await.unwrap();
+    s.write_all(b"partial").await.unwrap();
+    let mut buf = [0u8; 7];
+    within("read", inc.read_exact(&mut buf)).await.unwrap();
+    s.abort();
+    let mut rest = Vec::new();
+    let err = within("abort seen across two hops", inc.read_to_end(&mut rest)).await.unwrap_err();
+    assert!(err.to_string().contains("aborted"), "{err}");
+    // Abort by the listening side: the connector's read fails.
+    let mut s = connect_via(&cluster.nodes[0], &a, target).await;
+    let (inc, _) = within("accept", listener.accept()).await.unwrap();
+    inc.abort();
+    let err = within("abort seen by the connector", s.read_to_end(&mut rest)).await.unwrap_err();
+    assert!(err.to_string().contains("aborted"), "{err}");
+}

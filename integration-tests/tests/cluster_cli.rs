@@ -98,6 +98,11 @@ async fn three_nodes_from_the_command_line() {
     let (code, vip, err) = output(ip(&n1.invite, &n3.addr, "listener")).await;
     assert_eq!(code, 0, "{err}");
     let vip = vip.trim().to_owned();
+    // The lease is kept beside the identity: through n1 the same VIP again.
+    let (code, again, err) = output(ip(&n1.invite, &n1.addr, "listener")).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(again.trim(), vip, "one VIP per identity on every node");
+    assert!(dir.path().join("listener.leases.json").exists());
     let mut listener = Proc::spawn({
         let mut c = overlan_cmd(&n1.invite, dir.path(), "listener");
         c.args(["--relay", &n3.addr, "nc", "-l", "7000"]);

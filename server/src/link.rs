@@ -63,7 +63,8 @@ const STABLE_LINK: Duration = Duration::from_secs(10);
 type LinkCodec = FrameCodec<PeerMessage, PeerMessage>;
 
 /// QUIC transport settings of a link: large windows and many streams (every socket
-/// between the nodes is a stream), keep-alives every second.
+/// between the nodes is a stream), keep-alives every second, and path-MTU discovery
+/// (unlike client sessions, links are few, and real links carry 1500-byte packets).
 pub fn link_transport_config() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -73,7 +74,7 @@ pub fn link_transport_config() -> quinn::TransportConfig {
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(Some(8 << 20))
         .datagram_send_buffer_size(8 << 20)
-        .mtu_discovery_config(None)
+        .mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()))
         .stream_receive_window(VarInt::from_u32(crate::relay::STREAM_WINDOW))
         .receive_window(VarInt::from_u32(LINK_RECEIVE_WINDOW))
         .send_window(u64::from(LINK_RECEIVE_WINDOW))

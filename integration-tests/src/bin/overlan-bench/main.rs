@@ -24,6 +24,8 @@ use overlan_shared::Invite;
 use quinn::VarInt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+mod cluster;
+
 const CHUNK: usize = 256 * 1024;
 /// The `[limits]` the bench's relay runs with: rates, the cap on joins in progress and
 /// the per-identity instance cap (the bench's members are instances of one identity)
@@ -79,6 +81,15 @@ struct Cli {
     /// Only the idle-memory measurement.
     #[arg(long)]
     only_idle: bool,
+    /// Only the cluster measurements (three relay nodes).
+    #[arg(long, conflicts_with = "only_idle")]
+    only_cluster: bool,
+    /// Leave out the cluster measurements.
+    #[arg(long, conflicts_with = "only_cluster")]
+    skip_cluster: bool,
+    /// Failover samples in the cluster measurements (each kills and restarts a node).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    failover_samples: usize,
     /// A rathole binary, for the stretch comparison with an encrypted TCP forwarder.
     #[arg(long, value_name = "PATH")]
     rathole: Option<PathBuf>,
@@ -94,6 +105,9 @@ struct Args {
     broadcast_samples: usize,
     idle_sessions: Vec<usize>,
     only_idle: bool,
+    only_cluster: bool,
+    skip_cluster: bool,
+    failover_samples: usize,
     rathole: Option<PathBuf>,
 }
 
@@ -109,6 +123,9 @@ impl From<Cli> for Args {
             broadcast_samples: cli.broadcast_samples as usize,
             idle_sessions: cli.idle_sessions.unwrap_or_else(|| if quick { vec![200] } else { vec![1000, 10_000] }),
             only_idle: cli.only_idle,
+            only_cluster: cli.only_cluster,
+            skip_cluster: cli.skip_cluster,
+            failover_samples: cli.failover_samples,
             rathole: cli.rathole,
         }
     }
@@ -579,13 +596,13 @@ async fn raw_session(
 /// Opens `n` member sessions with the client library's transport settings, `per_socket`
 /// of them on each UDP socket.
 async fn open_sessions(
-    relay: &RelayProcess,
+    invite: &Invite,
     n: usize,
     per_socket: usize,
     idle_timeout: Duration,
 ) -> anyhow::Result<Vec<RawSession>> {
     let identity = Identity::generate(&["bench"])?;
-    let crypto = tls::client_config(Some(&identity), relay.invite.fingerprint, ALPN_CLIENT)?;
+    let crypto = tls::client_config(Some(&identity), invite.fingerprint, ALPN_CLIENT)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?));
     config.transport_config(Arc::new(client_transport(idle_timeout)?));
     // Members are separate machines in real life: one UDP socket per 20 sessions keeps
@@ -593,8 +610,8 @@ async fn open_sessions(
     let endpoints = (0..n.div_ceil(per_socket))
         .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
         .collect::<Result<Vec<_>, _>>()?;
-    let relay_addr: SocketAddr = relay.invite.relay.parse()?;
-    let token = relay.invite.token.expose().to_owned();
+    let relay_addr: SocketAddr = invite.relay.parse()?;
+    let token = invite.token.expose().to_owned();
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -615,9 +632,15 @@ async fn open_sessions(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::from(Cli::parse());
+    if args.only_cluster {
+        return cluster::run(&args).await;
+    }
     println!("# overlan-bench  (relay process vs direct quinn on loopback, same run)");
     if !args.only_idle {
         data_path(&args).await?;
+        if !args.skip_cluster {
+            cluster::run(&args).await?;
+        }
     }
     idle_memory(&args).await
 }
@@ -780,9 +803,20 @@ async fn datagrams(args: &Args, a: &Client, b: &Client) -> anyhow::Result<()> {
 /// One broadcast to every member, several times: how long until the last member has
 /// its copy. Each member forwards the sample number it got and when.
 async fn broadcast(args: &Args, relay: &RelayProcess, a: &Client) -> anyhow::Result<()> {
-    let members = open_sessions(relay, args.broadcast_members, SESSIONS_PER_SOCKET, DATA_PATH_IDLE).await?;
+    let members = open_sessions(&relay.invite, args.broadcast_members, SESSIONS_PER_SOCKET, DATA_PATH_IDLE).await?;
+    println!(
+        "broadcast to {} members, {} samples (time until the last member got its copy):",
+        members.len(),
+        args.broadcast_samples
+    );
+    broadcast_to(&members, a, args.broadcast_samples).await
+}
+
+/// Times broadcasts from `a` until every one of `members` has its copy; prints each
+/// sample and the median.
+async fn broadcast_to(members: &[RawSession], a: &Client, samples_wanted: usize) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for member in &members {
+    for member in members {
         let (conn, tx) = (member.conn.clone(), tx.clone());
         tokio::spawn(async move {
             while let Ok(datagram) = conn.read_datagram().await {
@@ -797,13 +831,8 @@ async fn broadcast(args: &Args, relay: &RelayProcess, a: &Client) -> anyhow::Res
     }
     let caster = a.bind_datagram(MEMBER_DATAGRAM_PORT).await?;
     let to = SocketAddrV4::new(Ipv4Addr::BROADCAST, MEMBER_DATAGRAM_PORT);
-    println!(
-        "broadcast to {} members, {} samples (time until the last member got its copy):",
-        members.len(),
-        args.broadcast_samples
-    );
     let mut samples = Vec::new();
-    for sample in 0..args.broadcast_samples as u32 {
+    for sample in 0..samples_wanted as u32 {
         let mut payload = b"lobby".to_vec();
         payload.extend_from_slice(&sample.to_be_bytes());
         let t0 = Instant::now();
@@ -838,7 +867,7 @@ async fn broadcast(args: &Args, relay: &RelayProcess, a: &Client) -> anyhow::Res
         println!("  median of {} samples: {:.2} ms", samples.len(), median(&samples));
     }
     // The forwarding tasks hold the connections; closing ends them.
-    for member in &members {
+    for member in members {
         member.conn.close(VarInt::from_u32(0), b"bench done");
     }
     Ok(())
@@ -851,14 +880,14 @@ async fn idle_memory(args: &Args) -> anyhow::Result<()> {
     for &n in &args.idle_sessions {
         let relay = RelayProcess::start(&[]).await?;
         // One session first, so start-up allocations (database, runtime) are not counted.
-        let warm = open_sessions(&relay, 1, 1, overlan_client::DEFAULT_IDLE_TIMEOUT).await?;
+        let warm = open_sessions(&relay.invite, 1, 1, overlan_client::DEFAULT_IDLE_TIMEOUT).await?;
         let idle = warm[0].idle_timeout;
         let keep_alive = idle / 3;
         let settle = (keep_alive * 2 + Duration::from_secs(1)).max(Duration::from_secs(7));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = relay.rss_kib()?;
         let own_before = rss_kib("self")?;
-        let sessions = open_sessions(&relay, n, usize::MAX, overlan_client::DEFAULT_IDLE_TIMEOUT).await?;
+        let sessions = open_sessions(&relay.invite, n, usize::MAX, overlan_client::DEFAULT_IDLE_TIMEOUT).await?;
         tokio::time::sleep(settle).await;
         let first = relay.rss_kib()?;
         tokio::time::sleep(keep_alive).await;
