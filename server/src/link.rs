@@ -62,9 +62,12 @@ const STABLE_LINK: Duration = Duration::from_secs(10);
 
 type LinkCodec = FrameCodec<PeerMessage, PeerMessage>;
 
-/// QUIC transport settings of a link: large windows and many streams (every socket
-/// between the nodes is a stream), keep-alives every second, and path-MTU discovery
-/// (unlike client sessions, links are few, and real links carry 1500-byte packets).
+/// QUIC transport settings of a link as the dialing node runs it: large windows and many
+/// streams (every socket between the nodes is a stream), keep-alives every second, and
+/// path-MTU discovery (links are few, and real links carry 1500-byte packets). The
+/// accepting node runs the endpoint's settings for new connections (it learns that a
+/// connection is a link only after the handshake): it raises the windows and stream
+/// limit then, but its packets toward the dialer stay at 1200 bytes.
 pub fn link_transport_config() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -245,7 +248,8 @@ impl Actor for PeerLinkActor {
             pair.do_send(PartyGone { session: self.id });
         }
         self.conn.close(VarInt::from_u32(close_code::NORMAL), b"link closed");
-        tracing::info!(peer = %self.peer.name, link = self.id, "peer link down");
+        let path = self.conn.stats().path;
+        tracing::info!(peer = %self.peer.name, link = self.id, mtu = path.current_mtu, rtt = ?path.rtt, "peer link down");
         if let Some(ended) = self.ended.take() {
             let _ = ended.send(());
         }
