@@ -527,6 +527,7 @@ async fn establish(
             token: options.invite.token.clone(),
             instance: options.instance.clone(),
             lease,
+            network: Some(options.invite.network.clone()),
         };
         codec.encode_into(&hello, &mut buf).map_err(|e| Error::Config(e.to_string()))?;
         if send.write_all(&buf).await.is_err() {

@@ -455,6 +455,7 @@ impl RawSession {
             token: invite.token.clone(),
             instance: String::new(),
             lease: None,
+            network: None,
         })
         .await;
         match me.next().await {

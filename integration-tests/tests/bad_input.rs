@@ -64,6 +64,7 @@ fn hello(token: &str) -> BytesMut {
         token: Secret::new(token),
         instance: String::new(),
         lease: None,
+        network: None,
     };
     frame(&serde_json::to_vec(&msg).unwrap())
 }

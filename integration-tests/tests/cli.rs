@@ -387,3 +387,30 @@ async fn server_lists_and_releases_leases_and_caps_instances() {
     nix_signal(&relay.child, "TERM");
     assert_eq!(relay.wait().await.0, 0);
 }
+
+#[tokio::test]
+async fn invites_that_cannot_work_are_refused_and_invites_name_the_running_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (args, why) in [
+        (&["invite", "default", "--uses", "0"][..], "0 is not in 1.."),
+        (&["invite", "default", "--expires", "0s"][..], "expires at once"),
+        (&["invite", "default", "--expires", "7"][..], "add a unit"),
+    ] {
+        let (code, _, err) = server_run(&data, args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    // Beside a relay started with --listen 127.0.0.1:PORT, an invite names that address.
+    let mut relay = Proc::spawn({
+        let mut cmd = server_cmd(&data);
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd
+    });
+    let listen = relay.stdout_line().await;
+    let addr = listen.strip_prefix("listen ").unwrap().to_owned();
+    let (code, out, err) = server_run(&data, &["invite", "default", "--expires", "2w"]).await;
+    assert_eq!(code, 0, "{err}");
+    let invite: Invite = out.trim().parse().unwrap();
+    assert_eq!(invite.relay, addr);
+}

@@ -165,3 +165,14 @@ async fn a_client_reconnects_after_a_relay_restart() {
     let (_s, peer) = within("accept after reconnect", listener.accept()).await.unwrap();
     assert_eq!(peer, connected.local_addr());
 }
+
+#[tokio::test]
+async fn an_invite_whose_uri_names_another_network_is_refused_naming_both() {
+    let relay = TestRelay::start();
+    relay.store().add_network("games", "10.88.0.0/24".parse().unwrap()).unwrap();
+    let edited = overlan_shared::Invite { network: "games".into(), ..relay.invite() };
+    let err = join_err(&edited, &identity(), "").await;
+    let text = err.to_string();
+    assert!(matches!(err, overlan_client::Error::Unauthorized(_)), "{text}");
+    assert!(text.contains("\"games\"") && text.contains("\"default\""), "{text}");
+}

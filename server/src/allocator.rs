@@ -99,6 +99,9 @@ impl VipAllocatorActor {
             Err(problem) => return Err(AdmitError::Token(problem)),
         };
         let network = invite.network;
+        if let Some(named) = msg.network.as_ref().filter(|n| **n != network.name) {
+            return Err(AdmitError::WrongNetwork { uri: named.clone(), token: network.name });
+        }
         if let Some(proof) = &msg.lease {
             if let Some(vip) = self.adopt(&network, &msg, proof)? {
                 let proof = Some(proof.clone());
@@ -238,6 +241,8 @@ pub struct AllocateVip {
     pub instance: String,
     /// A lease proof the client presents (it joined another node of the cluster before).
     pub lease: Option<String>,
+    /// The network the client's invite URI names, if it said.
+    pub network: Option<String>,
 }
 
 /// A successful admission.
@@ -278,6 +283,16 @@ pub enum AdmitError {
         network: String,
         /// The cap.
         limit: u32,
+    },
+    /// The invite URI names another network than its token admits to.
+    #[error(
+        "unauthorized: the invite names network {uri:?} but its token is for network {token:?}; use the invite exactly as the operator gave it"
+    )]
+    WrongNetwork {
+        /// The network in the URI.
+        uri: String,
+        /// The token's network.
+        token: String,
     },
     /// The database failed.
     #[error("relay database error: {0}")]
@@ -472,6 +487,7 @@ mod tests {
                 legacy: Fingerprint::of(b"none"),
                 instance: String::new(),
                 lease: None,
+                network: None,
             };
             // The /29 has five VIPs: fill it.
             let mut vips = Vec::new();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use overlan_server::config::{ClusterFileConfig, FileConfig, RelayConfig};
-use overlan_server::relay::{open_store, RelayState};
+use overlan_server::relay::{open_store, operator_invite_addr, RelayState};
 use overlan_server::store::unix_now;
 use overlan_server::RelayHandle;
 use overlan_shared::cluster::ClusterDir;
@@ -120,12 +120,21 @@ struct InviteCmd {
     action: Option<InviteAction>,
     /// Network the invite admits to.
     network: Option<String>,
-    /// How many new members may join with it [default: unlimited].
-    #[arg(long, value_name = "N")]
+    /// How many new members may join with it, at least 1 [default: unlimited].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     uses: Option<u32>,
-    /// How long it stays valid, e.g. 30m, 12h, 7d [default: forever].
-    #[arg(long, value_name = "DURATION")]
+    /// How long it stays valid, e.g. 30m, 12h, 7d, 2w (a unit is required) [default: forever].
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
     expires: Option<HumanDuration>,
+}
+
+/// A duration longer than zero (an invite that expires at once could never be used).
+fn positive_duration(text: &str) -> Result<HumanDuration, String> {
+    let d: HumanDuration = text.parse().map_err(|e| format!("{e}"))?;
+    if d.0.is_zero() {
+        return Err("an invite that expires at once could never be used; give a duration above 0".into());
+    }
+    Ok(d)
 }
 
 #[derive(Subcommand, Debug)]
@@ -286,7 +295,7 @@ fn info(config: &RelayConfig) -> anyhow::Result<()> {
     let state = RelayState::open(config)?;
     println!("listen {}", config.listen);
     println!("fingerprint {}", state.identity.fingerprint());
-    match state.default_invite(config.invite_addr(config.listen)) {
+    match state.default_invite(operator_invite_addr(config)) {
         Some(invite) => println!("invite {invite}"),
         None => println!("{DEFAULT_INVITE_REVOKED}"),
     }
@@ -338,7 +347,7 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
             state.store.network(&network)?;
             let token = random_token(20);
             state.store.add_invite(&network, &token, "issued", cmd.uses, cmd.expires.map(|d| d.0))?;
-            println!("{}", state.invite(config.invite_addr(config.listen), &network, token));
+            println!("{}", state.invite(operator_invite_addr(config), &network, token));
             Ok(())
         }
         (None, None) => {

@@ -40,6 +40,25 @@ use crate::node::Node;
 use crate::session::{SessionActor, SessionParts};
 use crate::store::{DataDirLock, Store, DEFAULT_NETWORK};
 
+/// File in the data directory holding the address the running (or last) relay put into
+/// its invites, for the operator commands that print invites beside it.
+pub const INVITE_ADDR_FILE: &str = "invite-addr";
+
+/// The address to put into invites made by an operator command: `public_addr` if set,
+/// else the address the relay on this data directory last ran with, else one derived
+/// from the configured listen address.
+pub fn operator_invite_addr(config: &RelayConfig) -> String {
+    if config.public_addr.is_none() {
+        if let Ok(text) = std::fs::read_to_string(config.data_dir.join(INVITE_ADDR_FILE)) {
+            let text = text.trim();
+            if !text.is_empty() {
+                return text.to_owned();
+            }
+        }
+    }
+    config.invite_addr(config.listen)
+}
+
 /// File name of the relay's certificate and key inside the data directory.
 pub const RELAY_IDENTITY_FILE: &str = "relay.pem";
 
@@ -263,7 +282,12 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let local_addr = endpoint.local_addr()?;
     let fingerprint = state.pin();
-    let default_invite = state.default_invite(config.invite_addr(local_addr));
+    let invite_addr = config.invite_addr(local_addr);
+    // Operator commands run beside the relay print invites naming the address it runs on.
+    if let Err(e) = std::fs::write(config.data_dir.join(INVITE_ADDR_FILE), format!("{invite_addr}\n")) {
+        tracing::warn!(error = %e, "cannot record the relay's address for operator commands");
+    }
+    let default_invite = state.default_invite(invite_addr);
 
     let data_dir = config.data_dir.clone();
     let counters = Arc::new(Counters::default());
@@ -523,8 +547,10 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
         Ok(None) => return,
         Err(_) => return refuse(&conn, close_code::TIMED_OUT, "timed out: no hello received"),
     };
-    let (protocol, token, instance, lease) = match first {
-        Ok(ClientMessage::Hello { protocol, token, instance, lease }) => (protocol, token, instance, lease),
+    let (protocol, token, instance, lease, network) = match first {
+        Ok(ClientMessage::Hello { protocol, token, instance, lease, network }) => {
+            (protocol, token, instance, lease, network)
+        }
         Ok(other) => {
             let what = format!("protocol violation: expected hello as the first control frame, got {other:?}");
             return refuse(&conn, close_code::PROTOCOL_VIOLATION, &what);
@@ -543,7 +569,7 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
             "protocol violation: instance name must be at most 64 of A-Z a-z 0-9 . _ -",
         );
     }
-    let request = AllocateVip { token, identity, legacy, instance: instance.clone(), lease };
+    let request = AllocateVip { token, identity, legacy, instance: instance.clone(), lease, network };
     let admitted = tokio::time::timeout(ALLOCATOR_DEADLINE, node.allocator.send(request)).await;
     let admission = match admitted {
         Ok(Ok(Ok(a))) => a,
@@ -554,6 +580,9 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
             return refuse(&conn, close_code::NETWORK_FULL, &e.to_string())
         }
         Ok(Ok(Err(e @ AdmitError::InstanceLimit { .. }))) => return refuse(&conn, close_code::LIMIT, &e.to_string()),
+        Ok(Ok(Err(e @ AdmitError::WrongNetwork { .. }))) => {
+            return refuse(&conn, close_code::UNAUTHORIZED, &e.to_string())
+        }
         Ok(Ok(Err(e))) => return refuse(&conn, close_code::INTERNAL, &e.to_string()),
         Ok(Err(_)) => return refuse(&conn, close_code::INTERNAL, "relay internal error: allocator unavailable"),
         Err(_) => {

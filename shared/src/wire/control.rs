@@ -30,6 +30,10 @@ pub enum ClientMessage {
         /// joining another node, the client keeps its VIP.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lease: Option<String>,
+        /// The network the invite URI names; the relay refuses the join if the token
+        /// is for another network (an edited or mixed-up invite).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<String>,
     },
     /// Register a stream listener on `port` (0: the relay picks an ephemeral port).
     Listen {

@@ -148,7 +148,13 @@ mod tests {
     fn arb_client_message() -> impl Strategy<Value = ClientMessage> {
         prop_oneof![
             (any::<u32>(), ".{0,40}", "[a-z0-9-]{0,16}").prop_map(|(protocol, token, instance)| {
-                ClientMessage::Hello { protocol, token: crate::config::Secret::new(token), instance, lease: None }
+                ClientMessage::Hello {
+                    protocol,
+                    token: crate::config::Secret::new(token),
+                    instance,
+                    lease: None,
+                    network: None,
+                }
             }),
             (any::<u64>(), any::<u16>()).prop_map(|(req, port)| ClientMessage::Listen { req, port }),
             any::<u16>().prop_map(|port| ClientMessage::Unlisten { port }),

@@ -567,6 +567,7 @@ async fn raw_session(
         token: overlan_shared::config::Secret::new(token),
         instance,
         lease: None,
+        network: None,
     };
     codec.encode_into(&hello, &mut buf)?;
     codec.encode_into(&ClientMessage::Bind { req: 1, port: MEMBER_DATAGRAM_PORT }, &mut buf)?;
