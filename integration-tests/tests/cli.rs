@@ -126,11 +126,19 @@ fn nix_signal(child: &tokio::process::Child, sig: &str) {
 async fn server_manages_invites_and_networks() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (code, out, err) = server_run(&data, &["invite", "default", "--uses", "2", "--expires", "1h"]).await;
+    let args = ["invite", "default", "--uses", "2", "--expires", "1h", "--label", "for-bob"];
+    let (code, out, err) = server_run(&data, &args).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.trim().parse::<Invite>().is_ok(), "{out}");
     let (_, list, _) = server_run(&data, &["invite", "list"]).await;
     assert!(list.contains("0/2") && list.contains("in 1h") && list.contains("active"), "{list}");
+    // Label and creation time (UTC, to the minute) are listed.
+    let header = list.lines().next().unwrap();
+    assert!(header.contains("LABEL") && header.contains("CREATED (UTC)"), "{list}");
+    let row = list.lines().find(|l| l.contains("0/2")).unwrap();
+    assert!(row.contains("for-bob"), "{list}");
+    let year = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..4].to_owned();
+    assert!(row.contains(&format!(" {year}-")), "{list}");
     let id = list.lines().find(|l| l.contains("0/2")).unwrap().split_whitespace().next().unwrap().to_owned();
     let (code, out, _) = server_run(&data, &["invite", "revoke", &id]).await;
     assert_eq!(code, 0);

@@ -126,6 +126,9 @@ struct InviteCmd {
     /// How long it stays valid, e.g. 30m, 12h, 7d, 2w (a unit is required) [default: forever].
     #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
     expires: Option<HumanDuration>,
+    /// What the invite is for or whom it went to, shown by `invite list`.
+    #[arg(long, value_name = "TEXT")]
+    label: Option<String>,
 }
 
 /// A duration longer than zero (an invite that expires at once could never be used).
@@ -239,6 +242,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Unix seconds as `YYYY-MM-DD HH:MM` (UTC).
+fn utc_minute(unix: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64);
+    let text = humantime::format_rfc3339_seconds(at).to_string(); // 2026-11-22T08:40:00Z
+    text.get(..16).unwrap_or(&text).replacen('T', " ", 1)
+}
+
 fn ca(cmd: CaCmd) -> anyhow::Result<()> {
     match cmd {
         CaCmd::Init { dir } => {
@@ -306,7 +316,10 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
     match (cmd.action, cmd.network) {
         (Some(InviteAction::List), _) => {
             let store = open_store(config)?;
-            println!("{:<5} {:<16} {:<9} {:<8} {:<22} STATUS", "ID", "NETWORK", "KIND", "USES", "EXPIRES");
+            println!(
+                "{:<5} {:<16} {:<16} {:<8} {:<8} {:<17} {:<12} STATUS",
+                "ID", "NETWORK", "LABEL", "KIND", "USES", "CREATED (UTC)", "EXPIRES"
+            );
             let now = unix_now();
             for row in store.invites()? {
                 let uses = match row.max_uses {
@@ -333,7 +346,17 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
                 } else {
                     "active"
                 };
-                println!("{:<5} {:<16} {:<9} {:<8} {:<22} {status}", row.id, row.network, row.kind, uses, expires);
+                let label = if row.label.is_empty() { "-" } else { row.label.as_str() };
+                println!(
+                    "{:<5} {:<16} {:<16} {:<8} {:<8} {:<17} {:<12} {status}",
+                    row.id,
+                    row.network,
+                    label,
+                    row.kind,
+                    uses,
+                    utc_minute(row.created_at),
+                    expires
+                );
             }
             Ok(())
         }
@@ -346,7 +369,10 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
             let state = RelayState::open(config)?;
             state.store.network(&network)?;
             let token = random_token(20);
-            state.store.add_invite(&network, &token, "issued", cmd.uses, cmd.expires.map(|d| d.0))?;
+            let id = state.store.add_invite(&network, &token, "issued", cmd.uses, cmd.expires.map(|d| d.0))?;
+            if let Some(label) = &cmd.label {
+                state.store.set_invite_label(id, label)?;
+            }
             println!("{}", state.invite(operator_invite_addr(config), &network, token));
             Ok(())
         }

@@ -28,7 +28,7 @@ pub const DEFAULT_NETWORK: &str = "default";
 pub const LOCK_FILE: &str = "relay.lock";
 /// Schema version this build reads and writes. 1: the first release (no version
 /// recorded); 2: leases keyed on the client's public key, per-network instance caps.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Database id of a network.
 pub type NetworkId = i64;
@@ -167,6 +167,10 @@ pub struct InviteRow {
     pub revoked: bool,
     /// `default` for the relay's built-in invite, `issued` otherwise.
     pub kind: String,
+    /// The operator's label (`invite NETWORK --label TEXT`), may be empty.
+    pub label: String,
+    /// When made, unix seconds.
+    pub created_at: i64,
 }
 
 /// A lease: who holds which VIP in which network.
@@ -285,7 +289,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
                 uses INTEGER NOT NULL DEFAULT 0,
                 expires_at INTEGER,
                 revoked INTEGER NOT NULL DEFAULT 0,
-                created_at INTEGER NOT NULL
+                created_at INTEGER NOT NULL,
+                label TEXT NOT NULL DEFAULT ''
             );
             CREATE TABLE leases (
                 network_id INTEGER NOT NULL REFERENCES networks(id),
@@ -315,6 +320,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     if version == 2 {
         // Version 3: a lease another node of the cluster issued keeps that node's proof.
         tx.execute_batch("ALTER TABLE leases ADD COLUMN proof TEXT;")?;
+        version = 3;
+    }
+    if version == 3 {
+        // Version 4: invites carry the operator's label.
+        tx.execute_batch("ALTER TABLE invites ADD COLUMN label TEXT NOT NULL DEFAULT '';")?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -460,7 +470,7 @@ impl Store {
     /// All invites.
     pub fn invites(&self) -> Result<Vec<InviteRow>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT i.id, n.name, i.max_uses, i.uses, i.expires_at, i.revoked, i.kind
+            "SELECT i.id, n.name, i.max_uses, i.uses, i.expires_at, i.revoked, i.kind, i.label, i.created_at
              FROM invites i JOIN networks n ON n.id = i.network_id ORDER BY i.id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -472,6 +482,8 @@ impl Store {
                 expires_at: r.get(4)?,
                 revoked: r.get(5)?,
                 kind: r.get(6)?,
+                label: r.get(7)?,
+                created_at: r.get(8)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -493,7 +505,7 @@ impl Store {
             .map(|n| CatalogNetwork { name: n.name, subnet: n.subnet.to_string(), max_instances: n.max_instances })
             .collect();
         let mut stmt = self.conn.prepare(
-            "SELECT i.token_hash, n.name, i.kind, i.max_uses, i.uses, i.expires_at, i.revoked, i.created_at
+            "SELECT i.token_hash, n.name, i.kind, i.max_uses, i.uses, i.expires_at, i.revoked, i.created_at, i.label
              FROM invites i JOIN networks n ON n.id = i.network_id ORDER BY i.id",
         )?;
         let invites = stmt
@@ -507,6 +519,7 @@ impl Store {
                     expires_at: r.get(5)?,
                     revoked: r.get(6)?,
                     created_at: r.get(7)?,
+                    label: r.get(8)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -544,9 +557,9 @@ impl Store {
                 tx.query_row("SELECT id FROM networks WHERE name = ?1", [&inv.network], |r| r.get(0)).optional()?;
             let Some(network) = network else { continue };
             let inserted = tx.execute(
-                "INSERT OR IGNORE INTO invites (network_id, token_hash, kind, max_uses, uses, expires_at, revoked, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![network, inv.token_hash, inv.kind, inv.max_uses, inv.uses, inv.expires_at, inv.revoked, inv.created_at],
+                "INSERT OR IGNORE INTO invites (network_id, token_hash, kind, max_uses, uses, expires_at, revoked, created_at, label)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![network, inv.token_hash, inv.kind, inv.max_uses, inv.uses, inv.expires_at, inv.revoked, inv.created_at, inv.label],
             )?;
             let updated = tx.execute(
                 "UPDATE invites SET revoked = MAX(revoked, ?2), uses = MAX(uses, ?3)
@@ -563,6 +576,14 @@ impl Store {
     /// operator command): the relay then sends its catalog again.
     pub fn data_version(&self) -> Result<i64, StoreError> {
         Ok(self.conn.pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+
+    /// Labels invite `id` (what it is for, whom it was given to).
+    pub fn set_invite_label(&self, id: i64, label: &str) -> Result<(), StoreError> {
+        if self.conn.execute("UPDATE invites SET label = ?2 WHERE id = ?1", params![id, label])? == 0 {
+            return Err(StoreError::NoSuchInvite(id));
+        }
+        Ok(())
     }
 
     /// Checks a token: which network it admits to, or why not.

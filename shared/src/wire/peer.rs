@@ -121,6 +121,9 @@ pub struct CatalogInvite {
     pub revoked: bool,
     /// When made, unix seconds.
     pub created_at: i64,
+    /// The operator's label.
+    #[serde(default)]
+    pub label: String,
 }
 
 /// Kind byte of a unicast datagram on a link.
