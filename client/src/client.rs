@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use overlan_shared::tls::{self, Identity};
-use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
+use overlan_shared::wire::control::{ClientMessage, PeerInfo, RelayMessage, SocketId};
 use overlan_shared::wire::datagram::{DatagramHeader, HEADER_LEN};
 use overlan_shared::wire::frame::ClientSideCodec;
 use overlan_shared::wire::{
@@ -180,6 +180,10 @@ pub(crate) struct Inner {
     guard: std::sync::OnceLock<std::sync::Weak<ShutdownOnDrop>>,
     /// Finished streams whose data the relay has not acknowledged yet.
     undelivered: watch::Sender<usize>,
+    /// Stream sockets open (see [`Client::open_streams`]).
+    pub(crate) open_streams: std::sync::atomic::AtomicUsize,
+    /// When the current session was established.
+    since: Mutex<std::time::SystemTime>,
 }
 
 /// Counts one finished stream as undelivered until dropped.
@@ -307,6 +311,8 @@ impl Client {
             shutdown: CancellationToken::new(),
             guard: std::sync::OnceLock::new(),
             undelivered: watch::channel(0).0,
+            open_streams: std::sync::atomic::AtomicUsize::new(0),
+            since: Mutex::new(std::time::SystemTime::now()),
         });
         let first = inner.install(conn, send, recv, 0);
         tokio::spawn(supervise(inner.clone(), first));
@@ -451,6 +457,32 @@ impl Client {
             RelayMessage::Failed { code, message, .. } => Err(Error::from_failure(code, message, None, Some(port))),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// The other members of the network the relay knows: VIP, instance name, online or
+    /// not, when last seen.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, Error> {
+        match self.inner.request(|req| ClientMessage::Peers { req }, None).await? {
+            RelayMessage::PeerList { peers, .. } => Ok(peers),
+            RelayMessage::Failed { code, message, .. } => Err(Error::from_failure(code, message, None, None)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// When the current session was established (the first join, or the last
+    /// reconnect).
+    pub fn since(&self) -> std::time::SystemTime {
+        *self.inner.since.lock().expect("since lock")
+    }
+
+    /// Stream sockets open now (both halves of a split stream count once).
+    pub fn open_streams(&self) -> usize {
+        self.inner.open_streams.load(Ordering::Relaxed)
+    }
+
+    /// Listeners and bound datagram ports now.
+    pub fn open_ports(&self) -> (usize, usize) {
+        (self.inner.listeners.len(), self.inner.datagram_ports.len())
     }
 
     /// Round trip to the relay over the control stream.
@@ -632,6 +664,7 @@ impl Inner {
         tokio::spawn(run_datagram_reader(conn.clone(), Arc::downgrade(self)));
         let session = Session { conn, control: tx, generation };
         *self.session.lock().expect("session lock") = Some(session.clone());
+        *self.since.lock().expect("since lock") = std::time::SystemTime::now();
         self.state.send_replace(SessionState::Up);
         (session, recv)
     }
@@ -664,6 +697,11 @@ impl Inner {
                 }
                 None => {}
             },
+            RelayMessage::PeerList { req, .. } => {
+                if let Some((_, p)) = self.pending.remove(&req) {
+                    let _ = p.tx.send(msg);
+                }
+            }
             RelayMessage::Connected { req, .. } | RelayMessage::Failed { req, .. } => {
                 if let Some((_, p)) = self.pending.remove(&req) {
                     let _ = p.tx.send(msg);

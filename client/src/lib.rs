@@ -17,6 +17,7 @@
 mod client;
 mod datagram;
 mod error;
+pub mod control;
 mod identity;
 mod stream;
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use overlan_client::{
+    control,
     default_identity_path, lease_file_path, load_lease, load_or_create_identity, save_lease, Client, Error, Invite,
     JoinOptions, SessionState,
 };
@@ -40,12 +41,25 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Join, print `vip A.B.C.D`, and stay connected (reconnecting) until Ctrl-C or SIGTERM.
+    /// Join, print `vip A.B.C.D`, and stay connected (reconnecting) until Ctrl-C or
+    /// SIGTERM; other commands of this instance (ip, status, peers) use this session.
     Up,
-    /// Join and print this client's VIP alone.
+    /// Print this instance's VIP alone (from its running `up`, else by joining).
     Ip,
+    /// This instance's session: VIP, network, relay, state, since when, sockets open
+    /// (from its running `up`; exit 1 if none runs).
+    Status(JsonArg),
+    /// The other members of the network: VIP, instance name, online or offline, last seen.
+    Peers(JsonArg),
     /// Netcat over the overlay: streams, datagrams (-u) and broadcasts (-u -b).
     Nc(NcArgs),
+}
+
+#[derive(Args, Debug)]
+struct JsonArg {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -149,7 +163,7 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
         "no invite: pass --invite URI or set OVERLAN_INVITE (ask the relay operator; the relay prints one at start)",
     )?;
     let invite: Invite = text.parse().map_err(|e| format!("invite: {e}"))?;
-    let path = cli.identity.clone().unwrap_or_else(default_identity_path);
+    let path = identity_path(cli);
     let identity = load_or_create_identity(&path).map_err(|e| e.to_string())?;
     for relay in &cli.relays {
         if !relay.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
@@ -189,16 +203,122 @@ async fn join_or_signal(cli: &Cli, shutdown: &mut Shutdown) -> Result<Client, Cl
 
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let mut shutdown = Shutdown::register();
+    let control = control::socket_path(&identity_path(&cli), &cli.name);
     match &cli.command {
         Command::Ip => {
+            if let Some(status) = running_status(&control).await? {
+                println!("{}", status.vip);
+                return Ok(ExitCode::SUCCESS);
+            }
             let client = join_or_signal(&cli, &mut shutdown).await?;
             println!("{}", client.vip());
             client.leave().await;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Up => up(join_or_signal(&cli, &mut shutdown).await?, &mut shutdown).await,
+        Command::Status(args) => status(&cli, &control, args.json).await,
+        Command::Peers(args) => peers(&cli, &control, args.json, &mut shutdown).await,
+        Command::Up => {
+            // A second `up` of this instance would replace the first one's session.
+            if running_status(&control).await?.is_some() {
+                return Err(format!(
+                    "`overlan up` already runs instance {} (control socket {})",
+                    instance_label(&cli.name),
+                    control.display()
+                )
+                .into());
+            }
+            let client = join_or_signal(&cli, &mut shutdown).await?;
+            let server = control::serve(client.clone(), control, cli.name.clone()).await.map_err(|e| e.to_string())?;
+            let result = up(client, &mut shutdown).await;
+            drop(server);
+            result
+        }
         Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
     }
+}
+
+fn identity_path(cli: &Cli) -> PathBuf {
+    cli.identity.clone().unwrap_or_else(default_identity_path)
+}
+
+fn instance_label(name: &str) -> &str {
+    if name.is_empty() {
+        "(unnamed)"
+    } else {
+        name
+    }
+}
+
+/// The status of the running `up` of this instance, if one runs.
+async fn running_status(control: &std::path::Path) -> Result<Option<control::Status>, CliError> {
+    match control::ask(control, &control::Request::Status).await {
+        Ok(Some(control::Response::Status(status))) => Ok(Some(status)),
+        Ok(Some(other)) => Err(format!("`overlan up` answered unexpectedly: {other:?}").into()),
+        Ok(None) => Ok(None),
+        Err(e) => Err(format!("asking `overlan up` ({}): {e}", control.display()).into()),
+    }
+}
+
+async fn status(cli: &Cli, control: &std::path::Path, json: bool) -> Result<ExitCode, CliError> {
+    let Some(s) = running_status(control).await? else {
+        if json {
+            println!("{}", serde_json::json!({ "state": "stopped", "instance": cli.name }));
+        } else {
+            println!("instance {} is not running (start it with `overlan up`)", instance_label(&cli.name));
+        }
+        return Ok(ExitCode::from(1));
+    };
+    if json {
+        println!("{}", serde_json::to_string(&s).expect("plain data serializes"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let state = match &s.reason {
+        Some(why) => format!("{} ({why})", s.state),
+        None => s.state.clone(),
+    };
+    println!("instance  {}", instance_label(&s.instance));
+    println!("vip       {}", s.vip);
+    println!("network   {} ({})", s.network, s.subnet);
+    println!("relay     {}", s.relay);
+    println!("state     {state}");
+    println!("since     {} ({})", control::utc_minute(s.since), control::ago(s.since));
+    println!("sockets   {} streams, {} listeners, {} datagram ports", s.streams, s.listeners, s.datagram_ports);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn peers(cli: &Cli, control: &std::path::Path, json: bool, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
+    let list = match control::ask(control, &control::Request::Peers).await {
+        Ok(Some(control::Response::Peers { peers })) => peers,
+        Ok(Some(control::Response::Error { message })) => return Err(format!("peers: {message}").into()),
+        Ok(Some(other)) => return Err(format!("`overlan up` answered unexpectedly: {other:?}").into()),
+        Ok(None) => {
+            let client = join_or_signal(cli, shutdown).await?;
+            let peers = client.peers().await.map_err(|e| format!("peers: {e}"))?;
+            client.leave().await;
+            peers
+        }
+        Err(e) => return Err(format!("asking `overlan up` ({}): {e}", control.display()).into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&list).expect("plain data serializes"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<15} {:<20} {:<8} LAST SEEN", "VIP", "INSTANCE", "STATE");
+    for p in list {
+        let instance = match &p.instance {
+            Some(name) if name.is_empty() => "(unnamed)".to_owned(),
+            Some(name) => name.clone(),
+            None => "-".to_owned(),
+        };
+        let state = if p.online { "online" } else { "offline" };
+        let seen = match (p.online, p.last_seen) {
+            (true, _) => "now".to_owned(),
+            (false, Some(t)) => format!("{} ({})", control::utc_minute(t as u64), control::ago(t as u64)),
+            (false, None) => "-".to_owned(),
+        };
+        println!("{:<15} {instance:<20} {state:<8} {seen}", p.vip.to_string());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn up(client: Client, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {

@@ -3,6 +3,7 @@
 //! `AsyncRead + AsyncWrite` over its own QUIC stream, so codecs and protocols written
 //! for TCP run over it unchanged.
 
+use std::sync::Arc;
 use std::io;
 use std::net::SocketAddrV4;
 use std::pin::Pin;
@@ -246,9 +247,10 @@ impl VirtualStream {
             .map_err(|_| Error::TimedOut(format!("the relay allowed no stream for socket {socket}")))?
             .map_err(|e| lost(&e))?;
         send.write_all(&StreamHeader { socket }.to_bytes()).await.map_err(|e| lost(&e))?;
+        let slot = Arc::new(OpenStream::new(client.clone()));
         Ok(Self {
-            read: VirtualReadHalf { recv, peer, _client: client.clone() },
-            write: VirtualWriteHalf { send, peer, _client: client },
+            read: VirtualReadHalf { recv, peer, _client: client.clone(), _open: slot.clone() },
+            write: VirtualWriteHalf { send, peer, _client: client, _open: slot },
             socket,
             local,
             generation: session.generation,
@@ -366,6 +368,24 @@ pub struct VirtualReadHalf {
     recv: quinn::RecvStream,
     peer: SocketAddrV4,
     _client: Client,
+    _open: Arc<OpenStream>,
+}
+
+/// Counts a stream as open (in [`Client::open_streams`]) until both its halves are gone.
+#[derive(Debug)]
+pub(crate) struct OpenStream(Client);
+
+impl OpenStream {
+    fn new(client: Client) -> Self {
+        client.inner.open_streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(client)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.inner.open_streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl AsyncRead for VirtualReadHalf {
@@ -381,6 +401,7 @@ pub struct VirtualWriteHalf {
     send: quinn::SendStream,
     peer: SocketAddrV4,
     _client: Client,
+    _open: Arc<OpenStream>,
 }
 
 impl VirtualReadHalf {

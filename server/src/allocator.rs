@@ -24,7 +24,7 @@ use overlan_shared::wire::peer::Catalog;
 use overlan_shared::Subnet;
 
 use crate::counters::{Counters, Reason};
-use crate::store::{unix_now, LeaseKey, Network, NetworkId, Store, StoreError, TokenProblem};
+use crate::store::{unix_now, LeaseKey, LeaseRow, Network, NetworkId, Store, StoreError, TokenProblem};
 
 /// How long the allocator waits for another connection's write lock (an operator
 /// command) before failing a new lease; returning members do not write.
@@ -410,6 +410,18 @@ impl Handler<MergeCatalog> for VipAllocatorActor {
             }
             Err(e) => tracing::warn!(error = %e, "cannot take in a peer's networks and invites; will retry"),
         }
+    }
+}
+
+/// The leases of one network.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<LeaseRow>, StoreError>")]
+pub struct ListLeases(pub String);
+
+impl Handler<ListLeases> for VipAllocatorActor {
+    type Result = Result<Vec<LeaseRow>, StoreError>;
+    fn handle(&mut self, msg: ListLeases, _ctx: &mut Self::Context) -> Self::Result {
+        self.store.lease_rows(Some(&msg.0))
     }
 }
 

@@ -173,6 +173,15 @@ impl Router {
         }
     }
 
+    /// Every VIP of `net` with a route here, and whether a session here holds it.
+    pub fn vips_in(&self, net: NetKey) -> Vec<(Ipv4Addr, bool)> {
+        self.routes
+            .iter()
+            .filter(|r| r.key().0 == net)
+            .map(|r| (r.key().1, matches!(r.value(), Entry::Local(_))))
+            .collect()
+    }
+
     /// Whether `vip` is routed over some peer link (a source a peer may forward).
     pub fn is_remote(&self, net: NetKey, vip: Ipv4Addr) -> bool {
         self.routes.get(&(net, vip)).is_some_and(|e| matches!(e.value(), Entry::Peer(_)))

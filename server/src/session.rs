@@ -16,14 +16,14 @@ use overlan_shared::cluster::in_slot;
 use overlan_shared::route::NetKey;
 use overlan_shared::session::{Refusal, SessionLimits, SessionPolicy, TokenBucket};
 use overlan_shared::tls::Fingerprint;
-use overlan_shared::wire::control::{ClientMessage, RelayMessage, SocketId};
+use overlan_shared::wire::control::{ClientMessage, PeerInfo, RelayMessage, SocketId};
 use overlan_shared::wire::frame::{FrameError, RelaySideCodec};
 use overlan_shared::wire::stream::{StreamHeader, HEADER_LEN as STREAM_HEADER_LEN};
 use overlan_shared::wire::{close_code, reset_code, ErrorCode, MAX_DATAGRAM_PAYLOAD, PROTOCOL_VERSION};
 use quinn::VarInt;
 use tokio_util::codec::FramedRead;
 
-use crate::allocator::LeaseSeen;
+use crate::allocator::{LeaseSeen, ListLeases};
 use crate::control::{ControlQueue, PushError};
 use crate::counters::Reason;
 use crate::datagram::{DatagramPath, Sender};
@@ -264,6 +264,35 @@ impl SessionActor {
         self.grant_streams();
     }
 
+    /// Lists the other members: the network's leases (instance, last seen) with whether
+    /// each VIP is online anywhere in the cluster, plus online VIPs known only by route.
+    fn handle_peers(&mut self, ctx: &mut Context<Self>, req: u64) {
+        let query = self.node.allocator.send(ListLeases(self.network.name.clone()));
+        ctx.spawn(query.into_actor(self).map(move |leases, act, ctx| {
+            let Ok(Ok(leases)) = leases else {
+                return act.fail(ctx, req, ErrorCode::Internal, "relay database unavailable; try again".into());
+            };
+            let online: HashMap<Ipv4Addr, bool> = act.node.router.vips_in(act.net()).into_iter().collect();
+            let mut peers: Vec<PeerInfo> = leases
+                .into_iter()
+                .filter(|l| l.vip != act.vip)
+                .map(|l| PeerInfo {
+                    vip: l.vip,
+                    online: online.contains_key(&l.vip),
+                    instance: Some(l.instance),
+                    last_seen: Some(l.last_seen),
+                })
+                .collect();
+            for (vip, _) in online {
+                if vip != act.vip && !peers.iter().any(|p| p.vip == vip) {
+                    peers.push(PeerInfo { vip, instance: None, online: true, last_seen: None });
+                }
+            }
+            peers.sort_by_key(|p| p.vip);
+            act.send(ctx, RelayMessage::PeerList { req, peers });
+        }));
+    }
+
     fn with_socket(
         &mut self,
         ctx: &mut Context<Self>,
@@ -306,6 +335,7 @@ impl SessionActor {
                 self.with_socket(ctx, socket, |pair, session| pair.do_send(CloseSocket { session }))
             }
             ClientMessage::Ping { nonce } => self.send(ctx, RelayMessage::Pong { nonce }),
+            ClientMessage::Peers { req } => self.handle_peers(ctx, req),
         }
     }
 }

@@ -86,6 +86,25 @@ pub enum ClientMessage {
         /// Echoed in `Pong`.
         nonce: u64,
     },
+    /// Who else is in my network; answered by `PeerList`.
+    Peers {
+        /// Request id.
+        req: u64,
+    },
+}
+
+/// A member of the network, as `PeerList` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Its VIP.
+    pub vip: Ipv4Addr,
+    /// Its instance name (empty for the unnamed instance; `None` if only a route to it
+    /// is known here: a member of another node of a cluster).
+    pub instance: Option<String>,
+    /// Online now (its session, here or on another node, holds the VIP).
+    pub online: bool,
+    /// When it was last seen by this relay (joined or left), unix seconds.
+    pub last_seen: Option<i64>,
 }
 
 /// Messages from the relay to a client.
@@ -174,6 +193,13 @@ pub enum RelayMessage {
     Pong {
         /// The nonce from `Ping`.
         nonce: u64,
+    },
+    /// Answer to `Peers`: every other member the relay knows, by VIP.
+    PeerList {
+        /// Request id.
+        req: u64,
+        /// The members.
+        peers: Vec<PeerInfo>,
     },
     /// The relay is about to close the session.
     Goodbye {
