@@ -263,8 +263,11 @@ impl Client {
         let bind: SocketAddr = if ipv6 { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
         let endpoint = quinn::Endpoint::client(bind)
             .map_err(|e| Error::Connect { relay: relays[0].clone(), message: format!("binding a UDP socket: {e}") })?;
-        // The first relay that answers; a refusal (bad token, limits) ends the join.
+        // The first relay that admits; with one relay a refusal (bad token, limits) ends
+        // the join at once, with several the others are tried first (a node may not
+        // know a new invite yet), and the first refusal is what is reported.
         let mut last_error = None;
+        let mut refusal = None;
         let mut joined = None;
         for (index, text) in relays.iter().enumerate() {
             let attempt = match resolve(text).await {
@@ -278,7 +281,11 @@ impl Client {
                     joined = Some(done);
                     break;
                 }
-                Err(e) if e.is_terminal() => return Err(e),
+                Err(e) if e.is_terminal() && relays.len() == 1 => return Err(e),
+                Err(e) if e.is_terminal() => {
+                    tracing::info!(relay = %text, error = %e, "relay refused; trying the next");
+                    refusal.get_or_insert(e);
+                }
                 Err(e) => {
                     tracing::info!(relay = %text, error = %e, "relay unavailable; trying the next");
                     last_error = Some(e);
@@ -286,7 +293,7 @@ impl Client {
             }
         }
         let Some((index, relay, (conn, send, recv, welcome))) = joined else {
-            return Err(last_error.expect("at least one relay was tried"));
+            return Err(refusal.or(last_error).expect("at least one relay was tried"));
         };
         let lease = welcome.lease.or_else(|| options.lease.clone());
         let (state, _) = watch::channel(SessionState::Up);
@@ -872,8 +879,12 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
         // (the one just lost last); a full round without success waits a backoff.
         let (current, n) = (inner.relay.lock().expect("relay lock").0, relays.len());
         let mut backoff = Duration::ZERO;
+        let mut refused_in_round = 0;
         for attempt in 0usize.. {
             let index = (current + 1 + attempt) % n;
+            if attempt % n == 0 {
+                refused_in_round = 0;
+            }
             if n == 1 || (attempt > 0 && attempt % n == 0) {
                 backoff = delays.next().unwrap_or(MAX_BACKOFF);
                 tokio::select! {
@@ -916,9 +927,14 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
                     recv = r;
                     break;
                 }
-                Err(e) if e.is_terminal() => {
+                // Refused for good by the only relay, or by every relay of a round.
+                Err(e) if e.is_terminal() && (n == 1 || refused_in_round + 1 >= n) => {
                     inner.give_up(e.to_string());
                     return;
+                }
+                Err(e) if e.is_terminal() => {
+                    refused_in_round += 1;
+                    tracing::info!(relay = %text, error = %e, "relay refused; trying the next");
                 }
                 Err(e) => {
                     tracing::info!(error = %e, retry_in = ?backoff, "reconnect failed");

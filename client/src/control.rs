@@ -110,7 +110,8 @@ pub fn socket_path(identity: &Path, instance: &str) -> PathBuf {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("overlan"),
         _ => std::env::temp_dir().join(format!("overlan-{}", user_id())),
     };
-    let identity = std::fs::canonicalize(identity).unwrap_or_else(|_| identity.to_path_buf());
+    // Absolute, not canonical: the identity file may not exist yet when `up` starts.
+    let identity = std::path::absolute(identity).unwrap_or_else(|_| identity.to_path_buf());
     let hash = overlan_shared::tls::Fingerprint::of(identity.as_os_str().as_encoded_bytes()).to_string();
     let name = if instance.is_empty() { "default" } else { instance };
     dir.join(format!("{name}-{}.sock", &hash[..12]))

@@ -15,9 +15,9 @@
 //! ```
 
 mod client;
+pub mod control;
 mod datagram;
 mod error;
-pub mod control;
 mod identity;
 mod stream;
 

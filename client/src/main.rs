@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use overlan_client::{
-    control,
-    default_identity_path, lease_file_path, load_lease, load_or_create_identity, save_lease, Client, Error, Invite,
-    JoinOptions, SessionState,
+    control, default_identity_path, lease_file_path, load_lease, load_or_create_identity, save_lease, Client, Error,
+    Invite, JoinOptions, SessionState,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -286,7 +285,12 @@ async fn status(cli: &Cli, control: &std::path::Path, json: bool) -> Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-async fn peers(cli: &Cli, control: &std::path::Path, json: bool, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
+async fn peers(
+    cli: &Cli,
+    control: &std::path::Path,
+    json: bool,
+    shutdown: &mut Shutdown,
+) -> Result<ExitCode, CliError> {
     let list = match control::ask(control, &control::Request::Peers).await {
         Ok(Some(control::Response::Peers { peers })) => peers,
         Ok(Some(control::Response::Error { message })) => return Err(format!("peers: {message}").into()),

@@ -3,10 +3,10 @@
 //! `AsyncRead + AsyncWrite` over its own QUIC stream, so codecs and protocols written
 //! for TCP run over it unchanged.
 
-use std::sync::Arc;
 use std::io;
 use std::net::SocketAddrV4;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use overlan_shared::wire::control::{ClientMessage, SocketId};

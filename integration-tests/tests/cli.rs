@@ -422,3 +422,62 @@ async fn invites_that_cannot_work_are_refused_and_invites_name_the_running_relay
     let invite: Invite = out.trim().parse().unwrap();
     assert_eq!(invite.relay, addr);
 }
+
+#[tokio::test]
+async fn commands_share_the_running_up_and_status_and_peers_report_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    let mut relay = Proc::spawn({
+        let mut cmd = server_cmd(&dir.path().join("data"));
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd
+    });
+    let _ = relay.stdout_line().await;
+    let _ = relay.stdout_line().await;
+    let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
+    let cmd = |name: &str, args: &[&str]| {
+        let mut c = overlan_cmd(&invite, dir.path(), name);
+        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
+        c
+    };
+    let mut up = Proc::spawn(cmd("me", &["up"]));
+    let vip = up.stdout_line().await.strip_prefix("vip ").unwrap().to_owned();
+    up.stderr_until("joined network").await;
+
+    // `ip` of the same instance asks the running up: same VIP, and up lives on.
+    let (code, out, err) = output(cmd("me", &["ip"])).await;
+    assert_eq!((code, out.trim()), (0, vip.as_str()), "{err}");
+    let (code, _, err) = output(cmd("bob", &["--name", "bob", "ip"])).await;
+    assert_eq!(code, 0, "{err}");
+
+    let (code, out, err) = output(cmd("me", &["status", "--json"])).await;
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(status["vip"], vip.as_str());
+    assert_eq!(status["state"], "up", "the up session was not replaced: {status}");
+    assert_eq!(status["network"], "default");
+    let (code, out, _) = output(cmd("me", &["status"])).await;
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("vip       {vip}")) && out.contains("state     up"), "{out}");
+
+    let (code, out, err) = output(cmd("me", &["peers", "--json"])).await;
+    assert_eq!(code, 0, "{err}");
+    let peers: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let bob = peers.as_array().unwrap().iter().find(|p| p["instance"] == "bob").expect("bob is listed");
+    assert_eq!(bob["online"], false);
+    let (_, out, _) = output(cmd("me", &["peers"])).await;
+    assert!(out.lines().next().unwrap().starts_with("VIP") && out.contains("bob"), "{out}");
+
+    // A second `up` of the instance is refused instead of replacing the first.
+    let (code, _, err) = output(cmd("me", &["up"])).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("already runs instance"), "{err}");
+    assert!(up.child.try_wait().unwrap().is_none(), "the first up still runs");
+
+    nix_signal(&up.child, "TERM");
+    let (code, _) = up.wait().await;
+    assert_eq!(code, 0);
+    let (code, out, _) = output(cmd("me", &["status"])).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("is not running"), "{out}");
+}

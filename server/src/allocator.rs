@@ -76,7 +76,7 @@ impl VipAllocatorActor {
                     Some(block) => VipPool::for_block(network.subnet, block),
                     None => {
                         tracing::warn!(network = %network.name, subnet = %network.subnet,
-                            "subnet too small to share among cluster nodes (needs /28 or larger); no VIPs to hand out");
+                            "subnet too small to share among cluster nodes (needs /24 or larger); no VIPs to hand out");
                         let last = Subnet::new(network.subnet.broadcast(), 32).expect("a /32 is valid");
                         VipPool::for_block(network.subnet, last)
                     }

@@ -16,8 +16,9 @@ use overlan_shared::route::{Announce, Hop, LinkId, NetKey, RouteOutput, RouteTab
 use crate::counters::Reason;
 use crate::link::SendRoutes;
 use crate::node::Node;
-use crate::router::Route;
+use crate::router::{Route, SessionId};
 use crate::session::Replace;
+use std::collections::HashMap;
 
 /// The route table's shell.
 pub struct ClusterActor {
@@ -27,11 +28,19 @@ pub struct ClusterActor {
     links: std::collections::HashMap<LinkId, (String, u8, Addr<crate::link::PeerLinkActor>)>,
     /// Announcements for networks this node does not know yet (the network was just
     /// added on another node; its catalog is on the way), checked again when it arrives.
-    pending: Vec<(LinkId, Announce)>,
+    pending: HashMap<(LinkId, NetKey, Ipv4Addr), Announce>,
+    /// The session each local VIP was attached by (so a stale verdict never replaces a
+    /// newer session).
+    attached: HashMap<(NetKey, Ipv4Addr), SessionId>,
 }
 
 /// Most announcements held for networks not known yet.
 const MAX_PENDING: usize = 100_000;
+/// Longest lease proof accepted in an announcement (a claim, a signature and a
+/// certificate: about 2 KiB as hex).
+const MAX_PROOF: usize = 8 * 1024;
+/// How far ahead of this node's clock an announcement's sequence number may be.
+const MAX_SEQ_AHEAD_MS: u64 = 60_000;
 
 /// Why an announcement was not taken.
 enum Refusal {
@@ -44,7 +53,13 @@ enum Refusal {
 impl ClusterActor {
     /// The actor of node `name` holding `slot`.
     pub fn new(name: &str, slot: u8, node: Arc<Node>) -> Self {
-        Self { table: RouteTable::new(name, slot), node, links: Default::default(), pending: Vec::new() }
+        Self {
+            table: RouteTable::new(name, slot),
+            node,
+            links: Default::default(),
+            pending: HashMap::new(),
+            attached: HashMap::new(),
+        }
     }
 
     fn now_ms() -> u64 {
@@ -57,9 +72,13 @@ impl ClusterActor {
             match out {
                 RouteOutput::BestChanged { net, vip, best } => self.sync(net, vip, best),
                 RouteOutput::Superseded { net, vip } => {
+                    // Only the session the table judged: a newer one may hold the VIP now.
+                    let judged = self.attached.get(&(net, vip)).copied();
                     if let Some(Route::Local(session)) = self.node.router.route(net, vip) {
-                        tracing::info!(%vip, "the client joined another node; replacing its session here");
-                        session.addr.do_send(Replace);
+                        if Some(session.id) == judged {
+                            tracing::info!(%vip, "the client joined another node; replacing its session here");
+                            session.addr.do_send(Replace);
+                        }
                     }
                 }
                 RouteOutput::Send { link, updates } => {
@@ -92,6 +111,23 @@ impl ClusterActor {
 
     fn check_origin(&self, link: LinkId, a: &Announce) -> Result<(), String> {
         let Some((peer, peer_slot, _)) = self.links.get(&link) else { return Err("unknown link".into()) };
+        if a.seq > Self::now_ms() + MAX_SEQ_AHEAD_MS {
+            return Err(format!("sequence number {} is in the future", a.seq));
+        }
+        if a.proof.as_ref().is_some_and(|p| p.len() > MAX_PROOF) {
+            return Err("lease proof too long".into());
+        }
+        // A slot belongs to one node: this node's own, and those of the peers whose
+        // certificates it has seen, are known.
+        let me = self.table.me();
+        if a.origin_slot == self.node.router.slot() && a.origin() != me && a.proof.is_none() {
+            return Err(format!("origin {} claims this node's slot {}", a.origin(), a.origin_slot));
+        }
+        if let Some((name, _, _)) = self.links.values().find(|(_, slot, _)| *slot == a.origin_slot) {
+            if name != a.origin() && a.proof.is_none() {
+                return Err(format!("origin {} claims slot {}, which is {name}'s", a.origin(), a.origin_slot));
+            }
+        }
         if a.origin() == peer && a.origin_slot != *peer_slot {
             return Err(format!("{peer} claims slot {} but its certificate says {peer_slot}", a.origin_slot));
         }
@@ -134,11 +170,14 @@ pub struct LocalAttach {
     pub vip: Ipv4Addr,
     /// Its lease proof, if it lies outside this node's slot.
     pub proof: Option<String>,
+    /// The session that took it.
+    pub session: SessionId,
 }
 
 impl Handler<LocalAttach> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LocalAttach, _ctx: &mut Self::Context) {
+        self.attached.insert((msg.net, msg.vip), msg.session);
         self.table.handle_local_attach(msg.net, msg.vip, msg.proof, Self::now_ms());
         self.drive();
     }
@@ -157,6 +196,7 @@ pub struct LocalDetach {
 impl Handler<LocalDetach> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LocalDetach, _ctx: &mut Self::Context) {
+        self.attached.remove(&(msg.net, msg.vip));
         self.table.handle_local_detach(msg.net, msg.vip);
         self.drive();
         // The route may have pointed at a peer all along (a roamed client's old session
@@ -183,6 +223,7 @@ pub struct LinkUp {
 impl Handler<LinkUp> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LinkUp, _ctx: &mut Self::Context) {
+        self.node.forget_broadcasts_of(msg.slot);
         self.links.insert(msg.link, (msg.peer.clone(), msg.slot, msg.addr));
         self.table.handle_link_up(msg.link, msg.peer);
         self.drive();
@@ -201,7 +242,7 @@ impl Handler<LinkDown> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LinkDown, _ctx: &mut Self::Context) {
         self.links.remove(&msg.link);
-        self.pending.retain(|(link, _)| *link != msg.link);
+        self.pending.retain(|(link, _, _), _| *link != msg.link);
         self.table.handle_link_down(msg.link);
         self.drive();
     }
@@ -225,12 +266,12 @@ impl Handler<RoutesReceived> for ClusterActor {
         for update in msg.updates {
             if let RouteUpdate::Announce(a) = &update {
                 // A newer word about the VIP from this link replaces one still waiting.
-                self.pending.retain(|(link, p)| !(*link == msg.link && p.net == a.net && p.vip == a.vip));
+                self.pending.remove(&(msg.link, a.net, a.vip));
                 match self.check(msg.link, a) {
                     Ok(()) => {}
                     Err(Refusal::UnknownNetwork) if self.pending.len() < MAX_PENDING => {
                         tracing::debug!(%peer, vip = %a.vip, net = %a.net, "route for a network not known yet; held");
-                        self.pending.push((msg.link, a.clone()));
+                        self.pending.insert((msg.link, a.net, a.vip), a.clone());
                         continue;
                     }
                     Err(Refusal::UnknownNetwork) => {
@@ -245,7 +286,7 @@ impl Handler<RoutesReceived> for ClusterActor {
                     }
                 }
             } else if let RouteUpdate::Withdraw { net, vip } = &update {
-                self.pending.retain(|(link, p)| !(*link == msg.link && p.net == *net && p.vip == *vip));
+                self.pending.remove(&(msg.link, *net, *vip));
             }
             accepted.push(update);
         }
@@ -266,15 +307,14 @@ impl Handler<NetworksChanged> for ClusterActor {
     type Result = ();
     fn handle(&mut self, _: NetworksChanged, ctx: &mut Self::Context) {
         let mut by_link: std::collections::HashMap<LinkId, Vec<RouteUpdate>> = Default::default();
-        let mut still = Vec::new();
-        for (link, a) in std::mem::take(&mut self.pending) {
+        let waiting = std::mem::take(&mut self.pending);
+        for (key, a) in waiting {
             if self.node.network_by_key(a.net).is_none() {
-                still.push((link, a));
+                self.pending.insert(key, a);
             } else {
-                by_link.entry(link).or_default().push(RouteUpdate::Announce(a));
+                by_link.entry(key.0).or_default().push(RouteUpdate::Announce(a));
             }
         }
-        self.pending = still;
         for (link, updates) in by_link {
             self.handle(RoutesReceived { link, updates }, ctx);
         }

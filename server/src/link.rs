@@ -98,6 +98,8 @@ pub struct PeerLinkActor {
     pairs: HashMap<SocketId, Addr<SocketPairActor>>,
     /// The peer's socket ids → this node's.
     remote: HashMap<SocketId, SocketId>,
+    /// This node's socket ids → the peer's (the reverse of `remote`).
+    local: HashMap<SocketId, SocketId>,
     /// Told when the link ends (the dialer then reconnects).
     ended: Option<oneshot::Sender<()>>,
     /// This link as a party of sockets.
@@ -168,7 +170,13 @@ impl PeerLinkActor {
         // that follows finds it even before the pair has started.
         let pair = SocketPairActor::new(local, 0, net, connector, (listener, to), self.node.clone()).start();
         self.pairs.insert(local, pair);
-        self.remote.insert(socket, local);
+        self.map(socket, local);
+    }
+
+    /// Records that the peer's socket `remote` is this node's `local`.
+    fn map(&mut self, remote: SocketId, local: SocketId) {
+        self.remote.insert(remote, local);
+        self.local.insert(local, remote);
     }
 
     fn handle_message(&mut self, ctx: &mut Context<Self>, msg: PeerMessage) {
@@ -184,11 +192,10 @@ impl PeerLinkActor {
             }
             PeerMessage::Connect { socket, net, from, to } => self.handle_connect(ctx, socket, net, from, to),
             PeerMessage::Answer { socket, to, result } => {
-                if let Some(pair) = self.pairs.get(&to) {
+                if let Some(pair) = self.pairs.get(&to).cloned() {
                     if result.is_ok() {
-                        self.remote.insert(socket, to);
+                        self.map(socket, to);
                     }
-                    let result = result.map_err(|(code, _)| code);
                     pair.do_send(PeerAnswer { session: self.id, remote: socket, result });
                 }
             }
@@ -319,7 +326,7 @@ impl Handler<RegisterSocket> for PeerLinkActor {
     fn handle(&mut self, msg: RegisterSocket, _ctx: &mut Self::Context) {
         self.pairs.insert(msg.socket, msg.pair);
         if let Some(remote) = msg.remote {
-            self.remote.insert(remote, msg.socket);
+            self.map(remote, msg.socket);
         }
     }
 }
@@ -380,7 +387,9 @@ impl Handler<ForgetSocket> for PeerLinkActor {
         if self.pairs.remove(&msg.socket).is_none() {
             return;
         }
-        self.remote.retain(|_, local| *local != msg.socket);
+        if let Some(remote) = self.local.remove(&msg.socket) {
+            self.remote.remove(&remote);
+        }
         if let Some(code) = msg.notify {
             self.send(ctx, &PeerMessage::Closed { socket: msg.socket, code });
         }
@@ -584,6 +593,7 @@ fn start_link(
         node,
         pairs: HashMap::new(),
         remote: HashMap::new(),
+        local: HashMap::new(),
         ended,
         me: None,
     };

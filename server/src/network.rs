@@ -59,12 +59,13 @@ pub struct JoinNetwork {
 impl Handler<JoinNetwork> for NetworkActor {
     type Result = ();
     fn handle(&mut self, msg: JoinNetwork, _ctx: &mut Self::Context) {
+        let session = msg.session.id;
         if let Some(old) = self.node.router.attach_session(self.id(), msg.vip, msg.session) {
             tracing::info!(network = %self.network.name, vip = %msg.vip, old = old.id, "replacing the older session");
             old.addr.do_send(Replace);
         }
         if let Some(cluster) = self.node.cluster_actor() {
-            cluster.do_send(LocalAttach { net: self.id(), vip: msg.vip, proof: msg.proof });
+            cluster.do_send(LocalAttach { net: self.id(), vip: msg.vip, proof: msg.proof, session });
         }
     }
 }

@@ -113,6 +113,12 @@ impl Node {
         self.dedup.lock().unwrap_or_else(|e| e.into_inner()).handle_broadcast(u64::from(origin), seq)
     }
 
+    /// Forgets the broadcasts seen from the node in slot `origin` (its link came up: it
+    /// may have restarted, numbering anew).
+    pub fn forget_broadcasts_of(&self, origin: u8) {
+        self.dedup.lock().unwrap_or_else(|e| e.into_inner()).forget(u64::from(origin));
+    }
+
     /// Counts one occurrence of `reason`.
     pub fn count(&self, reason: Reason) {
         self.counters.add(reason);

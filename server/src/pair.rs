@@ -125,6 +125,8 @@ pub struct SocketPairActor {
     cancel: Option<[watch::Sender<Option<VarInt>>; 2]>,
     /// The deadline the wake-up timer is set for.
     timer: Option<(Instant, SpawnHandle)>,
+    /// Why the node across a link refused the connect, in its words.
+    remote_failure: Option<String>,
 }
 
 impl SocketPairActor {
@@ -154,6 +156,7 @@ impl SocketPairActor {
             node,
             cancel: None,
             timer: None,
+            remote_failure: None,
         }
     }
 
@@ -187,7 +190,9 @@ impl SocketPairActor {
                 }
                 PairAction::ConnectFailed { code, why } => {
                     let to = self.party(Side::Listener).addr;
-                    self.connector_outcome(Err((code, format!("connect {to}: {why}"))));
+                    // The far node's own words say more ("nothing listening") than the code.
+                    let message = self.remote_failure.take().unwrap_or_else(|| format!("connect {to}: {why}"));
+                    self.connector_outcome(Err((code, message)));
                 }
                 PairAction::Splice => self.splice(ctx),
                 PairAction::Cancel { toward, code } => {
@@ -324,8 +329,8 @@ pub struct PeerAnswer {
     pub session: SessionId,
     /// The other node's socket.
     pub remote: SocketId,
-    /// Accepted, or why not.
-    pub result: Result<(), ErrorCode>,
+    /// Accepted, or why not (the code, and the message the answering node wrote).
+    pub result: Result<(), (ErrorCode, String)>,
 }
 
 impl Handler<PeerAnswer> for SocketPairActor {
@@ -351,7 +356,14 @@ impl Handler<PeerAnswer> for SocketPairActor {
                 }
             });
         }
-        self.machine.handle_answer(Instant::now(), msg.result);
+        let result = match msg.result {
+            Ok(()) => Ok(()),
+            Err((code, message)) => {
+                self.remote_failure = Some(message);
+                Err(code)
+            }
+        };
+        self.machine.handle_answer(Instant::now(), result);
         self.drive(ctx);
     }
 }

@@ -32,7 +32,7 @@ const SLOT_SUFFIX: &str = ".slot.overlan";
 pub type Slot = u8;
 
 /// The block of `subnet` that slot `slot` hands out, or `None` if the subnet is too
-/// small to cut into [`SLOTS`] blocks (a prefix longer than /28).
+/// small to cut into [`SLOTS`] blocks of a /28 or more (a prefix longer than /24).
 pub fn slot_block(subnet: Subnet, slot: Slot) -> Option<Subnet> {
     let prefix = subnet.prefix() + SLOT_BITS;
     if prefix > 28 || slot >= SLOTS {

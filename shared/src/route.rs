@@ -219,7 +219,11 @@ impl RouteTable {
     /// slot). `now_ms` is wall-clock milliseconds; sequence numbers never go backwards
     /// even if the clock does.
     pub fn handle_local_attach(&mut self, net: NetKey, vip: Ipv4Addr, proof: Option<String>, now_ms: u64) {
-        self.last_seq = now_ms.max(self.last_seq + 1);
+        // Newer than anything announced for this VIP (a Lamport clock): a client that
+        // just joined here wins over its older session elsewhere even if that node's
+        // clock runs ahead.
+        let seen = self.entries.get(&(net, vip)).map_or(0, |e| e.learned.values().map(|l| l.seq).max().unwrap_or(0));
+        self.last_seq = now_ms.max(self.last_seq + 1).max(seen.saturating_add(1));
         let seq = self.last_seq;
         let entry = self.entries.entry((net, vip)).or_default();
         entry.local = Some(seq);
@@ -463,6 +467,12 @@ impl Window {
 }
 
 impl BroadcastDedup {
+    /// Forgets what `origin` sent: its node restarted or its link came back, and may
+    /// number from lower than before (a clock set back).
+    pub fn forget(&mut self, origin: u64) {
+        self.origins.remove(&origin);
+    }
+
     /// Whether broadcast `seq` of `origin` is new (and records it). Too old to judge
     /// (below the window) counts as seen.
     pub fn handle_broadcast(&mut self, origin: u64, seq: u64) -> bool {
@@ -662,6 +672,24 @@ mod tests {
         // Without a link to n1, a relayed route is all there is, and it counts.
         t.handle_link_down(1);
         assert_eq!(t.best(NET, vip(7)), Some(Hop::Peer(2)));
+    }
+
+    #[test]
+    fn a_local_join_wins_over_an_older_session_on_a_node_whose_clock_runs_ahead() {
+        let mut t = RouteTable::new("n0", 0);
+        t.handle_link_up(1, "n1");
+        let ahead = RouteUpdate::Announce(Announce {
+            net: NET,
+            vip: vip(4),
+            seq: 10_000,
+            path: vec!["n1".into()],
+            origin_slot: 1,
+            proof: None,
+        });
+        t.handle_updates(1, [ahead]);
+        t.handle_local_attach(NET, vip(4), None, 5);
+        assert_eq!(t.best(NET, vip(4)), Some(Hop::Local));
+        assert!(!std::iter::from_fn(|| t.poll_output()).any(|o| matches!(o, RouteOutput::Superseded { .. })));
     }
 
     #[test]
