@@ -136,6 +136,7 @@ impl PeerLinkActor {
         net: NetKey,
         from: SocketAddrV4,
         to: SocketAddrV4,
+        hops: u8,
     ) {
         let router = &self.node.router;
         // A peer may not speak for a client of this node. (The connecting client's route
@@ -158,7 +159,7 @@ impl PeerLinkActor {
                     return self.answer_err(ctx, socket, ErrorCode::Refused, why);
                 }
             },
-            Some(Route::Peer(next)) if next.id == self.id => {
+            Some(Route::Peer(next)) if next.id == self.id || next.node == self.peer.name || hops <= 1 => {
                 let why = format!("connect {to}: unreachable (routes are changing)");
                 return self.answer_err(ctx, socket, ErrorCode::Unreachable, why);
             }
@@ -168,7 +169,9 @@ impl PeerLinkActor {
         let connector = (PartyRef::Link { link: self.link(), remote: Some(socket) }, from);
         // Registered here at once (the pair registers too), so a `Closed` or the stream
         // that follows finds it even before the pair has started.
-        let pair = SocketPairActor::new(local, 0, net, connector, (listener, to), self.node.clone()).start();
+        let pair = SocketPairActor::new(local, 0, net, connector, (listener, to), self.node.clone())
+            .with_hops(hops.saturating_sub(1))
+            .start();
         self.pairs.insert(local, pair);
         self.map(socket, local);
     }
@@ -190,7 +193,9 @@ impl PeerLinkActor {
                     cluster.do_send(RoutesReceived { link: self.id, updates });
                 }
             }
-            PeerMessage::Connect { socket, net, from, to } => self.handle_connect(ctx, socket, net, from, to),
+            PeerMessage::Connect { socket, net, from, to, hops } => {
+                self.handle_connect(ctx, socket, net, from, to, hops)
+            }
             PeerMessage::Answer { socket, to, result } => {
                 if let Some(pair) = self.pairs.get(&to).cloned() {
                     if result.is_ok() {
@@ -343,12 +348,16 @@ pub struct SendConnect {
     pub from: SocketAddrV4,
     /// The address connected to.
     pub to: SocketAddrV4,
+    /// Nodes it may still cross.
+    pub hops: u8,
 }
 
 impl Handler<SendConnect> for PeerLinkActor {
     type Result = ();
     fn handle(&mut self, msg: SendConnect, ctx: &mut Self::Context) {
-        self.send(ctx, &PeerMessage::Connect { socket: msg.socket, net: msg.net, from: msg.from, to: msg.to });
+        let connect =
+            PeerMessage::Connect { socket: msg.socket, net: msg.net, from: msg.from, to: msg.to, hops: msg.hops };
+        self.send(ctx, &connect);
     }
 }
 

@@ -127,6 +127,8 @@ pub struct SocketPairActor {
     timer: Option<(Instant, SpawnHandle)>,
     /// Why the node across a link refused the connect, in its words.
     remote_failure: Option<String>,
+    /// Nodes a connect passed on over a link may still cross.
+    hops: u8,
 }
 
 impl SocketPairActor {
@@ -157,7 +159,14 @@ impl SocketPairActor {
             cancel: None,
             timer: None,
             remote_failure: None,
+            hops: overlan_shared::wire::peer::MAX_HOPS,
         }
+    }
+
+    /// A pair whose connect came over a link with `hops` nodes left to cross.
+    pub fn with_hops(mut self, hops: u8) -> Self {
+        self.hops = hops;
+        self
     }
 
     fn party(&self, side: Side) -> &Party {
@@ -282,8 +291,13 @@ impl Actor for SocketPairActor {
                 }
             }
             PartyRef::Link { link, .. } => {
-                let connect =
-                    SendConnect { socket: self.socket, net: self.net, from: connector.addr, to: listener.addr };
+                let connect = SendConnect {
+                    socket: self.socket,
+                    net: self.net,
+                    from: connector.addr,
+                    to: listener.addr,
+                    hops: self.hops,
+                };
                 link.addr.try_send(connect).is_err()
             }
         };

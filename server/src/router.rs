@@ -129,9 +129,11 @@ impl Router {
         self.broadcast_seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Every VIP a session of this node holds now.
+    /// Every VIP online now: held by a session of this node, or (in a cluster) routed
+    /// to another node's session. A lease of an online VIP must not expire, wherever its
+    /// holder is.
     pub fn online(&self) -> HashSet<(NetKey, Ipv4Addr)> {
-        self.routes.iter().filter(|r| matches!(r.value(), Entry::Local(_))).map(|r| *r.key()).collect()
+        self.routes.iter().map(|r| *r.key()).collect()
     }
 
     /// Routes `vip` to a local session; returns the session it replaces, if any (the same

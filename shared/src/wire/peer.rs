@@ -49,6 +49,10 @@ pub enum PeerMessage {
         from: SocketAddrV4,
         /// The address connected to.
         to: SocketAddrV4,
+        /// Nodes the connect may still cross (a guard against loops while routes
+        /// converge); a node that would pass it on with none left answers `Unreachable`.
+        #[serde(default = "max_hops")]
+        hops: u8,
     },
     /// The answer to `Connect`.
     Answer {
@@ -124,6 +128,10 @@ pub struct CatalogInvite {
     /// The operator's label.
     #[serde(default)]
     pub label: String,
+}
+
+fn max_hops() -> u8 {
+    MAX_HOPS
 }
 
 /// Kind byte of a unicast datagram on a link.
