@@ -29,6 +29,16 @@ pub enum Request {
     Status,
     /// The other members of the network.
     Peers,
+    /// Connect to `to`; the connection then carries the stream.
+    Connect {
+        /// The address.
+        to: std::net::SocketAddrV4,
+    },
+    /// Listen on `port` for one connection; the connection then carries it.
+    Listen {
+        /// The port (0: ephemeral).
+        port: u16,
+    },
 }
 
 /// This instance's session, as `overlan status` shows it.
@@ -94,6 +104,19 @@ pub enum Response {
     Peers {
         /// The members.
         peers: Vec<PeerInfo>,
+    },
+    /// A stream is connected (answer to `Connect`, or the connection a `Listen` took);
+    /// frames follow.
+    Connected {
+        /// This side's address.
+        local: std::net::SocketAddrV4,
+        /// The peer's address.
+        peer: std::net::SocketAddrV4,
+    },
+    /// Listening (answer to `Listen`); `Connected` follows when a connection comes.
+    Listening {
+        /// The address listened on.
+        local: std::net::SocketAddrV4,
     },
     /// The request failed.
     Error {
@@ -187,11 +210,20 @@ fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
+async fn send_line(stream: &mut UnixStream, response: &Response) -> io::Result<()> {
+    let mut text = serde_json::to_string(response).expect("plain data serializes");
+    text.push('\n');
+    stream.write_all(text.as_bytes()).await
+}
+
 async fn answer(stream: UnixStream, client: Client, instance: String) {
-    let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
-    if reader.read_line(&mut line).await.is_err() {
+    // A command sends nothing after its request line until it is answered, so the
+    // reader holds nothing beyond the line when it is taken apart again.
+    let mut reader = BufReader::new(stream);
+    let read = tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut line).await;
+    let mut stream = reader.into_inner();
+    if read.is_err() || line.len() as u64 > MAX_REQUEST {
         return;
     }
     let response = match serde_json::from_str::<Request>(&line) {
@@ -200,11 +232,95 @@ async fn answer(stream: UnixStream, client: Client, instance: String) {
             Ok(peers) => Response::Peers { peers },
             Err(e) => Response::Error { message: e.to_string() },
         },
+        Ok(Request::Connect { to }) => match client.connect(to).await {
+            Ok(virtual_stream) => {
+                let connected = Response::Connected { local: virtual_stream.local_addr(), peer: to };
+                if send_line(&mut stream, &connected).await.is_ok() {
+                    carry(stream, virtual_stream).await;
+                }
+                return;
+            }
+            Err(e) => Response::Error { message: e.to_string() },
+        },
+        Ok(Request::Listen { port }) => match client.listen(port).await {
+            Ok(listener) => {
+                if send_line(&mut stream, &Response::Listening { local: listener.local_addr() }).await.is_err() {
+                    return;
+                }
+                // One connection, as `nc -l` takes; a command that goes away while
+                // waiting gives the port back.
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stream.readable() => return,
+                };
+                match accepted {
+                    Ok((virtual_stream, peer)) => {
+                        let connected = Response::Connected { local: listener.local_addr(), peer };
+                        drop(listener);
+                        if send_line(&mut stream, &connected).await.is_ok() {
+                            carry(stream, virtual_stream).await;
+                        }
+                        return;
+                    }
+                    Err(e) => Response::Error { message: format!("accept: {e}") },
+                }
+            }
+            Err(e) => Response::Error { message: format!("listen: {e}") },
+        },
         Err(e) => Response::Error { message: format!("bad request: {e}") },
     };
-    let mut text = serde_json::to_string(&response).expect("plain data serializes");
+    let _ = send_line(&mut stream, &response).await;
+}
+
+/// Asks the `up` serving `path` for a stream (`Connect` or `Listen`). `Ok(None)` if
+/// none runs; otherwise the stream, or why not. `on_listening` is told the address a
+/// `Listen` listens on before the connection comes.
+pub async fn open_stream(
+    path: &Path,
+    request: &Request,
+    on_listening: impl FnOnce(std::net::SocketAddrV4),
+) -> io::Result<Option<Result<ProxiedStream, String>>> {
+    let mut stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut text = serde_json::to_string(request).expect("plain data serializes");
     text.push('\n');
-    let _ = write.write_all(text.as_bytes()).await;
+    stream.write_all(text.as_bytes()).await?;
+    let mut on_listening = Some(on_listening);
+    loop {
+        let line = read_line_unbuffered(&mut stream).await?;
+        match serde_json::from_str::<Response>(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+            Response::Connected { local, peer } => {
+                let (read, write) = stream.into_split();
+                return Ok(Some(Ok(ProxiedStream { read, write, peer, local })));
+            }
+            Response::Listening { local } => {
+                if let Some(tell) = on_listening.take() {
+                    tell(local);
+                }
+            }
+            Response::Error { message } => return Ok(Some(Err(message))),
+            other => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected {other:?}"))),
+        }
+    }
+}
+
+/// One line, read a byte at a time, so nothing after it (the frames) is consumed.
+async fn read_line_unbuffered(stream: &mut UnixStream) -> io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut line = Vec::new();
+    loop {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' {
+            return String::from_utf8(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        if line.len() as u64 >= MAX_REQUEST {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "answer line too long"));
+        }
+        line.push(byte);
+    }
 }
 
 /// Asks the `up` serving `path`; `Ok(None)` if none runs.
@@ -270,5 +386,192 @@ mod tests {
         let text = serde_json::to_string(&err).unwrap();
         assert_eq!(text, r#"{"result":"error","message":"x"}"#);
         assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), err);
+    }
+}
+
+/// Frames on a control connection once it carries a stream (after the JSON answer).
+mod frame {
+    /// Bytes of the stream.
+    pub(super) const DATA: u8 = 1;
+    /// The sender's direction ended cleanly.
+    pub(super) const FIN: u8 = 2;
+    /// Client → up: abort the stream (the peer sees an error, not a clean end).
+    pub(super) const ABORT: u8 = 3;
+    /// Up → client: the relay acknowledged everything, the finish included.
+    pub(super) const DELIVERED: u8 = 4;
+    /// Up → client: the stream failed; the payload says why.
+    pub(super) const ERROR: u8 = 5;
+    /// Largest payload of one frame.
+    pub(super) const MAX: usize = 64 * 1024;
+}
+
+/// Reads one frame: kind and payload. `None` at a clean end of the connection.
+async fn read_frame(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> io::Result<Option<(u8, Vec<u8>)>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    match r.read_exact(&mut head[..1]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    r.read_exact(&mut head[1..]).await?;
+    let len = u32::from_be_bytes(head[1..].try_into().expect("4 bytes")) as usize;
+    if len > frame::MAX {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "control frame too large"));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    Ok(Some((head[0], payload)))
+}
+
+async fn write_frame(w: &mut (impl tokio::io::AsyncWrite + Unpin), kind: u8, payload: &[u8]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(5 + payload.len());
+    out.push(kind);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    w.write_all(&out).await
+}
+
+/// Up's side of a stream handed to a command: frames from the command go to the
+/// virtual stream and back. The command learns when its data is delivered, when the
+/// peer finished, and why it failed; a command that goes away without finishing aborts
+/// the stream.
+async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream) {
+    use tokio::io::AsyncReadExt;
+    let peer = stream.peer_addr();
+    let (mut vread, mut vwrite) = stream.into_split();
+    let (mut cread, cwrite) = conn.into_split();
+    let cwrite = std::sync::Arc::new(tokio::sync::Mutex::new(cwrite));
+    let error = |e: &dyn std::fmt::Display| format!("connection to {peer}: {e}");
+    let up = {
+        let cwrite = cwrite.clone();
+        async move {
+            let mut sent = 0usize;
+            loop {
+                match read_frame(&mut cread).await {
+                    Ok(Some((frame::DATA, data))) => {
+                        sent += data.len();
+                        if let Err(e) = vwrite.write_all(&data).await {
+                            let _ = write_frame(&mut *cwrite.lock().await, frame::ERROR, error(&e).as_bytes()).await;
+                            return false;
+                        }
+                    }
+                    Ok(Some((frame::FIN, _))) => {
+                        let delivered = match vwrite.shutdown().await.and(vwrite.delivered().await) {
+                            // Nothing was sent, so nothing is lost if the peer stopped first.
+                            Err(_) if sent == 0 => Ok(()),
+                            other => other,
+                        };
+                        let mut w = cwrite.lock().await;
+                        let _ = match delivered {
+                            Ok(()) => write_frame(&mut *w, frame::DELIVERED, &[]).await,
+                            Err(e) => write_frame(&mut *w, frame::ERROR, error(&e).as_bytes()).await,
+                        };
+                        return true;
+                    }
+                    // ABORT, a broken frame, or the command gone without finishing.
+                    _ => {
+                        vwrite.abort();
+                        return false;
+                    }
+                }
+            }
+        }
+    };
+    let down = {
+        let cwrite = cwrite.clone();
+        async move {
+            let mut buf = vec![0u8; frame::MAX];
+            loop {
+                match vread.read(&mut buf).await {
+                    Ok(0) => {
+                        let _ = write_frame(&mut *cwrite.lock().await, frame::FIN, &[]).await;
+                        return;
+                    }
+                    Ok(n) => {
+                        if write_frame(&mut *cwrite.lock().await, frame::DATA, &buf[..n]).await.is_err() {
+                            vread.abort();
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = write_frame(&mut *cwrite.lock().await, frame::ERROR, error(&e).as_bytes()).await;
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::join!(up, down);
+}
+
+/// A stream of the running `up`, as a command sees it over its control connection.
+pub struct ProxiedStream {
+    read: tokio::net::unix::OwnedReadHalf,
+    write: tokio::net::unix::OwnedWriteHalf,
+    /// The peer's address.
+    pub peer: std::net::SocketAddrV4,
+    /// This side's address.
+    pub local: std::net::SocketAddrV4,
+}
+
+/// What a proxied transfer ended with.
+#[derive(Debug)]
+pub enum Ended {
+    /// Everything sent was delivered (if anything was finished) and the peer finished.
+    Clean,
+    /// It failed; why.
+    Failed(String),
+}
+
+impl ProxiedStream {
+    /// Copies `input` to the stream and the stream to `output` until both directions end:
+    /// `Clean` only if everything from `input` was acknowledged by the relay and the
+    /// peer finished cleanly (and `output` was flushed).
+    pub async fn transfer(
+        self,
+        mut input: impl tokio::io::AsyncRead + Unpin,
+        mut output: impl tokio::io::AsyncWrite + Unpin,
+    ) -> Ended {
+        use tokio::io::AsyncReadExt;
+        let ProxiedStream { mut read, mut write, .. } = self;
+        let upload = async move {
+            let mut buf = vec![0u8; frame::MAX];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => write_frame(&mut write, frame::DATA, &buf[..n]).await.map_err(|e| e.to_string())?,
+                    Err(e) => return Err(format!("reading input: {e}")),
+                }
+            }
+            write_frame(&mut write, frame::FIN, &[]).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(write)
+        };
+        let download = async move {
+            let (mut fin, mut delivered) = (false, false);
+            while !(fin && delivered) {
+                match read_frame(&mut read).await {
+                    Ok(Some((frame::DATA, data))) => {
+                        output.write_all(&data).await.map_err(|e| format!("writing output: {e}"))?
+                    }
+                    Ok(Some((frame::FIN, _))) => fin = true,
+                    Ok(Some((frame::DELIVERED, _))) => delivered = true,
+                    Ok(Some((frame::ERROR, why))) => return Err(String::from_utf8_lossy(&why).into_owned()),
+                    Ok(_) => return Err("`overlan up` went away during the transfer".to_owned()),
+                    Err(e) => return Err(format!("`overlan up`: {e}")),
+                }
+            }
+            output.flush().await.map_err(|e| format!("writing output: {e}"))
+        };
+        let (up, down) = tokio::join!(upload, download);
+        match (up, down) {
+            (Ok(_), Ok(())) => Ended::Clean,
+            (Err(e), _) | (_, Err(e)) => Ended::Failed(e),
+        }
+    }
+
+    /// Aborts the stream: the peer sees an error, not a clean end.
+    pub async fn abort(mut self) {
+        let _ = write_frame(&mut self.write, frame::ABORT, &[]).await;
     }
 }

@@ -375,6 +375,11 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
     } else {
         None
     };
+    if !args.udp {
+        if let Some(code) = nc_stream_via_up(cli, args, local_port, shutdown).await? {
+            return Ok(code);
+        }
+    }
     let client = join_or_signal(cli, shutdown).await?;
     let result = if args.udp {
         nc_datagram(&client, args, local_port, shutdown).await
@@ -383,6 +388,45 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
     };
     client.leave().await;
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Stream mode through the running `up` of this instance (so its session is shared,
+/// not replaced); `None` if no `up` runs. The same promises as [`nc_stream`]: exit 0
+/// only when everything from stdin was acknowledged by the relay and everything the peer
+/// sent reached stdout; a signal aborts the stream.
+async fn nc_stream_via_up(
+    cli: &Cli,
+    args: &NcArgs,
+    listen: Option<u16>,
+    shutdown: &mut Shutdown,
+) -> Result<Option<ExitCode>, CliError> {
+    let control = control::socket_path(&identity_path(cli), &cli.name);
+    let request = match listen {
+        Some(port) => control::Request::Listen { port },
+        None => control::Request::Connect { to: parse_target(&args.args)? },
+    };
+    let opening = control::open_stream(&control, &request, |local| eprintln!("listening on {local}"));
+    let opened = tokio::select! {
+        opened = opening => opened,
+        signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+    };
+    let stream = match opened.map_err(|e| format!("asking `overlan up` ({}): {e}", control.display()))? {
+        None => return Ok(None),
+        Some(Err(message)) => return Err(message.into()),
+        Some(Ok(stream)) => stream,
+    };
+    if listen.is_some() {
+        eprintln!("connection from {}", stream.peer);
+    }
+    // Dropping the transfer on a signal closes the connection unfinished: `up` aborts
+    // the stream, so the peer sees an error rather than a clean end.
+    tokio::select! {
+        ended = stream.transfer(tokio::io::stdin(), tokio::io::stdout()) => match ended {
+            control::Ended::Clean => Ok(Some(ExitCode::SUCCESS)),
+            control::Ended::Failed(why) => Err(why.into()),
+        },
+        signal = shutdown.recv() => Err(CliError::interrupted(signal)),
+    }
 }
 
 /// Stream mode. Exit 0 promises: everything read from stdin was acknowledged by the

@@ -481,3 +481,60 @@ async fn commands_share_the_running_up_and_status_and_peers_report_it() {
     assert_eq!(code, 1);
     assert!(out.contains("is not running"), "{out}");
 }
+
+#[tokio::test]
+async fn nc_streams_go_through_the_running_up_and_leave_it_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    let mut relay = Proc::spawn({
+        let mut cmd = server_cmd(&dir.path().join("data"));
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd
+    });
+    let _ = relay.stdout_line().await;
+    let _ = relay.stdout_line().await;
+    let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
+    let cmd = |name: &str, args: &[&str]| {
+        let mut c = overlan_cmd(&invite, dir.path(), name);
+        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
+        c
+    };
+    let mut up = Proc::spawn(cmd("me", &["up"]));
+    let my_vip = up.stdout_line().await.strip_prefix("vip ").unwrap().to_owned();
+    up.stderr_until("joined network").await;
+    let (_, bob_vip, _) = output(cmd("bob", &["ip"])).await;
+    let bob_vip = bob_vip.trim().to_owned();
+
+    // me → bob, through up: 20,000 lines, all of them, exit 0 on both sides.
+    let mut bob = Proc::spawn(cmd("bob", &["nc", "-l", "7000"]));
+    bob.close_stdin();
+    bob.stderr_until("listening on").await;
+    let lines: Vec<String> = (0..20_000).map(|i| format!("line {i}")).collect();
+    let mut me = Proc::spawn(cmd("me", &["nc", &bob_vip, "7000"]));
+    me.write_stdin(format!("{}\n", lines.join("\n")).as_bytes()).await;
+    me.close_stdin();
+    let (code, err) = me.wait().await;
+    assert_eq!(code, 0, "{err:?}");
+    let got = bob.stdout_rest().await;
+    assert!(got == lines, "bob got {} of {} lines", got.len(), lines.len());
+    assert_eq!(bob.wait().await.0, 0);
+
+    // bob → me: a listener through up, announced as usual.
+    let mut mine = Proc::spawn(cmd("me", &["nc", "-l", "7001"]));
+    mine.close_stdin();
+    mine.stderr_until(&format!("listening on {my_vip}:7001")).await;
+    let mut talker = Proc::spawn(cmd("bob", &["nc", &my_vip, "7001"]));
+    talker.write_stdin(b"through up\n").await;
+    talker.close_stdin();
+    assert_eq!(within("line via up", mine.stdout_line()).await, "through up");
+    assert_eq!(talker.wait().await.0, 0);
+    assert_eq!(mine.wait().await.0, 0);
+
+    // The up session was shared, never replaced.
+    let (code, out, _) = output(cmd("me", &["status", "--json"])).await;
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(status["state"], "up", "{status}");
+    assert!(up.child.try_wait().unwrap().is_none());
+    assert!(!up.stderr_seen.iter().any(|l| l.contains("replaced")), "{:?}", up.stderr_seen);
+}
