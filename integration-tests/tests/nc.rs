@@ -199,3 +199,32 @@ async fn signals_end_nc_at_every_stage_with_the_conventional_status() {
     assert_eq!(nowhere.wait().await.0, 130);
     assert!(sent.elapsed() < Duration::from_secs(3), "took {:?} to obey Ctrl-C", sent.elapsed());
 }
+
+#[tokio::test]
+async fn a_signal_aborts_a_stream_running_through_up_and_up_lives_on() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    let cmd = |args: &[&str]| {
+        let mut c = overlan_cmd(&relay.invite(), dir.path(), "me");
+        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
+        c
+    };
+    let mut up = Proc::spawn(cmd(&["up"]));
+    let _ = up.stdout_line().await;
+    up.stderr_until("joined network").await;
+    let peer = join(&relay.invite()).await;
+    let listener = peer.listen(7103).await.unwrap();
+    let mut talker = Proc::spawn(cmd(&["nc", &peer.vip().to_string(), "7103"]));
+    let (mut stream, _) = within("accept", listener.accept()).await.unwrap();
+    talker.write_stdin(b"some bytes\n").await;
+    let mut buf = [0u8; 11];
+    within("the first bytes", stream.read_exact(&mut buf)).await.unwrap();
+    signal(&talker.child, "INT").await;
+    assert_eq!(talker.wait().await.0, 130);
+    let mut rest = Vec::new();
+    let err = within("the peer's read", stream.read_to_end(&mut rest)).await.unwrap_err();
+    assert!(err.to_string().contains("aborted"), "{err}");
+    assert!(up.child.try_wait().unwrap().is_none(), "up still runs");
+}
