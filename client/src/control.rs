@@ -39,6 +39,11 @@ pub enum Request {
         /// The port (0: ephemeral).
         port: u16,
     },
+    /// Bind datagram port `port`; the connection then carries its datagrams.
+    Bind {
+        /// The port (0: ephemeral).
+        port: u16,
+    },
 }
 
 /// This instance's session, as `overlan status` shows it.
@@ -112,6 +117,13 @@ pub enum Response {
         local: std::net::SocketAddrV4,
         /// The peer's address.
         peer: std::net::SocketAddrV4,
+    },
+    /// Bound (answer to `Bind`); datagram frames follow.
+    Bound {
+        /// The address bound.
+        local: std::net::SocketAddrV4,
+        /// The exact largest payload.
+        max_payload: usize,
     },
     /// Listening (answer to `Listen`); `Connected` follows when a connection comes.
     Listening {
@@ -267,9 +279,131 @@ async fn answer(stream: UnixStream, client: Client, instance: String) {
             }
             Err(e) => Response::Error { message: format!("listen: {e}") },
         },
+        Ok(Request::Bind { port }) => match client.bind_datagram(port).await {
+            Ok(socket) => {
+                let bound = Response::Bound { local: socket.local_addr(), max_payload: socket.max_payload() };
+                if send_line(&mut stream, &bound).await.is_ok() {
+                    carry_datagrams(stream, socket).await;
+                }
+                return;
+            }
+            Err(e) => Response::Error { message: format!("bind: {e}") },
+        },
         Err(e) => Response::Error { message: format!("bad request: {e}") },
     };
     let _ = send_line(&mut stream, &response).await;
+}
+
+fn addr_bytes(addr: std::net::SocketAddrV4) -> [u8; 6] {
+    let mut out = [0u8; 6];
+    out[..4].copy_from_slice(&addr.ip().octets());
+    out[4..].copy_from_slice(&addr.port().to_be_bytes());
+    out
+}
+
+fn addr_from(bytes: &[u8]) -> Option<std::net::SocketAddrV4> {
+    let ip: [u8; 4] = bytes.get(..4)?.try_into().ok()?;
+    let port = u16::from_be_bytes(bytes.get(4..6)?.try_into().ok()?);
+    Some(std::net::SocketAddrV4::new(Ipv4Addr::from(ip), port))
+}
+
+/// Up's side of a datagram socket handed to a command: its datagrams go to the command
+/// and the command's to the overlay, until the command goes away (the port is then
+/// released).
+async fn carry_datagrams(conn: UnixStream, socket: crate::datagram::DatagramSocket) {
+    let (mut cread, mut cwrite) = conn.into_split();
+    loop {
+        tokio::select! {
+            frame = read_frame(&mut cread) => match frame {
+                Ok(Some((frame::DATAGRAM, body))) => {
+                    let Some(to) = addr_from(&body) else { return };
+                    // Unreliable by contract; a failure that is not about this datagram
+                    // alone (the session is gone) ends the socket for the command.
+                    match socket.send_to(&body[6..], to).await {
+                        Ok(_) | Err(crate::error::Error::MessageTooLarge { .. }) => {}
+                        Err(e) => {
+                            let _ = write_frame(&mut cwrite, frame::ERROR, format!("send to {to}: {e}").as_bytes()).await;
+                            return;
+                        }
+                    }
+                }
+                _ => return,
+            },
+            received = socket.recv() => match received {
+                Ok(d) => {
+                    let mut body = addr_bytes(d.src).to_vec();
+                    body.extend_from_slice(&d.payload);
+                    if write_frame(&mut cwrite, frame::DATAGRAM, &body).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = write_frame(&mut cwrite, frame::ERROR, e.to_string().as_bytes()).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// A datagram socket of the running `up`, as a command sees it.
+pub struct ProxiedDatagrams {
+    read: tokio::sync::Mutex<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
+    /// The address bound.
+    pub local: std::net::SocketAddrV4,
+    /// The exact largest payload.
+    pub max_payload: usize,
+}
+
+impl ProxiedDatagrams {
+    /// Sends `payload` to `to` (checked against the maximum here, as a socket would).
+    pub async fn send_to(&self, payload: &[u8], to: std::net::SocketAddrV4) -> Result<(), crate::error::Error> {
+        if payload.len() > self.max_payload {
+            return Err(crate::error::Error::MessageTooLarge { max: self.max_payload });
+        }
+        let mut body = addr_bytes(to).to_vec();
+        body.extend_from_slice(payload);
+        write_frame(&mut *self.write.lock().await, frame::DATAGRAM, &body)
+            .await
+            .map_err(|e| crate::error::Error::SessionLost(format!("`overlan up`: {e}")))
+    }
+
+    /// The next datagram: its source and payload.
+    pub async fn recv(&self) -> Result<(std::net::SocketAddrV4, Vec<u8>), String> {
+        match read_frame(&mut *self.read.lock().await).await {
+            Ok(Some((frame::DATAGRAM, body))) => {
+                let src = addr_from(&body).ok_or("`overlan up` sent a malformed datagram")?;
+                Ok((src, body[6..].to_vec()))
+            }
+            Ok(Some((frame::ERROR, why))) => Err(String::from_utf8_lossy(&why).into_owned()),
+            Ok(_) => Err("`overlan up` went away".to_owned()),
+            Err(e) => Err(format!("`overlan up`: {e}")),
+        }
+    }
+}
+
+/// Asks the `up` serving `path` to bind a datagram port for this command. `Ok(None)`
+/// if none runs; otherwise the socket, or why not.
+pub async fn open_datagrams(path: &Path, port: u16) -> io::Result<Option<Result<ProxiedDatagrams, String>>> {
+    let mut stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut text = serde_json::to_string(&Request::Bind { port }).expect("plain data serializes");
+    text.push('\n');
+    stream.write_all(text.as_bytes()).await?;
+    let line = read_line_unbuffered(&mut stream).await?;
+    match serde_json::from_str::<Response>(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+        Response::Bound { local, max_payload } => {
+            let (read, write) = stream.into_split();
+            let (read, write) = (tokio::sync::Mutex::new(read), tokio::sync::Mutex::new(write));
+            Ok(Some(Ok(ProxiedDatagrams { read, write, local, max_payload })))
+        }
+        Response::Error { message } => Ok(Some(Err(message))),
+        other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected {other:?}"))),
+    }
 }
 
 /// Asks the `up` serving `path` for a stream (`Connect` or `Listen`). `Ok(None)` if
@@ -401,6 +535,9 @@ mod frame {
     pub(super) const DELIVERED: u8 = 4;
     /// Up → client: the stream failed; the payload says why.
     pub(super) const ERROR: u8 = 5;
+    /// A datagram: the peer's address (4 + 2 bytes: to, from the command; from, to it),
+    /// then the payload.
+    pub(super) const DATAGRAM: u8 = 6;
     /// Largest payload of one frame.
     pub(super) const MAX: usize = 64 * 1024;
 }

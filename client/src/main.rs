@@ -375,14 +375,31 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
     } else {
         None
     };
+    let control = control::socket_path(&identity_path(cli), &cli.name);
     if !args.udp {
         if let Some(code) = nc_stream_via_up(cli, args, local_port, shutdown).await? {
             return Ok(code);
         }
+    } else {
+        let opening = control::open_datagrams(&control, local_port.unwrap_or(0));
+        let opened = tokio::select! {
+            opened = opening => opened,
+            signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+        };
+        match opened.map_err(|e| format!("asking `overlan up` ({}): {e}", control.display()))? {
+            Some(Ok(socket)) => {
+                return nc_datagram(Dgram::Up(socket), args, shutdown).await.map(|()| ExitCode::SUCCESS)
+            }
+            Some(Err(message)) => return Err(message.into()),
+            None => {}
+        }
     }
     let client = join_or_signal(cli, shutdown).await?;
     let result = if args.udp {
-        nc_datagram(&client, args, local_port, shutdown).await
+        match client.bind_datagram(local_port.unwrap_or(0)).await {
+            Ok(socket) => nc_datagram(Dgram::Own(socket), args, shutdown).await,
+            Err(e) => Err(format!("bind: {e}").into()),
+        }
     } else {
         nc_stream(&client, args, local_port, shutdown).await
     };
@@ -493,13 +510,43 @@ async fn nc_stream(
     Ok(())
 }
 
-async fn nc_datagram(
-    client: &Client,
-    args: &NcArgs,
-    local_port: Option<u16>,
-    shutdown: &mut Shutdown,
-) -> Result<(), CliError> {
-    let socket = client.bind_datagram(local_port.unwrap_or(0)).await.map_err(|e| format!("bind: {e}"))?;
+/// A datagram socket of this command's own session, or of the running `up`.
+enum Dgram {
+    Own(overlan_client::DatagramSocket),
+    Up(control::ProxiedDatagrams),
+}
+
+impl Dgram {
+    fn local_addr(&self) -> SocketAddrV4 {
+        match self {
+            Dgram::Own(s) => s.local_addr(),
+            Dgram::Up(s) => s.local,
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        match self {
+            Dgram::Own(s) => s.max_payload(),
+            Dgram::Up(s) => s.max_payload,
+        }
+    }
+
+    async fn send_to(&self, payload: &[u8], to: SocketAddrV4) -> Result<(), Error> {
+        match self {
+            Dgram::Own(s) => s.send_to(payload, to).await.map(|_| ()),
+            Dgram::Up(s) => s.send_to(payload, to).await,
+        }
+    }
+
+    async fn recv(&self) -> Result<(SocketAddrV4, Vec<u8>), String> {
+        match self {
+            Dgram::Own(s) => s.recv().await.map(|d| (d.src, d.payload.to_vec())).map_err(|e| e.to_string()),
+            Dgram::Up(s) => s.recv().await,
+        }
+    }
+}
+
+async fn nc_datagram(socket: Dgram, args: &NcArgs, shutdown: &mut Shutdown) -> Result<(), CliError> {
     let fixed_target = if args.broadcast {
         Some(SocketAddrV4::new(Ipv4Addr::BROADCAST, socket.local_addr().port()))
     } else if args.listen {
@@ -518,7 +565,7 @@ async fn nc_datagram(
                 continue;
             };
             match socket.send_to(line.as_bytes(), target).await {
-                Ok(_) => {}
+                Ok(()) => {}
                 Err(e @ Error::MessageTooLarge { .. }) => {
                     eprintln!("overlan: line of {} bytes not sent: {e}", line.len())
                 }
@@ -534,13 +581,13 @@ async fn nc_datagram(
     let recv = async {
         let mut stdout = tokio::io::stdout();
         loop {
-            let d = socket.recv().await.map_err(|e| e.to_string())?;
-            *last_peer.lock().expect("lock") = Some(d.src);
-            let mut line = Vec::with_capacity(d.payload.len() + 24);
+            let (src, payload) = socket.recv().await?;
+            *last_peer.lock().expect("lock") = Some(src);
+            let mut line = Vec::with_capacity(payload.len() + 24);
             if args.show_source {
-                line.extend_from_slice(format!("{} ", d.src).as_bytes());
+                line.extend_from_slice(format!("{src} ").as_bytes());
             }
-            line.extend_from_slice(&d.payload);
+            line.extend_from_slice(&payload);
             if line.last() != Some(&b'\n') {
                 line.push(b'\n');
             }

@@ -538,3 +538,60 @@ async fn nc_streams_go_through_the_running_up_and_leave_it_up() {
     assert!(up.child.try_wait().unwrap().is_none());
     assert!(!up.stderr_seen.iter().any(|l| l.contains("replaced")), "{:?}", up.stderr_seen);
 }
+
+#[tokio::test]
+async fn datagram_nc_goes_through_the_running_up_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    let mut relay = Proc::spawn({
+        let mut cmd = server_cmd(&dir.path().join("data"));
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd
+    });
+    let _ = relay.stdout_line().await;
+    let _ = relay.stdout_line().await;
+    let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
+    let cmd = |name: &str, args: &[&str]| {
+        let mut c = overlan_cmd(&invite, dir.path(), name);
+        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
+        c
+    };
+    let mut up = Proc::spawn(cmd("me", &["up"]));
+    let my_vip = up.stdout_line().await.strip_prefix("vip ").unwrap().to_owned();
+    up.stderr_until("joined network").await;
+
+    let mut bob = Proc::spawn(cmd("bob", &["nc", "-u", "-b", "--show-source", "4445"]));
+    bob.stderr_until("bound ").await;
+    let mut me = Proc::spawn(cmd("me", &["nc", "-u", "-b", "--show-source", "4445"]));
+    let bound = me.stderr_until("bound ").await;
+    assert!(bound.contains(&format!("{my_vip}:4445")), "bound through up, on up's VIP: {bound}");
+    // Broadcasts are unreliable: repeat until one is heard, each way.
+    let heard = within("bob hears me", async {
+        loop {
+            me.write_stdin(b"lobby open\n").await;
+            if let Ok(line) = tokio::time::timeout(Duration::from_millis(300), bob.stdout_line()).await {
+                return line;
+            }
+        }
+    })
+    .await;
+    assert_eq!(heard, format!("{my_vip}:4445 lobby open"));
+    let heard = within("me hears bob", async {
+        loop {
+            bob.write_stdin(b"joining\n").await;
+            if let Ok(line) = tokio::time::timeout(Duration::from_millis(300), me.stdout_line()).await {
+                return line;
+            }
+        }
+    })
+    .await;
+    assert!(heard.ends_with(":4445 joining"), "{heard}");
+    // Too large for a datagram: refused here with the maximum, the socket lives on.
+    me.write_stdin(format!("{}\n", "x".repeat(2000)).as_bytes()).await;
+    me.stderr_until("not sent").await;
+    nix_signal(&me.child, "INT");
+    assert_eq!(me.wait().await.0, 130);
+    let (code, out, _) = output(cmd("me", &["status", "--json"])).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("\"state\":\"up\""), "{out}");
+}
