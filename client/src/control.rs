@@ -700,10 +700,10 @@ impl ProxiedStream {
             }
             output.flush().await.map_err(|e| format!("writing output: {e}"))
         };
-        let (up, down) = tokio::join!(upload, download);
-        match (up, down) {
-            (Ok(_), Ok(())) => Ended::Clean,
-            (Err(e), _) | (_, Err(e)) => Ended::Failed(e),
+        // The first failure ends the transfer at once (it must not wait for input).
+        match tokio::try_join!(upload, download) {
+            Ok(_) => Ended::Clean,
+            Err(e) => Ended::Failed(e),
         }
     }
 

@@ -395,6 +395,30 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
         }
     }
     let client = join_or_signal(cli, shutdown).await?;
+    // Say when the session is lost and back: a waiting listener or a datagram socket
+    // carries on after the reconnect (re-registered), an open stream fails at once.
+    let watcher = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut state = client.watch_state();
+            let mut up = true;
+            while state.changed().await.is_ok() {
+                match state.borrow_and_update().clone() {
+                    // Once per loss, not once per failed attempt.
+                    SessionState::Reconnecting(why) if up => {
+                        up = false;
+                        eprintln!("session lost ({why}); reconnecting");
+                    }
+                    SessionState::Reconnecting(_) => {}
+                    SessionState::Up => {
+                        up = true;
+                        eprintln!("reconnected as {}", client.vip());
+                    }
+                    SessionState::Closed(_) => return,
+                }
+            }
+        }
+    });
     let result = if args.udp {
         match client.bind_datagram(local_port.unwrap_or(0)).await {
             Ok(socket) => nc_datagram(Dgram::Own(socket), args, shutdown).await,
@@ -403,6 +427,7 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
     } else {
         nc_stream(&client, args, local_port, shutdown).await
     };
+    watcher.abort();
     client.leave().await;
     result.map(|()| ExitCode::SUCCESS)
 }
@@ -479,35 +504,34 @@ async fn nc_stream(
     let (mut read, mut write) = stream.into_split();
     let upload = async {
         let mut stdin = tokio::io::stdin();
-        let sent = tokio::io::copy(&mut stdin, &mut write).await?;
-        write.shutdown().await?;
+        let sent = tokio::io::copy(&mut stdin, &mut write).await.map_err(|e| format!("connection to {peer}: {e}"))?;
+        write.shutdown().await.map_err(|e| format!("connection to {peer}: {e}"))?;
         match write.delivered().await {
             // Nothing was sent, so nothing is lost if the peer stopped reading first.
             Err(_) if sent == 0 => Ok(()),
-            other => other,
+            other => other.map_err(|e| format!("connection to {peer}: {e}")),
         }
     };
     let download = async {
         let mut stdout = tokio::io::stdout();
-        tokio::io::copy(&mut read, &mut stdout).await?;
-        stdout.flush().await
+        tokio::io::copy(&mut read, &mut stdout).await.map_err(|e| e.to_string())?;
+        stdout.flush().await.map_err(|e| e.to_string())
     };
-    let transfer = async { tokio::join!(upload, download) };
+    // The first failure ends the command at once: a stream cut by a lost session must
+    // not wait for the user to type before it says so.
+    let transfer = async { tokio::try_join!(upload, download) };
     let outcome = tokio::select! {
-        (up, down) = transfer => Ok((up, down)),
+        done = transfer => Ok(done),
         signal = shutdown.recv() => Err(signal),
     };
-    let (up, down) = match outcome {
-        Ok(done) => done,
+    match outcome {
+        Ok(done) => done.map(|_| ()).map_err(CliError::from),
         Err(signal) => {
             write.abort();
             read.abort();
-            return Err(CliError::interrupted(signal));
+            Err(CliError::interrupted(signal))
         }
-    };
-    down.map_err(|e| e.to_string())?;
-    up.map_err(|e| format!("connection to {peer}: {e}"))?;
-    Ok(())
+    }
 }
 
 /// A datagram socket of this command's own session, or of the running `up`.

@@ -228,3 +228,31 @@ async fn a_signal_aborts_a_stream_running_through_up_and_up_lives_on() {
     assert!(err.to_string().contains("aborted"), "{err}");
     assert!(up.child.try_wait().unwrap().is_none(), "up still runs");
 }
+
+#[tokio::test]
+async fn after_a_relay_restart_a_connected_nc_ends_at_once_and_a_listening_one_says_it_reconnected() {
+    bin("overlan");
+    let mut relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A waiting listener, and a connected stream whose stdin stays open.
+    let mut cmd = overlan_cmd(&relay.invite(), dir.path(), "waiting");
+    cmd.args(["nc", "-l", "7104"]);
+    let mut waiting = Proc::spawn(cmd);
+    waiting.stderr_until("listening on").await;
+    let peer = join(&relay.invite()).await;
+    let listener = peer.listen(7105).await.unwrap();
+    let mut cmd = overlan_cmd(&relay.invite(), dir.path(), "talker");
+    cmd.args(["nc", &peer.vip().to_string(), "7105"]);
+    let mut talker = Proc::spawn(cmd);
+    let (_stream, _) = within("accept", listener.accept()).await.unwrap();
+
+    relay = relay.restart_same_port();
+    let stopped = Instant::now();
+    let (code, stderr) = talker.wait().await;
+    assert_ne!(code, 0, "a cut stream is not a success: {stderr:?}");
+    assert!(stopped.elapsed() < Duration::from_secs(5), "ended {:?} after the restart", stopped.elapsed());
+    assert!(stderr.iter().any(|l| l.starts_with("overlan: ")), "{stderr:?}");
+    waiting.stderr_until("session lost").await;
+    waiting.stderr_until("reconnected as").await;
+    drop(relay);
+}
