@@ -355,14 +355,64 @@ fn parse_port(text: &str) -> Result<u16, String> {
     text.parse().map_err(|_| format!("{text:?} is not a port (0-65535)"))
 }
 
-fn parse_target(args: &[String]) -> Result<SocketAddrV4, String> {
+/// Where `nc` connects or sends: a VIP, or the instance name of a member of the network
+/// (resolved through the relay's member list).
+#[derive(Debug, Clone)]
+enum Target {
+    Addr(SocketAddrV4),
+    Name(String, u16),
+}
+
+fn parse_target(args: &[String]) -> Result<Target, String> {
     match args {
-        [vip, port] => {
-            let ip: Ipv4Addr = vip.parse().map_err(|_| format!("{vip:?} is not a VIP (A.B.C.D)"))?;
-            Ok(SocketAddrV4::new(ip, parse_port(port)?))
+        [host, port] => {
+            let port = parse_port(port)?;
+            if let Ok(ip) = host.parse::<Ipv4Addr>() {
+                return Ok(Target::Addr(SocketAddrV4::new(ip, port)));
+            }
+            let name_like = !host.is_empty()
+                && host.len() <= 64
+                && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if name_like {
+                Ok(Target::Name(host.clone(), port))
+            } else {
+                Err(format!("{host:?} is neither a VIP (A.B.C.D) nor an instance name"))
+            }
         }
-        [one] => one.parse().map_err(|_| format!("expected VIP PORT, got {one:?}")),
+        [one] => one.parse().map(Target::Addr).map_err(|_| format!("expected VIP PORT, got {one:?}")),
         _ => Err("expected VIP PORT".into()),
+    }
+}
+
+/// The VIP of the member named `name` among `peers`: online members first; a name held
+/// by several (other identities may pick the same) must be given as a VIP.
+fn pick_member(
+    peers: &[overlan_shared::wire::control::PeerInfo],
+    name: &str,
+    network: &str,
+) -> Result<Ipv4Addr, String> {
+    let named: Vec<_> = peers.iter().filter(|p| p.instance.as_deref() == Some(name)).collect();
+    let online: Vec<_> = named.iter().filter(|p| p.online).collect();
+    let candidates: Vec<Ipv4Addr> =
+        if online.is_empty() { named.iter().map(|p| p.vip).collect() } else { online.iter().map(|p| p.vip).collect() };
+    match candidates.as_slice() {
+        [vip] => Ok(*vip),
+        [] => Err(format!("no member named {name:?} in network {network} (`overlan peers` lists them)")),
+        many => {
+            let vips: Vec<String> = many.iter().map(|v| v.to_string()).collect();
+            Err(format!("{name:?} names several members ({}); give the VIP", vips.join(", ")))
+        }
+    }
+}
+
+/// `target` as an address, asking `client` for the member list if it is a name.
+async fn resolve_with(client: &Client, target: &Target) -> Result<SocketAddrV4, String> {
+    match target {
+        Target::Addr(addr) => Ok(*addr),
+        Target::Name(name, port) => {
+            let peers = client.peers().await.map_err(|e| format!("looking up {name:?}: {e}"))?;
+            Ok(SocketAddrV4::new(pick_member(&peers, name, client.network())?, *port))
+        }
     }
 }
 
@@ -388,7 +438,20 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
         };
         match opened.map_err(|e| format!("asking `overlan up` ({}): {e}", control.display()))? {
             Some(Ok(socket)) => {
-                return nc_datagram(Dgram::Up(socket), args, shutdown).await.map(|()| ExitCode::SUCCESS)
+                let target = match (local_port, parse_target(&args.args)) {
+                    (Some(_), _) => None,
+                    (None, Ok(Target::Addr(addr))) => Some(addr),
+                    (None, Ok(Target::Name(name, port))) => {
+                        let peers = match control::ask(&control, &control::Request::Peers).await {
+                            Ok(Some(control::Response::Peers { peers })) => peers,
+                            other => return Err(format!("looking up {name:?}: {other:?}").into()),
+                        };
+                        let network = running_status(&control).await?.map(|s| s.network).unwrap_or_default();
+                        Some(SocketAddrV4::new(pick_member(&peers, &name, &network)?, port))
+                    }
+                    (None, Err(e)) => return Err(e.into()),
+                };
+                return nc_datagram(Dgram::Up(socket), target, args, shutdown).await.map(|()| ExitCode::SUCCESS);
             }
             Some(Err(message)) => return Err(message.into()),
             None => {}
@@ -420,9 +483,17 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
         }
     });
     let result = if args.udp {
-        match client.bind_datagram(local_port.unwrap_or(0)).await {
-            Ok(socket) => nc_datagram(Dgram::Own(socket), args, shutdown).await,
-            Err(e) => Err(format!("bind: {e}").into()),
+        let target = match local_port {
+            Some(_) => Ok(None),
+            None => match parse_target(&args.args) {
+                Ok(target) => resolve_with(&client, &target).await.map(Some),
+                Err(e) => Err(e),
+            },
+        };
+        match (target, client.bind_datagram(local_port.unwrap_or(0)).await) {
+            (Err(e), _) => Err(e.into()),
+            (Ok(target), Ok(socket)) => nc_datagram(Dgram::Own(socket), target, args, shutdown).await,
+            (Ok(_), Err(e)) => Err(format!("bind: {e}").into()),
         }
     } else {
         nc_stream(&client, args, local_port, shutdown).await
@@ -445,7 +516,23 @@ async fn nc_stream_via_up(
     let control = control::socket_path(&identity_path(cli), &cli.name);
     let request = match listen {
         Some(port) => control::Request::Listen { port },
-        None => control::Request::Connect { to: parse_target(&args.args)? },
+        None => {
+            let to = match parse_target(&args.args)? {
+                Target::Addr(addr) => addr,
+                Target::Name(name, port) => match control::ask(&control, &control::Request::Peers).await {
+                    Ok(Some(control::Response::Peers { peers })) => {
+                        let network = running_status(&control).await?.map(|s| s.network).unwrap_or_default();
+                        SocketAddrV4::new(pick_member(&peers, &name, &network)?, port)
+                    }
+                    Ok(Some(control::Response::Error { message })) => {
+                        return Err(format!("looking up {name:?}: {message}").into())
+                    }
+                    Ok(_) => return Ok(None),
+                    Err(e) => return Err(format!("asking `overlan up` ({}): {e}", control.display()).into()),
+                },
+            };
+            control::Request::Connect { to }
+        }
     };
     let opening = control::open_stream(&control, &request, |local| eprintln!("listening on {local}"));
     let opened = tokio::select! {
@@ -491,7 +578,7 @@ async fn nc_stream(
                 Ok::<_, String>(stream)
             }
             None => {
-                let target = parse_target(&args.args)?;
+                let target = resolve_with(client, &parse_target(&args.args)?).await?;
                 client.connect(target).await.map_err(|e| e.to_string())
             }
         }
@@ -570,14 +657,15 @@ impl Dgram {
     }
 }
 
-async fn nc_datagram(socket: Dgram, args: &NcArgs, shutdown: &mut Shutdown) -> Result<(), CliError> {
-    let fixed_target = if args.broadcast {
-        Some(SocketAddrV4::new(Ipv4Addr::BROADCAST, socket.local_addr().port()))
-    } else if args.listen {
-        None
-    } else {
-        Some(parse_target(&args.args)?)
-    };
+/// Datagram mode; `target` is where lines go (`None` for -l and -b).
+async fn nc_datagram(
+    socket: Dgram,
+    target: Option<SocketAddrV4>,
+    args: &NcArgs,
+    shutdown: &mut Shutdown,
+) -> Result<(), CliError> {
+    let fixed_target =
+        if args.broadcast { Some(SocketAddrV4::new(Ipv4Addr::BROADCAST, socket.local_addr().port())) } else { target };
     eprintln!("bound {} (max payload {} bytes)", socket.local_addr(), socket.max_payload());
     let last_peer = std::sync::Mutex::new(None::<SocketAddrV4>);
     let send = async {

@@ -595,3 +595,32 @@ async fn datagram_nc_goes_through_the_running_up_too() {
     assert_eq!(code, 0);
     assert!(out.contains("\"state\":\"up\""), "{out}");
 }
+
+#[tokio::test]
+async fn nc_takes_an_instance_name_where_a_vip_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Proc::spawn({
+        let mut cmd = server_cmd(&dir.path().join("data"));
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd
+    });
+    let _ = relay.stdout_line().await;
+    let _ = relay.stdout_line().await;
+    let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
+    let cmd = |identity: &str, args: &[&str]| {
+        let mut c = overlan_cmd(&invite, dir.path(), identity);
+        c.env("XDG_RUNTIME_DIR", dir.path().join("run")).args(args);
+        c
+    };
+    let mut bob = Proc::spawn(cmd("b", &["--name", "bob", "nc", "-l", "7000"]));
+    bob.close_stdin();
+    bob.stderr_until("listening on").await;
+    let mut me = Proc::spawn(cmd("m", &["nc", "bob", "7000"]));
+    me.write_stdin(b"hello bob\n").await;
+    me.close_stdin();
+    assert_eq!(within("bob's line", bob.stdout_line()).await, "hello bob");
+    assert_eq!(me.wait().await.0, 0);
+    let (code, _, err) = output(cmd("m", &["nc", "nobody", "7000"])).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no member named \"nobody\""), "{err}");
+}
