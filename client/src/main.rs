@@ -52,6 +52,11 @@ enum Command {
     Peers(JsonArg),
     /// Netcat over the overlay: streams, datagrams (-u) and broadcasts (-u -b).
     Nc(NcArgs),
+    /// Print a shell completion script: `overlan completions bash > /etc/bash_completion.d/overlan`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -233,6 +238,11 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             result
         }
         Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "overlan", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -624,3 +624,17 @@ async fn nc_takes_an_instance_name_where_a_vip_goes() {
     assert_eq!(code, 1);
     assert!(err.contains("no member named \"nobody\""), "{err}");
 }
+
+#[tokio::test]
+async fn shell_completions_are_printed_for_each_shell() {
+    for (shell, marker) in [("bash", "_overlan()"), ("zsh", "#compdef overlan"), ("fish", "complete -c overlan")] {
+        let mut cmd = tokio::process::Command::new(bin("overlan"));
+        cmd.args(["completions", shell]).env_remove("OVERLAN_INVITE");
+        let (code, out, err) = output(cmd).await;
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(out.contains(marker) && out.contains("peers") && out.contains("relay"), "{shell}: {out}");
+    }
+    let mut cmd = tokio::process::Command::new(bin("overlan"));
+    cmd.args(["completions", "tcsh"]);
+    assert_eq!(output(cmd).await.0, 2, "an unknown shell is a usage error");
+}
