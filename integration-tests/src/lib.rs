@@ -492,3 +492,23 @@ impl RawSession {
         }
     }
 }
+
+/// Sends `line` with `overlan nc` from a fresh process made by `make` until one exits 0
+/// (in a cluster a listener may not be registered yet, its route still on its way, or
+/// moving after a failover), within [`EVENT_TIMEOUT`].
+pub async fn send_until_delivered(mut make: impl FnMut() -> tokio::process::Command, line: &[u8]) {
+    within("a stream delivered", async {
+        loop {
+            let mut sender = Proc::spawn(make());
+            sender.write_stdin(line).await;
+            sender.close_stdin();
+            let (code, err) = sender.wait().await;
+            if code == 0 {
+                return;
+            }
+            tracing::debug!(code, ?err, "sender failed; retrying");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+}

@@ -29,6 +29,40 @@ async fn output(mut cmd: tokio::process::Command) -> (i32, String, String) {
     )
 }
 
+/// A relay process on 127.0.0.1 with its data in `dir/data`, and its default invite.
+async fn relay_process(dir: &std::path::Path) -> (Proc, Invite) {
+    let mut relay = Proc::spawn({
+        let mut cmd = server_cmd(&dir.join("data"));
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd
+    });
+    let _listen = relay.stdout_line().await;
+    let _fingerprint = relay.stdout_line().await;
+    let invite = relay.stdout_line().await.strip_prefix("invite ").expect("invite line").parse().expect("invite");
+    (relay, invite)
+}
+
+/// Starts `overlan up` and waits until it has joined; returns it and its VIP.
+async fn start_up(cmd: tokio::process::Command) -> (Proc, String) {
+    let mut up = Proc::spawn(cmd);
+    let vip = up.stdout_line().await.strip_prefix("vip ").expect("vip line").to_owned();
+    up.stderr_until("joined network").await;
+    (up, vip)
+}
+
+/// `overlan ARGS` as identity `name`, with its control sockets under `runtime`.
+fn instance_cmd(
+    invite: &Invite,
+    dir: &std::path::Path,
+    runtime: &std::path::Path,
+    name: &str,
+    args: &[&str],
+) -> tokio::process::Command {
+    let mut c = overlan_cmd(invite, dir, name);
+    c.env("XDG_RUNTIME_DIR", runtime).args(args);
+    c
+}
+
 #[tokio::test]
 async fn server_prints_its_address_fingerprint_and_invite_and_clients_join() {
     let dir = tempfile::tempdir().unwrap();
@@ -427,22 +461,9 @@ async fn invites_that_cannot_work_are_refused_and_invites_name_the_running_relay
 async fn commands_share_the_running_up_and_status_and_peers_report_it() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("run");
-    let mut relay = Proc::spawn({
-        let mut cmd = server_cmd(&dir.path().join("data"));
-        cmd.args(["--listen", "127.0.0.1:0"]);
-        cmd
-    });
-    let _ = relay.stdout_line().await;
-    let _ = relay.stdout_line().await;
-    let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
-    let cmd = |name: &str, args: &[&str]| {
-        let mut c = overlan_cmd(&invite, dir.path(), name);
-        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
-        c
-    };
-    let mut up = Proc::spawn(cmd("me", &["up"]));
-    let vip = up.stdout_line().await.strip_prefix("vip ").unwrap().to_owned();
-    up.stderr_until("joined network").await;
+    let (_relay, invite) = relay_process(dir.path()).await;
+    let cmd = |name: &str, args: &[&str]| instance_cmd(&invite, dir.path(), &runtime, name, args);
+    let (mut up, vip) = start_up(cmd("me", &["up"])).await;
 
     // `ip` of the same instance asks the running up: same VIP, and up lives on.
     let (code, out, err) = output(cmd("me", &["ip"])).await;
@@ -486,22 +507,9 @@ async fn commands_share_the_running_up_and_status_and_peers_report_it() {
 async fn nc_streams_go_through_the_running_up_and_leave_it_up() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("run");
-    let mut relay = Proc::spawn({
-        let mut cmd = server_cmd(&dir.path().join("data"));
-        cmd.args(["--listen", "127.0.0.1:0"]);
-        cmd
-    });
-    let _ = relay.stdout_line().await;
-    let _ = relay.stdout_line().await;
-    let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
-    let cmd = |name: &str, args: &[&str]| {
-        let mut c = overlan_cmd(&invite, dir.path(), name);
-        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
-        c
-    };
-    let mut up = Proc::spawn(cmd("me", &["up"]));
-    let my_vip = up.stdout_line().await.strip_prefix("vip ").unwrap().to_owned();
-    up.stderr_until("joined network").await;
+    let (_relay, invite) = relay_process(dir.path()).await;
+    let cmd = |name: &str, args: &[&str]| instance_cmd(&invite, dir.path(), &runtime, name, args);
+    let (mut up, my_vip) = start_up(cmd("me", &["up"])).await;
     let (_, bob_vip, _) = output(cmd("bob", &["ip"])).await;
     let bob_vip = bob_vip.trim().to_owned();
 
@@ -543,22 +551,9 @@ async fn nc_streams_go_through_the_running_up_and_leave_it_up() {
 async fn datagram_nc_goes_through_the_running_up_too() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("run");
-    let mut relay = Proc::spawn({
-        let mut cmd = server_cmd(&dir.path().join("data"));
-        cmd.args(["--listen", "127.0.0.1:0"]);
-        cmd
-    });
-    let _ = relay.stdout_line().await;
-    let _ = relay.stdout_line().await;
-    let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
-    let cmd = |name: &str, args: &[&str]| {
-        let mut c = overlan_cmd(&invite, dir.path(), name);
-        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
-        c
-    };
-    let mut up = Proc::spawn(cmd("me", &["up"]));
-    let my_vip = up.stdout_line().await.strip_prefix("vip ").unwrap().to_owned();
-    up.stderr_until("joined network").await;
+    let (_relay, invite) = relay_process(dir.path()).await;
+    let cmd = |name: &str, args: &[&str]| instance_cmd(&invite, dir.path(), &runtime, name, args);
+    let (_up, my_vip) = start_up(cmd("me", &["up"])).await;
 
     let mut bob = Proc::spawn(cmd("bob", &["nc", "-u", "-b", "--show-source", "4445"]));
     bob.stderr_until("bound ").await;
@@ -599,19 +594,9 @@ async fn datagram_nc_goes_through_the_running_up_too() {
 #[tokio::test]
 async fn nc_takes_an_instance_name_where_a_vip_goes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut relay = Proc::spawn({
-        let mut cmd = server_cmd(&dir.path().join("data"));
-        cmd.args(["--listen", "127.0.0.1:0"]);
-        cmd
-    });
-    let _ = relay.stdout_line().await;
-    let _ = relay.stdout_line().await;
-    let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
-    let cmd = |identity: &str, args: &[&str]| {
-        let mut c = overlan_cmd(&invite, dir.path(), identity);
-        c.env("XDG_RUNTIME_DIR", dir.path().join("run")).args(args);
-        c
-    };
+    let (_relay, invite) = relay_process(dir.path()).await;
+    let runtime = dir.path().join("run");
+    let cmd = |identity: &str, args: &[&str]| instance_cmd(&invite, dir.path(), &runtime, identity, args);
     let mut bob = Proc::spawn(cmd("b", &["--name", "bob", "nc", "-l", "7000"]));
     bob.close_stdin();
     bob.stderr_until("listening on").await;

@@ -110,25 +110,15 @@ async fn three_nodes_from_the_command_line() {
     });
     // Nothing to send back: the sender sees the end of the stream and exits.
     listener.close_stdin();
-    let sent = within("a stream from n1 to n3", async {
-        loop {
-            let mut sender = Proc::spawn({
-                let mut c = overlan_cmd(&n1.invite, dir.path(), "sender");
-                c.args(["nc", &vip, "7000"]);
-                c
-            });
-            sender.write_stdin(b"across three nodes\n").await;
-            sender.close_stdin();
-            let (code, err) = sender.wait().await;
-            if code == 0 {
-                return;
-            }
-            println!("sender: {code} {err:?}");
-            // The listener may not be registered yet, or its route still on its way.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    sent.await;
+    send_until_delivered(
+        || {
+            let mut c = overlan_cmd(&n1.invite, dir.path(), "sender");
+            c.args(["nc", &vip, "7000"]);
+            c
+        },
+        b"across three nodes\n",
+    )
+    .await;
     assert_eq!(within("received", listener.stdout_line()).await, "across three nodes");
     let (code, _) = listener.wait().await;
     assert_eq!(code, 0);
@@ -172,23 +162,14 @@ async fn a_client_fails_over_when_its_node_is_killed() {
     let _ = n1.proc.child.wait().await;
 
     // A client of n2 reaches the same VIP and port: the listener moved to n3 with its VIP.
-    within("a stream after failover", async {
-        loop {
-            let mut sender = Proc::spawn({
-                let mut c = overlan_cmd(&n2.invite, dir.path(), "s");
-                c.args(["nc", &vip, "7001"]);
-                c
-            });
-            sender.write_stdin(b"after failover\n").await;
-            sender.close_stdin();
-            let (code, err) = sender.wait().await;
-            if code == 0 {
-                return;
-            }
-            println!("sender: {code} {err:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
+    send_until_delivered(
+        || {
+            let mut c = overlan_cmd(&n2.invite, dir.path(), "s");
+            c.args(["nc", &vip, "7001"]);
+            c
+        },
+        b"after failover\n",
+    )
     .await;
     println!("reachable again {:?} after the kill", killed.elapsed());
     assert_eq!(within("received", listener.stdout_line()).await, "after failover");

@@ -188,23 +188,6 @@ async fn clients_on_separate_hosts_talk_through_the_relay() {
     assert_eq!(hearer.stdout_line().await, format!("{vip1}:4445 lobby open"));
 }
 
-/// Sends `line` with `overlan nc` from a fresh process until one exits 0 (routes take a
-/// moment to converge, and after a failover a moment to move).
-async fn send_until_delivered(mut make: impl FnMut() -> tokio::process::Command, line: &[u8]) {
-    within("a stream delivered", async {
-        loop {
-            let mut sender = Proc::spawn(make());
-            sender.write_stdin(line).await;
-            sender.close_stdin();
-            if sender.wait().await.0 == 0 {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    })
-    .await
-}
-
 async fn a_cluster_of_three_relay_hosts_survives_losing_one() {
     let (server, client) = (bin("overlan-server"), bin("overlan"));
     let dir = tempfile::tempdir().unwrap();
