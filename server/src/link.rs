@@ -159,7 +159,7 @@ impl PeerLinkActor {
                     return self.answer_err(ctx, socket, ErrorCode::Refused, why);
                 }
             },
-            Some(Route::Peer(next)) if next.id == self.id || next.node == self.peer.name || hops <= 1 => {
+            Some(Route::Peer(next)) if next.id == self.id || *next.node == *self.peer.name || hops <= 1 => {
                 let why = format!("connect {to}: unreachable (routes are changing)");
                 return self.answer_err(ctx, socket, ErrorCode::Unreachable, why);
             }
@@ -223,7 +223,7 @@ impl Actor for PeerLinkActor {
         let link = PeerLink {
             id: self.id,
             session: self.id,
-            node: self.peer.name.clone(),
+            node: self.peer.name.as_str().into(),
             addr: ctx.address(),
             conn: self.conn.clone(),
         };

@@ -128,7 +128,7 @@ impl RelayHandle {
     pub fn next_hop(&self, network: &str, vip: std::net::Ipv4Addr) -> Option<String> {
         match self.node.router.route(overlan_shared::route::NetKey::of(network), vip)? {
             crate::router::Route::Local(_) => Some("local".to_owned()),
-            crate::router::Route::Peer(link) => Some(link.node),
+            crate::router::Route::Peer(link) => Some(link.node.to_string()),
         }
     }
 

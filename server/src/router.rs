@@ -40,8 +40,9 @@ pub struct PeerLink {
     pub id: LinkId,
     /// Its session number, as a party of sockets.
     pub session: SessionId,
-    /// The peer node's name.
-    pub node: String,
+    /// The peer node's name (shared: a route lookup on the data path clones the link
+    /// and must not allocate).
+    pub node: std::sync::Arc<str>,
     /// The link actor.
     pub addr: Addr<PeerLinkActor>,
     /// The link's QUIC connection (datagrams and socket streams go straight to it).
@@ -206,13 +207,13 @@ impl Router {
 
     /// The peer node of every live link.
     pub fn link_peers(&self) -> Vec<String> {
-        self.links.iter().map(|l| l.node.clone()).collect()
+        self.links.iter().map(|l| l.node.to_string()).collect()
     }
 
     /// Closes every live link to node `peer`; returns how many.
     pub fn close_links_to(&self, peer: &str) -> usize {
         let mut n = 0;
-        for link in self.links.iter().filter(|l| l.node == peer) {
+        for link in self.links.iter().filter(|l| &*l.node == peer) {
             link.conn.close(quinn::VarInt::from_u32(overlan_shared::wire::close_code::NORMAL), b"link cut");
             n += 1;
         }
