@@ -867,7 +867,9 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
         };
         session.conn.close(VarInt::from_u32(close_code::NORMAL), b"session ended");
         let why = error.to_string();
-        tracing::warn!(reason = %why, "session lost");
+        // Info, not warn: the application is told through the session state (the CLI
+        // prints it once); a warning here would say the same thing twice.
+        tracing::info!(reason = %why, "session lost");
         if error.is_terminal() || !inner.options.reconnect {
             inner.give_up(why);
             return;

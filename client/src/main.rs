@@ -162,7 +162,18 @@ impl From<&str> for CliError {
     }
 }
 
+/// How long a join may go unanswered before the user is told what to check.
+const JOIN_HINT_AFTER: Duration = Duration::from_secs(2);
+/// Whether the hint was given (once per process: `up` retries a first join).
+static HINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 async fn join(cli: &Cli) -> Result<Client, CliError> {
+    if !overlan_shared::wire::control::valid_instance(&cli.name) {
+        return Err(CliError::usage(format!(
+            "--name {:?}: an instance name is at most 64 of A-Z a-z 0-9 . _ -",
+            cli.name
+        )));
+    }
     let text = cli.invite.as_deref().ok_or(
         "no invite: pass --invite URI or set OVERLAN_INVITE (ask the relay operator; the relay prints one at start)",
     )?;
@@ -179,9 +190,23 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
     let leases = lease_file_path(&path);
     let network = invite.network.clone();
     let lease = load_lease(&leases, &network, &cli.name);
+    let relay_hint = cli.relays.first().cloned().unwrap_or_else(|| invite.relay.clone());
     let options =
         JoinOptions::new(invite, identity).instance(cli.name.clone()).relays(cli.relays.clone()).lease(lease.clone());
-    let client = Client::join(options).await.map_err(|e| {
+    // A relay that does not answer is said at once, not after the handshake times out.
+    let joining = Client::join(options);
+    tokio::pin!(joining);
+    let joined = tokio::select! {
+        joined = &mut joining => joined,
+        _ = tokio::time::sleep(JOIN_HINT_AFTER), if !HINTED.swap(true, std::sync::atomic::Ordering::Relaxed) => {
+            let port = relay_hint.rsplit_once(':').map_or("7700", |(_, p)| p).to_owned();
+            eprintln!(
+                "overlan: no answer from relay {relay_hint} yet: is it running, and is UDP port {port} reachable from here? (still trying)"
+            );
+            joining.await
+        }
+    };
+    let client = joined.map_err(|e| {
         let message = format!("join: {e}");
         if e.is_terminal() {
             CliError::refused(message)
@@ -195,6 +220,36 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
         }
     }
     Ok(client)
+}
+
+/// `up`'s first join: a relay that cannot be reached yet is retried (with backoff, said
+/// once) until it answers, a refusal for good ends it, and so does a signal.
+async fn join_until_up(cli: &Cli, shutdown: &mut Shutdown) -> Result<Client, CliError> {
+    let mut delay = Duration::from_secs(1);
+    let mut said = false;
+    loop {
+        let attempt = tokio::select! {
+            joined = join(cli) => joined,
+            signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+        };
+        match attempt {
+            Ok(client) => return Ok(client),
+            Err(e) if e.code != 1 => return Err(e),
+            Err(e) => {
+                if !said {
+                    if let Some(message) = &e.message {
+                        eprintln!("overlan: {message}; retrying until the relay answers (Ctrl-C to stop)");
+                    }
+                    said = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }
 
 /// Joins, unless a signal comes first.
@@ -231,7 +286,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 )
                 .into());
             }
-            let client = join_or_signal(&cli, &mut shutdown).await?;
+            let client = join_until_up(&cli, &mut shutdown).await?;
             let server = control::serve(client.clone(), control, cli.name.clone()).await.map_err(|e| e.to_string())?;
             let result = up(client, &mut shutdown).await;
             drop(server);
@@ -353,7 +408,7 @@ async fn up(client: Client, shutdown: &mut Shutdown) -> Result<ExitCode, CliErro
                 }
                 match state.borrow_and_update().clone() {
                     SessionState::Up => eprintln!("reconnected as {}", client.vip()),
-                    SessionState::Reconnecting(why) => eprintln!("session lost ({why}); reconnecting"),
+                    SessionState::Reconnecting(why) => eprintln!("{why}; reconnecting"),
                     SessionState::Closed(why) => return Err(CliError::refused(why)),
                 }
             }
@@ -480,7 +535,7 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
                     // Once per loss, not once per failed attempt.
                     SessionState::Reconnecting(why) if up => {
                         up = false;
-                        eprintln!("session lost ({why}); reconnecting");
+                        eprintln!("{why}; reconnecting");
                     }
                     SessionState::Reconnecting(_) => {}
                     SessionState::Up => {

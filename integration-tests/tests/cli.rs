@@ -623,3 +623,43 @@ async fn shell_completions_are_printed_for_each_shell() {
     cmd.args(["completions", "tcsh"]);
     assert_eq!(output(cmd).await.0, 2, "an unknown shell is a usage error");
 }
+
+#[tokio::test]
+async fn a_relay_that_is_not_running_is_named_at_once_and_up_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // An invite for the relay that will run on `port` (its fingerprint and token are
+    // made now, from its data directory, before it runs).
+    let data = dir.path().join("data");
+    let (code, out, err) = server_run(&data, &["--listen", &format!("127.0.0.1:{port}"), "info"]).await;
+    assert_eq!(code, 0, "{err}");
+    let invite: Invite = out.lines().find_map(|l| l.strip_prefix("invite ")).unwrap().parse().unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = overlan_cmd(&invite, dir.path(), "me");
+        c.env("XDG_RUNTIME_DIR", dir.path().join("run")).args(args);
+        c
+    };
+
+    // A bad instance name is a usage error, found before anything is sent.
+    let (code, _, err) = output(cmd(&["--name", "bad name!", "ip"])).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("instance name"), "{err}");
+
+    // Nothing answers: said within about 2 s, with what to check.
+    let mut up = Proc::spawn(cmd(&["up"]));
+    let started = std::time::Instant::now();
+    let hint = up.stderr_until("no answer from relay").await;
+    assert!(started.elapsed() < Duration::from_secs(5), "said after {:?}", started.elapsed());
+    assert!(hint.contains(&format!("UDP port {port}")), "{hint}");
+    // `up` keeps trying; once the relay runs, it joins.
+    let mut relay = Proc::spawn({
+        let mut c = server_cmd(&data);
+        c.args(["--listen", &format!("127.0.0.1:{port}")]);
+        c
+    });
+    let _ = relay.stdout_line().await;
+    let vip = within("up joins once the relay runs", up.stdout_line()).await;
+    assert!(vip.starts_with("vip "), "{vip}");
+    nix_signal(&up.child, "TERM");
+    assert_eq!(up.wait().await.0, 0);
+}

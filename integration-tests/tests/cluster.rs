@@ -265,14 +265,9 @@ async fn a_client_fails_over_to_its_next_relay_and_keeps_its_vip() {
     assert_eq!(&d.payload[..], b"dgram");
 }
 
-/// A peer of the cluster (its certificate is the CA's) that lies in its announcements.
-async fn rogue_peer(
-    cluster: &TestCluster,
-    name: &str,
-    creds: overlan_shared::cluster::NodeCredentials,
-) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    use overlan_shared::wire::frame::FrameCodec;
-    use overlan_shared::wire::peer::{PeerMessage, ALPN_PEER, PEER_PROTOCOL_VERSION};
+/// A QUIC connection to node 0 as a peer with `creds` (the node may refuse it at once).
+async fn rogue_connect(cluster: &TestCluster, creds: overlan_shared::cluster::NodeCredentials) -> quinn::Connection {
+    use overlan_shared::wire::peer::ALPN_PEER;
     let crypto = overlan_shared::cluster::peer_client_config(&creds, ALPN_PEER).unwrap();
     let quic = quinn::ClientConfig::new(std::sync::Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
@@ -281,6 +276,18 @@ async fn rogue_peer(
     let conn = within("rogue connects", endpoint.connect_with(quic, cluster.nodes[0].addr(), "overlan-relay").unwrap())
         .await
         .unwrap();
+    conn
+}
+
+/// A peer of the cluster (its certificate is the CA's) that lies in its announcements.
+async fn rogue_peer(
+    cluster: &TestCluster,
+    name: &str,
+    creds: overlan_shared::cluster::NodeCredentials,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    use overlan_shared::wire::frame::FrameCodec;
+    use overlan_shared::wire::peer::{PeerMessage, PEER_PROTOCOL_VERSION};
+    let conn = rogue_connect(cluster, creds).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
     let codec = FrameCodec::<PeerMessage, PeerMessage>::new(1 << 20);
     let mut buf = bytes::BytesMut::new();
@@ -372,7 +379,8 @@ async fn a_peer_whose_certificate_is_not_from_the_cluster_ca_is_refused() {
     other_dir.issue("n7").unwrap();
     let mut creds = other_dir.load_node("n7").unwrap();
     creds.ca = overlan_shared::cluster::ClusterDir::new(cluster.dir()).ca_cert().unwrap();
-    let (conn, _send, _recv) = rogue_peer(&cluster, "n7", creds).await;
+    // Refused right after the handshake, before it could open a stream.
+    let conn = rogue_connect(&cluster, creds).await;
     let (code, reason) = close_reason(&conn).await;
     assert_eq!(code, u64::from(overlan_shared::wire::close_code::UNAUTHORIZED), "{reason}");
     assert!(reason.contains("not a node of this cluster"), "{reason}");

@@ -20,7 +20,7 @@ use overlan_shared::cluster::{ClusterDir, NodeCredentials};
 use overlan_shared::config::Secret;
 use overlan_shared::invite::Invite;
 use overlan_shared::tls::{self, Fingerprint, Identity};
-use overlan_shared::wire::control::ClientMessage;
+use overlan_shared::wire::control::{valid_instance, ClientMessage};
 use overlan_shared::wire::frame::RelaySideCodec;
 use overlan_shared::wire::peer::ALPN_PEER;
 use overlan_shared::wire::{close_code, ALPN_CLIENT, PROTOCOL_VERSION, RELAY_SERVER_NAME};
@@ -609,9 +609,4 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
     };
     SessionActor::new(parts, node.clone()).start();
     drop(permit);
-}
-
-/// Whether an instance name is acceptable: up to 64 of `A-Z a-z 0-9 . _ -` (may be empty).
-pub fn valid_instance(name: &str) -> bool {
-    name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }

@@ -13,6 +13,12 @@ use crate::config::Secret;
 /// Relay-assigned id of a connected virtual stream (a socket pair); unique per relay.
 pub type SocketId = u64;
 
+/// Whether an instance name is acceptable: up to 64 of `A-Z a-z 0-9 . _ -` (may be empty).
+/// The relay enforces it; the CLI checks it first so a typo is a usage error.
+pub fn valid_instance(name: &str) -> bool {
+    name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Messages from a client to the relay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
