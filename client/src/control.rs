@@ -664,11 +664,13 @@ pub enum Ended {
 impl ProxiedStream {
     /// Copies `input` to the stream and the stream to `output` until both directions end:
     /// `Clean` only if everything from `input` was acknowledged by the relay and the
-    /// peer finished cleanly (and `output` was flushed).
+    /// peer finished cleanly (and `output` was flushed). With `quit_after`, the peer is
+    /// read for at most that long once `input` was delivered (netcat's `-q`).
     pub async fn transfer(
         self,
         mut input: impl tokio::io::AsyncRead + Unpin,
         mut output: impl tokio::io::AsyncWrite + Unpin,
+        quit_after: Option<Duration>,
     ) -> Ended {
         use tokio::io::AsyncReadExt;
         let ProxiedStream { mut read, mut write, .. } = self;
@@ -686,13 +688,24 @@ impl ProxiedStream {
         };
         let download = async move {
             let (mut fin, mut delivered) = (false, false);
+            let mut deadline = None;
             while !(fin && delivered) {
-                match read_frame(&mut read).await {
+                let frame = match deadline {
+                    Some(deadline) => match tokio::time::timeout_at(deadline, read_frame(&mut read)).await {
+                        Ok(frame) => frame,
+                        Err(_) => break,
+                    },
+                    None => read_frame(&mut read).await,
+                };
+                match frame {
                     Ok(Some((frame::DATA, data))) => {
                         output.write_all(&data).await.map_err(|e| format!("writing output: {e}"))?
                     }
                     Ok(Some((frame::FIN, _))) => fin = true,
-                    Ok(Some((frame::DELIVERED, _))) => delivered = true,
+                    Ok(Some((frame::DELIVERED, _))) => {
+                        delivered = true;
+                        deadline = quit_after.map(|grace| tokio::time::Instant::now() + grace);
+                    }
                     Ok(Some((frame::ERROR, why))) => return Err(String::from_utf8_lossy(&why).into_owned()),
                     Ok(_) => return Err("`overlan up` went away during the transfer".to_owned()),
                     Err(e) => return Err(format!("`overlan up`: {e}")),

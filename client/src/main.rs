@@ -13,6 +13,9 @@ use overlan_client::{
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+mod progress;
+use progress::{Counted, Progress};
+
 /// overlan client: join a virtual LAN through a relay.
 #[derive(Parser, Debug)]
 #[command(name = "overlan", version, about, long_about = None)]
@@ -24,8 +27,8 @@ struct Cli {
     #[arg(long, global = true, env = "OVERLAN_IDENTITY", value_name = "PATH")]
     identity: Option<PathBuf>,
     /// Instance name: several instances on one machine each get their own VIP.
-    #[arg(long, global = true, env = "OVERLAN_NAME", value_name = "INSTANCE", default_value = "")]
-    name: String,
+    #[arg(long, global = true, env = "OVERLAN_NAME", value_name = "INSTANCE")]
+    name: Option<String>,
     /// Relay to use instead of the invite's address (HOST:PORT); repeat for several, in
     /// order of preference: the client moves to the next when its relay is unreachable
     /// or dies (any node of a cluster accepts the same invite).
@@ -34,6 +37,10 @@ struct Cli {
     /// Log filter for diagnostics on stderr, e.g. info or overlan_client=debug [default: warn].
     #[arg(long, global = true, env = "OVERLAN_LOG", value_name = "FILTER")]
     log: Option<String>,
+    /// Client config file (TOML: invite, identity, name, relays, log); flags and
+    /// environment variables override it [default: ~/.config/overlan/config.toml if it exists].
+    #[arg(long, global = true, env = "OVERLAN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,9 +84,15 @@ struct NcArgs {
     /// With -u: bind PORT and send every stdin line as a broadcast to PORT.
     #[arg(short = 'b', long, requires = "udp")]
     broadcast: bool,
-    /// With -u: quit this many seconds after stdin ends [default: keep receiving until Ctrl-C].
+    /// Quit SECS seconds after stdin ends (0: at once). A stream waits until its input
+    /// was delivered, then reads the peer for at most SECS more; datagram modes stop
+    /// receiving [default: a stream ends when the peer closes; -u runs until Ctrl-C].
     #[arg(short = 'q', long, value_name = "SECS")]
     quit_after: Option<u64>,
+    /// Close the sending direction when stdin ends (as netcat's -N). A stream always does
+    /// so, since the peer is owed an end; accepted so netcat command lines work unchanged.
+    #[arg(short = 'N', long = "shutdown")]
+    shutdown: bool,
     /// Prefix each received datagram line with its source, `A.B.C.D:PORT `.
     #[arg(long)]
     show_source: bool,
@@ -97,8 +110,35 @@ fn init_logging(filter: Option<&str>) {
         .init();
 }
 
+/// The command line, with each subcommand's help listing only the options it takes:
+/// clap gives every subcommand the global options, except where the subcommand has an
+/// argument of that id already, so those a subcommand ignores get a hidden copy there
+/// (still accepted, as the global option, but not in its help or completions).
+fn command() -> clap::Command {
+    use clap::CommandFactory;
+    const JOIN: [&str; 2] = ["invite", "relays"];
+    const ALL: [&str; 6] = ["invite", "relays", "identity", "name", "log", "config"];
+    let unused: [(&str, &[&str]); 2] = [("status", &JOIN), ("completions", &ALL)];
+    let cmd = Cli::command();
+    let hidden = |id: &str| {
+        let arg = cmd.get_arguments().find(|a| a.get_id() == id).expect("a global option of Cli");
+        arg.clone().hide(true)
+    };
+    let hide: Vec<(&str, Vec<clap::Arg>)> =
+        unused.iter().map(|(sub, ids)| (*sub, ids.iter().map(|id| hidden(id)).collect())).collect();
+    hide.into_iter().fold(cmd, |cmd, (sub, args)| cmd.mut_subcommand(sub, |c| c.args(args)))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::FromArgMatches;
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
+    let cli = match cli.with_config() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("overlan: {}", e.message.unwrap_or_default());
+            return ExitCode::from(e.code);
+        }
+    };
     init_logging(cli.log.as_deref());
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -168,10 +208,10 @@ const JOIN_HINT_AFTER: Duration = Duration::from_secs(2);
 static HINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 async fn join(cli: &Cli) -> Result<Client, CliError> {
-    if !overlan_shared::wire::control::valid_instance(&cli.name) {
+    if !overlan_shared::wire::control::valid_instance(cli.name()) {
         return Err(CliError::usage(format!(
             "--name {:?}: an instance name is at most 64 of A-Z a-z 0-9 . _ -",
-            cli.name
+            cli.name()
         )));
     }
     let text = cli.invite.as_deref().ok_or(
@@ -189,10 +229,12 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
     // node (another --relay, another day) gives the same VIP.
     let leases = lease_file_path(&path);
     let network = invite.network.clone();
-    let lease = load_lease(&leases, &network, &cli.name);
+    let lease = load_lease(&leases, &network, cli.name());
     let relay_hint = cli.relays.first().cloned().unwrap_or_else(|| invite.relay.clone());
-    let options =
-        JoinOptions::new(invite, identity).instance(cli.name.clone()).relays(cli.relays.clone()).lease(lease.clone());
+    let options = JoinOptions::new(invite, identity)
+        .instance(cli.name().to_owned())
+        .relays(cli.relays.clone())
+        .lease(lease.clone());
     // A relay that does not answer is said at once, not after the handshake times out.
     let joining = Client::join(options);
     tokio::pin!(joining);
@@ -215,7 +257,7 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
         }
     })?;
     if let Some(proof) = client.lease().filter(|p| Some(p) != lease.as_ref()) {
-        if let Err(e) = save_lease(&leases, &network, &cli.name, &proof) {
+        if let Err(e) = save_lease(&leases, &network, cli.name(), &proof) {
             tracing::warn!(error = %e, "could not keep the lease; another node may give another VIP");
         }
     }
@@ -262,7 +304,7 @@ async fn join_or_signal(cli: &Cli, shutdown: &mut Shutdown) -> Result<Client, Cl
 
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let mut shutdown = Shutdown::register();
-    let control = control::socket_path(&identity_path(&cli), &cli.name);
+    let control = control::socket_path(&identity_path(&cli), cli.name());
     match &cli.command {
         Command::Ip => {
             if let Some(status) = running_status(&control).await? {
@@ -281,24 +323,76 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             if running_status(&control).await?.is_some() {
                 return Err(format!(
                     "`overlan up` already runs instance {} (control socket {})",
-                    instance_label(&cli.name),
+                    instance_label(cli.name()),
                     control.display()
                 )
                 .into());
             }
             let client = join_until_up(&cli, &mut shutdown).await?;
-            let server = control::serve(client.clone(), control, cli.name.clone()).await.map_err(|e| e.to_string())?;
+            let server =
+                control::serve(client.clone(), control, cli.name().to_owned()).await.map_err(|e| e.to_string())?;
             let result = up(client, &mut shutdown).await;
             drop(server);
             result
         }
         Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
         Command::Completions { shell } => {
-            use clap::CommandFactory;
-            clap_complete::generate(*shell, &mut Cli::command(), "overlan", &mut std::io::stdout());
+            clap_complete::generate(*shell, &mut command(), "overlan", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+impl Cli {
+    /// The instance name (empty: the unnamed instance).
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("")
+    }
+
+    /// Fills what the command line and environment left open from the config file.
+    fn with_config(mut self) -> Result<Self, CliError> {
+        let (path, explicit) = match &self.config {
+            Some(path) => (path.clone(), true),
+            None => (default_config_path(), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(self),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CliError::usage(format!("--config {}: no such file", path.display())))
+            }
+            Err(e) => return Err(format!("config {}: {e}", path.display()).into()),
+        };
+        let config: ClientConfig = toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+        // A relative identity path is relative to the config file, not to where the
+        // command happens to run.
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        self.invite = self.invite.or(config.invite);
+        self.identity = self.identity.or(config.identity.map(|p| base.join(p)));
+        self.name = self.name.or(config.name);
+        self.log = self.log.or(config.log);
+        if self.relays.is_empty() {
+            self.relays = config.relays;
+        }
+        Ok(self)
+    }
+}
+
+/// The client config file: what `--invite`, `--identity`, `--name`, `--relay` and
+/// `--log` say, for those who would rather not repeat them.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientConfig {
+    invite: Option<String>,
+    identity: Option<PathBuf>,
+    name: Option<String>,
+    #[serde(default)]
+    relays: Vec<String>,
+    log: Option<String>,
+}
+
+fn default_config_path() -> PathBuf {
+    dirs::config_dir().unwrap_or_else(|| PathBuf::from(".")).join("overlan").join("config.toml")
 }
 
 fn identity_path(cli: &Cli) -> PathBuf {
@@ -326,9 +420,9 @@ async fn running_status(control: &std::path::Path) -> Result<Option<control::Sta
 async fn status(cli: &Cli, control: &std::path::Path, json: bool) -> Result<ExitCode, CliError> {
     let Some(s) = running_status(control).await? else {
         if json {
-            println!("{}", serde_json::json!({ "state": "stopped", "instance": cli.name }));
+            println!("{}", serde_json::json!({ "state": "stopped", "instance": cli.name() }));
         } else {
-            println!("instance {} is not running (start it with `overlan up`)", instance_label(&cli.name));
+            println!("instance {} is not running (start it with `overlan up`)", instance_label(cli.name()));
         }
         return Ok(ExitCode::from(1));
     };
@@ -416,6 +510,11 @@ async fn up(client: Client, shutdown: &mut Shutdown) -> Result<ExitCode, CliErro
     }
 }
 
+/// `-q SECS` as a duration.
+fn quit_after(args: &NcArgs) -> Option<Duration> {
+    args.quit_after.map(Duration::from_secs)
+}
+
 fn parse_port(text: &str) -> Result<u16, String> {
     text.parse().map_err(|_| format!("{text:?} is not a port (0-65535)"))
 }
@@ -482,17 +581,18 @@ async fn resolve_with(client: &Client, target: &Target) -> Result<SocketAddrV4, 
 }
 
 async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
-    let local_port = if args.listen || args.broadcast {
+    // The command line is checked before anything joins: a typo is a usage error.
+    let (local_port, target) = if args.listen || args.broadcast {
         match args.args.as_slice() {
-            [port] => Some(parse_port(port)?),
-            _ => return Err("with -l or -b give just PORT".into()),
+            [port] => (Some(parse_port(port).map_err(CliError::usage)?), None),
+            _ => return Err(CliError::usage("with -l or -b give just PORT".into())),
         }
     } else {
-        None
+        (None, Some(parse_target(&args.args).map_err(CliError::usage)?))
     };
-    let control = control::socket_path(&identity_path(cli), &cli.name);
+    let control = control::socket_path(&identity_path(cli), cli.name());
     if !args.udp {
-        if let Some(code) = nc_stream_via_up(cli, args, local_port, shutdown).await? {
+        if let Some(code) = nc_stream_via_up(cli, args, local_port, target.clone(), shutdown).await? {
             return Ok(code);
         }
     } else {
@@ -503,10 +603,10 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
         };
         match opened.map_err(|e| format!("asking `overlan up` ({}): {e}", control.display()))? {
             Some(Ok(socket)) => {
-                let target = match (local_port, parse_target(&args.args)) {
-                    (Some(_), _) => None,
-                    (None, Ok(Target::Addr(addr))) => Some(addr),
-                    (None, Ok(Target::Name(name, port))) => {
+                let target = match target {
+                    None => None,
+                    Some(Target::Addr(addr)) => Some(addr),
+                    Some(Target::Name(name, port)) => {
                         let peers = match control::ask(&control, &control::Request::Peers).await {
                             Ok(Some(control::Response::Peers { peers })) => peers,
                             other => return Err(format!("looking up {name:?}: {other:?}").into()),
@@ -514,7 +614,6 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
                         let network = running_status(&control).await?.map(|s| s.network).unwrap_or_default();
                         Some(SocketAddrV4::new(pick_member(&peers, &name, &network)?, port))
                     }
-                    (None, Err(e)) => return Err(e.into()),
                 };
                 return nc_datagram(Dgram::Up(socket), target, args, shutdown).await.map(|()| ExitCode::SUCCESS);
             }
@@ -548,12 +647,9 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
         }
     });
     let result = if args.udp {
-        let target = match local_port {
-            Some(_) => Ok(None),
-            None => match parse_target(&args.args) {
-                Ok(target) => resolve_with(&client, &target).await.map(Some),
-                Err(e) => Err(e),
-            },
+        let target = match &target {
+            None => Ok(None),
+            Some(target) => resolve_with(&client, target).await.map(Some),
         };
         match (target, client.bind_datagram(local_port.unwrap_or(0)).await) {
             (Err(e), _) => Err(e.into()),
@@ -561,7 +657,7 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
             (Ok(_), Err(e)) => Err(format!("bind: {e}").into()),
         }
     } else {
-        nc_stream(&client, args, local_port, shutdown).await
+        nc_stream(&client, args, local_port, target, shutdown).await
     };
     watcher.abort();
     client.leave().await;
@@ -576,13 +672,15 @@ async fn nc_stream_via_up(
     cli: &Cli,
     args: &NcArgs,
     listen: Option<u16>,
+    target: Option<Target>,
     shutdown: &mut Shutdown,
 ) -> Result<Option<ExitCode>, CliError> {
-    let control = control::socket_path(&identity_path(cli), &cli.name);
-    let request = match listen {
-        Some(port) => control::Request::Listen { port },
-        None => {
-            let to = match parse_target(&args.args)? {
+    let control = control::socket_path(&identity_path(cli), cli.name());
+    let request = match (listen, target) {
+        (Some(port), _) => control::Request::Listen { port },
+        (None, None) => unreachable!("nc checks its arguments: a target or a port"),
+        (None, Some(target)) => {
+            let to = match target {
                 Target::Addr(addr) => addr,
                 Target::Name(name, port) => match control::ask(&control, &control::Request::Peers).await {
                     Ok(Some(control::Response::Peers { peers })) => {
@@ -614,13 +712,18 @@ async fn nc_stream_via_up(
     }
     // Dropping the transfer on a signal closes the connection unfinished: `up` aborts
     // the stream, so the peer sees an error rather than a clean end.
-    tokio::select! {
-        ended = stream.transfer(tokio::io::stdin(), tokio::io::stdout()) => match ended {
+    let progress = Progress::start();
+    let input = Counted::new(tokio::io::stdin(), progress.sent.clone());
+    let output = Counted::new(tokio::io::stdout(), progress.received.clone());
+    let ended = tokio::select! {
+        ended = stream.transfer(input, output, quit_after(args)) => match ended {
             control::Ended::Clean => Ok(Some(ExitCode::SUCCESS)),
             control::Ended::Failed(why) => Err(why.into()),
         },
         signal = shutdown.recv() => Err(CliError::interrupted(signal)),
-    }
+    };
+    progress.finish();
+    ended
 }
 
 /// Stream mode. Exit 0 promises: everything read from stdin was acknowledged by the
@@ -631,6 +734,7 @@ async fn nc_stream(
     client: &Client,
     args: &NcArgs,
     listen: Option<u16>,
+    target: Option<Target>,
     shutdown: &mut Shutdown,
 ) -> Result<(), CliError> {
     let open = async {
@@ -643,7 +747,8 @@ async fn nc_stream(
                 Ok::<_, String>(stream)
             }
             None => {
-                let target = resolve_with(client, &parse_target(&args.args)?).await?;
+                let target = target.expect("nc checks its arguments: a target or a port");
+                let target = resolve_with(client, &target).await?;
                 client.connect(target).await.map_err(|e| e.to_string())
             }
         }
@@ -654,8 +759,9 @@ async fn nc_stream(
     };
     let peer = stream.peer_addr();
     let (mut read, mut write) = stream.into_split();
+    let progress = Progress::start();
     let upload = async {
-        let mut stdin = tokio::io::stdin();
+        let mut stdin = Counted::new(tokio::io::stdin(), progress.sent.clone());
         let sent = tokio::io::copy(&mut stdin, &mut write).await.map_err(|e| format!("connection to {peer}: {e}"))?;
         write.shutdown().await.map_err(|e| format!("connection to {peer}: {e}"))?;
         match write.delivered().await {
@@ -665,19 +771,37 @@ async fn nc_stream(
         }
     };
     let download = async {
-        let mut stdout = tokio::io::stdout();
+        let mut stdout = Counted::new(tokio::io::stdout(), progress.received.clone());
         tokio::io::copy(&mut read, &mut stdout).await.map_err(|e| e.to_string())?;
         stdout.flush().await.map_err(|e| e.to_string())
     };
     // The first failure ends the command at once: a stream cut by a lost session must
-    // not wait for the user to type before it says so.
-    let transfer = async { tokio::try_join!(upload, download) };
+    // not wait for the user to type before it says so. With -q the peer is read for at
+    // most that long once stdin was delivered.
+    let transfer = async {
+        let Some(grace) = quit_after(args) else {
+            return tokio::try_join!(upload, download).map(|_| ());
+        };
+        let mut download = std::pin::pin!(download);
+        let mut upload = std::pin::pin!(upload);
+        tokio::select! {
+            done = &mut download => {
+                done?;
+                upload.await
+            }
+            sent = &mut upload => {
+                sent?;
+                tokio::time::timeout(grace, download).await.unwrap_or(Ok(()))
+            }
+        }
+    };
     let outcome = tokio::select! {
         done = transfer => Ok(done),
         signal = shutdown.recv() => Err(signal),
     };
+    progress.finish();
     match outcome {
-        Ok(done) => done.map(|_| ()).map_err(CliError::from),
+        Ok(done) => done.map_err(CliError::from),
         Err(signal) => {
             write.abort();
             read.abort();

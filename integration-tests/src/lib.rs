@@ -425,8 +425,12 @@ fn lines(reader: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> tokio::s
 /// An `overlan` CLI command joined to `invite` with its own identity file in `dir`.
 pub fn overlan_cmd(invite: &Invite, dir: &Path, identity_name: &str) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(bin("overlan"));
+    // No config file of the machine's user leaks in: the default one is looked for
+    // under XDG_CONFIG_HOME.
     cmd.env("OVERLAN_INVITE", invite.to_string())
         .env_remove("OVERLAN_NAME")
+        .env_remove("OVERLAN_CONFIG")
+        .env("XDG_CONFIG_HOME", dir.join("config"))
         .arg("--identity")
         .arg(dir.join(format!("{identity_name}.pem")));
     cmd

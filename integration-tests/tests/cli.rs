@@ -663,3 +663,153 @@ async fn a_relay_that_is_not_running_is_named_at_once_and_up_waits_for_it() {
     nix_signal(&up.child, "TERM");
     assert_eq!(up.wait().await.0, 0);
 }
+
+#[tokio::test]
+async fn nc_takes_netcat_options_and_checks_its_arguments_before_joining() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_relay, invite) = relay_process(dir.path()).await;
+    let runtime = dir.path().join("run");
+    let cmd = |identity: &str, args: &[&str]| instance_cmd(&invite, dir.path(), &runtime, identity, args);
+
+    // Usage errors: exit 2, one line, nothing joined.
+    for (args, says) in [
+        (&["nc", "10.77.0.2", "99999"][..], "is not a port"),
+        (&["nc", "-l", "7000", "7001"][..], "give just PORT"),
+        (&["nc", "bad/name", "7000"][..], "neither a VIP"),
+        (&["nc", "-b", "7000"][..], "--udp"),
+    ] {
+        let (code, out, err) = output(cmd("m", args)).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty() && err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!dir.path().join("m.pem").exists(), "a usage error must not join (nor make an identity)");
+
+    // -q SECS: the peer never closes, so without -q this would wait forever; with it,
+    // nc ends once its input was delivered and SECS more have passed, exit 0.
+    let mut bob = Proc::spawn(cmd("b", &["--name", "bob", "nc", "-l", "7000"]));
+    bob.stderr_until("listening on").await;
+    bob.write_stdin(b"from bob\n").await;
+    let mut me = Proc::spawn(cmd("m", &["nc", "-N", "-q", "1", "bob", "7000"]));
+    me.write_stdin(b"from me\n").await;
+    me.close_stdin();
+    assert_eq!(within("bob reads", bob.stdout_line()).await, "from me");
+    let started = std::time::Instant::now();
+    let (code, err) = me.wait().await;
+    assert_eq!(code, 0, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(8), "-q 1 took {:?}", started.elapsed());
+    assert_eq!(me.stdout_rest().await, ["from bob"]);
+}
+
+#[tokio::test]
+async fn nc_shows_progress_on_a_terminal_when_stdout_is_a_file() {
+    // `script` (util-linux; .ci/run installs it) gives the command a terminal for stderr
+    // while stdout goes to a file, as a user's `overlan nc … > file` in a shell.
+    assert!(
+        std::process::Command::new("script").arg("--version").output().is_ok_and(|o| o.status.success()),
+        "`script` (util-linux) is needed; .ci/run installs it"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (_relay, invite) = relay_process(dir.path()).await;
+    let runtime = dir.path().join("run");
+    // 3 MiB of 64-byte lines.
+    let lines: Vec<String> = (0..49_152).map(|i| format!("{i:063}")).collect();
+    let data = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    assert_eq!(data.len(), 3 << 20);
+    std::fs::write(dir.path().join("input"), &data).unwrap();
+    let mut bob = Proc::spawn(instance_cmd(&invite, dir.path(), &runtime, "b", &["--name", "bob", "nc", "-l", "7000"]));
+    bob.close_stdin();
+    bob.stderr_until("listening on").await;
+    let nc = instance_cmd(&invite, dir.path(), &runtime, "m", &["nc", "bob", "7000"]);
+    let std = nc.as_std();
+    let envs: Vec<String> =
+        std.get_envs().filter_map(|(k, v)| Some(format!("{}='{}'", k.to_str()?, v?.to_str()?))).collect();
+    let args: Vec<String> = std.get_args().map(|a| format!("'{}'", a.to_str().unwrap())).collect();
+    let line = format!(
+        "env {} {} {} < {} > {}",
+        envs.join(" "),
+        bin("overlan").display(),
+        args.join(" "),
+        dir.path().join("input").display(),
+        dir.path().join("out").display()
+    );
+    let mut script = tokio::process::Command::new("script");
+    script.args(["-qec", &line, "/dev/null"]);
+    let (code, terminal, err) = output(script).await;
+    assert_eq!(code, 0, "{terminal}{err}");
+    let received = bob.stdout_rest().await;
+    assert!(received == lines, "bob got {} lines, not the file", received.len());
+    let last = terminal.rsplit('\r').find(|l| !l.trim().is_empty()).unwrap_or_default().to_owned();
+    assert!(last.contains("sent 3.0 MiB, received 0 B in "), "progress line: {terminal:?}");
+    // Without a terminal (this test's own pipes) there is no progress line.
+    let mut me = Proc::spawn(instance_cmd(&invite, dir.path(), &runtime, "m", &["nc", "bob", "7000"]));
+    me.close_stdin();
+    let (_, err) = me.wait().await;
+    assert!(err.iter().all(|l| !l.contains("sent ")), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_client_config_file_gives_invite_identity_and_name_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_relay, invite) = relay_process(dir.path()).await;
+    let bare = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(bin("overlan"));
+        c.env_remove("OVERLAN_INVITE")
+            .env_remove("OVERLAN_NAME")
+            .env_remove("OVERLAN_IDENTITY")
+            .env_remove("OVERLAN_CONFIG")
+            .env("XDG_CONFIG_HOME", dir.path().join("xdg"))
+            .env("XDG_RUNTIME_DIR", dir.path().join("run"))
+            .args(args);
+        c
+    };
+    let config = dir.path().join("client.toml");
+    std::fs::write(&config, format!("invite = \"{invite}\"\nidentity = \"me.pem\"\nname = \"carol\"\n")).unwrap();
+    let config = config.to_str().unwrap();
+    let (code, vip, err) = output(bare(&["--config", config, "ip"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(dir.path().join("me.pem").exists(), "the identity path is relative to the config file");
+    // The same instance again: the same VIP; --name overrides the file's name.
+    assert_eq!(output(bare(&["--config", config, "ip"])).await.1, vip);
+    let (code, other, _) = output(bare(&["--config", config, "--name", "dave", "ip"])).await;
+    assert_eq!(code, 0);
+    assert_ne!(other, vip);
+    // The default place: $XDG_CONFIG_HOME/overlan/config.toml.
+    std::fs::create_dir_all(dir.path().join("xdg/overlan")).unwrap();
+    std::fs::copy(config, dir.path().join("xdg/overlan/config.toml")).unwrap();
+    std::fs::copy(dir.path().join("me.pem"), dir.path().join("xdg/overlan/me.pem")).unwrap();
+    assert_eq!(output(bare(&["ip"])).await.1, vip);
+    // A config file named but missing is a usage error; an unknown key is named.
+    let (code, _, err) = output(bare(&["--config", "/nonexistent/overlan.toml", "ip"])).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no such file"), "{err}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "invite = \"x\"\nrelay = \"typo\"\n").unwrap();
+    let (code, _, err) = output(bare(&["--config", bad.to_str().unwrap(), "ip"])).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown field `relay`"), "{err}");
+}
+
+#[tokio::test]
+async fn each_subcommand_help_lists_only_the_options_it_takes() {
+    let help = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(bin("overlan"));
+        c.args(args).arg("--help");
+        output(c)
+    };
+    let (code, completions, _) = help(&["completions"]).await;
+    assert_eq!(code, 0);
+    for absent in ["--invite", "--relay", "--name", "--identity", "--config"] {
+        assert!(!completions.contains(absent), "completions --help lists {absent}: {completions}");
+    }
+    let (_, status, _) = help(&["status"]).await;
+    assert!(status.contains("--name") && status.contains("--json"), "{status}");
+    assert!(!status.contains("--invite") && !status.contains("--relay"), "{status}");
+    let (_, nc, _) = help(&["nc"]).await;
+    for present in ["--invite", "--relay", "--name", "-q, --quit-after", "-N, --shutdown"] {
+        assert!(nc.contains(present), "nc --help lacks {present}: {nc}");
+    }
+    // A global option a subcommand ignores is still accepted (scripts set them all).
+    let mut c = tokio::process::Command::new(bin("overlan"));
+    c.args(["completions", "bash", "--invite", "overlan://x"]);
+    assert_eq!(output(c).await.0, 0);
+}
