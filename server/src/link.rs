@@ -690,10 +690,9 @@ async fn connect(
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;
-    let peer = verified_peer(&conn, node).or_else(|e| {
+    let peer = verified_peer(&conn, node).inspect_err(|e| {
         // The TLS verifier checked the chain already; only the name check can fail here.
         conn.close(VarInt::from_u32(close_code::UNAUTHORIZED), e.as_bytes());
-        Err(e)
     })?;
     let me = node.cluster.as_ref().map(|c| c.credentials.name.clone()).unwrap_or_default();
     let control = hello(&conn, &me, &peer, true).await.inspect_err(|e| {

@@ -309,7 +309,7 @@ impl RouteTable {
                 if a.path.last() != Some(peer) {
                     return Err(Dropped::BadPath);
                 }
-                if a.path.iter().any(|n| *n == self.me) {
+                if a.path.contains(&self.me) {
                     return Err(Dropped::Loop);
                 }
                 let entry = self.entries.entry((a.net, a.vip)).or_default();
