@@ -476,6 +476,19 @@ impl Client {
         }
     }
 
+    /// Gives this identity and instance's VIP back to the relay and leaves: the relay
+    /// deletes the lease, so the next join gets a new VIP (as `overlan leave`). Returns
+    /// the VIP given back. The client is closed afterwards, also when this fails.
+    pub async fn release(&self) -> Result<Ipv4Addr, Error> {
+        let answer = self.inner.request(|req| ClientMessage::Release { req }, None).await;
+        self.close();
+        match answer? {
+            RelayMessage::Released { vip, .. } => Ok(vip),
+            RelayMessage::Failed { code, message, .. } => Err(Error::from_failure(code, message, None, None)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// When the current session was established (the first join, or the last
     /// reconnect).
     pub fn since(&self) -> std::time::SystemTime {
@@ -704,7 +717,7 @@ impl Inner {
                 }
                 None => {}
             },
-            RelayMessage::PeerList { req, .. } => {
+            RelayMessage::PeerList { req, .. } | RelayMessage::Released { req, .. } => {
                 if let Some((_, p)) = self.pending.remove(&req) {
                     let _ = p.tx.send(msg);
                 }

@@ -41,13 +41,30 @@ pub fn load_lease(file: &Path, network: &str, instance: &str) -> Option<String> 
 /// Stores `proof` for `network` and `instance` in `file` (owner-only, replaced
 /// atomically), keeping the others.
 pub fn save_lease(file: &Path, network: &str, instance: &str, proof: &str) -> Result<(), Error> {
-    let mut map: std::collections::BTreeMap<String, String> =
-        std::fs::read_to_string(file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    let mut map = read_leases(file);
     let key = format!("{network}/{instance}");
     if map.get(&key).map(String::as_str) == Some(proof) {
         return Ok(());
     }
     map.insert(key, proof.to_owned());
+    write_leases(file, &map)
+}
+
+/// Forgets the lease proof of `network` and `instance` in `file` (the VIP was given
+/// back), keeping the others.
+pub fn forget_lease(file: &Path, network: &str, instance: &str) -> Result<(), Error> {
+    let mut map = read_leases(file);
+    if map.remove(&format!("{network}/{instance}")).is_none() {
+        return Ok(());
+    }
+    write_leases(file, &map)
+}
+
+fn read_leases(file: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+}
+
+fn write_leases(file: &Path, map: &std::collections::BTreeMap<String, String>) -> Result<(), Error> {
     let text = serde_json::to_string_pretty(&map).expect("plain data serializes");
     let tmp = file.with_extension("leases.json.tmp");
     let _ = std::fs::remove_file(&tmp);
@@ -71,6 +88,9 @@ mod tests {
         save_lease(&file, "default", "", "p3").unwrap();
         assert_eq!(load_lease(&file, "default", "").as_deref(), Some("p3"));
         assert_eq!(load_lease(&file, "games", "laptop").as_deref(), Some("p2"));
+        forget_lease(&file, "games", "laptop").unwrap();
+        assert_eq!(load_lease(&file, "games", "laptop"), None);
+        assert_eq!(load_lease(&file, "default", "").as_deref(), Some("p3"));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
     }

@@ -28,7 +28,8 @@ pub use client::{
 pub use datagram::{Datagram, DatagramSocket};
 pub use error::Error;
 pub use identity::{
-    default_identity_path, lease_file_path, load_lease, load_or_create_identity, save_lease, CLIENT_CERT_NAME,
+    default_identity_path, forget_lease, lease_file_path, load_lease, load_or_create_identity, save_lease,
+    CLIENT_CERT_NAME,
 };
 pub use overlan_shared::tls::Identity;
 pub use overlan_shared::{Invite, Subnet};

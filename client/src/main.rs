@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use overlan_client::{
-    control, default_identity_path, lease_file_path, load_lease, load_or_create_identity, save_lease, Client, Error,
-    Invite, JoinOptions, SessionState,
+    control, default_identity_path, forget_lease, lease_file_path, load_lease, load_or_create_identity, save_lease,
+    Client, Error, Invite, JoinOptions, SessionState,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -59,6 +59,9 @@ enum Command {
     Peers(JsonArg),
     /// Netcat over the overlay: streams, datagrams (-u) and broadcasts (-u -b).
     Nc(NcArgs),
+    /// Give this instance's VIP back: the relay deletes its lease and the next join gets
+    /// a new VIP (stop its `overlan up` first).
+    Leave,
     /// Print a shell completion script: `overlan completions bash > /etc/bash_completion.d/overlan`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -336,6 +339,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             result
         }
         Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
+        Command::Leave => leave(&cli, &control, &mut shutdown).await,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut command(), "overlan", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -481,6 +485,39 @@ async fn peers(
         };
         println!("{:<15} {instance:<20} {state:<8} {seen}", p.vip.to_string());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `overlan leave`: joins (unless `up` holds the session: then it must stop first, or
+/// the lease would go while it runs), gives the VIP back and forgets the lease proof.
+async fn leave(cli: &Cli, control: &std::path::Path, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
+    if let Some(status) = running_status(control).await? {
+        return Err(format!(
+            "`overlan up` runs instance {} with VIP {}; stop it first, then leave",
+            instance_label(cli.name()),
+            status.vip
+        )
+        .into());
+    }
+    let client = join_or_signal(cli, shutdown).await?;
+    let network = client.network().to_owned();
+    let released = tokio::select! {
+        released = client.release() => released,
+        signal = shutdown.recv() => {
+            client.close();
+            return Err(CliError::interrupted(signal));
+        }
+    };
+    let vip = released.map_err(|e| format!("leave: {e}"))?;
+    let leases = lease_file_path(&identity_path(cli));
+    if let Err(e) = forget_lease(&leases, &network, cli.name()) {
+        // Another node would still honour the proof: say so, as the lease itself is gone.
+        eprintln!("overlan: the VIP was released but its lease proof stays: {e}; delete {}", leases.display());
+    }
+    println!(
+        "released {vip} in network {network}; instance {} gets a new VIP at its next join",
+        instance_label(cli.name())
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -813,3 +813,62 @@ async fn each_subcommand_help_lists_only_the_options_it_takes() {
     c.args(["completions", "bash", "--invite", "overlan://x"]);
     assert_eq!(output(c).await.0, 0);
 }
+
+#[tokio::test]
+async fn leave_gives_the_vip_back_and_network_remove_ends_its_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_relay, invite) = relay_process(dir.path()).await;
+    let data = dir.path().join("data");
+    let runtime = dir.path().join("run");
+    let cmd = |identity: &str, args: &[&str]| instance_cmd(&invite, dir.path(), &runtime, identity, args);
+
+    // leave: the lease goes, the next join gets another VIP.
+    let (_, first, _) = output(cmd("a", &["ip"])).await;
+    let (code, out, err) = output(cmd("a", &["leave"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("released {} in network default; instance (unnamed) gets a new VIP at its next join", first.trim())
+    );
+    let (_, list, _) = server_run(&data, &["lease", "list"]).await;
+    assert!(!list.contains(&format!(" {} ", first.trim())), "{list}");
+    let (_, second, _) = output(cmd("a", &["ip"])).await;
+    assert_ne!(second, first);
+    // Not while `up` holds the instance's session.
+    let (mut up, vip) = start_up(cmd("a", &["up"])).await;
+    assert_eq!(vip, second.trim());
+    let (code, _, err) = output(cmd("a", &["leave"])).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("stop it first"), "{err}");
+    assert_eq!(output(cmd("a", &["status"])).await.0, 0, "up is untouched");
+
+    // network remove: its member's `up` ends for good (exit 3, saying why); the default
+    // network's member stays; `default` itself cannot be removed.
+    let (code, _, err) = server_run(&data, &["network", "add", "games", "--subnet", "10.88.0.0/24"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (_, games, _) = server_run(&data, &["invite", "games"]).await;
+    let games: Invite = games.trim().parse().unwrap();
+    let mut gamer = Proc::spawn({
+        let mut c = instance_cmd(&games, dir.path(), &runtime, "g", &["up"]);
+        c.env("XDG_RUNTIME_DIR", dir.path().join("run-g"));
+        c
+    });
+    assert!(gamer.stdout_line().await.starts_with("vip 10.88.0."));
+    let (code, out, err) = server_run(&data, &["network", "remove", "games"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "removed network games (1 leases released, 1 invites deleted)");
+    let (code, err) = within("the member's up ends", gamer.wait()).await;
+    assert_eq!(code, 3, "{err:?}");
+    assert!(err.iter().any(|l| l.contains("network games was removed by the relay operator")), "{err:?}");
+    let (_, list, _) = server_run(&data, &["network", "list"]).await;
+    assert!(!list.contains("games"), "{list}");
+    let (code, _, err) = server_run(&data, &["network", "remove", "default"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("default network cannot be removed"), "{err}");
+    let (code, _, err) = server_run(&data, &["network", "remove", "games"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no network named \"games\""), "{err}");
+    assert_eq!(output(cmd("a", &["status"])).await.0, 0, "the default network's member stays");
+    nix_signal(&up.child, "TERM");
+    assert_eq!(up.wait().await.0, 0);
+}

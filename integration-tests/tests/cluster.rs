@@ -448,6 +448,58 @@ async fn networks_and_invites_made_on_one_node_work_on_every_node() {
     assert!(started.elapsed() < Duration::from_secs(2));
     // Members it admitted stay.
     assert_eq!(c2.state(), overlan_client::SessionState::Up);
+
+    // The network removed on n1 (as `overlan-server network remove lan`): its members on
+    // n0 and n2 are told and end; the default network's member is untouched; no node
+    // brings the network back from an older catalog.
+    let bystander = join(&cluster.invite(0)).await;
+    let removed = cluster.nodes[1].store().remove_network("lan").unwrap();
+    assert_eq!(removed.invites, 1);
+    let started = std::time::Instant::now();
+    for member in [&c0, &c2] {
+        let mut state = member.watch_state();
+        let why = within("the member is told", async {
+            loop {
+                if let overlan_client::SessionState::Closed(why) = state.borrow_and_update().clone() {
+                    return why;
+                }
+                state.changed().await.unwrap();
+            }
+        })
+        .await;
+        assert!(why.contains("network lan was removed"), "{why}");
+    }
+    println!("network removal ended its members on n0 and n2 in {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for node in &cluster.nodes {
+        let names: Vec<String> = node.store().networks().unwrap().into_iter().map(|n| n.name).collect();
+        assert_eq!(names, ["default"], "a node still has the removed network");
+    }
+    assert_eq!(bystander.state(), overlan_client::SessionState::Up);
+    let err = join_err(&on_n2, &identity(), "").await;
+    assert!(matches!(err, Error::Unauthorized(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_vip_is_given_back_only_through_the_node_that_issued_it() {
+    let cluster = TestCluster::line().await;
+    let me = identity();
+    let on_n0 = join_as(&cluster.invite(0), &me, "").await;
+    let (vip, proof) = (on_n0.vip(), on_n0.lease().expect("a cluster lease proof"));
+    on_n0.leave().await;
+    // Roamed to n1: n1 holds no lease of its own for it, so it refuses and says where.
+    let options = overlan_client::JoinOptions::new(cluster.invite(1), me.clone()).lease(Some(proof));
+    let on_n1 = overlan_client::Client::join(options).await.unwrap();
+    assert_eq!(on_n1.vip(), vip);
+    let err = on_n1.release().await.unwrap_err();
+    assert!(err.to_string().contains("given out by another node"), "{err}");
+    // Through n0, the issuer: released, and the next join gets another VIP.
+    let again = join_as(&cluster.invite(0), &me, "").await;
+    assert_eq!(again.vip(), vip);
+    assert_eq!(again.release().await.unwrap(), vip);
+    let fresh = join_as(&cluster.invite(0), &me, "").await;
+    assert_ne!(fresh.vip(), vip);
 }
 
 #[tokio::test]

@@ -70,6 +70,7 @@ async fn leases_of_the_first_release_are_migrated_on_the_next_join() {
              ALTER TABLE leases DROP COLUMN legacy_identity;
              ALTER TABLE leases DROP COLUMN proof;
              ALTER TABLE invites DROP COLUMN label;
+             DROP TABLE removed_networks;
              PRAGMA user_version = 0;",
         )
         .unwrap();

@@ -194,6 +194,8 @@ async fn signals_end_nc_at_every_stage_with_the_conventional_status() {
     let mut cmd = overlan_cmd(&invite, dir.path(), "nowhere");
     cmd.args(["nc", "10.77.0.2", "7000"]);
     let mut nowhere = Proc::spawn(cmd);
+    // Well into the wait (and past start-up, where the signal handlers are set).
+    nowhere.stderr_until("no answer from relay").await;
     signal(&nowhere.child, "INT").await;
     let sent = Instant::now();
     assert_eq!(nowhere.wait().await.0, 130);

@@ -69,6 +69,11 @@ impl VipAllocatorActor {
     }
 
     fn pool(&mut self, network: &Network) -> Result<&mut VipPool, StoreError> {
+        // A network removed and another added may share a database id: a pool of
+        // another subnet is of the removed one.
+        if self.pools.get(&network.id).is_some_and(|p| p.subnet() != network.subnet) {
+            self.pools.remove(&network.id);
+        }
         if !self.pools.contains_key(&network.id) {
             let mut pool = match self.cluster.as_ref().map(|c| c.slot) {
                 None => VipPool::new(network.subnet),
@@ -425,6 +430,26 @@ impl Handler<ListLeases> for VipAllocatorActor {
     }
 }
 
+/// A member gives its VIP back (`overlan leave`): its lease is deleted. As with the
+/// operator's `lease release`, the VIP returns to the pool when the relay restarts, so
+/// nothing still in flight from the old holder can reach a new one.
+#[derive(Message)]
+#[rtype(result = "Result<LeaseRow, StoreError>")]
+pub struct ReleaseLease {
+    /// The network's name.
+    pub network: String,
+    /// The VIP.
+    pub vip: Ipv4Addr,
+}
+
+impl Handler<ReleaseLease> for VipAllocatorActor {
+    type Result = Result<LeaseRow, StoreError>;
+    fn handle(&mut self, msg: ReleaseLease, _ctx: &mut Self::Context) -> Self::Result {
+        self.flush_seen();
+        self.store.release_lease(&msg.network, msg.vip)
+    }
+}
+
 /// The networks in the database.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Network>, StoreError>")]
@@ -433,7 +458,10 @@ pub struct ListNetworks;
 impl Handler<ListNetworks> for VipAllocatorActor {
     type Result = Result<Vec<Network>, StoreError>;
     fn handle(&mut self, _: ListNetworks, _ctx: &mut Self::Context) -> Self::Result {
-        self.store.networks()
+        let networks = self.store.networks()?;
+        // Pools of removed networks go (their leases went with them).
+        self.pools.retain(|id, _| networks.iter().any(|n| n.id == *id));
+        Ok(networks)
     }
 }
 

@@ -175,6 +175,12 @@ enum NetworkCmd {
     },
     /// List networks with their subnets, instance caps and lease counts.
     List,
+    /// Remove a network with its invites and leases: a running relay disconnects its
+    /// members within a second, and so does every node of the cluster. `default` stays.
+    Remove {
+        /// The network.
+        name: String,
+    },
 }
 
 fn resolve_config(global: &Global) -> anyhow::Result<(RelayConfig, Option<String>)> {
@@ -408,6 +414,13 @@ fn network(config: &RelayConfig, cmd: NetworkCmd) -> anyhow::Result<()> {
             };
             let net = store.set_max_instances(&name, max)?;
             println!("network {}: max instances per identity {}", net.name, cap_text(net.max_instances));
+        }
+        NetworkCmd::Remove { name } => {
+            let removed = store.remove_network(&name)?;
+            println!(
+                "removed network {name} ({} leases released, {} invites deleted)",
+                removed.leases, removed.invites
+            );
         }
         NetworkCmd::List => {
             println!("{:<16} {:<18} {:<14} LEASES", "NETWORK", "SUBNET", "MAX-INSTANCES");

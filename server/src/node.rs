@@ -98,13 +98,24 @@ impl Node {
     }
 
     /// Records the networks in the database (networks added since start included).
-    /// Returns whether one was new.
-    pub fn set_networks(&self, networks: Vec<Network>) -> bool {
+    /// Returns whether one was new, and the networks removed since the last call (their
+    /// sessions are to be ended).
+    pub fn set_networks(&self, networks: Vec<Network>) -> (bool, Vec<Network>) {
         let mut new = false;
+        let removed: Vec<Network> = self
+            .known
+            .iter()
+            .filter(|k| !networks.iter().any(|n| n.key == *k.key()))
+            .map(|k| k.value().clone())
+            .collect();
+        for gone in &removed {
+            self.known.remove(&gone.key);
+            self.networks.remove(&gone.key);
+        }
         for network in networks {
             new |= self.known.insert(network.key, network).is_none();
         }
-        new
+        (new, removed)
     }
 
     /// Whether broadcast `seq` of the node in slot `origin` is seen here for the first

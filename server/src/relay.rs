@@ -37,7 +37,7 @@ use crate::counters::{Counters, Reason};
 use crate::link;
 use crate::link::SendCatalog;
 use crate::node::Node;
-use crate::session::{SessionActor, SessionParts};
+use crate::session::{NetworkRemoved, SessionActor, SessionParts};
 use crate::store::{DataDirLock, Store, DEFAULT_NETWORK};
 
 /// File in the data directory holding the address the running (or last) relay put into
@@ -474,7 +474,15 @@ async fn housekeeping(node: Arc<Node>) {
 /// of the cluster through.
 async fn refresh_networks(node: &Node) {
     if let Ok(Ok(list)) = node.allocator.send(ListNetworks).await {
-        if node.set_networks(list) {
+        let (new, removed) = node.set_networks(list);
+        for network in removed {
+            let sessions = node.router.local_sessions_in(network.key);
+            tracing::info!(network = %network.name, sessions = sessions.len(), "network removed");
+            for session in sessions {
+                session.addr.do_send(NetworkRemoved);
+            }
+        }
+        if new {
             if let Some(cluster) = node.cluster_actor() {
                 cluster.do_send(NetworksChanged);
             }

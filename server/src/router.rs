@@ -185,6 +185,18 @@ impl Router {
             .collect()
     }
 
+    /// The sessions of this node in `net`.
+    pub fn local_sessions_in(&self, net: NetKey) -> Vec<LocalSession> {
+        self.routes
+            .iter()
+            .filter(|r| r.key().0 == net)
+            .filter_map(|r| match r.value() {
+                Entry::Local(s) => Some(s.clone()),
+                Entry::Peer(_) => None,
+            })
+            .collect()
+    }
+
     /// Whether `vip` is routed over some peer link (a source a peer may forward).
     pub fn is_remote(&self, net: NetKey, vip: Ipv4Addr) -> bool {
         self.routes.get(&(net, vip)).is_some_and(|e| matches!(e.value(), Entry::Peer(_)))

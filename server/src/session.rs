@@ -23,7 +23,7 @@ use overlan_shared::wire::{close_code, reset_code, ErrorCode, MAX_DATAGRAM_PAYLO
 use quinn::VarInt;
 use tokio_util::codec::FramedRead;
 
-use crate::allocator::{LeaseSeen, ListLeases};
+use crate::allocator::{LeaseSeen, ListLeases, ReleaseLease};
 use crate::control::{ControlQueue, PushError};
 use crate::counters::Reason;
 use crate::datagram::{DatagramPath, Sender};
@@ -33,6 +33,7 @@ use crate::pair::{AnswerOffer, AttachStream, CloseSocket, HeldStream, PartyGone,
 use crate::relay::{INITIAL_STREAMS_PER_SESSION, SESSION_RECEIVE_WINDOW};
 use crate::router::{DatagramBinding, LocalSession, Route, SessionId};
 use crate::store::Network;
+use crate::store::StoreError;
 
 /// How long a newly opened stream has to deliver its header.
 const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,6 +78,8 @@ pub struct SessionActor {
     pairs: HashMap<SocketId, Addr<SocketPairActor>>,
     /// QUIC close code and reason used when the session stops.
     end: (u32, String),
+    /// The client gave its VIP back: the session only waits for the client to close.
+    released: bool,
 }
 
 impl SessionActor {
@@ -102,6 +105,7 @@ impl SessionActor {
             policy,
             pairs: HashMap::new(),
             end: (close_code::NORMAL, "session ended".to_owned()),
+            released: false,
         }
     }
 
@@ -312,6 +316,9 @@ impl SessionActor {
     }
 
     fn handle_message(&mut self, ctx: &mut Context<Self>, msg: ClientMessage) {
+        if self.released {
+            return; // the VIP is given back; the client closes next
+        }
         match msg {
             ClientMessage::Hello { .. } => {
                 self.disconnect(ctx, close_code::PROTOCOL_VIOLATION, "protocol violation: hello sent twice".into())
@@ -336,9 +343,43 @@ impl SessionActor {
             }
             ClientMessage::Ping { nonce } => self.send(ctx, RelayMessage::Pong { nonce }),
             ClientMessage::Peers { req } => self.handle_peers(ctx, req),
+            ClientMessage::Release { req } => self.handle_release(ctx, req),
         }
     }
+
+    /// `overlan leave`: the VIP stops routing here, the lease is deleted, the client is
+    /// told and closes (or is closed after [`RELEASED_LINGER`]).
+    fn handle_release(&mut self, ctx: &mut Context<Self>, req: u64) {
+        if self.node.cluster.is_some() && !in_slot(self.network.subnet, self.node.router.slot(), self.vip) {
+            return self.fail(
+                ctx,
+                req,
+                ErrorCode::Unauthorized,
+                format!(
+                    "{} was given out by another node of the cluster, which keeps its lease: leave through that node (--relay HOST:PORT)",
+                    self.vip
+                ),
+            );
+        }
+        self.released = true;
+        self.network_addr.do_send(LeaveNetwork { vip: self.vip, session: self.id });
+        self.unregister();
+        let release = self.node.allocator.send(ReleaseLease { network: self.network.name.clone(), vip: self.vip });
+        ctx.wait(release.into_actor(self).map(move |released, act, ctx| match released {
+            // Released by the operator meanwhile: just as gone.
+            Ok(Ok(_)) | Ok(Err(StoreError::NoSuchLease { .. })) => {
+                tracing::info!(session = act.id, vip = %act.vip, network = %act.network.name, "lease released by its holder");
+                act.send(ctx, RelayMessage::Released { req, vip: act.vip });
+                act.end = (close_code::NORMAL, "lease released".into());
+                ctx.run_later(RELEASED_LINGER, |_, ctx| ctx.stop());
+            }
+            _ => act.disconnect(ctx, close_code::INTERNAL, "relay database unavailable; leave again later".into()),
+        }));
+    }
 }
+
+/// How long a session whose VIP was given back waits for its client to close.
+const RELEASED_LINGER: Duration = Duration::from_secs(5);
 
 impl Actor for SessionActor {
     type Context = Context<Self>;
@@ -363,11 +404,13 @@ impl Actor for SessionActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.network_addr.do_send(LeaveNetwork { vip: self.vip, session: self.id });
-        self.node.allocator.do_send(LeaseSeen {
-            network: self.network.id,
-            identity: self.identity,
-            instance: self.instance.clone(),
-        });
+        if !self.released {
+            self.node.allocator.do_send(LeaseSeen {
+                network: self.network.id,
+                identity: self.identity,
+                instance: self.instance.clone(),
+            });
+        }
         self.release_all();
     }
 }
@@ -403,6 +446,14 @@ impl SessionActor {
 
     /// Releases everything the session registered and closes its connection.
     fn release_all(&mut self) {
+        self.unregister();
+        let (code, reason) = &self.end;
+        self.conn.close(VarInt::from_u32(*code), reason.as_bytes());
+        tracing::info!(session = self.id, vip = %self.vip, reason = %reason, "session closed");
+    }
+
+    /// Removes the session's listeners and bound ports and ends its sockets.
+    fn unregister(&mut self) {
         let net = self.net();
         let (listeners, ports, _) = self.policy.drain();
         for port in listeners {
@@ -414,9 +465,6 @@ impl SessionActor {
         for (_, pair) in self.pairs.drain() {
             pair.do_send(PartyGone { session: self.id });
         }
-        let (code, reason) = &self.end;
-        self.conn.close(VarInt::from_u32(*code), reason.as_bytes());
-        tracing::info!(session = self.id, vip = %self.vip, reason = %reason, "session closed");
     }
 }
 
@@ -444,6 +492,19 @@ impl Handler<Replace> for SessionActor {
     type Result = ();
     fn handle(&mut self, _: Replace, ctx: &mut Self::Context) {
         self.disconnect(ctx, close_code::REPLACED, ErrorCode::Replaced.describe().to_owned());
+    }
+}
+
+/// The operator removed the session's network: it ends for good.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NetworkRemoved;
+
+impl Handler<NetworkRemoved> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, _: NetworkRemoved, ctx: &mut Self::Context) {
+        let why = format!("network {} was removed by the relay operator", self.network.name);
+        self.disconnect(ctx, close_code::UNAUTHORIZED, why);
     }
 }
 

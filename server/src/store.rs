@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use overlan_shared::invite::valid_network_name;
 use overlan_shared::route::NetKey;
 use overlan_shared::tls::{hash_token, Fingerprint};
-use overlan_shared::wire::peer::{Catalog, CatalogInvite, CatalogNetwork};
+use overlan_shared::wire::peer::{Catalog, CatalogInvite, CatalogNetwork, CatalogRemoval};
 use overlan_shared::Subnet;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -27,8 +27,9 @@ pub const DEFAULT_NETWORK: &str = "default";
 /// File name of the lock a running relay holds on its data directory.
 pub const LOCK_FILE: &str = "relay.lock";
 /// Schema version this build reads and writes. 1: the first release (no version
-/// recorded); 2: leases keyed on the client's public key, per-network instance caps.
-pub const SCHEMA_VERSION: i64 = 4;
+/// recorded); 2: leases keyed on the client's public key, per-network instance caps;
+/// 3: proofs of adopted leases; 4: invite labels; 5: removed networks remembered.
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Database id of a network.
 pub type NetworkId = i64;
@@ -66,6 +67,9 @@ pub enum StoreError {
         /// That network's subnet.
         other_subnet: Subnet,
     },
+    /// The default network is where a relay's first invite leads; it stays.
+    #[error("the default network cannot be removed (its invite is the relay's own); revoke its invites instead")]
+    DefaultNetworkStays,
     /// No invite with that id.
     #[error("no invite with id {0} (see `overlan-server invite list`)")]
     NoSuchInvite(i64),
@@ -303,6 +307,10 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
                 proof TEXT,
                 PRIMARY KEY (network_id, identity, instance),
                 UNIQUE (network_id, vip)
+            );
+            CREATE TABLE removed_networks (
+                name TEXT PRIMARY KEY,
+                removed_at INTEGER NOT NULL
             );",
         )?;
         version = SCHEMA_VERSION;
@@ -325,6 +333,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     if version == 3 {
         // Version 4: invites carry the operator's label.
         tx.execute_batch("ALTER TABLE invites ADD COLUMN label TEXT NOT NULL DEFAULT '';")?;
+        version = 4;
+    }
+    if version == 4 {
+        // Version 5: a removed network is remembered, so a cluster peer's older catalog
+        // does not bring it back.
+        tx.execute_batch("CREATE TABLE removed_networks (name TEXT PRIMARY KEY, removed_at INTEGER NOT NULL);")?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -398,8 +412,32 @@ impl Store {
             "INSERT INTO networks (name, subnet, created_at) VALUES (?1, ?2, ?3)",
             params![name, subnet.to_string(), unix_now()],
         )?;
+        // Added again after a removal: this network is newer than the removal.
+        tx.execute("DELETE FROM removed_networks WHERE name = ?1", [name])?;
         tx.commit()?;
         self.network(name)
+    }
+
+    /// Removes a network with its invites and leases (its members' VIPs are released;
+    /// a running relay disconnects them within a second). The removal is remembered, so
+    /// the cluster's other nodes remove it too and do not bring it back. The `default`
+    /// network stays.
+    pub fn remove_network(&mut self, name: &str) -> Result<RemovedNetwork, StoreError> {
+        if name == DEFAULT_NETWORK {
+            return Err(StoreError::DefaultNetworkStays);
+        }
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id: Option<i64> =
+            tx.query_row("SELECT id FROM networks WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+        let id = id.ok_or_else(|| StoreError::NoSuchNetwork(name.to_owned()))?;
+        let removed = delete_network(&tx, id)?;
+        tx.execute(
+            "INSERT INTO removed_networks (name, removed_at) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET removed_at = MAX(removed_at, excluded.removed_at)",
+            params![name, unix_now()],
+        )?;
+        tx.commit()?;
+        Ok(removed)
     }
 
     /// Sets how many instances one identity may hold in a network (`None`: the relay's
@@ -500,10 +538,22 @@ impl Store {
 
     /// The networks and invites, for the other nodes of a cluster.
     pub fn catalog(&self) -> Result<Catalog, StoreError> {
-        let networks = networks_in(&self.conn)?
-            .into_iter()
-            .map(|n| CatalogNetwork { name: n.name, subnet: n.subnet.to_string(), max_instances: n.max_instances })
-            .collect();
+        let mut stmt =
+            self.conn.prepare("SELECT name, subnet, max_instances, created_at FROM networks ORDER BY name")?;
+        let networks = stmt
+            .query_map([], |r| {
+                Ok(CatalogNetwork {
+                    name: r.get(0)?,
+                    subnet: r.get(1)?,
+                    max_instances: r.get(2)?,
+                    created_at: r.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut stmt = self.conn.prepare("SELECT name, removed_at FROM removed_networks ORDER BY name")?;
+        let removed = stmt
+            .query_map([], |r| Ok(CatalogRemoval { name: r.get(0)?, removed_at: r.get(1)? }))?
+            .collect::<Result<_, _>>()?;
         let mut stmt = self.conn.prepare(
             "SELECT i.token_hash, n.name, i.kind, i.max_uses, i.uses, i.expires_at, i.revoked, i.created_at, i.label
              FROM invites i JOIN networks n ON n.id = i.network_id ORDER BY i.id",
@@ -523,30 +573,66 @@ impl Store {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        Ok(Catalog { networks, invites })
+        Ok(Catalog { networks, invites, removed })
     }
 
     /// Takes in another node's catalog: networks and invites this node lacks are added,
     /// revocations are taken, use counts rise to the other's. A network whose subnet
     /// differs from this node's network of the same name is kept as it is here (and
-    /// reported). Returns whether anything changed.
+    /// reported). A removal newer than a network's creation removes it (the later of
+    /// the two wins, so a network removed and added again stays). Returns whether
+    /// anything changed.
     pub fn merge_catalog(&mut self, catalog: &Catalog) -> Result<(bool, Vec<String>), StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut changed = false;
         let mut conflicts = Vec::new();
+        for removal in &catalog.removed {
+            if removal.name == DEFAULT_NETWORK {
+                continue;
+            }
+            let here: Option<(i64, i64)> = tx
+                .query_row("SELECT id, created_at FROM networks WHERE name = ?1", [&removal.name], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            if here.is_some_and(|(_, created)| created > removal.removed_at) {
+                continue;
+            }
+            if let Some((id, _)) = here {
+                let gone = delete_network(&tx, id)?;
+                tracing::info!(network = %removal.name, leases = gone.leases, invites = gone.invites,
+                    "network removed on another node of the cluster");
+            }
+            changed |= tx.execute(
+                "INSERT INTO removed_networks (name, removed_at) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET removed_at = excluded.removed_at WHERE removed_at < excluded.removed_at",
+                params![removal.name, removal.removed_at],
+            )? > 0
+                || here.is_some();
+        }
         let known = networks_in(&tx)?;
         for net in &catalog.networks {
             let Ok(subnet) = net.subnet.parse::<Subnet>() else { continue };
+            let removed_at: Option<i64> = tx
+                .query_row("SELECT removed_at FROM removed_networks WHERE name = ?1", [&net.name], |r| r.get(0))
+                .optional()?;
+            if removed_at.is_some_and(|at| at >= net.created_at) {
+                continue; // removed after the peer made it: the peer will remove it too
+            }
             match known.iter().find(|k| k.name == net.name) {
                 Some(k) if k.subnet != subnet => {
                     conflicts.push(format!("network {} is {} here but {} on a peer", net.name, k.subnet, subnet))
                 }
                 Some(_) => {}
                 None if valid_network_name(&net.name) => {
+                    // The creation time travels with the network, so every node
+                    // compares it with a removal alike.
+                    let created = if net.created_at > 0 { net.created_at } else { unix_now() };
                     tx.execute(
                         "INSERT INTO networks (name, subnet, created_at, max_instances) VALUES (?1, ?2, ?3, ?4)",
-                        params![net.name, subnet.to_string(), unix_now(), net.max_instances],
+                        params![net.name, subnet.to_string(), created, net.max_instances],
                     )?;
+                    tx.execute("DELETE FROM removed_networks WHERE name = ?1", [&net.name])?;
                     changed = true;
                 }
                 None => {}
@@ -833,6 +919,23 @@ fn network_from_row(id: i64, name: String, subnet: String, max_instances: Option
     Ok(Network { id, key: NetKey::of(&name), name, subnet, max_instances })
 }
 
+/// What removing a network took with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemovedNetwork {
+    /// Leases released.
+    pub leases: usize,
+    /// Invites deleted.
+    pub invites: usize,
+}
+
+/// Deletes network `id` with its leases and invites (inside the caller's transaction).
+fn delete_network(tx: &Connection, id: i64) -> Result<RemovedNetwork, StoreError> {
+    let leases = tx.execute("DELETE FROM leases WHERE network_id = ?1", [id])?;
+    let invites = tx.execute("DELETE FROM invites WHERE network_id = ?1", [id])?;
+    tx.execute("DELETE FROM networks WHERE id = ?1", [id])?;
+    Ok(RemovedNetwork { leases, invites })
+}
+
 fn networks_in(conn: &Connection) -> Result<Vec<Network>, StoreError> {
     let mut stmt = conn.prepare("SELECT id, name, subnet, max_instances FROM networks ORDER BY name")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
@@ -999,6 +1102,40 @@ mod schema_tests {
         assert!(err.contains("in use by another relay") && err.contains("pid"), "{err}");
         drop(lock);
         DataDirLock::acquire(dir.path()).expect("free again once released");
+    }
+
+    #[test]
+    fn a_removed_network_goes_everywhere_and_the_later_of_removal_and_creation_wins() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = Store::open(a_dir.path()).unwrap();
+        let mut b = Store::open(b_dir.path()).unwrap();
+        a.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
+        assert!(matches!(a.remove_network(DEFAULT_NETWORK), Err(StoreError::DefaultNetworkStays)));
+        let lan = a.add_network("lan", "10.88.0.0/24".parse().unwrap()).unwrap();
+        let invite = a.add_invite("lan", "tok", "issued", None, None).unwrap();
+        assert!(a.create_lease(invite, lan.id, &Fingerprint::of(b"m"), "", "10.88.0.2".parse().unwrap()).unwrap());
+        b.merge_catalog(&a.catalog().unwrap()).unwrap();
+        assert!(b.network("lan").is_ok());
+        // Made a second ago, so the removal (now) is later.
+        a.conn.execute("UPDATE networks SET created_at = created_at - 1", []).unwrap();
+        b.conn.execute("UPDATE networks SET created_at = created_at - 1", []).unwrap();
+        let stale = b.catalog().unwrap();
+        assert_eq!(a.remove_network("lan").unwrap(), RemovedNetwork { leases: 1, invites: 1 });
+        assert!(matches!(a.remove_network("lan"), Err(StoreError::NoSuchNetwork(_))));
+        assert!(a.check_token("tok", unix_now()).unwrap().is_err(), "its invites went with it");
+        // An older catalog does not bring it back; the removal reaches the other node.
+        assert!(!a.merge_catalog(&stale).unwrap().0);
+        assert!(a.network("lan").is_err());
+        assert!(b.merge_catalog(&a.catalog().unwrap()).unwrap().0);
+        assert!(b.network("lan").is_err());
+        assert!(b.check_token("tok", unix_now()).unwrap().is_err());
+        // Added again later (on b): the new network wins over the old removal on a.
+        b.conn.execute("UPDATE removed_networks SET removed_at = removed_at - 1", []).unwrap();
+        a.conn.execute("UPDATE removed_networks SET removed_at = removed_at - 1", []).unwrap();
+        b.add_network("lan", "10.99.0.0/24".parse().unwrap()).unwrap();
+        assert!(a.merge_catalog(&b.catalog().unwrap()).unwrap().0);
+        assert_eq!(a.network("lan").unwrap().subnet, "10.99.0.0/24".parse().unwrap());
+        assert!(a.catalog().unwrap().removed.is_empty());
     }
 
     #[test]

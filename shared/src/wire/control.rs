@@ -97,6 +97,12 @@ pub enum ClientMessage {
         /// Request id.
         req: u64,
     },
+    /// Give this identity and instance's VIP back: the relay deletes the lease, answers
+    /// `Released` and the session ends (the next join gets a new VIP).
+    Release {
+        /// Request id.
+        req: u64,
+    },
 }
 
 /// A member of the network, as `PeerList` reports it.
@@ -206,6 +212,13 @@ pub enum RelayMessage {
         req: u64,
         /// The members.
         peers: Vec<PeerInfo>,
+    },
+    /// Answer to `Release`: the lease is gone; the client closes the session.
+    Released {
+        /// Request id.
+        req: u64,
+        /// The VIP given back.
+        vip: Ipv4Addr,
     },
     /// The relay is about to close the session.
     Goodbye {

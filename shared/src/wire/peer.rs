@@ -93,6 +93,19 @@ pub struct Catalog {
     pub networks: Vec<CatalogNetwork>,
     /// Invites.
     pub invites: Vec<CatalogInvite>,
+    /// Networks removed (so a node that missed the removal drops them, and none brings
+    /// them back).
+    #[serde(default)]
+    pub removed: Vec<CatalogRemoval>,
+}
+
+/// A removed network in a [`Catalog`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogRemoval {
+    /// Its name.
+    pub name: String,
+    /// When it was removed, unix seconds.
+    pub removed_at: i64,
 }
 
 /// A network in a [`Catalog`].
@@ -104,6 +117,9 @@ pub struct CatalogNetwork {
     pub subnet: String,
     /// Instances one identity may hold, if the network sets its own cap.
     pub max_instances: Option<u32>,
+    /// When it was made, unix seconds (compared with a removal of the same name).
+    #[serde(default)]
+    pub created_at: i64,
 }
 
 /// An invite in a [`Catalog`].
