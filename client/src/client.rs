@@ -569,7 +569,11 @@ async fn establish(
     let conn = tokio::time::timeout(REQUEST_TIMEOUT, connecting)
         .await
         .map_err(|_| Error::TimedOut(format!("relay {relay_text} did not answer the QUIC handshake")))?
-        .map_err(|e| connection_error(&relay_text, &e))?;
+        .map_err(|e| match e {
+            // Nothing came back at all: not a session that was lost.
+            quinn::ConnectionError::TimedOut => connect_err("no answer to the QUIC handshake".into()),
+            e => connection_error(&relay_text, &e),
+        })?;
     let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
         let (mut send, recv) = conn.open_bi().await.map_err(|e| connection_error(&relay_text, &e))?;
         let codec = ClientSideCodec::new(DEFAULT_MAX_CONTROL_FRAME);

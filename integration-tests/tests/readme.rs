@@ -118,6 +118,7 @@ async fn the_readme_walkthrough_prints_what_the_readme_shows() {
     let invite = invite_line.strip_prefix("invite ").expect("invite line").to_owned();
     let host = invite.trim_start_matches("overlan://").split(':').next().unwrap().to_owned();
     printed.insert("overlan-server", vec![log, listen, fingerprint, invite_line]);
+    let invite_uri = invite.clone();
     let invite = Some(invite.as_str());
 
     // 2. Alice's session, Bob's VIP.
@@ -188,7 +189,7 @@ async fn the_readme_walkthrough_prints_what_the_readme_shows() {
     for step in &steps {
         if let Some(value) = step.command.strip_prefix("export OVERLAN_INVITE=") {
             let shown = value.trim_matches('\'');
-            let actual = as_readme(invite.unwrap(), &host, port);
+            let actual = as_readme(&invite_uri, &host, port);
             assert!(shows(shown, &actual), "README's invite {shown}\n   is not the form of {actual}");
             continue;
         }
