@@ -44,6 +44,12 @@ pub enum Request {
         /// The port (0: ephemeral).
         port: u16,
     },
+    /// Run a forward or expose for as long as the connection stays open; `Mapped`, then
+    /// `Log` lines, follow.
+    Map {
+        /// What to run.
+        map: crate::forward::PortMap,
+    },
 }
 
 /// This instance's session, as `overlan status` shows it.
@@ -129,6 +135,16 @@ pub enum Response {
     Listening {
         /// The address listened on.
         local: std::net::SocketAddrV4,
+    },
+    /// The forward or expose runs (answer to `Map`).
+    Mapped {
+        /// What runs, e.g. `forward 127.0.0.1:8080 -> 10.77.0.3:80 tcp`.
+        line: String,
+    },
+    /// Something went wrong with one connection or flow of a running `Map`.
+    Log {
+        /// What.
+        message: String,
     },
     /// The request failed.
     Error {
@@ -289,9 +305,75 @@ async fn answer(stream: UnixStream, client: Client, instance: String) {
             }
             Err(e) => Response::Error { message: format!("bind: {e}") },
         },
+        Ok(Request::Map { map }) => {
+            let (tx, mut logged) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let log: crate::forward::Log = std::sync::Arc::new(move |line| {
+                let _ = tx.send(line);
+            });
+            match map.start(&client, log).await {
+                Ok(started) => {
+                    if send_line(&mut stream, &Response::Mapped { line: started.line }).await.is_err() {
+                        return;
+                    }
+                    let mut run = started.run;
+                    loop {
+                        tokio::select! {
+                            why = &mut run => {
+                                let _ = send_line(&mut stream, &Response::Error { message: why }).await;
+                                return;
+                            }
+                            Some(message) = logged.recv() => {
+                                if send_line(&mut stream, &Response::Log { message }).await.is_err() {
+                                    return;
+                                }
+                            }
+                            // The command went away (Ctrl-C): the forward stops with it.
+                            _ = stream.readable() => return,
+                        }
+                    }
+                }
+                Err(message) => Response::Error { message },
+            }
+        }
         Err(e) => Response::Error { message: format!("bad request: {e}") },
     };
     let _ = send_line(&mut stream, &response).await;
+}
+
+/// Asks the `up` serving `path` to run `map` for as long as this call runs (drop it to
+/// stop). `Ok(None)` if no `up` runs; otherwise why it ended or could not start.
+/// `on_started` is told what runs, `on_log` each line about a connection or flow.
+pub async fn run_map(
+    path: &Path,
+    map: &crate::forward::PortMap,
+    on_started: impl FnOnce(String),
+    mut on_log: impl FnMut(String),
+) -> io::Result<Option<String>> {
+    let mut stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut text = serde_json::to_string(&Request::Map { map: map.clone() }).expect("plain data serializes");
+    text.push('\n');
+    stream.write_all(text.as_bytes()).await?;
+    let mut on_started = Some(on_started);
+    let mut lines = BufReader::new(stream).lines();
+    loop {
+        let Some(line) = lines.next_line().await? else {
+            return Ok(Some("`overlan up` went away".to_owned()));
+        };
+        match serde_json::from_str::<Response>(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+            Response::Mapped { line } => {
+                if let Some(tell) = on_started.take() {
+                    tell(line);
+                }
+            }
+            Response::Log { message } => on_log(message),
+            Response::Error { message } => return Ok(Some(message)),
+            other => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected {other:?}"))),
+        }
+    }
 }
 
 fn addr_bytes(addr: std::net::SocketAddrV4) -> [u8; 6] {

@@ -18,6 +18,7 @@ mod client;
 pub mod control;
 mod datagram;
 mod error;
+pub mod forward;
 mod identity;
 mod stream;
 

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use futures_util::FutureExt;
+use overlan_client::forward::PortMap;
 use overlan_client::{
     control, default_identity_path, forget_lease, lease_file_path, load_lease, load_or_create_identity, save_lease,
     Client, Error, Invite, JoinOptions, SessionState,
@@ -41,6 +43,9 @@ struct Cli {
     /// environment variables override it [default: ~/.config/overlan/config.toml if it exists].
     #[arg(long, global = true, env = "OVERLAN_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// The forwards and exposes of the config file (`up` runs them).
+    #[arg(skip)]
+    port_maps: Vec<PortMap>,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,11 +67,57 @@ enum Command {
     /// Give this instance's VIP back: the relay deletes its lease and the next join gets
     /// a new VIP (stop its `overlan up` first).
     Leave,
+    /// A local port that leads to VIP:PORT across the overlay, like `ssh -L`; stays in
+    /// the foreground (through the running `up` of this instance, if any).
+    Forward(ForwardArgs),
+    /// This client's VIP:PORT leads to a local service, like `ssh -R`; stays in the
+    /// foreground (through the running `up` of this instance, if any).
+    Expose(ExposeArgs),
     /// Print a shell completion script: `overlan completions bash > /etc/bash_completion.d/overlan`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Args, Debug)]
+struct ForwardArgs {
+    /// UDP instead of TCP: each local source is a flow of its own; idle flows expire.
+    #[arg(long)]
+    udp: bool,
+    /// With --udp: seconds a flow lives without traffic.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    idle: u64,
+    /// Where to listen: PORT (on 127.0.0.1) or IP:PORT (0.0.0.0:PORT for every interface).
+    #[arg(value_name = "LOCAL_ADDR", value_parser = overlan_client::forward::parse_local_addr)]
+    local: std::net::SocketAddr,
+    /// Where it leads: VIP:PORT, or NAME:PORT for a member's instance name.
+    #[arg(value_name = "VIP:PORT", value_parser = parse_overlay_target)]
+    target: String,
+}
+
+#[derive(Args, Debug)]
+struct ExposeArgs {
+    /// UDP instead of TCP: each remote source is a flow of its own; idle flows expire.
+    #[arg(long)]
+    udp: bool,
+    /// With --udp: seconds a flow lives without traffic.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    idle: u64,
+    /// The port of this client's VIP.
+    #[arg(value_name = "PORT")]
+    port: u16,
+    /// The local service: PORT (on 127.0.0.1) or IP:PORT.
+    #[arg(value_name = "TARGET_ADDR", value_parser = overlan_client::forward::parse_local_addr)]
+    target: std::net::SocketAddr,
+}
+
+/// `VIP:PORT` or `NAME:PORT`, checked as the command line is read.
+fn parse_overlay_target(text: &str) -> Result<String, String> {
+    let (host, port) = text.rsplit_once(':').ok_or_else(|| format!("{text:?}: expected VIP:PORT or NAME:PORT"))?;
+    parse_port(port)?;
+    parse_target(&[host.to_owned(), port.to_owned()])?;
+    Ok(text.to_owned())
 }
 
 #[derive(Args, Debug)]
@@ -334,12 +385,42 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let client = join_until_up(&cli, &mut shutdown).await?;
             let server =
                 control::serve(client.clone(), control, cli.name().to_owned()).await.map_err(|e| e.to_string())?;
+            println!("vip {}", client.vip());
+            // The config file's forwards: a port that cannot be had ends `up` at once.
+            let mut maps = tokio::task::JoinSet::new();
+            for map in &cli.port_maps {
+                let log: overlan_client::forward::Log = std::sync::Arc::new(|message| eprintln!("overlan: {message}"));
+                match map.start(&client, log).await {
+                    Ok(running) => {
+                        println!("{}", running.line);
+                        maps.spawn(running.run.map(|why| eprintln!("overlan: {why}")));
+                    }
+                    Err(why) => {
+                        client.leave().await;
+                        return Err(format!("config: {why}").into());
+                    }
+                }
+            }
             let result = up(client, &mut shutdown).await;
+            drop(maps);
             drop(server);
             result
         }
         Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
         Command::Leave => leave(&cli, &control, &mut shutdown).await,
+        Command::Forward(args) => {
+            let map = PortMap::Forward {
+                local: args.local,
+                target: args.target.clone(),
+                udp: args.udp,
+                idle_secs: args.idle,
+            };
+            run_port_map(&cli, &control, map, &mut shutdown).await
+        }
+        Command::Expose(args) => {
+            let map = PortMap::Expose { port: args.port, target: args.target, udp: args.udp, idle_secs: args.idle };
+            run_port_map(&cli, &control, map, &mut shutdown).await
+        }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut command(), "overlan", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -368,6 +449,7 @@ impl Cli {
             Err(e) => return Err(format!("config {}: {e}", path.display()).into()),
         };
         let config: ClientConfig = toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+        self.port_maps = config_port_maps(&config).map_err(|e| format!("config {}: {e}", path.display()))?;
         // A relative identity path is relative to the config file, not to where the
         // command happens to run.
         let base = path.parent().unwrap_or(std::path::Path::new("."));
@@ -393,6 +475,52 @@ struct ClientConfig {
     #[serde(default)]
     relays: Vec<String>,
     log: Option<String>,
+    /// Forwards `overlan up` runs: `[[forward]]` tables of `local`, `target`, `udp`, `idle`.
+    #[serde(default)]
+    forward: Vec<ForwardEntry>,
+    /// Exposes `overlan up` runs: `[[expose]]` tables of `port`, `target`, `udp`, `idle`.
+    #[serde(default)]
+    expose: Vec<ExposeEntry>,
+}
+
+/// A `[[forward]]` of the config file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardEntry {
+    local: String,
+    target: String,
+    #[serde(default)]
+    udp: bool,
+    idle: Option<u64>,
+}
+
+/// An `[[expose]]` of the config file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExposeEntry {
+    port: u16,
+    target: String,
+    #[serde(default)]
+    udp: bool,
+    idle: Option<u64>,
+}
+
+/// The forwards and exposes of the config file, checked.
+fn config_port_maps(config: &ClientConfig) -> Result<Vec<PortMap>, String> {
+    let idle = |secs: Option<u64>| secs.unwrap_or(overlan_client::forward::DEFAULT_UDP_IDLE.as_secs()).max(1);
+    let mut maps = Vec::new();
+    for f in &config.forward {
+        let local =
+            overlan_client::forward::parse_local_addr(&f.local).map_err(|e| format!("[[forward]] local: {e}"))?;
+        let target = parse_overlay_target(&f.target).map_err(|e| format!("[[forward]] target: {e}"))?;
+        maps.push(PortMap::Forward { local, target, udp: f.udp, idle_secs: idle(f.idle) });
+    }
+    for e in &config.expose {
+        let target =
+            overlan_client::forward::parse_local_addr(&e.target).map_err(|why| format!("[[expose]] target: {why}"))?;
+        maps.push(PortMap::Expose { port: e.port, target, udp: e.udp, idle_secs: idle(e.idle) });
+    }
+    Ok(maps)
 }
 
 fn default_config_path() -> PathBuf {
@@ -488,6 +616,44 @@ async fn peers(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `overlan forward` and `overlan expose`: through the running `up` of this instance
+/// (which then holds the ports for as long as this command runs), else on a session of
+/// their own. Prints what runs on stdout and one line per failed connection or flow on
+/// stderr; runs until a signal or until the forward fails for good.
+async fn run_port_map(
+    cli: &Cli,
+    control: &std::path::Path,
+    map: PortMap,
+    shutdown: &mut Shutdown,
+) -> Result<ExitCode, CliError> {
+    let started = |line: String| {
+        println!("{line}");
+        eprintln!("Ctrl-C to stop");
+    };
+    let via_up = control::run_map(control, &map, started, |message| eprintln!("overlan: {message}"));
+    let ended = tokio::select! {
+        ended = via_up => ended.map_err(|e| format!("asking `overlan up` ({}): {e}", control.display()))?,
+        signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+    };
+    if let Some(why) = ended {
+        return Err(why.into());
+    }
+    let client = join_or_signal(cli, shutdown).await?;
+    let log: overlan_client::forward::Log = std::sync::Arc::new(|message| eprintln!("overlan: {message}"));
+    let result = match map.start(&client, log).await {
+        Ok(running) => {
+            started(running.line);
+            tokio::select! {
+                why = running.run => Err(CliError::from(why)),
+                signal = shutdown.recv() => Err(CliError::interrupted(signal)),
+            }
+        }
+        Err(why) => Err(CliError::from(why)),
+    };
+    client.leave().await;
+    result
+}
+
 /// `overlan leave`: joins (unless `up` holds the session: then it must stop first, or
 /// the lease would go while it runs), gives the VIP back and forgets the lease proof.
 async fn leave(cli: &Cli, control: &std::path::Path, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
@@ -522,7 +688,6 @@ async fn leave(cli: &Cli, control: &std::path::Path, shutdown: &mut Shutdown) ->
 }
 
 async fn up(client: Client, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
-    println!("vip {}", client.vip());
     eprintln!("joined network {} ({}) as {}; Ctrl-C to leave", client.network(), client.subnet(), client.vip());
     let mut state = client.watch_state();
     loop {
