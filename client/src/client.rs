@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use overlan_shared::tls::{self, Identity};
@@ -46,6 +46,9 @@ pub const LEAVE_LINGER: Duration = Duration::from_secs(3);
 const LISTEN_BACKLOG: usize = 128;
 /// Datagrams queued per socket before new ones are dropped (UDP semantics).
 const DATAGRAM_QUEUE: usize = 4096;
+/// Datagrams a TUN-mode client holds before it drops (a burst of full-size packets:
+/// about 4.5 MB).
+const TUN_QUEUE: usize = 4096;
 
 /// How to join.
 #[derive(Debug, Clone)]
@@ -67,6 +70,9 @@ pub struct JoinOptions {
     /// A lease proof a node of a cluster gave this identity and instance before
     /// ([`Client::lease`]): presented at join, it keeps the VIP on any node.
     pub lease: Option<String>,
+    /// TUN mode: the session takes every datagram to its VIP and IPv4 packets
+    /// ([`Client::take_tun_datagrams`], [`Client::send_raw_datagram`]).
+    pub tun: bool,
 }
 
 impl JoinOptions {
@@ -80,12 +86,19 @@ impl JoinOptions {
             reconnect: true,
             relays: Vec::new(),
             lease: None,
+            tun: false,
         }
     }
 
     /// Sets the lease proof to present (from [`Client::lease`] of an earlier join).
     pub fn lease(mut self, lease: Option<String>) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Joins in TUN mode (see [`JoinOptions::tun`]).
+    pub fn tun(mut self, tun: bool) -> Self {
+        self.tun = tun;
         self
     }
 
@@ -184,6 +197,9 @@ pub(crate) struct Inner {
     pub(crate) open_streams: std::sync::atomic::AtomicUsize,
     /// When the current session was established.
     since: Mutex<std::time::SystemTime>,
+    /// TUN mode: where every datagram no bound socket takes goes, raw.
+    tun_sink: Option<mpsc::Sender<Bytes>>,
+    tun_datagrams: Mutex<Option<mpsc::Receiver<Bytes>>>,
 }
 
 /// Counts one finished stream as undelivered until dropped.
@@ -297,6 +313,13 @@ impl Client {
         };
         let lease = welcome.lease.or_else(|| options.lease.clone());
         let (state, _) = watch::channel(SessionState::Up);
+        let (tun_sink, tun_datagrams) = match options.tun {
+            true => {
+                let (tx, rx) = mpsc::channel(TUN_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let inner = Arc::new(Inner {
             options,
             endpoint,
@@ -320,6 +343,8 @@ impl Client {
             undelivered: watch::channel(0).0,
             open_streams: std::sync::atomic::AtomicUsize::new(0),
             since: Mutex::new(std::time::SystemTime::now()),
+            tun_sink,
+            tun_datagrams: Mutex::new(tun_datagrams),
         });
         let first = inner.install(conn, send, recv, 0);
         tokio::spawn(supervise(inner.clone(), first));
@@ -489,6 +514,26 @@ impl Client {
         }
     }
 
+    /// TUN mode: the datagrams no bound socket takes — IPv4 packets, and datagrams to
+    /// any other port of this VIP or to a broadcast address — raw, header included, as
+    /// they arrive (a full queue drops, as a NIC would). `None` if not joined in TUN mode,
+    /// or taken already.
+    pub fn take_tun_datagrams(&self) -> Option<mpsc::Receiver<Bytes>> {
+        self.inner.tun_datagrams.lock().expect("tun lock").take()
+    }
+
+    /// TUN mode: sends a raw datagram — an IPv4 packet datagram, or a v1 datagram from
+    /// any port of this VIP. The relay checks the source as always. Waits only while
+    /// the connection's send buffer is full.
+    pub async fn send_raw_datagram(&self, datagram: Bytes) -> Result<(), Error> {
+        let session = self.inner.session()?;
+        match session.conn.send_datagram_wait(datagram).await {
+            Ok(()) => Ok(()),
+            Err(quinn::SendDatagramError::TooLarge) => Err(Error::MessageTooLarge { max: self.inner.max_payload() }),
+            Err(e) => Err(Error::SessionLost(e.to_string())),
+        }
+    }
+
     /// When the current session was established (the first join, or the last
     /// reconnect).
     pub fn since(&self) -> std::time::SystemTime {
@@ -584,6 +629,7 @@ async fn establish(
             instance: options.instance.clone(),
             lease,
             network: Some(options.invite.network.clone()),
+            tun: options.tun,
         };
         codec.encode_into(&hello, &mut buf).map_err(|e| Error::Config(e.to_string()))?;
         if send.write_all(&buf).await.is_err() {
@@ -838,10 +884,23 @@ async fn run_control_writer(mut send: quinn::SendStream, mut rx: mpsc::Unbounded
 async fn run_datagram_reader(conn: quinn::Connection, inner: std::sync::Weak<Inner>) {
     while let Ok(bytes) = conn.read_datagram().await {
         let Some(inner) = inner.upgrade() else { return };
-        let Ok(header) = DatagramHeader::parse(&bytes) else { continue };
-        if let Some(ch) = inner.datagram_ports.get(&header.dst.port()) {
-            let _ = ch.try_send(Datagram { payload: bytes.slice(HEADER_LEN..), src: header.src, dst: header.dst });
+        let Ok(header) = DatagramHeader::parse(&bytes) else {
+            // An IPv4 packet (TUN mode).
+            if let Some(sink) = &inner.tun_sink {
+                let _ = sink.try_send(bytes);
+            }
+            continue;
         };
+        let bound = inner.datagram_ports.get(&header.dst.port()).map(|ch| ch.clone());
+        match (bound, &inner.tun_sink) {
+            (Some(ch), _) => {
+                let _ = ch.try_send(Datagram { payload: bytes.slice(HEADER_LEN..), src: header.src, dst: header.dst });
+            }
+            (None, Some(sink)) => {
+                let _ = sink.try_send(bytes);
+            }
+            (None, None) => {}
+        }
     }
 }
 

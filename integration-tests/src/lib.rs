@@ -460,6 +460,7 @@ impl RawSession {
             instance: String::new(),
             lease: None,
             network: None,
+            tun: false,
         })
         .await;
         match me.next().await {

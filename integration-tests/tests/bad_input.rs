@@ -65,6 +65,7 @@ fn hello(token: &str) -> BytesMut {
         instance: String::new(),
         lease: None,
         network: None,
+        tun: false,
     };
     frame(&serde_json::to_vec(&msg).unwrap())
 }

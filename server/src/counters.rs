@@ -39,6 +39,7 @@ reasons! {
     HeldBytesCap => "held_bytes_cap": "A stalled socket was cut because the relay-wide cap on held bytes was reached.",
     DrainTimeout => "drain_timeout": "A socket still draining after its sender left was cut at the drain deadline.",
     RouteRejected => "route_rejected": "A peer's route announcement failed route-origin validation and was dropped.",
+    TunPacketDropped => "tun_packet_dropped": "An IPv4 packet from a TUN session was malformed, too large, not from its VIP, a broadcast, or had no TUN session to go to.",
     LinkDatagramDropped => "link_datagram_dropped": "A datagram from a peer link was malformed, too large or had a source not behind a peer.",
     PeerRefused => "peer_refused": "A peer link was refused (certificate not from the cluster CA, wrong name, bad hello).",
     PeerForgedSource => "peer_forged_source": "A peer connected from a source VIP that is a client of this node; refused.",

@@ -11,7 +11,7 @@ use std::time::Instant;
 use actix::Addr;
 use bytes::Bytes;
 use overlan_shared::session::TokenBucket;
-use overlan_shared::wire::datagram::{DatagramHeader, HEADER_LEN};
+use overlan_shared::wire::datagram::{DatagramHeader, IpPacket, HEADER_LEN, KIND_IP};
 use overlan_shared::wire::{ErrorCode, MAX_DATAGRAM_PAYLOAD};
 use overlan_shared::Subnet;
 
@@ -39,6 +39,8 @@ pub struct Sender {
     pub vip: Ipv4Addr,
     /// The network's subnet.
     pub subnet: Subnet,
+    /// In TUN mode: any port of its VIP is its own, and it may send IPv4 packets.
+    pub tun: bool,
 }
 
 /// Why a datagram was dropped and the sender told.
@@ -52,6 +54,11 @@ pub enum Reject {
     Forged(SocketAddrV4),
     /// The source port is not bound by the sender.
     PortNotBound(u16),
+    /// An IPv4 packet from a session not in TUN mode.
+    NotTun,
+    /// An IPv4 packet that is malformed, too large, not from the sender's VIP, or has
+    /// nowhere to go (counted; the sender is not told, as IP would not tell it).
+    PacketDropped,
 }
 
 impl Reject {
@@ -68,6 +75,10 @@ impl Reject {
             Reject::PortNotBound(port) => {
                 (ErrorCode::InvalidPort, format!("datagram dropped: source port {port} is not bound by this session"))
             }
+            Reject::NotTun => {
+                (ErrorCode::ProtocolViolation, "IP packet dropped: this session did not join in TUN mode".to_owned())
+            }
+            Reject::PacketDropped => (ErrorCode::ForgedSource, "IP packet dropped".to_owned()),
         };
         Notice { code, message }
     }
@@ -90,6 +101,9 @@ pub fn forward(
     datagram: Bytes,
     admit: impl FnOnce(Kind) -> bool,
 ) -> Result<usize, Reject> {
+    if datagram.first() == Some(&KIND_IP) {
+        return forward_packet(router, from, datagram, admit);
+    }
     let header = DatagramHeader::parse(&datagram).map_err(|_| Reject::Malformed)?;
     let payload = datagram.len() - HEADER_LEN;
     if payload > MAX_DATAGRAM_PAYLOAD {
@@ -100,7 +114,7 @@ pub fn forward(
     if *header.src.ip() != from.vip {
         return Err(Reject::Forged(header.src));
     }
-    if !router.owns_datagram_port(from.net, header.src, from.session) {
+    if !from.tun && !router.owns_datagram_port(from.net, header.src, from.session) {
         return Err(Reject::PortNotBound(header.src.port()));
     }
     let dst = *header.dst.ip();
@@ -130,6 +144,43 @@ pub fn forward(
             Ok(1)
         }
         _ => Ok(0),
+    }
+}
+
+/// Forwards an IPv4 packet of a TUN session to the TUN session holding its destination,
+/// here or behind a peer. Its source must be the sender's VIP; broadcasts travel as
+/// datagrams (the client turns a UDP broadcast into one), so a packet to a broadcast
+/// address is dropped.
+fn forward_packet(
+    router: &Router,
+    from: &Sender,
+    datagram: Bytes,
+    admit: impl FnOnce(Kind) -> bool,
+) -> Result<usize, Reject> {
+    if !from.tun {
+        return Err(Reject::NotTun);
+    }
+    let packet = IpPacket::parse(&datagram).map_err(|_| Reject::PacketDropped)?;
+    if packet.src != from.vip || from.subnet.is_broadcast(packet.dst) || !from.subnet.contains(packet.dst) {
+        return Err(Reject::PacketDropped);
+    }
+    if !admit(Kind::Unicast) {
+        return Ok(0);
+    }
+    if let Some(conn) = router.tun_target(from.net, packet.dst) {
+        let _ = conn.send_datagram(datagram);
+        return Ok(1);
+    }
+    match router.route(from.net, packet.dst) {
+        Some(Route::Peer(link)) => {
+            let _ = link
+                .conn
+                .send_datagram(link_datagram(LinkHeader::Unicast { hops: MAX_HOPS, net: from.net }, &datagram));
+            Ok(1)
+        }
+        // No TUN session holds the destination (an ordinary session cannot take a
+        // packet, and no route is none).
+        _ => Err(Reject::PacketDropped),
     }
 }
 
@@ -176,6 +227,10 @@ impl DatagramPath {
         };
         if let Err(reject) = forward(&node.router, &self.from, datagram, admit) {
             tracing::debug!(session = self.from.session, ?reject, "datagram rejected");
+            if reject == Reject::PacketDropped {
+                node.count(Reason::TunPacketDropped);
+                return;
+            }
             if self.notices.handle_take(now) {
                 session.do_send(reject.notice());
             }

@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use overlan_shared::cluster::{verify_node, NodeInfo};
 use overlan_shared::route::{LinkId, NetKey, RouteUpdate};
 use overlan_shared::wire::control::SocketId;
-use overlan_shared::wire::datagram::{DatagramHeader, HEADER_LEN};
+use overlan_shared::wire::datagram::{DatagramHeader, IpPacket, HEADER_LEN, KIND_IP};
 use overlan_shared::wire::frame::{FrameCodec, FrameError};
 use overlan_shared::wire::peer::{Catalog, LinkHeader, PeerMessage, MAX_HOPS, PEER_PROTOCOL_VERSION};
 use overlan_shared::wire::stream::{StreamHeader, HEADER_LEN as STREAM_HEADER_LEN};
@@ -496,6 +496,9 @@ fn forward_link_datagram(node: &Node, link: LinkId, datagram: Bytes) {
     };
     let Ok(header) = LinkHeader::parse(&datagram) else { return drop("malformed link header") };
     let inner = datagram.slice(header.len()..);
+    if inner.first() == Some(&KIND_IP) {
+        return forward_link_packet(node, link, header, inner);
+    }
     let Ok(client) = DatagramHeader::parse(&inner) else { return drop("malformed datagram header") };
     if inner.len() - HEADER_LEN > MAX_DATAGRAM_PAYLOAD {
         return drop("payload too large");
@@ -532,6 +535,31 @@ fn forward_link_datagram(node: &Node, link: LinkId, datagram: Bytes) {
                     let _ = conn.send_datagram(out.clone());
                 });
             }
+        }
+    }
+}
+
+/// Forwards an IPv4 packet of a TUN session that came over `link`: to the TUN session
+/// holding its destination here, or on toward the next node. Its source must be a VIP
+/// behind a peer.
+fn forward_link_packet(node: &Node, link: LinkId, header: LinkHeader, inner: Bytes) {
+    let drop = |why: &str| {
+        node.count(Reason::LinkDatagramDropped);
+        tracing::debug!(link, why, "dropping a link packet");
+    };
+    let Ok(packet) = IpPacket::parse(&inner) else { return drop("malformed IP packet") };
+    let LinkHeader::Unicast { net, .. } = header else { return drop("an IP packet broadcast") };
+    let router = &node.router;
+    if !router.is_remote(net, packet.src) {
+        return drop("source is not behind a peer");
+    }
+    if let Some(conn) = router.tun_target(net, packet.dst) {
+        let _ = conn.send_datagram(inner);
+        return;
+    }
+    if let (Some(Route::Peer(next)), Some(header)) = (router.route(net, packet.dst), header.next_hop()) {
+        if next.id != link {
+            let _ = next.conn.send_datagram(link_datagram(header, &inner));
         }
     }
 }

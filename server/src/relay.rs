@@ -555,9 +555,9 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
         Ok(None) => return,
         Err(_) => return refuse(&conn, close_code::TIMED_OUT, "timed out: no hello received"),
     };
-    let (protocol, token, instance, lease, network) = match first {
-        Ok(ClientMessage::Hello { protocol, token, instance, lease, network }) => {
-            (protocol, token, instance, lease, network)
+    let (protocol, token, instance, lease, network, tun) = match first {
+        Ok(ClientMessage::Hello { protocol, token, instance, lease, network, tun }) => {
+            (protocol, token, instance, lease, network, tun)
         }
         Ok(other) => {
             let what = format!("protocol violation: expected hello as the first control frame, got {other:?}");
@@ -614,6 +614,7 @@ async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSema
         network: admission.network,
         vip: admission.vip,
         proof: admission.proof,
+        tun,
     };
     SessionActor::new(parts, node.clone()).start();
     drop(permit);

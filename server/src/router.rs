@@ -83,6 +83,8 @@ pub struct Router {
     listeners: DashMap<(NetKey, SocketAddrV4), LocalSession>,
     datagram_ports: DashMap<(NetKey, SocketAddrV4), DatagramBinding>,
     broadcast_groups: DashMap<(NetKey, u16), HashMap<Ipv4Addr, DatagramBinding>>,
+    /// Sessions in TUN mode, by network: each takes every datagram to its VIP.
+    tun: DashMap<NetKey, HashMap<Ipv4Addr, DatagramBinding>>,
     pairs: DashMap<SocketId, Addr<SocketPairActor>>,
     /// This node's slot (0 for a standalone relay).
     slot: u8,
@@ -104,6 +106,7 @@ impl Router {
             listeners: DashMap::new(),
             datagram_ports: DashMap::new(),
             broadcast_groups: DashMap::new(),
+            tun: DashMap::new(),
             pairs: DashMap::new(),
             slot,
             broadcast_seq: AtomicU64::new(start),
@@ -285,9 +288,33 @@ impl Router {
         self.datagram_ports.get(&(net, addr)).is_some_and(|b| b.session == id)
     }
 
-    /// The local connection that receives datagrams for `addr`.
+    /// The local connection that receives datagrams for `addr`: the session that bound
+    /// it, else a session in TUN mode holding the VIP.
     pub fn datagram_target(&self, net: NetKey, addr: SocketAddrV4) -> Option<quinn::Connection> {
-        self.datagram_ports.get(&(net, addr)).map(|b| b.conn.clone())
+        match self.datagram_ports.get(&(net, addr)) {
+            Some(b) => Some(b.conn.clone()),
+            None => self.tun_target(net, *addr.ip()),
+        }
+    }
+
+    /// Registers a session in TUN mode holding `vip`.
+    pub fn add_tun(&self, net: NetKey, vip: Ipv4Addr, binding: DatagramBinding) {
+        self.tun.entry(net).or_default().insert(vip, binding);
+    }
+
+    /// Removes a TUN session's entry if session `id` owns it.
+    pub fn remove_tun(&self, net: NetKey, vip: Ipv4Addr, id: SessionId) {
+        if let Some(mut sessions) = self.tun.get_mut(&net) {
+            if sessions.get(&vip).is_some_and(|b| b.session == id) {
+                sessions.remove(&vip);
+            }
+        }
+        self.tun.remove_if(&net, |_, s| s.is_empty());
+    }
+
+    /// The local session in TUN mode holding `vip`, which takes IPv4 packets to it.
+    pub fn tun_target(&self, net: NetKey, vip: Ipv4Addr) -> Option<quinn::Connection> {
+        self.tun.get(&net)?.get(&vip).map(|b| b.conn.clone())
     }
 
     /// Calls `f` with every local connection bound to `port` in `net` except `except`'s.
@@ -299,14 +326,23 @@ impl Router {
         except: Ipv4Addr,
         mut f: impl FnMut(&quinn::Connection),
     ) -> usize {
-        let Some(group) = self.broadcast_groups.get(&(net, port)) else {
-            return 0;
-        };
         let mut n = 0;
-        for (vip, binding) in group.iter() {
-            if *vip != except {
-                f(&binding.conn);
-                n += 1;
+        if let Some(group) = self.broadcast_groups.get(&(net, port)) {
+            for (vip, binding) in group.iter() {
+                if *vip != except {
+                    f(&binding.conn);
+                    n += 1;
+                }
+            }
+        }
+        // Sessions in TUN mode take every broadcast (the kernel behind them decides
+        // whether a program listens on the port).
+        if let Some(sessions) = self.tun.get(&net) {
+            for (vip, binding) in sessions.iter() {
+                if *vip != except {
+                    f(&binding.conn);
+                    n += 1;
+                }
             }
         }
         n

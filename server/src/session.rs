@@ -56,6 +56,8 @@ pub struct SessionParts {
     pub vip: Ipv4Addr,
     /// In a cluster: the signed lease of the VIP.
     pub proof: Option<String>,
+    /// TUN mode: every datagram to the VIP, and IPv4 packets.
+    pub tun: bool,
 }
 
 /// One joined client.
@@ -67,6 +69,7 @@ pub struct SessionActor {
     network: Network,
     vip: Ipv4Addr,
     proof: Option<String>,
+    tun: bool,
     node: Arc<Node>,
     network_addr: Addr<NetworkActor>,
     control: ControlQueue,
@@ -97,6 +100,7 @@ impl SessionActor {
             network: parts.network,
             vip: parts.vip,
             proof: parts.proof,
+            tun: parts.tun,
             network_addr,
             node,
             control,
@@ -439,7 +443,12 @@ impl SessionActor {
         if let Some(recv) = self.control_recv.take() {
             ctx.add_stream(throttled(recv, &self.node));
         }
-        let sender = Sender { session: self.id, net: self.net(), vip: self.vip, subnet: self.network.subnet };
+        let sender =
+            Sender { session: self.id, net: self.net(), vip: self.vip, subnet: self.network.subnet, tun: self.tun };
+        if self.tun {
+            let binding = DatagramBinding { session: self.id, conn: self.conn.clone() };
+            self.node.router.add_tun(self.net(), self.vip, binding);
+        }
         let path = DatagramPath::new(sender, &self.node.config.limits);
         tokio::spawn(run_session_io(self.conn.clone(), self.node.clone(), path, ctx.address()));
     }
@@ -455,6 +464,9 @@ impl SessionActor {
     /// Removes the session's listeners and bound ports and ends its sockets.
     fn unregister(&mut self) {
         let net = self.net();
+        if self.tun {
+            self.node.router.remove_tun(net, self.vip, self.id);
+        }
         let (listeners, ports, _) = self.policy.drain();
         for port in listeners {
             self.node.router.remove_listener(net, SocketAddrV4::new(self.vip, port), self.id);

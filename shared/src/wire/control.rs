@@ -40,6 +40,10 @@ pub enum ClientMessage {
         /// is for another network (an edited or mixed-up invite).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         network: Option<String>,
+        /// TUN mode: the session takes every datagram to its VIP (any port, and every
+        /// broadcast) and may send IPv4 packets.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        tun: bool,
     },
     /// Register a stream listener on `port` (0: the relay picks an ephemeral port).
     Listen {

@@ -154,6 +154,7 @@ mod tests {
                     instance,
                     lease: None,
                     network: None,
+                    tun: false,
                 }
             }),
             (any::<u64>(), any::<u16>()).prop_map(|(req, port)| ClientMessage::Listen { req, port }),

@@ -568,6 +568,7 @@ async fn raw_session(
         instance,
         lease: None,
         network: None,
+        tun: false,
     };
     codec.encode_into(&hello, &mut buf)?;
     codec.encode_into(&ClientMessage::Bind { req: 1, port: MEMBER_DATAGRAM_PORT }, &mut buf)?;
