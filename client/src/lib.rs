@@ -19,6 +19,7 @@ pub mod control;
 mod datagram;
 mod error;
 pub mod forward;
+pub mod tun;
 mod identity;
 mod stream;
 

@@ -73,6 +73,14 @@ enum Command {
     /// This client's VIP:PORT leads to a local service, like `ssh -R`; stays in the
     /// foreground (through the running `up` of this instance, if any).
     Expose(ExposeArgs),
+    /// Linux, root or CAP_NET_ADMIN: join, print `vip A.B.C.D`, and hold the VIP on a
+    /// network interface (LAN broadcasts included) until Ctrl-C or SIGTERM, which remove
+    /// the interface. This instance's session: not beside its `up`.
+    Tun {
+        /// Interface name [default: the kernel's next overlanN].
+        #[arg(long, value_name = "NAME")]
+        dev: Option<String>,
+    },
     /// Print a shell completion script: `overlan completions bash > /etc/bash_completion.d/overlan`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -262,6 +270,11 @@ const JOIN_HINT_AFTER: Duration = Duration::from_secs(2);
 static HINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 async fn join(cli: &Cli) -> Result<Client, CliError> {
+    join_mode(cli, false).await
+}
+
+/// Joins, in TUN mode if `tun`.
+async fn join_mode(cli: &Cli, tun: bool) -> Result<Client, CliError> {
     if !overlan_shared::wire::control::valid_instance(cli.name()) {
         return Err(CliError::usage(format!(
             "--name {:?}: an instance name is at most 64 of A-Z a-z 0-9 . _ -",
@@ -288,7 +301,8 @@ async fn join(cli: &Cli) -> Result<Client, CliError> {
     let options = JoinOptions::new(invite, identity)
         .instance(cli.name().to_owned())
         .relays(cli.relays.clone())
-        .lease(lease.clone());
+        .lease(lease.clone())
+        .tun(tun);
     // A relay that does not answer is said at once, not after the handshake times out.
     let joining = Client::join(options);
     tokio::pin!(joining);
@@ -408,6 +422,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
         Command::Leave => leave(&cli, &control, &mut shutdown).await,
+        Command::Tun { dev } => tun(&cli, &control, dev.as_deref(), &mut shutdown).await,
         Command::Forward(args) => {
             let map = PortMap::Forward {
                 local: args.local,
@@ -652,6 +667,74 @@ async fn run_port_map(
     };
     client.leave().await;
     result
+}
+
+/// `overlan tun`: the instance's session in TUN mode, holding the VIP on an interface.
+/// Like `up`, it is a long-running session: a signal ends it cleanly with status 0.
+async fn tun(
+    cli: &Cli,
+    control: &std::path::Path,
+    dev: Option<&str>,
+    shutdown: &mut Shutdown,
+) -> Result<ExitCode, CliError> {
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (cli, control, dev, shutdown);
+        return Err("overlan tun runs on Linux only (use forward/expose elsewhere)".into());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        if let Some(status) = running_status(control).await? {
+            return Err(format!(
+                "`overlan up` runs instance {} with VIP {}: a TUN session would replace it; stop it first, or give tun another --name",
+                instance_label(cli.name()),
+                status.vip
+            )
+            .into());
+        }
+        let client = tokio::select! {
+            client = join_mode(cli, true) => client?,
+            signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+        };
+        let device = match overlan_client::tun::open(dev, client.vip(), client.subnet()) {
+            Ok(device) => device,
+            Err(why) => {
+                client.leave().await;
+                return Err(why.into());
+            }
+        };
+        println!("vip {}", client.vip());
+        eprintln!(
+            "interface {} holds {}/{} (mtu {}) in network {}; Ctrl-C to leave",
+            device.name,
+            client.vip(),
+            client.subnet().prefix(),
+            overlan_client::tun::MAX_IP_PACKET,
+            client.network()
+        );
+        let mut state = client.watch_state();
+        let mut carried = Box::pin(overlan_client::tun::run(client.clone(), &device));
+        let result = loop {
+            tokio::select! {
+                ended = &mut carried => break ended.map(|()| ExitCode::SUCCESS).map_err(CliError::from),
+                _ = shutdown.recv() => break Ok(ExitCode::SUCCESS),
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        break Err("client stopped".into());
+                    }
+                    match state.borrow_and_update().clone() {
+                        SessionState::Up => eprintln!("reconnected as {}", client.vip()),
+                        SessionState::Reconnecting(why) => eprintln!("{why}; reconnecting"),
+                        SessionState::Closed(why) => break Err(CliError::refused(why)),
+                    }
+                }
+            }
+        };
+        drop(carried);
+        drop(device); // the interface, its address and routes go with it
+        client.leave().await;
+        result
+    }
 }
 
 /// `overlan leave`: joins (unless `up` holds the session: then it must stop first, or

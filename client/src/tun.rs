@@ -1,0 +1,246 @@
+//! TUN mode: this client's VIP on a real network interface, so programs that know
+//! nothing of overlan (ping, ssh, iperf3, games) use the overlay through the kernel.
+//!
+//! What crosses the interface and the overlay:
+//! - a UDP packet becomes a virtual datagram, same addresses and ports, so a TUN host
+//!   and a datagram socket of the library (or `overlan nc -u`) talk to each other; to
+//!   the network's broadcast address or 255.255.255.255 it becomes an overlay broadcast;
+//! - every other IPv4 packet (TCP, ICMP, fragments) travels whole, as a packet datagram,
+//!   to the TUN host holding its destination: the kernels' TCP end to end;
+//! - a datagram that arrives becomes a UDP packet on the interface (a broadcast as one
+//!   to 255.255.255.255, which every socket bound to the port receives).
+//!
+//! The interface's MTU is [`MAX_IP_PACKET`], so nothing is ever too large for the
+//! overlay; the relay checks every source as always.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use bytes::Bytes;
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use overlan_shared::wire::datagram::{DatagramHeader, IpPacket, HEADER_LEN, IP_PREFIX_LEN, KIND_IP};
+pub use overlan_shared::wire::datagram::MAX_IP_PACKET;
+use overlan_shared::Subnet;
+
+/// What becomes of a packet the kernel sent into the interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// Send this datagram (raw, header included).
+    Send(Bytes),
+    /// Not for the overlay; why.
+    Drop(&'static str),
+}
+
+/// Translates a packet the kernel sent into the interface of `vip` in `subnet`.
+pub fn outbound(packet: &[u8], vip: Ipv4Addr, subnet: Subnet) -> Outbound {
+    let Ok(sliced) = SlicedPacket::from_ip(packet) else { return Outbound::Drop("not an IP packet") };
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else { return Outbound::Drop("not IPv4") };
+    let header = ip.header();
+    let (src, dst) = (header.source_addr(), header.destination_addr());
+    if src != vip {
+        return Outbound::Drop("source is not this VIP");
+    }
+    let broadcast = dst == Ipv4Addr::BROADCAST || subnet.is_broadcast(dst);
+    if !broadcast && !subnet.contains(dst) {
+        return Outbound::Drop("destination outside the network");
+    }
+    let fragment = header.more_fragments() || header.fragments_offset().value() != 0;
+    if let (Some(TransportSlice::Udp(udp)), false) = (&sliced.transport, fragment) {
+        let header = DatagramHeader {
+            src: SocketAddrV4::new(src, udp.source_port()),
+            dst: SocketAddrV4::new(if broadcast { Ipv4Addr::BROADCAST } else { dst }, udp.destination_port()),
+        };
+        let payload = udp.payload();
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(&header.to_bytes());
+        out.extend_from_slice(payload);
+        return Outbound::Send(out.into());
+    }
+    if broadcast {
+        return Outbound::Drop("a broadcast that is not UDP");
+    }
+    Outbound::Send(IpPacket::datagram(packet).into())
+}
+
+/// The packet to write into the interface for a datagram that arrived, if any.
+pub fn inbound(datagram: &[u8], subnet: Subnet) -> Option<Vec<u8>> {
+    if datagram.first() == Some(&KIND_IP) {
+        IpPacket::parse(datagram).ok()?;
+        return Some(datagram[IP_PREFIX_LEN..].to_vec());
+    }
+    let header = DatagramHeader::parse(datagram).ok()?;
+    let payload = &datagram[HEADER_LEN..];
+    // A subnet broadcast is written as a limited broadcast: the kernel delivers that to
+    // every socket bound to the port, whatever routes the interface has.
+    let dst = match *header.dst.ip() {
+        ip if subnet.is_broadcast(ip) => Ipv4Addr::BROADCAST,
+        ip => ip,
+    };
+    let builder = PacketBuilder::ipv4(header.src.ip().octets(), dst.octets(), 64)
+        .udp(header.src.port(), header.dst.port());
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).ok()?;
+    Some(out)
+}
+
+#[cfg(target_os = "linux")]
+pub use linux::{open, run, Device};
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::io;
+    use std::net::Ipv4Addr;
+
+    use overlan_shared::Subnet;
+
+    use super::{inbound, outbound, Outbound, MAX_IP_PACKET};
+    use crate::{Client, Error};
+
+    /// An overlay interface; removed (with its address and routes) when dropped.
+    pub struct Device {
+        dev: tun_rs::AsyncDevice,
+        /// The interface's name.
+        pub name: String,
+    }
+
+    /// Makes the interface (`name`, or the kernel's next `overlanN`) holding `vip` with
+    /// `subnet`'s prefix, MTU [`MAX_IP_PACKET`], up, and a route for 255.255.255.255
+    /// through it, so a program that broadcasts without choosing an interface reaches
+    /// the overlay even on a host with no default route. Needs root or CAP_NET_ADMIN.
+    pub fn open(name: Option<&str>, vip: Ipv4Addr, subnet: Subnet) -> Result<Device, String> {
+        let builder = tun_rs::DeviceBuilder::new()
+            .name(name.unwrap_or("overlan%d"))
+            .ipv4(vip, subnet.prefix(), None)
+            .mtu(MAX_IP_PACKET as u16)
+            .packet_information(false);
+        let dev = builder.build_async().map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied => {
+                format!("creating the TUN interface: {e} (overlan tun needs root or CAP_NET_ADMIN)")
+            }
+            io::ErrorKind::NotFound => format!("creating the TUN interface: {e} (is /dev/net/tun there?)"),
+            _ => format!("creating the TUN interface: {e}"),
+        })?;
+        let name = dev.name().map_err(|e| format!("TUN interface name: {e}"))?;
+        dev.enabled(true).map_err(|e| format!("bringing {name} up: {e}"))?;
+        let route = std::process::Command::new("ip")
+            .args(["route", "replace", "255.255.255.255/32", "dev", &name])
+            .output();
+        match route {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => tracing::warn!(
+                interface = %name,
+                error = %String::from_utf8_lossy(&out.stderr).trim(),
+                "no route for 255.255.255.255 through the overlay; broadcasts may go elsewhere"
+            ),
+            Err(e) => tracing::warn!(interface = %name, error = %e,
+                "`ip` not found: no route for 255.255.255.255 through the overlay"),
+        }
+        Ok(Device { dev, name })
+    }
+
+    /// Carries packets between the interface and the overlay until the session ends
+    /// for good (or an I/O error of the interface). `client` must have joined in TUN
+    /// mode.
+    pub async fn run(client: Client, device: &Device) -> Result<(), String> {
+        let mut arriving = client.take_tun_datagrams().ok_or("the client did not join in TUN mode")?;
+        let (vip, subnet) = (client.vip(), client.subnet());
+        let dev = &device.dev;
+        let to_overlay = async {
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let n = dev.recv(&mut buf).await.map_err(|e| format!("reading {}: {e}", device.name))?;
+                match outbound(&buf[..n], vip, subnet) {
+                    Outbound::Send(datagram) => match client.send_raw_datagram(datagram).await {
+                        Ok(()) => {}
+                        // The session is down for a moment (reconnecting): like a link
+                        // that lost its carrier, packets are lost, not queued.
+                        Err(Error::SessionLost(_)) => {}
+                        Err(e) if e.is_terminal() => return Err(e.to_string()),
+                        Err(e) => tracing::debug!(error = %e, "packet dropped"),
+                    },
+                    Outbound::Drop(why) => tracing::trace!(why, "packet not for the overlay"),
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), String>(())
+        };
+        let to_interface = async {
+            while let Some(datagram) = arriving.recv().await {
+                if let Some(packet) = inbound(&datagram, subnet) {
+                    if let Err(e) = dev.send(&packet).await {
+                        tracing::debug!(error = %e, len = packet.len(), "writing a packet to the interface");
+                    }
+                }
+            }
+            Err::<(), String>("the session ended".into())
+        };
+        tokio::try_join!(to_overlay, to_interface).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet() -> Subnet {
+        "10.77.0.0/16".parse().unwrap()
+    }
+
+    fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(src, dst, 64).udp(sport, dport);
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    #[test]
+    fn udp_becomes_a_datagram_and_back() {
+        let vip = Ipv4Addr::new(10, 77, 0, 2);
+        let packet = udp([10, 77, 0, 2], [10, 77, 0, 3], 40000, 5000, b"hi");
+        let Outbound::Send(d) = outbound(&packet, vip, subnet()) else { panic!() };
+        let h = DatagramHeader::parse(&d).unwrap();
+        assert_eq!((h.src.to_string(), h.dst.to_string()), ("10.77.0.2:40000".into(), "10.77.0.3:5000".into()));
+        assert_eq!(&d[HEADER_LEN..], b"hi");
+        // The receiving side writes the same UDP packet into its interface.
+        assert_eq!(inbound(&d, subnet()).unwrap(), packet);
+    }
+
+    #[test]
+    fn broadcasts_go_out_as_overlay_broadcasts_and_come_in_as_limited_ones() {
+        let vip = Ipv4Addr::new(10, 77, 0, 2);
+        for dst in [[255, 255, 255, 255], [10, 77, 255, 255]] {
+            let packet = udp([10, 77, 0, 2], dst, 4445, 4445, b"lobby");
+            let Outbound::Send(d) = outbound(&packet, vip, subnet()) else { panic!() };
+            assert_eq!(DatagramHeader::parse(&d).unwrap().dst, SocketAddrV4::new(Ipv4Addr::BROADCAST, 4445));
+        }
+        let mut d = DatagramHeader {
+            src: "10.77.0.3:4445".parse().unwrap(),
+            dst: "10.77.255.255:4445".parse().unwrap(),
+        }
+        .to_bytes()
+        .to_vec();
+        d.extend_from_slice(b"lobby");
+        let written = inbound(&d, subnet()).unwrap();
+        assert_eq!(written, udp([10, 77, 0, 3], [255, 255, 255, 255], 4445, 4445, b"lobby"));
+    }
+
+    #[test]
+    fn other_packets_travel_whole_and_strangers_are_dropped() {
+        let vip = Ipv4Addr::new(10, 77, 0, 2);
+        let mut tcp = Vec::new();
+        PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 3], 64).tcp(40000, 22, 1, 1000).write(&mut tcp, b"x").unwrap();
+        let Outbound::Send(d) = outbound(&tcp, vip, subnet()) else { panic!() };
+        assert_eq!(d[0], KIND_IP);
+        assert_eq!(inbound(&d, subnet()).unwrap(), tcp);
+        let other_source = udp([10, 77, 0, 9], [10, 77, 0, 3], 1, 2, b"");
+        assert_eq!(outbound(&other_source, vip, subnet()), Outbound::Drop("source is not this VIP"));
+        let outside = udp([10, 77, 0, 2], [8, 8, 8, 8], 1, 53, b"");
+        assert_eq!(outbound(&outside, vip, subnet()), Outbound::Drop("destination outside the network"));
+        let mut tcp_broadcast = Vec::new();
+        PacketBuilder::ipv4([10, 77, 0, 2], [255, 255, 255, 255], 64)
+            .tcp(1, 2, 1, 1000)
+            .write(&mut tcp_broadcast, b"")
+            .unwrap();
+        assert_eq!(outbound(&tcp_broadcast, vip, subnet()), Outbound::Drop("a broadcast that is not UDP"));
+        assert_eq!(outbound(&[0u8; 3], vip, subnet()), Outbound::Drop("not an IP packet"));
+    }
+}
