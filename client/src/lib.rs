@@ -19,9 +19,9 @@ pub mod control;
 mod datagram;
 mod error;
 pub mod forward;
-pub mod tun;
 mod identity;
 mod stream;
+pub mod tun;
 
 pub use client::{
     transport_config, Client, JoinOptions, Notice, SessionState, DEFAULT_IDLE_TIMEOUT, FAILOVER_IDLE_TIMEOUT,

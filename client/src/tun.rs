@@ -17,8 +17,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use bytes::Bytes;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use overlan_shared::wire::datagram::{DatagramHeader, IpPacket, HEADER_LEN, IP_PREFIX_LEN, KIND_IP};
 pub use overlan_shared::wire::datagram::MAX_IP_PACKET;
+use overlan_shared::wire::datagram::{DatagramHeader, IpPacket, HEADER_LEN, IP_PREFIX_LEN, KIND_IP};
 use overlan_shared::Subnet;
 
 /// What becomes of a packet the kernel sent into the interface.
@@ -75,8 +75,8 @@ pub fn inbound(datagram: &[u8], subnet: Subnet) -> Option<Vec<u8>> {
         ip if subnet.is_broadcast(ip) => Ipv4Addr::BROADCAST,
         ip => ip,
     };
-    let builder = PacketBuilder::ipv4(header.src.ip().octets(), dst.octets(), 64)
-        .udp(header.src.port(), header.dst.port());
+    let builder =
+        PacketBuilder::ipv4(header.src.ip().octets(), dst.octets(), 64).udp(header.src.port(), header.dst.port());
     let mut out = Vec::with_capacity(builder.size(payload.len()));
     builder.write(&mut out, payload).ok()?;
     Some(out)
@@ -121,9 +121,8 @@ mod linux {
         })?;
         let name = dev.name().map_err(|e| format!("TUN interface name: {e}"))?;
         dev.enabled(true).map_err(|e| format!("bringing {name} up: {e}"))?;
-        let route = std::process::Command::new("ip")
-            .args(["route", "replace", "255.255.255.255/32", "dev", &name])
-            .output();
+        let route =
+            std::process::Command::new("ip").args(["route", "replace", "255.255.255.255/32", "dev", &name]).output();
         match route {
             Ok(out) if out.status.success() => {}
             Ok(out) => tracing::warn!(
@@ -212,12 +211,10 @@ mod tests {
             let Outbound::Send(d) = outbound(&packet, vip, subnet()) else { panic!() };
             assert_eq!(DatagramHeader::parse(&d).unwrap().dst, SocketAddrV4::new(Ipv4Addr::BROADCAST, 4445));
         }
-        let mut d = DatagramHeader {
-            src: "10.77.0.3:4445".parse().unwrap(),
-            dst: "10.77.255.255:4445".parse().unwrap(),
-        }
-        .to_bytes()
-        .to_vec();
+        let mut d =
+            DatagramHeader { src: "10.77.0.3:4445".parse().unwrap(), dst: "10.77.255.255:4445".parse().unwrap() }
+                .to_bytes()
+                .to_vec();
         d.extend_from_slice(b"lobby");
         let written = inbound(&d, subnet()).unwrap();
         assert_eq!(written, udp([10, 77, 0, 3], [255, 255, 255, 255], 4445, 4445, b"lobby"));

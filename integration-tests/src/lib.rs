@@ -2,6 +2,8 @@
 //! as processes), real clients, raw QUIC connections for feeding the relay bad input,
 //! and helpers that wait on events with a timeout instead of sleeping.
 
+pub mod netns;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
