@@ -81,6 +81,14 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         dev: Option<String>,
     },
+    /// Linux, root: run PROGRAM in a network namespace of its own whose only interfaces
+    /// are loopback and an overlay interface holding this instance's VIP; PROGRAM's exit
+    /// status is overlan's. Two instances (--name) run side by side with the same ports.
+    Run {
+        /// The program and its arguments.
+        #[arg(value_name = "PROGRAM", required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
+        program: Vec<String>,
+    },
     /// Print a shell completion script: `overlan completions bash > /etc/bash_completion.d/overlan`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -423,6 +431,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
         Command::Leave => leave(&cli, &control, &mut shutdown).await,
         Command::Tun { dev } => tun(&cli, &control, dev.as_deref(), &mut shutdown).await,
+        Command::Run { program } => run_program(&cli, &control, program, &mut shutdown).await,
         Command::Forward(args) => {
             let map = PortMap::Forward {
                 local: args.local,
@@ -734,6 +743,97 @@ async fn tun(
         drop(device); // the interface, its address and routes go with it
         client.leave().await;
         result
+    }
+}
+
+/// `overlan run -- PROGRAM`: the instance's session in TUN mode, its interface in a
+/// namespace made for PROGRAM, which runs there; its exit status is returned. A signal
+/// is passed on to PROGRAM (SIGTERM), which gets 5 s to end before it is killed.
+async fn run_program(
+    cli: &Cli,
+    control: &std::path::Path,
+    program: &[String],
+    shutdown: &mut Shutdown,
+) -> Result<ExitCode, CliError> {
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (cli, control, program, shutdown);
+        return Err("overlan run runs on Linux only".into());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        if let Some(status) = running_status(control).await? {
+            return Err(format!(
+                "`overlan up` runs instance {} with VIP {}: stop it first, or give run another --name",
+                instance_label(cli.name()),
+                status.vip
+            )
+            .into());
+        }
+        let client = tokio::select! {
+            client = join_mode(cli, true) => client?,
+            signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+        };
+        let label = if cli.name().is_empty() { "default" } else { cli.name() };
+        let ns_name = format!("overlan-{label}-{}", std::process::id());
+        let (device, namespace) = match overlan_client::tun::open_in_namespace(&ns_name, client.vip(), client.subnet())
+        {
+            Ok(made) => made,
+            Err(why) => {
+                client.leave().await;
+                return Err(why.into());
+            }
+        };
+        eprintln!("overlan: running {} as {} in namespace {}", program[0], client.vip(), namespace.name);
+        let mut child = match tokio::process::Command::new("ip")
+            .args(["netns", "exec", &namespace.name])
+            .args(program)
+            .env("OVERLAN_VIP", client.vip().to_string())
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => {
+                client.leave().await;
+                return Err(format!("running {}: {e}", program[0]).into());
+            }
+        };
+        let mut carried = Box::pin(overlan_client::tun::run(client.clone(), &device));
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status.map_err(|e| format!("waiting for {}: {e}", program[0])),
+                ended = &mut carried => {
+                    // The session ended for good: the program has no network any more.
+                    let why = ended.err().unwrap_or_else(|| "the session ended".into());
+                    eprintln!("overlan: {why}; stopping {}", program[0]);
+                    break stop_child(&mut child).await;
+                }
+                _ = shutdown.recv() => break stop_child(&mut child).await,
+            }
+        };
+        drop(carried);
+        drop(device);
+        drop(namespace);
+        client.leave().await;
+        let status = status?;
+        use std::os::unix::process::ExitStatusExt;
+        let code = status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1);
+        Ok(ExitCode::from(code.clamp(0, 255) as u8))
+    }
+}
+
+/// Asks a child to end (SIGTERM), kills it after 5 s, and returns how it ended.
+#[cfg(target_os = "linux")]
+async fn stop_child(child: &mut tokio::process::Child) -> Result<std::process::ExitStatus, String> {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    }
+    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        Ok(status) => status.map_err(|e| e.to_string()),
+        Err(_) => {
+            let _ = child.kill().await;
+            child.wait().await.map_err(|e| e.to_string())
+        }
     }
 }
 

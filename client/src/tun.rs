@@ -83,7 +83,7 @@ pub fn inbound(datagram: &[u8], subnet: Subnet) -> Option<Vec<u8>> {
 }
 
 #[cfg(target_os = "linux")]
-pub use linux::{open, run, Device};
+pub use linux::{open, open_in_namespace, run, Device, Namespace};
 
 #[cfg(target_os = "linux")]
 mod linux {
@@ -134,6 +134,56 @@ mod linux {
                 "`ip` not found: no route for 255.255.255.255 through the overlay"),
         }
         Ok(Device { dev, name })
+    }
+
+    /// A network namespace made for one program (`overlan run`); deleted when dropped.
+    pub struct Namespace {
+        /// Its name (`ip netns` shows it while it runs).
+        pub name: String,
+    }
+
+    impl Drop for Namespace {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).output();
+        }
+    }
+
+    /// Runs `ip ARGS`, saying what failed.
+    fn ip(args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("running `ip` (iproute2): {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+
+    /// A network namespace `name` whose only interfaces are loopback and an overlay
+    /// interface `overlan0` holding `vip` with `subnet`'s prefix (and the route for
+    /// 255.255.255.255), for a program that must see nothing else. The interface is made
+    /// here and moved in; this process keeps carrying its packets. Needs root.
+    pub fn open_in_namespace(name: &str, vip: Ipv4Addr, subnet: Subnet) -> Result<(Device, Namespace), String> {
+        let dev = tun_rs::DeviceBuilder::new()
+            .name("overlan%d")
+            .mtu(MAX_IP_PACKET as u16)
+            .packet_information(false)
+            .build_async()
+            .map_err(|e| format!("creating the TUN interface: {e} (overlan run needs root)"))?;
+        let made = dev.name().map_err(|e| format!("TUN interface name: {e}"))?;
+        ip(&["netns", "add", name])?;
+        let namespace = Namespace { name: name.to_owned() };
+        let address = format!("{vip}/{}", subnet.prefix());
+        let mtu = MAX_IP_PACKET.to_string();
+        ip(&["link", "set", &made, "netns", name])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        ip(&["-n", name, "link", "set", &made, "name", "overlan0"])?;
+        ip(&["-n", name, "addr", "add", &address, "dev", "overlan0"])?;
+        ip(&["-n", name, "link", "set", "overlan0", "mtu", &mtu, "up"])?;
+        ip(&["-n", name, "route", "add", "255.255.255.255/32", "dev", "overlan0"])?;
+        Ok((Device { dev, name: "overlan0".to_owned() }, namespace))
     }
 
     /// Carries packets between the interface and the overlay until the session ends

@@ -167,6 +167,54 @@ async fn unmodified_programs_talk_across_tun_hosts() {
     .await;
     assert_eq!(answer, "got-hello-tun");
 
+    // `overlan run`: two copies of a "game" with the same hard-coded port on host 4, each
+    // in its own namespace with its own VIP, answer host 1's broadcast; PROGRAM's exit
+    // status is overlan's, and the namespace goes with it.
+    let mut games = Vec::new();
+    for name in ["g1", "g2"] {
+        let answer = format!("SYSTEM:echo here-is-{name}");
+        let mut game = Proc::spawn(overlan(
+            4,
+            &["--name", name, "run", "--", "socat", "UDP-RECVFROM:4447,reuseaddr,fork", &answer],
+        ));
+        game.stderr_until("in namespace overlan-").await;
+        games.push(game);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut answers = std::collections::BTreeSet::new();
+    for _round in 0..5 {
+        let mut asker = Proc::spawn({
+            let mut s = hosts.cmd(1, std::path::Path::new("socat"));
+            s.args(["-T", "2", "-", "UDP-DATAGRAM:255.255.255.255:4447,broadcast"]);
+            s
+        });
+        asker.write_stdin(b"who is there?\n").await;
+        answers.extend(asker.stdout_rest().await);
+        if answers.len() >= 2 {
+            break;
+        }
+    }
+    assert_eq!(answers.into_iter().collect::<Vec<_>>(), ["here-is-g1", "here-is-g2"]);
+    for mut game in games {
+        let pid = game.child.id().unwrap().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let (code, err) = game.wait().await;
+        assert_eq!(code, 143, "socat ends on SIGTERM: {err:?}");
+    }
+    let (code, _, err) = {
+        let mut c = overlan(
+            4,
+            &["--name", "g1", "run", "--", "sh", "-c", "ip -o addr show overlan0 | grep -q 'inet 10.77.' && exit 7"],
+        );
+        c.stdin(std::process::Stdio::null());
+        let out = within("overlan run", c.output()).await.unwrap();
+        (out.status.code(), (), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert_eq!(code, Some(7), "{err}");
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    assert!(!namespaces.lines().any(|l| l.starts_with("overlan-g")), "left behind: {namespaces}");
+
     // SIGTERM: `overlan tun` leaves cleanly and its interface is gone.
     let pid = tuns[0].child.id().unwrap().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
