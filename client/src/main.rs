@@ -799,17 +799,15 @@ async fn run_program(
             }
         };
         let mut carried = Box::pin(overlan_client::tun::run(client.clone(), &device));
-        let status = loop {
-            tokio::select! {
-                status = child.wait() => break status.map_err(|e| format!("waiting for {}: {e}", program[0])),
-                ended = &mut carried => {
-                    // The session ended for good: the program has no network any more.
-                    let why = ended.err().unwrap_or_else(|| "the session ended".into());
-                    eprintln!("overlan: {why}; stopping {}", program[0]);
-                    break stop_child(&mut child).await;
-                }
-                _ = shutdown.recv() => break stop_child(&mut child).await,
+        let status = tokio::select! {
+            status = child.wait() => status.map_err(|e| format!("waiting for {}: {e}", program[0])),
+            ended = &mut carried => {
+                // The session ended for good: the program has no network any more.
+                let why = ended.err().unwrap_or_else(|| "the session ended".into());
+                eprintln!("overlan: {why}; stopping {}", program[0]);
+                stop_child(&mut child).await
             }
+            _ = shutdown.recv() => stop_child(&mut child).await,
         };
         drop(carried);
         drop(device);
