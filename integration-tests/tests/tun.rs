@@ -20,12 +20,25 @@ use overlan_shared::Invite;
 fn main() {
     let args = Arguments::from_args();
     let runnable = can_make_namespaces() && std::path::Path::new("/dev/net/tun").exists();
-    let trials = vec![Trial::test("unmodified_programs_talk_across_tun_hosts", move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        runtime.block_on(unmodified_programs_talk_across_tun_hosts());
-        Ok(())
-    })
-    .with_ignored_flag(!runnable)];
+    let run = |test: fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>| {
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(test());
+            Ok(())
+        }
+    };
+    let trials = vec![
+        Trial::test(
+            "unmodified_programs_talk_across_tun_hosts",
+            run(|| Box::pin(unmodified_programs_talk_across_tun_hosts())),
+        )
+        .with_ignored_flag(!runnable),
+        Trial::test(
+            "tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other",
+            run(|| Box::pin(tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other())),
+        )
+        .with_ignored_flag(!runnable),
+    ];
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -221,4 +234,90 @@ async fn unmodified_programs_talk_across_tun_hosts() {
     assert_eq!(tuns[0].wait().await.0, 0);
     let (code, _, _) = run_in(&hosts, 1, "ip", &["link", "show", "ovl0"]).await;
     assert_ne!(code, 0, "the interface outlived overlan tun");
+}
+
+/// Two relay nodes on their own hosts, linked; a TUN host behind each (each reaching
+/// only its own node): ping, HTTP and a broadcast discovery cross the cluster.
+async fn tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other() {
+    tools_present(&["ping", "python3", "curl", "socat"]);
+    let (server, client) = (bin("overlan-server"), bin("overlan"));
+    let dir = tempfile::tempdir().unwrap();
+    // r1 (0) — r2 (1); c1 (2) reaches r1, c2 (3) reaches r2.
+    let hosts = Hosts::mesh(&["r1", "r2", "c1", "c2"], &[(0, 1, "10.234.12"), (2, 0, "10.235.1"), (3, 1, "10.235.2")]);
+    let ca = dir.path().join("cluster");
+    let cluster = overlan_shared::cluster::ClusterDir::new(&ca);
+    cluster.init().unwrap();
+    let mut relays = Vec::new();
+    for (i, peers) in [vec![], vec!["10.234.12.1:7700"]].into_iter().enumerate() {
+        let node = format!("n{}", i + 1);
+        cluster.issue(&node).unwrap();
+        let mut relay = Proc::spawn({
+            let mut c = hosts.cmd(i, &server);
+            c.args(["--listen", "0.0.0.0:7700", "--node", &node, "--log", "info"])
+                .arg("--cluster")
+                .arg(&ca)
+                .arg("--data-dir")
+                .arg(dir.path().join(&node));
+            for peer in peers {
+                c.args(["--peer", peer]);
+            }
+            c
+        });
+        let _listen = relay.stdout_line().await;
+        let _fingerprint = relay.stdout_line().await;
+        let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
+        relays.push((relay, invite));
+    }
+    relays[1].0.stderr_until("peer link up").await;
+    let invite = relays[0].1.clone();
+    let mut tuns = Vec::new();
+    let mut vips = Vec::new();
+    for (host, relay) in [(2, "10.235.1.1:7700"), (3, "10.235.2.2:7700")] {
+        let mut c = hosts.cmd(host, &client);
+        c.env("OVERLAN_INVITE", invite.to_string())
+            .env("XDG_RUNTIME_DIR", dir.path().join(format!("run{host}")))
+            .args(["--relay", relay, "--identity"])
+            .arg(dir.path().join(format!("host{host}.pem")))
+            .args(["tun", "--dev", "ovl0"]);
+        let mut tun = Proc::spawn(c);
+        vips.push(tun.stdout_line().await.strip_prefix("vip ").expect("vip line").to_owned());
+        tun.stderr_until("interface ovl0 holds").await;
+        tuns.push(tun);
+    }
+    let (v1, v2) = (vips[0].clone(), vips[1].clone());
+    // Routes take a moment to reach the other node: ping until the first reply.
+    let (code, out, err) = run_in(&hosts, 2, "ping", &["-c", "3", "-i", "0.2", "-W", "3", "-w", "10", &v2]).await;
+    assert_eq!(code, 0, "ping across the cluster: {out}{err}");
+    // HTTP: python's server behind n2, curl behind n1.
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let body: String = (0..20_000).map(|i| format!("row {i}\n")).collect();
+    std::fs::write(www.join("data.txt"), &body).unwrap();
+    let mut http = hosts.cmd(3, std::path::Path::new("python3"));
+    http.args(["-m", "http.server", "8000", "--bind", &v2]).current_dir(&www);
+    let _http = Proc::spawn(http);
+    let url = format!("http://{v2}:8000/data.txt");
+    let (code, out, err) =
+        run_in(&hosts, 2, "curl", &["-sS", "--retry", "30", "--retry-connrefused", "--retry-delay", "1", &url]).await;
+    assert_eq!(code, 0, "curl: {err}");
+    assert!(out == body, "curl got {} bytes, not the file", out.len());
+    // Discovery: c2 broadcasts, c1 answers by unicast, across the link.
+    let mut answerer = hosts.cmd(2, std::path::Path::new("socat"));
+    answerer.args(["UDP-RECVFROM:4446,reuseaddr,fork", "SYSTEM:echo here-is-c1"]);
+    let _answerer = Proc::spawn(answerer);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut answers = Vec::new();
+    for _round in 0..5 {
+        let mut asker = Proc::spawn({
+            let mut s = hosts.cmd(3, std::path::Path::new("socat"));
+            s.args(["-T", "2", "-", "UDP-DATAGRAM:255.255.255.255:4446,broadcast"]);
+            s
+        });
+        asker.write_stdin(b"who is there?\n").await;
+        answers = asker.stdout_rest().await;
+        if !answers.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(answers, ["here-is-c1"], "c1 is {v1}");
 }
