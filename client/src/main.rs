@@ -678,6 +678,28 @@ async fn run_port_map(
     result
 }
 
+/// Joins in TUN mode as this instance's session (`command`: tun or run), unless its
+/// `up` runs: the new session would replace that one.
+async fn join_tun_session(
+    cli: &Cli,
+    control: &std::path::Path,
+    command: &str,
+    shutdown: &mut Shutdown,
+) -> Result<Client, CliError> {
+    if let Some(status) = running_status(control).await? {
+        return Err(format!(
+            "`overlan up` runs instance {} with VIP {}: a TUN session would replace it; stop it first, or give {command} another --name",
+            instance_label(cli.name()),
+            status.vip
+        )
+        .into());
+    }
+    tokio::select! {
+        client = join_mode(cli, true) => client,
+        signal = shutdown.recv() => Err(CliError::interrupted(signal)),
+    }
+}
+
 /// `overlan tun`: the instance's session in TUN mode, holding the VIP on an interface.
 /// Like `up`, it is a long-running session: a signal ends it cleanly with status 0.
 async fn tun(
@@ -693,18 +715,7 @@ async fn tun(
     }
     #[cfg(target_os = "linux")]
     {
-        if let Some(status) = running_status(control).await? {
-            return Err(format!(
-                "`overlan up` runs instance {} with VIP {}: a TUN session would replace it; stop it first, or give tun another --name",
-                instance_label(cli.name()),
-                status.vip
-            )
-            .into());
-        }
-        let client = tokio::select! {
-            client = join_mode(cli, true) => client?,
-            signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
-        };
+        let client = join_tun_session(cli, control, "tun", shutdown).await?;
         let device = match overlan_client::tun::open(dev, client.vip(), client.subnet()) {
             Ok(device) => device,
             Err(why) => {
@@ -762,18 +773,7 @@ async fn run_program(
     }
     #[cfg(target_os = "linux")]
     {
-        if let Some(status) = running_status(control).await? {
-            return Err(format!(
-                "`overlan up` runs instance {} with VIP {}: stop it first, or give run another --name",
-                instance_label(cli.name()),
-                status.vip
-            )
-            .into());
-        }
-        let client = tokio::select! {
-            client = join_mode(cli, true) => client?,
-            signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
-        };
+        let client = join_tun_session(cli, control, "run", shutdown).await?;
         let label = if cli.name().is_empty() { "default" } else { cli.name() };
         let ns_name = format!("overlan-{label}-{}", std::process::id());
         let (device, namespace) = match overlan_client::tun::open_in_namespace(&ns_name, client.vip(), client.subnet())

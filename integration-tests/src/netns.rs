@@ -97,3 +97,26 @@ pub fn can_make_namespaces() -> bool {
     }
     ok
 }
+
+/// A namespace test: an async function run on its own single-threaded runtime.
+pub type NamespaceTest = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// Runs `tests` as a libtest-mimic harness; where namespaces cannot be made (or
+/// `also_needs` does not exist), they are listed as ignored, so the runner reports
+/// them skipped rather than passed.
+pub fn run_namespace_tests(tests: Vec<(&'static str, NamespaceTest)>, also_needs: &[&str]) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    let runnable = can_make_namespaces() && also_needs.iter().all(|p| std::path::Path::new(p).exists());
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(test());
+                Ok(())
+            })
+            .with_ignored_flag(!runnable)
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
+}

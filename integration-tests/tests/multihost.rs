@@ -9,34 +9,22 @@
 //! when the tests are listed, and a machine that cannot make them lists the test as
 //! ignored, so the runner reports it as skipped instead of passing it.
 
-use libtest_mimic::{Arguments, Trial};
-use overlan_integration_tests::netns::{can_make_namespaces, Hosts};
+use overlan_integration_tests::netns::{run_namespace_tests, Hosts};
 use overlan_integration_tests::*;
 use overlan_shared::Invite;
 
 fn main() {
-    let args = Arguments::from_args();
-    let runnable = can_make_namespaces();
-    let run = |test: fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>| {
-        move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(test());
-            Ok(())
-        }
-    };
-    let trials = vec![
-        Trial::test(
-            "clients_on_separate_hosts_talk_through_the_relay",
-            run(|| Box::pin(clients_on_separate_hosts_talk_through_the_relay())),
-        )
-        .with_ignored_flag(!runnable),
-        Trial::test(
-            "a_cluster_of_three_relay_hosts_survives_losing_one",
-            run(|| Box::pin(a_cluster_of_three_relay_hosts_survives_losing_one())),
-        )
-        .with_ignored_flag(!runnable),
-    ];
-    libtest_mimic::run(&args, trials).exit();
+    run_namespace_tests(
+        vec![
+            ("clients_on_separate_hosts_talk_through_the_relay", || {
+                Box::pin(clients_on_separate_hosts_talk_through_the_relay())
+            }),
+            ("a_cluster_of_three_relay_hosts_survives_losing_one", || {
+                Box::pin(a_cluster_of_three_relay_hosts_survives_losing_one())
+            }),
+        ],
+        &[],
+    )
 }
 
 async fn clients_on_separate_hosts_talk_through_the_relay() {

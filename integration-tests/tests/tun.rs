@@ -12,34 +12,40 @@
 use std::process::Command;
 use std::time::Duration;
 
-use libtest_mimic::{Arguments, Trial};
-use overlan_integration_tests::netns::{can_make_namespaces, Hosts};
+use overlan_integration_tests::netns::{run_namespace_tests, Hosts};
 use overlan_integration_tests::*;
 use overlan_shared::Invite;
 
 fn main() {
-    let args = Arguments::from_args();
-    let runnable = can_make_namespaces() && std::path::Path::new("/dev/net/tun").exists();
-    let run = |test: fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>| {
-        move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(test());
-            Ok(())
+    run_namespace_tests(
+        vec![
+            ("unmodified_programs_talk_across_tun_hosts", || Box::pin(unmodified_programs_talk_across_tun_hosts())),
+            ("tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other", || {
+                Box::pin(tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other())
+            }),
+        ],
+        &["/dev/net/tun"],
+    )
+}
+
+/// Broadcasts a question to 255.255.255.255:`port` from host `n` (socat, no interface
+/// chosen) and gathers the answers; UDP may lose a datagram, so it asks again, as games
+/// do, until `want` answers came (at most five rounds).
+async fn discover(hosts: &Hosts, n: usize, port: u16, want: usize) -> Vec<String> {
+    let mut answers = std::collections::BTreeSet::new();
+    for _round in 0..5 {
+        let mut asker = Proc::spawn({
+            let mut s = hosts.cmd(n, std::path::Path::new("socat"));
+            s.args(["-T", "2", "-", &format!("UDP-DATAGRAM:255.255.255.255:{port},broadcast")]);
+            s
+        });
+        asker.write_stdin(b"who is there?\n").await;
+        answers.extend(asker.stdout_rest().await);
+        if answers.len() >= want {
+            break;
         }
-    };
-    let trials = vec![
-        Trial::test(
-            "unmodified_programs_talk_across_tun_hosts",
-            run(|| Box::pin(unmodified_programs_talk_across_tun_hosts())),
-        )
-        .with_ignored_flag(!runnable),
-        Trial::test(
-            "tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other",
-            run(|| Box::pin(tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other())),
-        )
-        .with_ignored_flag(!runnable),
-    ];
-    libtest_mimic::run(&args, trials).exit();
+    }
+    answers.into_iter().collect()
 }
 
 fn tools_present(tools: &[&str]) {
@@ -146,21 +152,7 @@ async fn unmodified_programs_talk_across_tun_hosts() {
         answerers.push(Proc::spawn(s));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // UDP may lose a datagram, so the asker asks again (as games do) until both answered.
-    let mut answers = std::collections::BTreeSet::new();
-    for _round in 0..5 {
-        let mut asker = Proc::spawn({
-            let mut s = hosts.cmd(1, std::path::Path::new("socat"));
-            s.args(["-T", "2", "-", "UDP-DATAGRAM:255.255.255.255:4446,broadcast"]);
-            s
-        });
-        asker.write_stdin(b"who is there?\n").await;
-        answers.extend(asker.stdout_rest().await);
-        if answers.len() >= 2 {
-            break;
-        }
-    }
-    assert_eq!(answers.into_iter().collect::<Vec<_>>(), ["here-is-host2", "here-is-host3"]);
+    assert_eq!(discover(&hosts, 1, 4446, 2).await, ["here-is-host2", "here-is-host3"]);
 
     // UDP between TUN host 2 and `overlan nc -u` on ordinary host 4.
     let mut echo = hosts.cmd(2, std::path::Path::new("socat"));
@@ -194,20 +186,7 @@ async fn unmodified_programs_talk_across_tun_hosts() {
         games.push(game);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut answers = std::collections::BTreeSet::new();
-    for _round in 0..5 {
-        let mut asker = Proc::spawn({
-            let mut s = hosts.cmd(1, std::path::Path::new("socat"));
-            s.args(["-T", "2", "-", "UDP-DATAGRAM:255.255.255.255:4447,broadcast"]);
-            s
-        });
-        asker.write_stdin(b"who is there?\n").await;
-        answers.extend(asker.stdout_rest().await);
-        if answers.len() >= 2 {
-            break;
-        }
-    }
-    assert_eq!(answers.into_iter().collect::<Vec<_>>(), ["here-is-g1", "here-is-g2"]);
+    assert_eq!(discover(&hosts, 1, 4447, 2).await, ["here-is-g1", "here-is-g2"]);
     for mut game in games {
         let pid = game.child.id().unwrap().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -306,18 +285,5 @@ async fn tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other() {
     answerer.args(["UDP-RECVFROM:4446,reuseaddr,fork", "SYSTEM:echo here-is-c1"]);
     let _answerer = Proc::spawn(answerer);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut answers = Vec::new();
-    for _round in 0..5 {
-        let mut asker = Proc::spawn({
-            let mut s = hosts.cmd(3, std::path::Path::new("socat"));
-            s.args(["-T", "2", "-", "UDP-DATAGRAM:255.255.255.255:4446,broadcast"]);
-            s
-        });
-        asker.write_stdin(b"who is there?\n").await;
-        answers = asker.stdout_rest().await;
-        if !answers.is_empty() {
-            break;
-        }
-    }
-    assert_eq!(answers, ["here-is-c1"], "c1 is {v1}");
+    assert_eq!(discover(&hosts, 3, 4446, 1).await, ["here-is-c1"], "c1 is {v1}");
 }
