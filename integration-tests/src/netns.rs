@@ -120,3 +120,39 @@ pub fn run_namespace_tests(tests: Vec<(&'static str, NamespaceTest)>, also_needs
         .collect();
     libtest_mimic::run(&args, trials).exit()
 }
+
+/// Starts relay node `nI` (I from 1) on host I-1 of `hosts` for each entry of `peers`
+/// (the peers it dials), with a cluster CA and credentials made in `dir/cluster`;
+/// returns each node's process and its default invite.
+pub async fn start_cluster(
+    hosts: &Hosts,
+    dir: &std::path::Path,
+    peers: &[&[&str]],
+) -> Vec<(crate::Proc, overlan_shared::Invite)> {
+    let server = crate::bin("overlan-server");
+    let ca = dir.join("cluster");
+    let cluster = overlan_shared::cluster::ClusterDir::new(&ca);
+    cluster.init().unwrap();
+    let mut relays = Vec::new();
+    for (i, peers) in peers.iter().enumerate() {
+        let node = format!("n{}", i + 1);
+        cluster.issue(&node).unwrap();
+        let mut relay = crate::Proc::spawn({
+            let mut c = hosts.cmd(i, &server);
+            c.args(["--listen", "0.0.0.0:7700", "--node", &node, "--log", "info"])
+                .arg("--cluster")
+                .arg(&ca)
+                .arg("--data-dir")
+                .arg(dir.join(&node));
+            for peer in *peers {
+                c.args(["--peer", peer]);
+            }
+            c
+        });
+        let _listen = relay.stdout_line().await;
+        let _fingerprint = relay.stdout_line().await;
+        let invite = relay.stdout_line().await.strip_prefix("invite ").expect("invite line").parse().expect("invite");
+        relays.push((relay, invite));
+    }
+    relays
+}

@@ -9,7 +9,7 @@
 //! when the tests are listed, and a machine that cannot make them lists the test as
 //! ignored, so the runner reports it as skipped instead of passing it.
 
-use overlan_integration_tests::netns::{run_namespace_tests, Hosts};
+use overlan_integration_tests::netns::{run_namespace_tests, start_cluster, Hosts};
 use overlan_integration_tests::*;
 use overlan_shared::Invite;
 
@@ -86,7 +86,7 @@ async fn clients_on_separate_hosts_talk_through_the_relay() {
 }
 
 async fn a_cluster_of_three_relay_hosts_survives_losing_one() {
-    let (server, client) = (bin("overlan-server"), bin("overlan"));
+    let client = bin("overlan");
     let dir = tempfile::tempdir().unwrap();
     // Relay hosts r1 r2 r3 (indexes 0-2) in a triangle; client host c1 (3) reaches r1
     // and, as its fallback, r3; client host c2 (4) reaches only r2.
@@ -101,32 +101,9 @@ async fn a_cluster_of_three_relay_hosts_survives_losing_one() {
             (4, 1, "10.233.2"),
         ],
     );
-    let ca = dir.path().join("cluster");
-    let cluster = overlan_shared::cluster::ClusterDir::new(&ca);
-    cluster.init().unwrap();
-    let mut relays = Vec::new();
-    for (i, peers) in
-        [vec![], vec!["10.232.12.1:7700"], vec!["10.232.13.1:7700", "10.232.23.2:7700"]].into_iter().enumerate()
-    {
-        let node = format!("n{}", i + 1);
-        cluster.issue(&node).unwrap();
-        let mut relay = Proc::spawn({
-            let mut c = hosts.cmd(i, &server);
-            c.args(["--listen", "0.0.0.0:7700", "--node", &node, "--log", "info"])
-                .arg("--cluster")
-                .arg(&ca)
-                .arg("--data-dir")
-                .arg(dir.path().join(&node));
-            for peer in peers {
-                c.args(["--peer", peer]);
-            }
-            c
-        });
-        let _listen = relay.stdout_line().await;
-        let _fingerprint = relay.stdout_line().await;
-        let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
-        relays.push((relay, invite));
-    }
+    let mut relays =
+        start_cluster(&hosts, dir.path(), &[&[], &["10.232.12.1:7700"], &["10.232.13.1:7700", "10.232.23.2:7700"]])
+            .await;
     within("n3 links to n1 and n2", async {
         relays[2].0.stderr_until("peer link up").await;
         relays[2].0.stderr_until("peer link up").await;

@@ -12,7 +12,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use overlan_integration_tests::netns::{run_namespace_tests, Hosts};
+use overlan_integration_tests::netns::{run_namespace_tests, start_cluster, Hosts};
 use overlan_integration_tests::*;
 use overlan_shared::Invite;
 
@@ -219,34 +219,11 @@ async fn unmodified_programs_talk_across_tun_hosts() {
 /// only its own node): ping, HTTP and a broadcast discovery cross the cluster.
 async fn tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other() {
     tools_present(&["ping", "python3", "curl", "socat"]);
-    let (server, client) = (bin("overlan-server"), bin("overlan"));
+    let client = bin("overlan");
     let dir = tempfile::tempdir().unwrap();
     // r1 (0) — r2 (1); c1 (2) reaches r1, c2 (3) reaches r2.
     let hosts = Hosts::mesh(&["r1", "r2", "c1", "c2"], &[(0, 1, "10.234.12"), (2, 0, "10.235.1"), (3, 1, "10.235.2")]);
-    let ca = dir.path().join("cluster");
-    let cluster = overlan_shared::cluster::ClusterDir::new(&ca);
-    cluster.init().unwrap();
-    let mut relays = Vec::new();
-    for (i, peers) in [vec![], vec!["10.234.12.1:7700"]].into_iter().enumerate() {
-        let node = format!("n{}", i + 1);
-        cluster.issue(&node).unwrap();
-        let mut relay = Proc::spawn({
-            let mut c = hosts.cmd(i, &server);
-            c.args(["--listen", "0.0.0.0:7700", "--node", &node, "--log", "info"])
-                .arg("--cluster")
-                .arg(&ca)
-                .arg("--data-dir")
-                .arg(dir.path().join(&node));
-            for peer in peers {
-                c.args(["--peer", peer]);
-            }
-            c
-        });
-        let _listen = relay.stdout_line().await;
-        let _fingerprint = relay.stdout_line().await;
-        let invite: Invite = relay.stdout_line().await.strip_prefix("invite ").unwrap().parse().unwrap();
-        relays.push((relay, invite));
-    }
+    let mut relays = start_cluster(&hosts, dir.path(), &[&[], &["10.234.12.1:7700"]]).await;
     relays[1].0.stderr_until("peer link up").await;
     let invite = relays[0].1.clone();
     let mut tuns = Vec::new();
