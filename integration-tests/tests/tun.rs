@@ -263,4 +263,26 @@ async fn tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other() {
     let _answerer = Proc::spawn(answerer);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(discover(&hosts, 3, 4446, 1).await, ["here-is-c1"], "c1 is {v1}");
+
+    // Port forwarding across the nodes too: c2's web server exposed by another instance
+    // of c2, reached from a forward on c1.
+    let with_relay = |host: usize, relay: &str, args: &[&str]| {
+        let mut c = hosts.cmd(host, &client);
+        c.env("OVERLAN_INVITE", invite.to_string())
+            .env("XDG_RUNTIME_DIR", dir.path().join(format!("run{host}")))
+            .args(["--relay", relay, "--identity"])
+            .arg(dir.path().join(format!("host{host}.pem")))
+            .args(args);
+        c
+    };
+    let mut expose =
+        Proc::spawn(with_relay(3, "10.235.2.2:7700", &["--name", "web", "expose", "80", &format!("{v2}:8000")]));
+    let exposed = expose.stdout_line().await.split(' ').nth(1).expect("expose VIP:PORT ...").to_owned();
+    // By VIP: a member of another node is known here by its route, not its name.
+    let mut forward =
+        Proc::spawn(with_relay(2, "10.235.1.1:7700", &["--name", "fwd", "forward", "127.0.0.1:8080", &exposed]));
+    assert_eq!(forward.stdout_line().await, format!("forward 127.0.0.1:8080 -> {exposed} tcp"));
+    let (code, out, err) = run_in(&hosts, 2, "curl", &["-sS", "http://127.0.0.1:8080/data.txt"]).await;
+    assert_eq!(code, 0, "curl through forward and expose: {err}");
+    assert!(out == body, "curl got {} bytes, not the file", out.len());
 }
