@@ -663,6 +663,7 @@ async fn run_port_map(
         return Err(why.into());
     }
     let client = join_or_signal(cli, shutdown).await?;
+    let watcher = say_session_changes(&client);
     let log: overlan_client::forward::Log = std::sync::Arc::new(|message| eprintln!("overlan: {message}"));
     let result = match map.start(&client, log).await {
         Ok(running) => {
@@ -674,6 +675,7 @@ async fn run_port_map(
         }
         Err(why) => Err(CliError::from(why)),
     };
+    watcher.abort();
     client.leave().await;
     result
 }
@@ -1007,28 +1009,7 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
     let client = join_or_signal(cli, shutdown).await?;
     // Say when the session is lost and back: a waiting listener or a datagram socket
     // carries on after the reconnect (re-registered), an open stream fails at once.
-    let watcher = tokio::spawn({
-        let client = client.clone();
-        async move {
-            let mut state = client.watch_state();
-            let mut up = true;
-            while state.changed().await.is_ok() {
-                match state.borrow_and_update().clone() {
-                    // Once per loss, not once per failed attempt.
-                    SessionState::Reconnecting(why) if up => {
-                        up = false;
-                        eprintln!("{why}; reconnecting");
-                    }
-                    SessionState::Reconnecting(_) => {}
-                    SessionState::Up => {
-                        up = true;
-                        eprintln!("reconnected as {}", client.vip());
-                    }
-                    SessionState::Closed(_) => return,
-                }
-            }
-        }
-    });
+    let watcher = say_session_changes(&client);
     let result = if args.udp {
         let target = match &target {
             None => Ok(None),
@@ -1045,6 +1026,30 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
     watcher.abort();
     client.leave().await;
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Says on stderr when `client`'s session is lost (once per loss, not per failed
+/// attempt) and when it is back; ends when the client closes.
+fn say_session_changes(client: &Client) -> tokio::task::JoinHandle<()> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let mut state = client.watch_state();
+        let mut up = true;
+        while state.changed().await.is_ok() {
+            match state.borrow_and_update().clone() {
+                SessionState::Reconnecting(why) if up => {
+                    up = false;
+                    eprintln!("{why}; reconnecting");
+                }
+                SessionState::Reconnecting(_) => {}
+                SessionState::Up => {
+                    up = true;
+                    eprintln!("reconnected as {}", client.vip());
+                }
+                SessionState::Closed(_) => return,
+            }
+        }
+    })
 }
 
 /// Stream mode through the running `up` of this instance (so its session is shared,

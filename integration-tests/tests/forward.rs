@@ -301,3 +301,41 @@ async fn a_slow_reader_behind_a_forward_gets_every_byte() {
     .await;
     assert!(got == data, "{} bytes of {}", got.len(), data.len());
 }
+
+#[tokio::test]
+async fn forward_and_expose_outlive_a_relay_restart_and_say_so() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let service = reverse_after_eof().await;
+    let (mut expose, _) =
+        start(cmd(&relay, dir.path(), "svc", &["--name", "svc", "expose", "7004", &service.to_string()])).await;
+    let (mut forward, line) = start(cmd(&relay, dir.path(), "me", &["forward", "0", "svc:7004"])).await;
+    let local = forwarded(&line);
+    let ask = |what: &'static [u8]| async move {
+        let mut tcp = TcpStream::connect(local).await.unwrap();
+        tcp.write_all(what).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        let _ = tcp.read_to_end(&mut back).await;
+        back
+    };
+    assert_eq!(ask(b"before").await, b"erofeb");
+    let _relay = relay.restart_same_port();
+    for p in [&mut expose, &mut forward] {
+        p.stderr_until("; reconnecting").await;
+        p.stderr_until("reconnected as").await;
+    }
+    // The expose's listener was registered again: a new connection goes through.
+    let back = within("a connection after the restart", async {
+        loop {
+            let back = ask(b"after").await;
+            if !back.is_empty() {
+                return back;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(back, b"retfa");
+}
