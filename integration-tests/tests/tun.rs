@@ -109,6 +109,17 @@ async fn unmodified_programs_talk_across_tun_hosts() {
     assert_eq!(code, 0, "ping host 2: {out}{err}");
     let (code, out, _) = run_in(&hosts, 3, "ping", &["-c", "2", "-i", "0.2", "-W", "3", &vips[1]]).await;
     assert_eq!(code, 0, "ping host 1: {out}");
+    // Sizes: the largest packet the MTU allows crosses whole; a larger one is refused
+    // by the kernel at the interface (never dropped silently on the way), and one that
+    // may be fragmented crosses in pieces.
+    let (code, out, err) =
+        run_in(&hosts, 1, "ping", &["-c", "2", "-i", "0.2", "-W", "3", "-M", "do", "-s", "1084", &v2]).await;
+    assert_eq!(code, 0, "a 1112-byte ping: {out}{err}");
+    let (code, out, err) = run_in(&hosts, 1, "ping", &["-c", "1", "-W", "3", "-M", "do", "-s", "1085", &v2]).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(format!("{out}{err}").contains("mtu=1112"), "{out}{err}");
+    let (code, out, err) = run_in(&hosts, 1, "ping", &["-c", "2", "-i", "0.2", "-W", "3", "-s", "3000", &v2]).await;
+    assert_eq!(code, 0, "a fragmented ping: {out}{err}");
 
     // HTTP between python's server on host 2 and curl on host 1, by VIP.
     let www = dir.path().join("www");
