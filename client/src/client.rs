@@ -891,15 +891,16 @@ async fn run_datagram_reader(conn: quinn::Connection, inner: std::sync::Weak<Inn
             }
             continue;
         };
-        let bound = inner.datagram_ports.get(&header.dst.port()).map(|ch| ch.clone());
-        match (bound, &inner.tun_sink) {
-            (Some(ch), _) => {
+        let delivered = match inner.datagram_ports.get(&header.dst.port()) {
+            Some(ch) => {
                 let _ = ch.try_send(Datagram { payload: bytes.slice(HEADER_LEN..), src: header.src, dst: header.dst });
+                true
             }
-            (None, Some(sink)) => {
-                let _ = sink.try_send(bytes);
-            }
-            (None, None) => {}
+            None => false,
+        };
+        // No socket bound to the port: a TUN session takes it (any port of its VIP).
+        if let (false, Some(sink)) = (delivered, &inner.tun_sink) {
+            let _ = sink.try_send(bytes);
         }
     }
 }
