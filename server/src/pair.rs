@@ -508,8 +508,8 @@ async fn splice(
     let [to_connector, to_listener] = cancel;
     let [a_lost, b_lost] = lost;
     tokio::join!(
-        pump(a_recv, b_send, to_listener, [a_lost, b_lost], &guard),
-        pump(b_recv, a_send, to_connector, [b_lost, a_lost], &guard)
+        pump(a_recv, b_send, to_listener, [a_lost, b_lost], &guard, "connector to listener"),
+        pump(b_recv, a_send, to_connector, [b_lost, a_lost], &guard, "listener to connector")
     );
     guard.pair.do_send(SpliceDone);
 }
@@ -580,11 +580,12 @@ async fn pump(
     mut cancel: watch::Receiver<Option<VarInt>>,
     lost: [VarInt; 2],
     guard: &StallGuard,
+    direction: &'static str,
 ) {
     let code = tokio::select! {
         biased;
         code = cancelled(&mut cancel) => code,
-        stalled = copy(&mut from, &mut to, lost, guard) => {
+        stalled = copy(&mut from, &mut to, lost, guard, direction) => {
             if !stalled {
                 return;
             }
@@ -603,7 +604,13 @@ async fn pump(
 /// as `lost` says (`SESSION_LOST`, or `LINK_LOST` across nodes). Data the relay already
 /// accepted from a sender whose connection has since closed is still read and
 /// delivered. Returns true if the receiver stalled.
-async fn copy(from: &mut RecvStream, to: &mut SendStream, lost: [VarInt; 2], guard: &StallGuard) -> bool {
+async fn copy(
+    from: &mut RecvStream,
+    to: &mut SendStream,
+    lost: [VarInt; 2],
+    guard: &StallGuard,
+    direction: &'static str,
+) -> bool {
     let [sender_lost, receiver_lost] = lost;
     let mut chunks: [Bytes; SPLICE_BATCH] = Default::default();
     loop {
@@ -621,14 +628,17 @@ async fn copy(from: &mut RecvStream, to: &mut SendStream, lost: [VarInt; 2], gua
                 }
             },
             Ok(None) => {
+                tracing::debug!(direction, "sender finished; finishing toward the receiver");
                 let _ = to.finish();
                 return false;
             }
             Err(ReadError::Reset(code)) => {
+                tracing::debug!(direction, %code, "sender reset; resetting toward the receiver");
                 let _ = to.reset(code);
                 return false;
             }
-            Err(_) => {
+            Err(e) => {
+                tracing::debug!(direction, error = %e, "sender lost; resetting toward the receiver");
                 let _ = to.reset(sender_lost);
                 return false;
             }
