@@ -1188,14 +1188,16 @@ async fn nc_stream(
         signal = shutdown.recv() => Err(signal),
     };
     progress.finish();
-    match outcome {
-        Ok(done) => done.map_err(CliError::from),
-        Err(signal) => {
-            write.abort();
-            read.abort();
-            Err(CliError::interrupted(signal))
-        }
-    }
+    // A stream that did not end well is aborted, never left to be finished when it is
+    // dropped: the peer must not mistake a failed or interrupted transfer for a clean end.
+    let failed = match outcome {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(why)) => CliError::from(why),
+        Err(signal) => CliError::interrupted(signal),
+    };
+    write.abort();
+    read.abort();
+    Err(failed)
 }
 
 /// A datagram socket of this command's own session, or of the running `up`.

@@ -415,7 +415,8 @@ impl VirtualWriteHalf {
     /// Resets this direction: the peer's reads fail with "connection aborted by the
     /// peer" instead of seeing a clean end, and bytes not yet delivered are discarded.
     pub fn abort(mut self) {
-        let _ = self.send.reset(VarInt::from_u32(reset_code::ABORTED));
+        let reset = self.send.reset(VarInt::from_u32(reset_code::ABORTED));
+        tracing::debug!(peer = %self.peer, ?reset, "write half aborted");
     }
 
     /// Waits until the relay has acknowledged every byte written and the end of the

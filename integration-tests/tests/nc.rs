@@ -258,3 +258,40 @@ async fn after_a_relay_restart_a_connected_nc_ends_at_once_and_a_listening_one_s
     waiting.stderr_until("reconnected as").await;
     drop(relay);
 }
+
+/// Reproduces a known bug deterministically: the failed nc's own direction reaches the
+/// peer as a clean end, because its send stream was already finished and acknowledged
+/// when nc aborted it (quinn answers the reset with ClosedStream; the relay logged the
+/// FIN). Where the FIN comes from is not found yet. Ignored until fixed, so it is
+/// reported as skipped, not passed.
+#[tokio::test]
+#[ignore = "known bug: a failed nc's direction ends with a clean FIN (see the closing note of 2026-12-03)"]
+async fn an_nc_that_fails_aborts_its_stream_so_the_peer_never_sees_a_clean_end() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    // stdin stays open: nc has not finished sending when its transfer fails.
+    let mut listening = Proc::spawn({
+        let mut c = overlan_cmd(&relay.invite(), dir.path(), "listening");
+        c.args(["--log", "overlan_client=debug", "nc", "-l", "7104"]);
+        c
+    });
+    let line = listening.stderr_until("listening on").await;
+    let addr: std::net::SocketAddrV4 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let peer = join(&relay.invite()).await;
+    let stream = within("connect", peer.connect(addr)).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    {
+        use tokio::io::AsyncWriteExt;
+        write.write_all(b"partial\n").await.unwrap();
+    }
+    assert_eq!(listening.stdout_line().await, "partial");
+    // The peer aborts its sending direction: nc's transfer fails (exit 1), and nc's own
+    // direction toward the peer must end with an error too, not a clean end.
+    write.abort();
+    let (code, said) = listening.wait().await;
+    assert_eq!(code, 1, "{said:?}");
+    let mut rest = Vec::new();
+    let read = within("the peer's read", read.read_to_end(&mut rest)).await;
+    assert!(read.as_ref().is_err_and(|e| e.to_string().contains("aborted")), "{read:?}; nc said {said:#?}");
+}
