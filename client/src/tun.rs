@@ -15,7 +15,9 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use bytes::Bytes;
+use std::borrow::Cow;
+
+use bytes::{Buf, Bytes, BytesMut};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 pub use overlan_shared::wire::datagram::MAX_IP_PACKET;
 use overlan_shared::wire::datagram::{DatagramHeader, IpPacket, HEADER_LEN, IP_PREFIX_LEN, KIND_IP};
@@ -30,12 +32,16 @@ pub enum Outbound {
     Drop(&'static str),
 }
 
-/// Translates a packet the kernel sent into the interface of `vip` in `subnet`.
-pub fn outbound(packet: &[u8], vip: Ipv4Addr, subnet: Subnet) -> Outbound {
+/// Translates a packet the kernel sent into the interface of `vip` in `subnet`, in
+/// place: `buf` holds the packet after [`IP_PREFIX_LEN`] bytes of room, and the datagram
+/// is made in the same buffer (the prefix written in front of a packet, or a datagram
+/// header written over the IP and UDP headers), so no packet is copied.
+pub fn outbound(mut buf: BytesMut, vip: Ipv4Addr, subnet: Subnet) -> Outbound {
+    let packet = &buf[IP_PREFIX_LEN..];
     let Ok(sliced) = SlicedPacket::from_ip(packet) else { return Outbound::Drop("not an IP packet") };
     let Some(NetSlice::Ipv4(ip)) = &sliced.net else { return Outbound::Drop("not IPv4") };
     let header = ip.header();
-    let (src, dst) = (header.source_addr(), header.destination_addr());
+    let (src, dst, total_len) = (header.source_addr(), header.destination_addr(), header.total_len());
     if src != vip {
         return Outbound::Drop("source is not this VIP");
     }
@@ -49,23 +55,30 @@ pub fn outbound(packet: &[u8], vip: Ipv4Addr, subnet: Subnet) -> Outbound {
             src: SocketAddrV4::new(src, udp.source_port()),
             dst: SocketAddrV4::new(if broadcast { Ipv4Addr::BROADCAST } else { dst }, udp.destination_port()),
         };
-        let payload = udp.payload();
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(&header.to_bytes());
-        out.extend_from_slice(payload);
-        return Outbound::Send(out.into());
+        // The payload follows the IP and UDP headers (at least 28 bytes): the 14-byte
+        // datagram header goes just in front of it.
+        let start = IP_PREFIX_LEN + usize::from(ip.header().ihl()) * 4 + 8 - HEADER_LEN;
+        let len = HEADER_LEN + udp.payload().len();
+        buf[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
+        buf.advance(start);
+        buf.truncate(len);
+        return Outbound::Send(buf.freeze());
     }
     if broadcast {
         return Outbound::Drop("a broadcast that is not UDP");
     }
-    Outbound::Send(IpPacket::datagram(packet).into())
+    let len = IP_PREFIX_LEN + usize::from(total_len);
+    buf[..IP_PREFIX_LEN].copy_from_slice(&[KIND_IP, 0]);
+    buf.truncate(len);
+    Outbound::Send(buf.freeze())
 }
 
-/// The packet to write into the interface for a datagram that arrived, if any.
-pub fn inbound(datagram: &[u8], subnet: Subnet) -> Option<Vec<u8>> {
+/// The packet to write into the interface for a datagram that arrived, if any (a
+/// packet datagram's own bytes; a UDP packet built for a datagram).
+pub fn inbound(datagram: &[u8], subnet: Subnet) -> Option<Cow<'_, [u8]>> {
     if datagram.first() == Some(&KIND_IP) {
         IpPacket::parse(datagram).ok()?;
-        return Some(datagram[IP_PREFIX_LEN..].to_vec());
+        return Some(Cow::Borrowed(&datagram[IP_PREFIX_LEN..]));
     }
     let header = DatagramHeader::parse(datagram).ok()?;
     let payload = &datagram[HEADER_LEN..];
@@ -79,7 +92,7 @@ pub fn inbound(datagram: &[u8], subnet: Subnet) -> Option<Vec<u8>> {
         PacketBuilder::ipv4(header.src.ip().octets(), dst.octets(), 64).udp(header.src.port(), header.dst.port());
     let mut out = Vec::with_capacity(builder.size(payload.len()));
     builder.write(&mut out, payload).ok()?;
-    Some(out)
+    Some(Cow::Owned(out))
 }
 
 #[cfg(target_os = "linux")]
@@ -92,7 +105,13 @@ mod linux {
 
     use overlan_shared::Subnet;
 
-    use super::{inbound, outbound, Outbound, MAX_IP_PACKET};
+    use bytes::BytesMut;
+
+    use super::{inbound, outbound, Outbound, IP_PREFIX_LEN, MAX_IP_PACKET};
+
+    /// Largest read from the interface: its MTU, with room to spare so a packet that is
+    /// somehow larger is seen whole (and then checked) rather than cut.
+    const READ_MAX: usize = 2 * MAX_IP_PACKET;
     use crate::{Client, Error};
 
     /// An overlay interface; removed (with its address and routes) when dropped.
@@ -121,17 +140,9 @@ mod linux {
         })?;
         let name = dev.name().map_err(|e| format!("TUN interface name: {e}"))?;
         dev.enabled(true).map_err(|e| format!("bringing {name} up: {e}"))?;
-        let route =
-            std::process::Command::new("ip").args(["route", "replace", "255.255.255.255/32", "dev", &name]).output();
-        match route {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => tracing::warn!(
-                interface = %name,
-                error = %String::from_utf8_lossy(&out.stderr).trim(),
-                "no route for 255.255.255.255 through the overlay; broadcasts may go elsewhere"
-            ),
-            Err(e) => tracing::warn!(interface = %name, error = %e,
-                "`ip` not found: no route for 255.255.255.255 through the overlay"),
+        if let Err(e) = ip(&["route", "replace", "255.255.255.255/32", "dev", &name]) {
+            tracing::warn!(interface = %name, error = %e,
+                "no route for 255.255.255.255 through the overlay; broadcasts may go elsewhere");
         }
         Ok(Device { dev, name })
     }
@@ -194,10 +205,15 @@ mod linux {
         let (vip, subnet) = (client.vip(), client.subnet());
         let dev = &device.dev;
         let to_overlay = async {
-            let mut buf = vec![0u8; 65_536];
+            // Packets are read after room for the datagram prefix, into one buffer that
+            // each packet is split off (a new one is allocated only every few dozen).
+            let mut buf = BytesMut::new();
             loop {
-                let n = dev.recv(&mut buf).await.map_err(|e| format!("reading {}: {e}", device.name))?;
-                match outbound(&buf[..n], vip, subnet) {
+                buf.resize(IP_PREFIX_LEN + READ_MAX, 0);
+                let n =
+                    dev.recv(&mut buf[IP_PREFIX_LEN..]).await.map_err(|e| format!("reading {}: {e}", device.name))?;
+                let packet = buf.split_to(IP_PREFIX_LEN + n);
+                match outbound(packet, vip, subnet) {
                     Outbound::Send(datagram) => match client.send_raw_datagram(datagram).await {
                         Ok(()) => {}
                         // The session is down for a moment (reconnecting): like a link
@@ -234,6 +250,13 @@ mod tests {
         "10.77.0.0/16".parse().unwrap()
     }
 
+    /// `outbound` of `packet`, read after the room it needs, as the interface loop does.
+    fn out(packet: &[u8], vip: Ipv4Addr) -> Outbound {
+        let mut buf = BytesMut::zeroed(IP_PREFIX_LEN);
+        buf.extend_from_slice(packet);
+        outbound(buf, vip, subnet())
+    }
+
     fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
         let b = PacketBuilder::ipv4(src, dst, 64).udp(sport, dport);
         let mut out = Vec::new();
@@ -245,12 +268,12 @@ mod tests {
     fn udp_becomes_a_datagram_and_back() {
         let vip = Ipv4Addr::new(10, 77, 0, 2);
         let packet = udp([10, 77, 0, 2], [10, 77, 0, 3], 40000, 5000, b"hi");
-        let Outbound::Send(d) = outbound(&packet, vip, subnet()) else { panic!() };
+        let Outbound::Send(d) = out(&packet, vip) else { panic!() };
         let h = DatagramHeader::parse(&d).unwrap();
         assert_eq!((h.src.to_string(), h.dst.to_string()), ("10.77.0.2:40000".into(), "10.77.0.3:5000".into()));
         assert_eq!(&d[HEADER_LEN..], b"hi");
         // The receiving side writes the same UDP packet into its interface.
-        assert_eq!(inbound(&d, subnet()).unwrap(), packet);
+        assert_eq!(inbound(&d, subnet()).unwrap(), &packet[..]);
     }
 
     #[test]
@@ -258,7 +281,7 @@ mod tests {
         let vip = Ipv4Addr::new(10, 77, 0, 2);
         for dst in [[255, 255, 255, 255], [10, 77, 255, 255]] {
             let packet = udp([10, 77, 0, 2], dst, 4445, 4445, b"lobby");
-            let Outbound::Send(d) = outbound(&packet, vip, subnet()) else { panic!() };
+            let Outbound::Send(d) = out(&packet, vip) else { panic!() };
             assert_eq!(DatagramHeader::parse(&d).unwrap().dst, SocketAddrV4::new(Ipv4Addr::BROADCAST, 4445));
         }
         let mut d =
@@ -267,7 +290,7 @@ mod tests {
                 .to_vec();
         d.extend_from_slice(b"lobby");
         let written = inbound(&d, subnet()).unwrap();
-        assert_eq!(written, udp([10, 77, 0, 3], [255, 255, 255, 255], 4445, 4445, b"lobby"));
+        assert_eq!(written, &udp([10, 77, 0, 3], [255, 255, 255, 255], 4445, 4445, b"lobby")[..]);
     }
 
     #[test]
@@ -275,19 +298,19 @@ mod tests {
         let vip = Ipv4Addr::new(10, 77, 0, 2);
         let mut tcp = Vec::new();
         PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 3], 64).tcp(40000, 22, 1, 1000).write(&mut tcp, b"x").unwrap();
-        let Outbound::Send(d) = outbound(&tcp, vip, subnet()) else { panic!() };
+        let Outbound::Send(d) = out(&tcp, vip) else { panic!() };
         assert_eq!(d[0], KIND_IP);
-        assert_eq!(inbound(&d, subnet()).unwrap(), tcp);
+        assert_eq!(inbound(&d, subnet()).unwrap(), &tcp[..]);
         let other_source = udp([10, 77, 0, 9], [10, 77, 0, 3], 1, 2, b"");
-        assert_eq!(outbound(&other_source, vip, subnet()), Outbound::Drop("source is not this VIP"));
+        assert_eq!(out(&other_source, vip), Outbound::Drop("source is not this VIP"));
         let outside = udp([10, 77, 0, 2], [8, 8, 8, 8], 1, 53, b"");
-        assert_eq!(outbound(&outside, vip, subnet()), Outbound::Drop("destination outside the network"));
+        assert_eq!(out(&outside, vip), Outbound::Drop("destination outside the network"));
         let mut tcp_broadcast = Vec::new();
         PacketBuilder::ipv4([10, 77, 0, 2], [255, 255, 255, 255], 64)
             .tcp(1, 2, 1, 1000)
             .write(&mut tcp_broadcast, b"")
             .unwrap();
-        assert_eq!(outbound(&tcp_broadcast, vip, subnet()), Outbound::Drop("a broadcast that is not UDP"));
-        assert_eq!(outbound(&[0u8; 3], vip, subnet()), Outbound::Drop("not an IP packet"));
+        assert_eq!(out(&tcp_broadcast, vip), Outbound::Drop("a broadcast that is not UDP"));
+        assert_eq!(out(&[0u8; 3], vip), Outbound::Drop("not an IP packet"));
     }
 }
