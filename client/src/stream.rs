@@ -250,7 +250,7 @@ impl VirtualStream {
         let slot = Arc::new(OpenStream::new(client.clone()));
         Ok(Self {
             read: VirtualReadHalf { recv, peer, _client: client.clone(), _open: slot.clone() },
-            write: VirtualWriteHalf { send, peer, _client: client, _open: slot },
+            write: VirtualWriteHalf { send: Some(send), peer, aborted: false, _client: client, _open: slot },
             socket,
             local,
             generation: session.generation,
@@ -276,7 +276,8 @@ impl VirtualStream {
     /// "connection aborted by the peer". Bytes not yet delivered are discarded.
     pub fn abort(mut self) {
         let code = VarInt::from_u32(reset_code::ABORTED);
-        let _ = self.write.send.reset(code);
+        let _ = self.write.send().reset(code);
+        self.write.aborted = true;
         let _ = self.read.recv.stop(code);
         // The reset may overtake the stream's header on the wire; the control message
         // makes sure the relay tears the pair down either way.
@@ -398,8 +399,11 @@ impl AsyncRead for VirtualReadHalf {
 /// The write half of a [`VirtualStream`]; `shutdown()` half-closes.
 #[derive(Debug)]
 pub struct VirtualWriteHalf {
-    send: quinn::SendStream,
+    /// Taken only by `drop`.
+    send: Option<quinn::SendStream>,
     peer: SocketAddrV4,
+    /// Reset by `abort`: what remains to deliver is the reset itself.
+    aborted: bool,
     _client: Client,
     _open: Arc<OpenStream>,
 }
@@ -412,10 +416,15 @@ impl VirtualReadHalf {
 }
 
 impl VirtualWriteHalf {
+    fn send(&mut self) -> &mut quinn::SendStream {
+        self.send.as_mut().expect("the send stream is taken only on drop")
+    }
+
     /// Resets this direction: the peer's reads fail with "connection aborted by the
     /// peer" instead of seeing a clean end, and bytes not yet delivered are discarded.
     pub fn abort(mut self) {
-        let reset = self.send.reset(VarInt::from_u32(reset_code::ABORTED));
+        let reset = self.send().reset(VarInt::from_u32(reset_code::ABORTED));
+        self.aborted = true;
         tracing::debug!(peer = %self.peer, ?reset, "write half aborted");
     }
 
@@ -425,7 +434,7 @@ impl VirtualWriteHalf {
     /// socket accepted before `close()`. Fails if the peer stopped reading or its
     /// session ended first, or if the session with the relay was lost.
     pub async fn delivered(&mut self) -> io::Result<()> {
-        match self.send.stopped().await {
+        match self.send().stopped().await {
             Ok(None) => Ok(()),
             Ok(Some(code)) => Err(map_write_error(WriteError::Stopped(code), self.peer)),
             Err(quinn::StoppedError::ConnectionLost(c)) => {
@@ -444,33 +453,46 @@ impl VirtualStream {
 }
 
 impl Drop for VirtualWriteHalf {
-    /// Finishes the stream (quinn would too) and keeps the client from leaving until the
-    /// relay has acknowledged everything written, so `Client::leave` right after a
-    /// transfer loses no byte.
+    /// Finishes the stream (quinn would too) unless it was aborted, and keeps the client
+    /// from leaving until the relay has acknowledged everything written, or the reset, so
+    /// `Client::leave` right after a transfer or an abort loses neither: the peer reads
+    /// every byte and a clean end, or "aborted", never "session lost" instead.
     fn drop(&mut self) {
-        let _ = self.send.finish();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let delivery = self._client.inner.track_delivery();
-            let stopped = self.send.stopped();
-            runtime.spawn(async move {
-                let _ = stopped.await;
-                drop(delivery);
-            });
+        let Some(mut send) = self.send.take() else { return };
+        if !self.aborted {
+            let _ = send.finish();
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let delivery = self._client.inner.track_delivery();
+        let aborted = self.aborted;
+        runtime.spawn(async move {
+            if aborted {
+                // `stopped()` resolves once the stream is gone from quinn's tables, but
+                // quinn wakes it for acknowledged data, not for an acknowledged reset; a
+                // fresh call checks the state again. A lost connection ends it too.
+                while tokio::time::timeout(RESET_RECHECK, send.stopped()).await.is_err() {}
+            } else {
+                let _ = send.stopped().await;
+            }
+            drop(delivery);
+        });
     }
 }
+
+/// How often an aborted stream checks whether its reset was acknowledged.
+const RESET_RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl AsyncWrite for VirtualWriteHalf {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        poll_write_mapped(&mut this.send, this.peer, cx, buf)
+        poll_write_mapped(this.send.as_mut().expect("taken only on drop"), this.peer, cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().send).poll_flush(cx)
+        Pin::new(self.get_mut().send()).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().send).poll_shutdown(cx)
+        Pin::new(self.get_mut().send()).poll_shutdown(cx)
     }
 }

@@ -389,6 +389,10 @@ impl Proc {
     }
 
     /// Waits for exit; returns the exit code and the rest of stderr.
+    ///
+    /// Closes the child's stdin first (tokio's `Child::wait` does): a test that needs
+    /// stdin open to the end (a stream `nc` that must not see EOF and half-close) takes
+    /// `child.stdin` and holds it.
     pub async fn wait(&mut self) -> (i32, Vec<String>) {
         let status = within("process exit", self.child.wait()).await.expect("wait");
         while let Ok(line) = self.stderr.try_recv() {

@@ -169,6 +169,9 @@ async fn signals_end_nc_at_every_stage_with_the_conventional_status() {
     talker.write_stdin(b"some bytes\n").await;
     let mut buf = [0u8; 11];
     within("the first bytes", stream.read_exact(&mut buf)).await.unwrap();
+    // Held: `wait` would close stdin, and an nc that reads EOF before the signal
+    // rightly half-closes its direction.
+    let _stdin = talker.child.stdin.take();
     signal(&talker.child, "INT").await;
     let (code, _) = talker.wait().await;
     assert_eq!(code, 130);
@@ -223,6 +226,7 @@ async fn a_signal_aborts_a_stream_running_through_up_and_up_lives_on() {
     talker.write_stdin(b"some bytes\n").await;
     let mut buf = [0u8; 11];
     within("the first bytes", stream.read_exact(&mut buf)).await.unwrap();
+    let _stdin = talker.child.stdin.take(); // held open: see the test above
     signal(&talker.child, "INT").await;
     assert_eq!(talker.wait().await.0, 130);
     let mut rest = Vec::new();
@@ -259,13 +263,10 @@ async fn after_a_relay_restart_a_connected_nc_ends_at_once_and_a_listening_one_s
     drop(relay);
 }
 
-/// Reproduces a known bug deterministically: the failed nc's own direction reaches the
-/// peer as a clean end, because its send stream was already finished and acknowledged
-/// when nc aborted it (quinn answers the reset with ClosedStream; the relay logged the
-/// FIN). Where the FIN comes from is not found yet. Ignored until fixed, so it is
-/// reported as skipped, not passed.
+/// A failed nc aborts its own direction too: the peer reads an error, never a clean
+/// end. (nc's stdin stays open throughout: an nc whose stdin ended has rightly sent a
+/// FIN already, and `Proc::wait` closes stdin, as tokio's `Child::wait` does.)
 #[tokio::test]
-#[ignore = "known bug: a failed nc's direction ends with a clean FIN (see the closing note of 2026-12-03)"]
 async fn an_nc_that_fails_aborts_its_stream_so_the_peer_never_sees_a_clean_end() {
     bin("overlan");
     let relay = TestRelay::start();
@@ -289,6 +290,8 @@ async fn an_nc_that_fails_aborts_its_stream_so_the_peer_never_sees_a_clean_end()
     // The peer aborts its sending direction: nc's transfer fails (exit 1), and nc's own
     // direction toward the peer must end with an error too, not a clean end.
     write.abort();
+    // `wait` would close nc's stdin (tokio does, before waiting); held here, stdin stays open.
+    let _stdin = listening.child.stdin.take();
     let (code, said) = listening.wait().await;
     assert_eq!(code, 1, "{said:?}");
     let mut rest = Vec::new();

@@ -131,6 +131,32 @@ async fn half_close_close_and_abort_are_seen_by_the_peer() {
     assert!(err.to_string().contains("aborted"), "{err}");
 }
 
+/// An abort followed at once by leaving reaches the peer as "aborted": the reset is
+/// delivered before the session closes, not overtaken by "session lost".
+#[tokio::test]
+async fn an_abort_right_before_leaving_reaches_the_peer_as_aborted() {
+    let relay = TestRelay::start();
+    let listening = join(&relay.invite()).await;
+    let listener = listening.listen(4100).await.unwrap();
+    for round in 0..5 {
+        let leaving = join(&relay.invite()).await;
+        let mut x = leaving.connect(listener.local_addr()).await.unwrap();
+        let (mut y, _) = within("accept", listener.accept()).await.unwrap();
+        x.write_all(b"partial").await.unwrap();
+        let mut buf = [0u8; 7];
+        within("the first bytes", y.read_exact(&mut buf)).await.unwrap();
+        let (read, write) = x.into_split();
+        write.abort();
+        read.abort();
+        // Not held until the linger runs out: the reset's acknowledgement ends the wait.
+        let leave = std::time::Instant::now();
+        within("leave", leaving.leave()).await;
+        assert!(leave.elapsed() < overlan_client::LEAVE_LINGER / 2, "round {round}: leave took {:?}", leave.elapsed());
+        let err = within("read after abort", y.read(&mut buf)).await.unwrap_err();
+        assert!(err.to_string().contains("aborted"), "round {round}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn ports_in_use_and_released() {
     let relay = TestRelay::start();
