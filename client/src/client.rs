@@ -277,7 +277,14 @@ impl Client {
         let first = resolve(&relays[0]).await;
         let ipv6 = first.as_ref().is_ok_and(|a| a.is_ipv6());
         let bind: SocketAddr = if ipv6 { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
-        let endpoint = quinn::Endpoint::client(bind)
+        let socket = std::net::UdpSocket::bind(bind)
+            .map_err(|e| Error::Connect { relay: relays[0].clone(), message: format!("binding a UDP socket: {e}") })?;
+        match overlan_shared::udp::enlarge_buffers(&socket) {
+            Ok(buffers) if buffers.recv_capped() => tracing::debug!("{}", overlan_shared::udp::capped_hint(buffers)),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot read the UDP socket's buffer sizes"),
+        }
+        let endpoint = quinn::Endpoint::new(Default::default(), None, socket, Arc::new(quinn::TokioRuntime))
             .map_err(|e| Error::Connect { relay: relays[0].clone(), message: format!("binding a UDP socket: {e}") })?;
         // The first relay that admits; with one relay a refusal (bad token, limits) ends
         // the join at once, with several the others are tried first (a node may not

@@ -599,6 +599,24 @@ async fn pump(
     let _ = from.stop(code);
 }
 
+/// Joins a batch of received chunks (one per QUIC packet, about 1.2 KB each) into one.
+/// quinn keeps what a stream sent until it is acknowledged as a list of the chunks it
+/// was given, and walks that list for every packet it builds: at relay speeds,
+/// thousands of packet-sized chunks in flight made that walk the relay's largest cost
+/// (15% of its CPU in a profile); one copy of the bytes is far cheaper. A batch is only
+/// as large as what arrived since the last read, so this adds no wait.
+fn coalesce(chunks: &mut [Bytes]) -> &mut [Bytes] {
+    if chunks.len() > 1 {
+        let mut joined = bytes::BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+        for chunk in chunks.iter_mut() {
+            joined.extend_from_slice(&std::mem::take(chunk));
+        }
+        chunks[0] = joined.freeze();
+    }
+    let kept = chunks.len().min(1);
+    &mut chunks[..kept]
+}
+
 /// Copies `from` to `to`, carrying the end over faithfully: a finish (half-close) as a
 /// finish, a reset as a reset with the same code, a stop as a stop, a lost connection
 /// as `lost` says (`SESSION_LOST`, or `LINK_LOST` across nodes). Data the relay already
@@ -615,7 +633,7 @@ async fn copy(
     let mut chunks: [Bytes; SPLICE_BATCH] = Default::default();
     loop {
         match from.read_chunks(&mut chunks).await {
-            Ok(Some(n)) => match guard.write(to, &mut chunks[..n]).await {
+            Ok(Some(n)) => match guard.write(to, coalesce(&mut chunks[..n])).await {
                 Ok(()) => {}
                 Err(WriteEnd::Stalled) => return true,
                 Err(WriteEnd::Failed(e)) => {

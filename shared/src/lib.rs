@@ -12,6 +12,7 @@ pub mod ports;
 pub mod route;
 pub mod session;
 pub mod tls;
+pub mod udp;
 pub mod wire;
 
 pub use addr::{Subnet, SubnetError, VirtualAddr};

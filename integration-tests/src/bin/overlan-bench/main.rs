@@ -87,6 +87,9 @@ struct Cli {
     /// Leave out the cluster measurements.
     #[arg(long, conflicts_with = "only_cluster")]
     skip_cluster: bool,
+    /// Only the one-relay data path (throughput, round trip, datagrams, broadcast).
+    #[arg(long, conflicts_with_all = ["only_idle", "only_cluster"])]
+    only_data_path: bool,
     /// Failover samples in the cluster measurements (each kills and restarts a node).
     #[arg(long, value_name = "N", default_value_t = 3)]
     failover_samples: usize,
@@ -107,6 +110,7 @@ struct Args {
     only_idle: bool,
     only_cluster: bool,
     skip_cluster: bool,
+    only_data_path: bool,
     failover_samples: usize,
     rathole: Option<PathBuf>,
 }
@@ -125,6 +129,7 @@ impl From<Cli> for Args {
             only_idle: cli.only_idle,
             only_cluster: cli.only_cluster,
             skip_cluster: cli.skip_cluster,
+            only_data_path: cli.only_data_path,
             failover_samples: cli.failover_samples,
             rathole: cli.rathole,
         }
@@ -406,94 +411,110 @@ fn run_quiet(program: &str, args: &[&str], dir: &std::path::Path) -> anyhow::Res
 /// (rathole, TLS transport, ECDSA P-256 certificate): bench → rathole server → TLS →
 /// rathole client → a TCP sink in this process.
 async fn rathole_throughput(rathole: &std::path::Path, total: u64) -> anyhow::Result<Throughput> {
-    let dir = tempfile::tempdir()?;
-    let d = dir.path();
-    run_quiet(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-        d,
-    )?;
-    run_quiet(
-        "openssl",
-        &[
-            "pkcs12",
-            "-export",
-            "-out",
-            "identity.pfx",
-            "-inkey",
-            "key.pem",
-            "-in",
-            "cert.pem",
-            "-passout",
-            "pass:bench",
-        ],
-        d,
-    )?;
-    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let (control, public) = (free_port()?, free_port()?);
-    std::fs::write(
-        d.join("server.toml"),
-        format!(
-            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"tls\"\n\
+    let tunnel = RatholeTunnel::start(rathole).await?;
+    let (_r, w) = tunnel.out.into_split();
+    let (r, _w) = tunnel.inn.into_split();
+    throughput(w, r, total).await
+}
+
+/// A rathole server and client (TLS transport) on loopback, and one TCP connection
+/// through them: `out` enters at the server's public port, `inn` arrives at the sink.
+struct RatholeTunnel {
+    out: tokio::net::TcpStream,
+    inn: tokio::net::TcpStream,
+    _processes: [tokio::process::Child; 2],
+    _dir: tempfile::TempDir,
+}
+
+impl RatholeTunnel {
+    async fn start(rathole: &std::path::Path) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        run_quiet(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost",
+            ],
+            d,
+        )?;
+        run_quiet(
+            "openssl",
+            &[
+                "pkcs12",
+                "-export",
+                "-out",
+                "identity.pfx",
+                "-inkey",
+                "key.pem",
+                "-in",
+                "cert.pem",
+                "-passout",
+                "pass:bench",
+            ],
+            d,
+        )?;
+        let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (control, public) = (free_port()?, free_port()?);
+        std::fs::write(
+            d.join("server.toml"),
+            format!(
+                "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"tls\"\n\
              [server.transport.tls]\npkcs12 = \"identity.pfx\"\npkcs12_password = \"bench\"\n\
              [server.services.bench]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{public}\"\n"
-        ),
-    )?;
-    std::fs::write(
-        d.join("client.toml"),
-        format!(
-            "[client]\nremote_addr = \"localhost:{control}\"\n[client.transport]\ntype = \"tls\"\n\
+            ),
+        )?;
+        std::fs::write(
+            d.join("client.toml"),
+            format!(
+                "[client]\nremote_addr = \"localhost:{control}\"\n[client.transport]\ntype = \"tls\"\n\
              [client.transport.tls]\ntrusted_root = \"cert.pem\"\nhostname = \"localhost\"\n\
              [client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"{}\"\n",
-            sink.local_addr()?
-        ),
-    )?;
-    let spawn = |mode: &str, config: &str| {
-        tokio::process::Command::new(rathole)
-            .arg(mode)
-            .arg(config)
-            .current_dir(d)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-    };
-    let _server = spawn("--server", "server.toml")?;
-    let _client = spawn("--client", "client.toml")?;
-    // The public port answers once the client has registered the service.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (out, inn) = loop {
-        if let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", public)).await {
-            if let Ok(Ok((inn, _))) = tokio::time::timeout(Duration::from_secs(2), sink.accept()).await {
-                break (out, inn);
+                sink.local_addr()?
+            ),
+        )?;
+        let spawn = |mode: &str, config: &str| {
+            tokio::process::Command::new(rathole)
+                .arg(mode)
+                .arg(config)
+                .current_dir(d)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+        };
+        let server = spawn("--server", "server.toml")?;
+        let client = spawn("--client", "client.toml")?;
+        // The public port answers once the client has registered the service.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (out, inn) = loop {
+            if let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", public)).await {
+                if let Ok(Ok((inn, _))) = tokio::time::timeout(Duration::from_secs(2), sink.accept()).await {
+                    break (out, inn);
+                }
             }
-        }
-        anyhow::ensure!(Instant::now() < deadline, "rathole tunnel did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    out.set_nodelay(true)?;
-    inn.set_nodelay(true)?;
-    let (_r, w) = out.into_split();
-    let (r, _w) = inn.into_split();
-    throughput(w, r, total).await
+            anyhow::ensure!(Instant::now() < deadline, "rathole tunnel did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        out.set_nodelay(true)?;
+        inn.set_nodelay(true)?;
+        Ok(Self { out, inn, _processes: [server, client], _dir: dir })
+    }
 }
 
 /// A direct quinn server and client on loopback, the baseline.
@@ -509,8 +530,16 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
         server_config.transport_config(Arc::new(overlan_server::relay::transport_config(DATA_PATH_IDLE)?));
         client_config.transport_config(Arc::new(client_transport(DATA_PATH_IDLE)?));
     }
-    let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
-    let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = || -> anyhow::Result<std::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        if let Baseline::RelaySettings = baseline {
+            overlan_shared::udp::enlarge_buffers(&socket)?;
+        }
+        Ok(socket)
+    };
+    let server = quinn::Endpoint::new(Default::default(), Some(server_config), socket()?, runtime.clone())?;
+    let client = quinn::Endpoint::new(Default::default(), None, socket()?, runtime)?;
     let addr = server.local_addr()?;
     let accept = tokio::spawn(async move { server.accept().await.expect("incoming").await });
     let c = client.connect_with(client_config, addr, RELAY_SERVER_NAME)?.await?;
@@ -640,6 +669,9 @@ async fn main() -> anyhow::Result<()> {
     println!("# overlan-bench  (relay process vs direct quinn on loopback, same run)");
     if !args.only_idle {
         data_path(&args).await?;
+        if args.only_data_path {
+            return Ok(());
+        }
         if !args.skip_cluster {
             cluster::run(&args).await?;
         }
@@ -659,6 +691,8 @@ async fn data_path(args: &Args) -> anyhow::Result<()> {
     broadcast(args, &relay, &a).await?;
     a.leave().await;
     b.leave().await;
+    // SIGTERM, not a kill on drop: a profiling wrapper writes its report on the way out.
+    relay.stop().await;
     Ok(())
 }
 
@@ -681,7 +715,13 @@ async fn stream_throughput(args: &Args, a: &Client, b: &Client, directs: &[Direc
             let (sr, _sw) = s.into_inner();
             let measured = throughput(cw, sr, args.bytes).await?;
             anyhow::ensure!(measured.intact, "{} lost or changed bytes", pair.baseline.label());
-            print!(" {} {:.1} MiB/s,", pair.baseline.short(), measured.mib_s);
+            print!(
+                " {} {:.1} MiB/s (mtu {}, lost {}),",
+                pair.baseline.short(),
+                measured.mib_s,
+                pair.client.stats().path.current_mtu,
+                pair.client.stats().path.lost_packets
+            );
             rounds.push(measured.mib_s);
         }
         let out = a.connect(listener.local_addr()).await?;
@@ -751,6 +791,13 @@ async fn round_trip(args: &Args, a: &Client, b: &Client, directs: &[Direct]) -> 
     tokio::spawn(echo(inn));
     let (r50, r99) = rtt(&mut out, args.rtt_iters).await?;
     println!("  {:<34} p50 {:>7.1} us  p99 {:>7.1} us", "via relay", us(r50), us(r99));
+    if let Some(rathole) = &args.rathole {
+        let mut tunnel = RatholeTunnel::start(rathole).await?;
+        tokio::spawn(echo(tunnel.inn));
+        let (t50, t99) = rtt(&mut tunnel.out, args.rtt_iters).await?;
+        println!("  {:<34} p50 {:>7.1} us  p99 {:>7.1} us", "rathole (TLS)", us(t50), us(t99));
+        println!("  relay p50 <= rathole p50 ({:.1} us): {}", us(t50), if r50 <= t50 { "met" } else { "MISSED" });
+    }
     let budget = 2.0 * us(like_configured.expect("the like-configured baseline ran")) + 50.0;
     println!(
         "  relay p50 budget 2 x direct (relay's settings) + 50 us = {budget:.1} us: {}",
