@@ -417,6 +417,66 @@ async fn rathole_throughput(rathole: &std::path::Path, total: u64) -> anyhow::Re
     throughput(w, r, total).await
 }
 
+/// The same transfer through the command line: `overlan nc -l` (stdout read by the
+/// bench) and `overlan nc VIP PORT` (stdin written by the bench), each its own process
+/// and session, as a user pipes a file. Timed from the listener's "connection from" to
+/// the listener's end of output, so the joins are not counted.
+async fn nc_throughput(relay: &RelayProcess, total: u64) -> anyhow::Result<Throughput> {
+    let exe = std::env::current_exe()?.with_file_name("overlan");
+    anyhow::ensure!(exe.exists(), "{} not found: run `cargo build --release --bins` first", exe.display());
+    let dir = tempfile::tempdir()?;
+    let invite = relay.invite.to_string();
+    let command = |name: &str, args: &[&str]| {
+        let mut c = tokio::process::Command::new(&exe);
+        c.env("XDG_RUNTIME_DIR", dir.path()) // no `up` of the user's is used
+            .env_remove("OVERLAN_INVITE")
+            .args(["--invite", &invite, "--name", name, "--log", "warn", "--identity"])
+            .arg(dir.path().join(format!("{name}.pem")))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+    // The listener sends nothing back: its stdin ends at once, as `< /dev/null` would.
+    let mut listener = command("nc-in", &["nc", "-l", "9100"]).stdin(std::process::Stdio::null()).spawn()?;
+    let mut said = BufReader::new(listener.stderr.take().context("stderr")?).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = said.next_line().await? {
+            if line.starts_with("listening on ") {
+                return Ok(line);
+            }
+        }
+        anyhow::bail!("overlan nc -l ended before listening")
+    })
+    .await
+    .context("overlan nc -l did not listen within 20 s")??;
+    let addr: SocketAddrV4 = line.rsplit(' ').next().context("address")?.parse()?;
+    let mut sender = command("nc-out", &["nc", &addr.ip().to_string(), &addr.port().to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = said.next_line().await? {
+            if line.starts_with("connection from ") {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("overlan nc -l ended before a connection")
+    })
+    .await
+    .context("no connection within 20 s")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = said.next_line().await {} });
+    let w = sender.stdin.take().context("stdin")?;
+    let r = listener.stdout.take().context("stdout")?;
+    let measured = throughput(w, r, total).await?;
+    for (name, child) in [("overlan nc", &mut sender), ("overlan nc -l", &mut listener)] {
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.context("exit")??;
+        anyhow::ensure!(status.success(), "{name} failed: {status}");
+    }
+    Ok(measured)
+}
+
 /// A rathole server and client (TLS transport) on loopback, and one TCP connection
 /// through them: `out` enters at the server's public port, `inn` arrives at the sink.
 struct RatholeTunnel {
@@ -685,7 +745,7 @@ async fn data_path(args: &Args) -> anyhow::Result<()> {
     let a = join(&relay.invite, &me, "a").await?;
     let b = join(&relay.invite, &me, "b").await?;
     let directs = [direct_pair(Baseline::Default).await?, direct_pair(Baseline::RelaySettings).await?];
-    stream_throughput(args, &a, &b, &directs).await?;
+    stream_throughput(args, &relay, &a, &b, &directs).await?;
     round_trip(args, &a, &b, &directs).await?;
     datagrams(args, &a, &b).await?;
     broadcast(args, &relay, &a).await?;
@@ -698,7 +758,13 @@ async fn data_path(args: &Args) -> anyhow::Result<()> {
 
 /// Stream throughput: rounds alternate the direct baselines, the relay (and rathole), so
 /// a noisy neighbour hits all of them alike; the medians of the rounds are the figures.
-async fn stream_throughput(args: &Args, a: &Client, b: &Client, directs: &[Direct]) -> anyhow::Result<()> {
+async fn stream_throughput(
+    args: &Args,
+    relay: &RelayProcess,
+    a: &Client,
+    b: &Client,
+    directs: &[Direct],
+) -> anyhow::Result<()> {
     let listener = b.listen(9000).await?;
     let size = match args.bytes {
         n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
@@ -707,6 +773,7 @@ async fn stream_throughput(args: &Args, a: &Client, b: &Client, directs: &[Direc
     let rounds = if args.rounds == 1 { "1 round".to_owned() } else { format!("{} rounds", args.rounds) };
     println!("stream throughput, {size} one way per round, checksummed, {rounds}:");
     let (mut direct, mut relayed, mut ratholes) = (vec![Vec::new(); directs.len()], Vec::new(), Vec::new());
+    let mut ncs = Vec::new();
     for round in 1..=args.rounds {
         print!("  round {round}:");
         for (pair, rounds) in directs.iter().zip(&mut direct) {
@@ -732,6 +799,10 @@ async fn stream_throughput(args: &Args, a: &Client, b: &Client, directs: &[Direc
         anyhow::ensure!(measured.intact, "the relay lost or changed bytes");
         print!(" relay {:.1} MiB/s", measured.mib_s);
         relayed.push(measured.mib_s);
+        let piped = nc_throughput(relay, args.bytes).await?;
+        anyhow::ensure!(piped.intact, "overlan nc lost or changed bytes");
+        print!(", overlan nc {:.1} MiB/s", piped.mib_s);
+        ncs.push(piped.mib_s);
         if let Some(rathole) = &args.rathole {
             let forwarded = rathole_throughput(rathole, args.bytes).await?;
             anyhow::ensure!(forwarded.intact, "rathole lost or changed bytes");
@@ -762,8 +833,17 @@ async fn stream_throughput(args: &Args, a: &Client, b: &Client, directs: &[Direc
         "  target relay >= 0.50 x direct quinn (relay's settings), median ratio {ratio:.2}: {}",
         if ratio >= 0.50 { "met" } else { "not met" }
     );
+    let nc_ratios: Vec<f64> = ncs.iter().zip(&relayed).map(|(n, r)| n / r).collect();
+    let nc_ratio = median(&nc_ratios);
+    println!("  {:<34} {:>9.1} MiB/s (median)", "overlan nc -> relay -> overlan nc", median(&ncs));
+    println!(
+        "  ratio overlan nc / library via relay  {nc_ratio:.2} (median of rounds: {}); target >= 0.90: {}",
+        nc_ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", "),
+        if nc_ratio >= 0.90 { "met" } else { "not met" }
+    );
     if !ratholes.is_empty() {
         let forwarded = median(&ratholes);
+        println!("  ratio overlan nc/rathole  {:.2}  (stretch target >= 1.00)", median(&ncs) / forwarded);
         println!("  rathole (TLS transport), TCP A -> server -> client -> B  {forwarded:>9.1} MiB/s (median)");
         println!("  ratio relay/rathole  {:.2}  (stretch target >= 1.00)", relay_median / forwarded);
     }
