@@ -16,6 +16,7 @@ use overlan_client::{
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 mod progress;
+mod stdio;
 use progress::{Counted, Progress};
 
 /// overlan client: join a virtual LAN through a relay.
@@ -1112,7 +1113,7 @@ async fn nc_stream_via_up(
     // Dropping the transfer on a signal closes the connection unfinished: `up` aborts
     // the stream, so the peer sees an error rather than a clean end.
     let progress = Progress::start();
-    let input = Counted::new(stdin_buffered(), progress.sent.clone());
+    let input = Counted::new(stdio::stdin(), progress.sent.clone());
     let output = Counted::new(tokio::io::stdout(), progress.received.clone());
     let ended = tokio::select! {
         ended = stream.transfer(input, output, quit_after(args)) => match ended {
@@ -1123,18 +1124,6 @@ async fn nc_stream_via_up(
     };
     progress.finish();
     ended
-}
-
-/// How much `nc` moves per read of stdin and write of stdout. tokio does each on a
-/// thread of its blocking pool; with `copy`'s 8 KiB, the hand-offs cost more than the
-/// transfer (measured: `overlan nc` at a third of the library's throughput through the
-/// same relay, `overlan-bench`).
-const STDIO_BUFFER: usize = 1 << 20;
-
-/// Stdin read in large pieces: a read returns what is there (a line typed at a
-/// terminal at once), up to [`STDIO_BUFFER`].
-fn stdin_buffered() -> tokio::io::BufReader<tokio::io::Stdin> {
-    tokio::io::BufReader::with_capacity(STDIO_BUFFER, tokio::io::stdin())
 }
 
 /// Stream mode. Exit 0 promises: everything read from stdin was acknowledged by the
@@ -1172,7 +1161,7 @@ async fn nc_stream(
     let (mut read, mut write) = stream.into_split();
     let progress = Progress::start();
     let upload = async {
-        let mut stdin = Counted::new(stdin_buffered(), progress.sent.clone());
+        let mut stdin = Counted::new(stdio::stdin(), progress.sent.clone());
         let sent = tokio::io::copy(&mut stdin, &mut write).await.map_err(|e| format!("connection to {peer}: {e}"))?;
         write.shutdown().await.map_err(|e| format!("connection to {peer}: {e}"))?;
         match write.delivered().await {
@@ -1182,10 +1171,7 @@ async fn nc_stream(
         }
     };
     let download = async {
-        // `copy` flushes whenever the stream has nothing more to read at once, so an
-        // interactive peer's output still shows as it arrives.
-        let stdout = tokio::io::BufWriter::with_capacity(STDIO_BUFFER, tokio::io::stdout());
-        let mut stdout = Counted::new(stdout, progress.received.clone());
+        let mut stdout = Counted::new(stdio::stdout(), progress.received.clone());
         tokio::io::copy(&mut read, &mut stdout).await.map_err(|e| e.to_string())?;
         stdout.flush().await.map_err(|e| e.to_string())
     };
