@@ -282,7 +282,7 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
         std::net::UdpSocket::bind(config.listen).with_context(|| format!("binding QUIC on {}", config.listen))?;
     let buffers = overlan_shared::udp::enlarge_buffers(&socket).context("sizing the UDP socket's buffers")?;
     if buffers.recv_capped() {
-        tracing::warn!("{}", overlan_shared::udp::capped_hint(buffers));
+        tracing::info!("{}", overlan_shared::udp::capped_hint(buffers));
     }
     let endpoint = quinn::Endpoint::new(Default::default(), Some(server_config), socket, Arc::new(quinn::TokioRuntime))
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
