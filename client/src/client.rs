@@ -277,7 +277,7 @@ impl Client {
         let first = resolve(&relays[0]).await;
         let ipv6 = first.as_ref().is_ok_and(|a| a.is_ipv6());
         let bind: SocketAddr = if ipv6 { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
-        let socket = std::net::UdpSocket::bind(bind)
+        let socket = overlan_shared::udp::bind_client(bind)
             .map_err(|e| Error::Connect { relay: relays[0].clone(), message: format!("binding a UDP socket: {e}") })?;
         match overlan_shared::udp::enlarge_buffers(&socket) {
             Ok(buffers) if buffers.recv_capped() => tracing::debug!("{}", overlan_shared::udp::capped_hint(buffers)),

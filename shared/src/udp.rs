@@ -38,6 +38,18 @@ pub fn enlarge_buffers(socket: &UdpSocket) -> std::io::Result<BufferSizes> {
     Ok(BufferSizes { recv: sock.recv_buffer_size()?, send: sock.send_buffer_size()? })
 }
 
+/// A UDP socket bound to `addr` for a QUIC client: dual-stack when `addr` is IPv6 (as
+/// `quinn::Endpoint::client` makes it), so one socket reaches IPv4 and IPv6 relays.
+pub fn bind_client(addr: std::net::SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+    if addr.is_ipv6() {
+        // Best effort, as quinn does: where the OS refuses, IPv6 relays still work.
+        let _ = socket.set_only_v6(false);
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// The hint for a capped receive buffer, for a log line.
 pub fn capped_hint(granted: BufferSizes) -> String {
     format!(
