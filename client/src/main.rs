@@ -700,6 +700,14 @@ async fn join_tun_session(
     command: &str,
     shutdown: &mut Shutdown,
 ) -> Result<Client, CliError> {
+    // Checked before joining: a session that cannot bring up its interface would only
+    // take the instance's VIP from another session for nothing.
+    if !overlan_client::tun::may_create_interfaces() {
+        return Err(format!(
+            "overlan {command} creates a network interface, which needs root (CAP_NET_ADMIN): run it with sudo"
+        )
+        .into());
+    }
     if let Some(status) = running_status(control).await? {
         return Err(format!(
             "`overlan up` runs instance {} with VIP {}: a TUN session would replace it; stop it first, or give {command} another --name",

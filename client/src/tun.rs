@@ -32,6 +32,16 @@ pub enum Outbound {
     Drop(&'static str),
 }
 
+/// Whether this process holds CAP_NET_ADMIN in its effective set (root normally does),
+/// which creating a TUN interface and configuring it need. Read from /proc; if that
+/// cannot be read, the answer is yes and the kernel has the last word.
+pub fn may_create_interfaces() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return true };
+    let Some(caps) = status.lines().find_map(|l| l.strip_prefix("CapEff:")) else { return true };
+    u64::from_str_radix(caps.trim(), 16).map_or(true, |caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
 /// Translates a packet the kernel sent into the interface of `vip` in `subnet`, in
 /// place: `buf` holds the packet after [`IP_PREFIX_LEN`] bytes of room, and the datagram
 /// is made in the same buffer (the prefix written in front of a packet, or a datagram

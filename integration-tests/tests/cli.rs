@@ -872,3 +872,45 @@ async fn leave_gives_the_vip_back_and_network_remove_ends_its_members() {
     nix_signal(&up.child, "TERM");
     assert_eq!(up.wait().await.0, 0);
 }
+
+/// `overlan tun` and `overlan run` without CAP_NET_ADMIN say what they need at once,
+/// before joining: the relay here is not even running, so a join would have said "no
+/// answer from relay" instead.
+#[tokio::test]
+async fn tun_and_run_without_net_admin_say_so_before_joining() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut invite = relay.invite();
+    invite.relay = {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap().to_string()
+    };
+    let root = std::process::Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    for args in [&["tun"][..], &["run", "--", "true"][..]] {
+        let plain = overlan_cmd(&invite, dir.path(), "tun");
+        // Root holds CAP_NET_ADMIN: drop it from the bounding set, which caps what the
+        // program gets on exec (setpriv is in util-linux, on every Debian).
+        let mut cmd = if root {
+            let mut c = tokio::process::Command::new("setpriv");
+            c.args(["--bounding-set", "-net_admin", "--"]).arg(plain.as_std().get_program());
+            c.args(plain.as_std().get_args());
+            for (key, value) in plain.as_std().get_envs() {
+                match value {
+                    Some(value) => c.env(key, value),
+                    None => c.env_remove(key),
+                };
+            }
+            c
+        } else {
+            plain
+        };
+        cmd.args(args);
+        let started = std::time::Instant::now();
+        let (code, stdout, stderr) = output(cmd).await;
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("needs root (CAP_NET_ADMIN)"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("no answer from relay") && stdout.is_empty(), "{args:?}: {stdout} {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{args:?} took {:?}", started.elapsed());
+    }
+}
