@@ -280,10 +280,9 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     server_config.transport_config(Arc::new(preauth_transport_config(config.idle_timeout)?));
     let socket =
         std::net::UdpSocket::bind(config.listen).with_context(|| format!("binding QUIC on {}", config.listen))?;
-    let buffers = overlan_shared::udp::enlarge_buffers(&socket).context("sizing the UDP socket's buffers")?;
-    if buffers.recv_capped() {
-        tracing::info!("{}", overlan_shared::udp::capped_hint(buffers));
-    }
+    // The kernel's default socket buffers, on purpose: 4 MiB ones (as clients take)
+    // brought no throughput here and slower idle round trips through the relay on the
+    // veth bench (BENCHMARKS.md, "Unmodified programs").
     let endpoint = quinn::Endpoint::new(Default::default(), Some(server_config), socket, Arc::new(quinn::TokioRuntime))
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let local_addr = endpoint.local_addr()?;

@@ -4,7 +4,8 @@
 //! connection at full speed delivers bursts larger than that between two reads, and
 //! every datagram beyond it is dropped by the kernel (counted in `UdpRcvbufErrors`):
 //! loss that QUIC's congestion control answers by slowing down. Measured on loopback
-//! with `overlan-bench`: see BENCHMARKS.md.
+//! with `overlan-bench`: see BENCHMARKS.md. Clients take these buffers; the relay keeps
+//! the default (larger ones brought it slower idle round trips, no throughput).
 
 use std::net::UdpSocket;
 

@@ -591,15 +591,15 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
         client_config.transport_config(Arc::new(client_transport(DATA_PATH_IDLE)?));
     }
     let runtime = Arc::new(quinn::TokioRuntime);
-    let socket = || -> anyhow::Result<std::net::UdpSocket> {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        if let Baseline::RelaySettings = baseline {
-            overlan_shared::udp::enlarge_buffers(&socket)?;
-        }
-        Ok(socket)
-    };
-    let server = quinn::Endpoint::new(Default::default(), Some(server_config), socket()?, runtime.clone())?;
-    let client = quinn::Endpoint::new(Default::default(), None, socket()?, runtime)?;
+    // Like the relay path: the client end takes the client library's socket buffers,
+    // the server end the relay's (the kernel's default).
+    let server_socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let client_socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    if let Baseline::RelaySettings = baseline {
+        overlan_shared::udp::enlarge_buffers(&client_socket)?;
+    }
+    let server = quinn::Endpoint::new(Default::default(), Some(server_config), server_socket, runtime.clone())?;
+    let client = quinn::Endpoint::new(Default::default(), None, client_socket, runtime)?;
     let addr = server.local_addr()?;
     let accept = tokio::spawn(async move { server.accept().await.expect("incoming").await });
     let c = client.connect_with(client_config, addr, RELAY_SERVER_NAME)?.await?;
