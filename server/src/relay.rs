@@ -278,12 +278,10 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("QUIC TLS configuration")?,
     ));
     server_config.transport_config(Arc::new(preauth_transport_config(config.idle_timeout)?));
-    let socket =
-        std::net::UdpSocket::bind(config.listen).with_context(|| format!("binding QUIC on {}", config.listen))?;
     // The kernel's default socket buffers, on purpose: 4 MiB ones (as clients take)
     // brought no throughput here and slower idle round trips through the relay on the
     // veth bench (BENCHMARKS.md, "Unmodified programs").
-    let endpoint = quinn::Endpoint::new(Default::default(), Some(server_config), socket, Arc::new(quinn::TokioRuntime))
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let local_addr = endpoint.local_addr()?;
     let fingerprint = state.pin();
@@ -375,7 +373,8 @@ pub fn ack_frequency() -> quinn::AckFrequencyConfig {
 /// path-MTU discovery up to quinn's default bound (1,452-byte packets on Ethernet paths
 /// instead of 1,200: a sixth fewer packets to seal, send and acknowledge per byte
 /// relayed; the datagram maximum stays fixed for the minimum MTU). It costs an idle
-/// session about 2 KiB — measured with `overlan-bench`, see BENCHMARKS.md.
+/// session about 1 KiB (33.9 against 32.8 KiB at 10,000 sessions) — measured with
+/// `overlan-bench --only-idle`, see BENCHMARKS.md.
 pub fn transport_config(idle_timeout: Duration) -> anyhow::Result<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport
