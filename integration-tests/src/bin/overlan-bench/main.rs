@@ -1,5 +1,6 @@
-//! `overlan-bench`: measures the relay against direct QUIC on loopback in one run, so
-//! the ratios mean something on a shared, noisy machine. Build everything in release
+//! `overlan-bench`: measures the relay against direct QUIC in one run, so the ratios
+//! mean something on a shared, noisy machine, on loopback or (`--veth`, as root) over a
+//! veth link with MTU 1500 between two network namespaces. Build everything in release
 //! first; the relay runs as its own `overlan-server` process next to this binary:
 //!
 //! ```text
@@ -25,6 +26,9 @@ use quinn::VarInt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 mod cluster;
+mod net;
+
+use net::net;
 
 const CHUNK: usize = 256 * 1024;
 /// The `[limits]` the bench's relay runs with: rates, the cap on joins in progress and
@@ -50,7 +54,7 @@ const DATA_PATH_IDLE: Duration = Duration::from_secs(30);
 const MEMBER_DATAGRAM_PORT: u16 = 4445;
 const MEMBER_STREAM_PORT: u16 = 7000;
 
-/// Measures the relay against direct QUIC on loopback, in one run.
+/// Measures the relay against direct QUIC, in one run.
 #[derive(Debug, Parser)]
 #[command(name = "overlan-bench")]
 struct Cli {
@@ -96,6 +100,10 @@ struct Cli {
     /// A rathole binary, for the stretch comparison with an encrypted TCP forwarder.
     #[arg(long, value_name = "PATH")]
     rathole: Option<PathBuf>,
+    /// Run the relay host in a network namespace of its own, joined to the clients' by a
+    /// veth link with MTU 1500, instead of loopback (needs root; no cluster measurements).
+    #[arg(long, conflicts_with = "only_cluster")]
+    veth: bool,
 }
 
 /// The settings of one run: the flags, with --quick or the defaults filled in.
@@ -128,7 +136,7 @@ impl From<Cli> for Args {
             idle_sessions: cli.idle_sessions.unwrap_or_else(|| if quick { vec![200] } else { vec![1000, 10_000] }),
             only_idle: cli.only_idle,
             only_cluster: cli.only_cluster,
-            skip_cluster: cli.skip_cluster,
+            skip_cluster: cli.skip_cluster || cli.veth,
             only_data_path: cli.only_data_path,
             failover_samples: cli.failover_samples,
             rathole: cli.rathole,
@@ -337,7 +345,8 @@ impl RelayProcess {
         let dir = tempfile::tempdir()?;
         // OVERLAN_BENCH_RELAY_WRAPPER runs the relay under a tool, e.g. valgrind's massif.
         let wrapper = std::env::var("OVERLAN_BENCH_RELAY_WRAPPER").unwrap_or_default();
-        let mut words: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
+        let mut words = net().relay_host_prefix();
+        words.extend(wrapper.split_whitespace().map(str::to_owned));
         words.push(server.display().to_string());
         // The relay's per-session rates (datagrams, broadcasts, control messages) and its
         // cap on joins in progress protect members from each other; the bench measures
@@ -350,7 +359,7 @@ impl RelayProcess {
         );
         let mut child = tokio::process::Command::new(&words[0])
             .args(&words[1..])
-            .args(["--listen", "127.0.0.1:0", "--log", "warn"])
+            .args(["--listen", &format!("{}:0", net().relay_ip), "--log", "warn"])
             .arg("--config")
             .arg(&config)
             .args(args)
@@ -391,8 +400,10 @@ fn rss_kib(pid: &str) -> anyhow::Result<u64> {
     Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
 }
 
+/// A TCP port free on the relay host.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    let ip = net().relay_ip;
+    net().on_relay_host(move || std::net::TcpListener::bind((ip, 0))?.local_addr().map(|a| a.port()))
 }
 
 fn run_quiet(program: &str, args: &[&str], dir: &std::path::Path) -> anyhow::Result<()> {
@@ -408,8 +419,8 @@ fn run_quiet(program: &str, args: &[&str], dir: &std::path::Path) -> anyhow::Res
 }
 
 /// The stretch baseline: an encrypted TCP port forwarder through a relay on this machine
-/// (rathole, TLS transport, ECDSA P-256 certificate): bench → rathole server → TLS →
-/// rathole client → a TCP sink in this process.
+/// (rathole, TLS transport, ECDSA P-256 certificate): bench → rathole server (on the
+/// relay host) → TLS → rathole client (on the client host) → a TCP sink in this process.
 async fn rathole_throughput(rathole: &std::path::Path, total: u64) -> anyhow::Result<Throughput> {
     let tunnel = RatholeTunnel::start(rathole).await?;
     let (_r, w) = tunnel.out.into_split();
@@ -477,7 +488,7 @@ async fn nc_throughput(relay: &RelayProcess, total: u64) -> anyhow::Result<Throu
     Ok(measured)
 }
 
-/// A rathole server and client (TLS transport) on loopback, and one TCP connection
+/// A rathole server and client (TLS transport) across the two hosts, and one TCP connection
 /// through them: `out` enters at the server's public port, `inn` arrives at the sink.
 struct RatholeTunnel {
     out: tokio::net::TcpStream,
@@ -531,25 +542,30 @@ impl RatholeTunnel {
         )?;
         let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let (control, public) = (free_port()?, free_port()?);
+        let relay_ip = net().relay_ip;
         std::fs::write(
             d.join("server.toml"),
             format!(
-                "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"tls\"\n\
+                "[server]\nbind_addr = \"{relay_ip}:{control}\"\n[server.transport]\ntype = \"tls\"\n\
              [server.transport.tls]\npkcs12 = \"identity.pfx\"\npkcs12_password = \"bench\"\n\
-             [server.services.bench]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{public}\"\n"
+             [server.services.bench]\ntoken = \"bench\"\nbind_addr = \"{relay_ip}:{public}\"\n"
             ),
         )?;
         std::fs::write(
             d.join("client.toml"),
             format!(
-                "[client]\nremote_addr = \"localhost:{control}\"\n[client.transport]\ntype = \"tls\"\n\
+                "[client]\nremote_addr = \"{relay_ip}:{control}\"\n[client.transport]\ntype = \"tls\"\n\
              [client.transport.tls]\ntrusted_root = \"cert.pem\"\nhostname = \"localhost\"\n\
              [client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"{}\"\n",
                 sink.local_addr()?
             ),
         )?;
         let spawn = |mode: &str, config: &str| {
-            tokio::process::Command::new(rathole)
+            let mut command = match mode {
+                "--server" => net().relay_host_command(rathole),
+                _ => tokio::process::Command::new(rathole),
+            };
+            command
                 .arg(mode)
                 .arg(config)
                 .current_dir(d)
@@ -563,7 +579,7 @@ impl RatholeTunnel {
         // The public port answers once the client has registered the service.
         let deadline = Instant::now() + Duration::from_secs(20);
         let (out, inn) = loop {
-            if let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", public)).await {
+            if let Ok(out) = tokio::net::TcpStream::connect((relay_ip, public)).await {
                 if let Ok(Ok((inn, _))) = tokio::time::timeout(Duration::from_secs(2), sink.accept()).await {
                     break (out, inn);
                 }
@@ -577,7 +593,7 @@ impl RatholeTunnel {
     }
 }
 
-/// A direct quinn server and client on loopback, the baseline.
+/// A direct quinn server (on the relay host) and client, the baseline.
 async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     let id = Identity::generate(&[RELAY_SERVER_NAME])?;
     let server_crypto = tls::server_config(&id, &[ALPN_CLIENT])?;
@@ -593,8 +609,9 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     let runtime = Arc::new(quinn::TokioRuntime);
     // Like the relay path: the client end takes the client library's socket buffers,
     // the server end the relay's (the kernel's default).
-    let server_socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let client_socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let relay_ip = net().relay_ip;
+    let server_socket = net().on_relay_host(move || std::net::UdpSocket::bind((relay_ip, 0)))?;
+    let client_socket = std::net::UdpSocket::bind((net().client_ip, 0))?;
     if let Baseline::RelaySettings = baseline {
         overlan_shared::udp::enlarge_buffers(&client_socket)?;
     }
@@ -699,7 +716,7 @@ async fn open_sessions(
     // Members are separate machines in real life: one UDP socket per 20 sessions keeps
     // a burst to all of them from overflowing a single socket's receive buffer here.
     let endpoints = (0..n.div_ceil(per_socket))
-        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
+        .map(|_| quinn::Endpoint::client((net().client_ip, 0).into()))
         .collect::<Result<Vec<_>, _>>()?;
     let relay_addr: SocketAddr = invite.relay.parse()?;
     let token = invite.token.expose().to_owned();
@@ -720,23 +737,50 @@ async fn open_sessions(
     Ok(out)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::from(Cli::parse());
-    if args.only_cluster {
-        return cluster::run(&args).await;
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Before the runtime's threads start, so that they all live on the client host.
+    let hosts = if cli.veth { Some(net::enter_veth()?) } else { None };
+    let args = Args::from(cli);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run(&args) => outcome,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+            _ = terminated() => bail!("terminated"),
+        }
+    });
+    // Child processes first (they are killed on drop), then the namespaces.
+    drop(runtime);
+    drop(hosts);
+    outcome
+}
+
+/// Resolves on SIGTERM.
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            term.recv().await;
+        }
+        Err(_) => std::future::pending().await,
     }
-    println!("# overlan-bench  (relay process vs direct quinn on loopback, same run)");
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    if args.only_cluster {
+        return cluster::run(args).await;
+    }
+    println!("# overlan-bench  (relay process vs direct quinn {}, same run)", net().describe());
     if !args.only_idle {
-        data_path(&args).await?;
+        data_path(args).await?;
         if args.only_data_path {
             return Ok(());
         }
         if !args.skip_cluster {
-            cluster::run(&args).await?;
+            cluster::run(args).await?;
         }
     }
-    idle_memory(&args).await
+    idle_memory(args).await
 }
 
 async fn data_path(args: &Args) -> anyhow::Result<()> {
