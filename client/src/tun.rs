@@ -119,9 +119,21 @@ mod linux {
 
     use super::{inbound, outbound, Outbound, IP_PREFIX_LEN, MAX_IP_PACKET};
 
-    /// Largest read from the interface: its MTU, with room to spare so a packet that is
-    /// somehow larger is seen whole (and then checked) rather than cut.
+    /// Largest packet taken from the interface: its MTU, with room to spare so a packet
+    /// that is somehow larger is seen whole (and then checked) rather than cut.
     const READ_MAX: usize = 2 * MAX_IP_PACKET;
+    /// Packets handled together: what one read from the interface may hold once split
+    /// (a TCP segment of up to 64 KiB cut to the MTU: about 60), and the most packets
+    /// written to it together.
+    const BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+    /// One read from an interface with offloads: the kernel's header and a segment of up
+    /// to 64 KiB.
+    const RAW_READ: usize = tun_rs::VIRTIO_NET_HDR_LEN + 65_535;
+    /// The capacity of a buffer written to the interface: the packets of one flow are
+    /// joined into the first one's buffer, up to a 64 KiB segment, and only where the
+    /// buffer has room (the offload code does not grow it). Pages are touched only as
+    /// segments fill them.
+    const GRO_BUFFER: usize = 2 * tun_rs::VIRTIO_NET_HDR_LEN + 65_535;
     use crate::{Client, Error};
 
     /// An overlay interface; removed (with its address and routes) when dropped.
@@ -135,12 +147,18 @@ mod linux {
     /// `subnet`'s prefix, MTU [`MAX_IP_PACKET`], up, and a route for 255.255.255.255
     /// through it, so a program that broadcasts without choosing an interface reaches
     /// the overlay even on a host with no default route. Needs root or CAP_NET_ADMIN.
+    ///
+    /// The interface has segmentation and checksum offloads: the kernel hands over TCP
+    /// segments of up to 64 KiB in one read, which [`run`] cuts to the MTU, and takes
+    /// the packets of one flow that arrive together as one segment, so the kernels'
+    /// TCP handles a few large segments instead of many packets (as wireguard-go does).
     pub fn open(name: Option<&str>, vip: Ipv4Addr, subnet: Subnet) -> Result<Device, String> {
         let builder = tun_rs::DeviceBuilder::new()
             .name(name.unwrap_or("overlan%d"))
             .ipv4(vip, subnet.prefix(), None)
             .mtu(MAX_IP_PACKET as u16)
-            .packet_information(false);
+            .packet_information(false)
+            .offload(true);
         let dev = builder.build_async().map_err(|e| match e.kind() {
             io::ErrorKind::PermissionDenied => {
                 format!("creating the TUN interface: {e} (overlan tun needs root or CAP_NET_ADMIN)")
@@ -191,6 +209,7 @@ mod linux {
             .name("overlan%d")
             .mtu(MAX_IP_PACKET as u16)
             .packet_information(false)
+            .offload(true)
             .build_async()
             .map_err(|e| format!("creating the TUN interface: {e} (overlan run needs root)"))?;
         let made = dev.name().map_err(|e| format!("TUN interface name: {e}"))?;
@@ -215,36 +234,61 @@ mod linux {
         let (vip, subnet) = (client.vip(), client.subnet());
         let dev = &device.dev;
         let to_overlay = async {
-            // Packets are read after room for the datagram prefix, into one buffer that
-            // each packet is split off (a new one is allocated only every few dozen).
-            let mut buf = BytesMut::new();
+            // Each packet lands after room for the datagram prefix, in a slot buffer it
+            // is then split off (a slot allocates anew only every few dozen packets).
+            let mut raw = vec![0; RAW_READ];
+            let mut slots: Vec<BytesMut> = (0..BATCH).map(|_| BytesMut::new()).collect();
+            let mut sizes = [0; BATCH];
             loop {
-                buf.resize(IP_PREFIX_LEN + READ_MAX, 0);
-                let n =
-                    dev.recv(&mut buf[IP_PREFIX_LEN..]).await.map_err(|e| format!("reading {}: {e}", device.name))?;
-                let packet = buf.split_to(IP_PREFIX_LEN + n);
-                match outbound(packet, vip, subnet) {
-                    Outbound::Send(datagram) => match client.send_raw_datagram(datagram).await {
-                        Ok(()) => {}
-                        // The session is down for a moment (reconnecting): like a link
-                        // that lost its carrier, packets are lost, not queued.
-                        Err(Error::SessionLost(_)) => {}
-                        Err(e) if e.is_terminal() => return Err(e.to_string()),
-                        Err(e) => tracing::debug!(error = %e, "packet dropped"),
-                    },
-                    Outbound::Drop(why) => tracing::trace!(why, "packet not for the overlay"),
+                for slot in &mut slots {
+                    slot.resize(IP_PREFIX_LEN + READ_MAX, 0);
+                }
+                let n = dev
+                    .recv_multiple(&mut raw, &mut slots, &mut sizes, IP_PREFIX_LEN)
+                    .await
+                    .map_err(|e| format!("reading {}: {e}", device.name))?;
+                for (slot, &size) in slots.iter_mut().zip(&sizes).take(n) {
+                    let packet = slot.split_to(IP_PREFIX_LEN + size);
+                    match outbound(packet, vip, subnet) {
+                        Outbound::Send(datagram) => match client.send_raw_datagram(datagram).await {
+                            Ok(()) => {}
+                            // The session is down for a moment (reconnecting): like a link
+                            // that lost its carrier, packets are lost, not queued.
+                            Err(Error::SessionLost(_)) => {}
+                            Err(e) if e.is_terminal() => return Err(e.to_string()),
+                            Err(e) => tracing::debug!(error = %e, "packet dropped"),
+                        },
+                        Outbound::Drop(why) => tracing::trace!(why, "packet not for the overlay"),
+                    }
                 }
             }
             #[allow(unreachable_code)]
             Ok::<(), String>(())
         };
         let to_interface = async {
-            while let Some(datagram) = arriving.recv().await {
-                if let Some(packet) = inbound(&datagram, subnet) {
-                    if let Err(e) = dev.send(&packet).await {
-                        tracing::debug!(error = %e, len = packet.len(), "writing a packet to the interface");
+            // The datagrams that have arrived are written together, each after room for
+            // the kernel's offload header, so that packets of one TCP flow are joined.
+            let mut gro = tun_rs::GROTable::default();
+            let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
+            let mut spare: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
+            while let Some(first) = arriving.recv().await {
+                let mut next = Some(first);
+                while let Some(datagram) = next.take() {
+                    if let Some(packet) = inbound(&datagram, subnet) {
+                        let mut buf = spare.pop().unwrap_or_else(|| Vec::with_capacity(GRO_BUFFER));
+                        buf.clear();
+                        buf.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
+                        buf.extend_from_slice(&packet);
+                        batch.push(buf);
+                    }
+                    if batch.len() < BATCH {
+                        next = arriving.try_recv().ok();
                     }
                 }
+                if let Err(e) = dev.send_multiple(&mut gro, &mut batch, tun_rs::VIRTIO_NET_HDR_LEN).await {
+                    tracing::debug!(error = %e, packets = batch.len(), "writing packets to the interface");
+                }
+                spare.append(&mut batch);
             }
             Err::<(), String>("the session ended".into())
         };

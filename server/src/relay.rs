@@ -278,10 +278,17 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("QUIC TLS configuration")?,
     ));
     server_config.transport_config(Arc::new(preauth_transport_config(config.idle_timeout)?));
-    // The kernel's default socket buffers, on purpose: 4 MiB ones (as clients take)
-    // brought no throughput here and slower idle round trips through the relay on the
-    // veth bench (BENCHMARKS.md, "Unmodified programs").
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+    let socket =
+        std::net::UdpSocket::bind(config.listen).with_context(|| format!("binding QUIC on {}", config.listen))?;
+    // A large receive buffer: with UDP GRO every batch the kernel holds is one entry, so
+    // an overflow of the default one loses dozens of packets at once (a TUN client's
+    // TCP then backs off). The send buffer stays the kernel's default (BENCHMARKS.md,
+    // "Unmodified programs").
+    let granted = overlan_shared::udp::enlarge_receive_buffer(&socket).context("sizing the UDP receive buffer")?;
+    if granted.recv_capped() {
+        tracing::info!("{}", overlan_shared::udp::capped_hint(granted));
+    }
+    let endpoint = quinn::Endpoint::new(Default::default(), Some(server_config), socket, Arc::new(quinn::TokioRuntime))
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let local_addr = endpoint.local_addr()?;
     let fingerprint = state.pin();

@@ -4,8 +4,8 @@
 //! connection at full speed delivers bursts larger than that between two reads, and
 //! every datagram beyond it is dropped by the kernel (counted in `UdpRcvbufErrors`):
 //! loss that QUIC's congestion control answers by slowing down. Measured on loopback
-//! with `overlan-bench`: see BENCHMARKS.md. Clients take these buffers; the relay keeps
-//! the default (larger ones brought it slower idle round trips, no throughput).
+//! with `overlan-bench`: see BENCHMARKS.md. Clients take both buffers this size; the
+//! relay takes the receive buffer only.
 
 use std::net::UdpSocket;
 
@@ -36,6 +36,14 @@ pub fn enlarge_buffers(socket: &UdpSocket) -> std::io::Result<BufferSizes> {
     // Each request is independent: a cap on one must not cost the other.
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    Ok(BufferSizes { recv: sock.recv_buffer_size()?, send: sock.send_buffer_size()? })
+}
+
+/// Asks for a [`SOCKET_BUFFER`] receive buffer only (the relay's choice) and returns
+/// what the kernel granted.
+pub fn enlarge_receive_buffer(socket: &UdpSocket) -> std::io::Result<BufferSizes> {
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
     Ok(BufferSizes { recv: sock.recv_buffer_size()?, send: sock.send_buffer_size()? })
 }
 

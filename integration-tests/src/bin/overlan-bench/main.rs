@@ -608,12 +608,13 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     }
     let runtime = Arc::new(quinn::TokioRuntime);
     // Like the relay path: the client end takes the client library's socket buffers,
-    // the server end the relay's (the kernel's default).
+    // the server end the relay's (a large receive buffer, the default send buffer).
     let relay_ip = net().relay_ip;
     let server_socket = net().on_relay_host(move || std::net::UdpSocket::bind((relay_ip, 0)))?;
     let client_socket = std::net::UdpSocket::bind((net().client_ip, 0))?;
     if let Baseline::RelaySettings = baseline {
         overlan_shared::udp::enlarge_buffers(&client_socket)?;
+        overlan_shared::udp::enlarge_receive_buffer(&server_socket)?;
     }
     let server = quinn::Endpoint::new(Default::default(), Some(server_config), server_socket, runtime.clone())?;
     let client = quinn::Endpoint::new(Default::default(), None, client_socket, runtime)?;
