@@ -145,6 +145,15 @@ async fn offers_the_relay_closed_never_reach_the_listener() {
         }
     })
     .await;
+    // The relay tells B that the offer ended before it forgets the socket; a round trip
+    // on B's control stream after that has B read the news first.
+    within("the dead socket to end at the relay", async {
+        while relay.handle().open_sockets() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    b.ping().await.unwrap();
     let err = within("accepting a dead offer", offer.accept()).await.expect_err("a dead offer is not a connection");
     assert!(err.to_string().contains("abandoned before it was accepted"), "{err}");
 
@@ -171,6 +180,15 @@ async fn offers_the_relay_closed_never_reach_the_listener() {
         }
     })
     .await;
+    // The relay tells B that the doomed offer ended before it forgets the socket; a
+    // round trip on B's control stream after that has B read the news first.
+    within("the doomed socket to end at the relay", async {
+        while relay.handle().open_sockets() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    b.ping().await.unwrap();
     let live_connect = tokio::spawn({
         let live = live.clone();
         async move { live.connect(to).await }

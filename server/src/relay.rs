@@ -143,6 +143,13 @@ impl RelayHandle {
         &self.counters
     }
 
+    /// Virtual stream sockets alive on this node: connects waiting for an answer and
+    /// established sockets. A socket is gone from this count only after its parties
+    /// were told it ended.
+    pub fn open_sockets(&self) -> usize {
+        self.node.router.pair_count()
+    }
+
     /// What the relay is.
     pub fn info(&self) -> &RelayInfo {
         &self.info

@@ -358,6 +358,11 @@ impl Router {
         self.pairs.remove(&socket);
     }
 
+    /// Socket pairs alive: connects waiting for an answer and established sockets.
+    pub fn pair_count(&self) -> usize {
+        self.pairs.len()
+    }
+
     /// The actor of a socket pair.
     pub fn pair(&self, socket: SocketId) -> Option<Addr<SocketPairActor>> {
         self.pairs.get(&socket).map(|p| p.clone())
