@@ -32,8 +32,15 @@ WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    sleep 0.5
-    for ns in "$A" "$R" "$B"; do ip netns del "$ns" 2>/dev/null || true; done
+    # overlan tun removes its interface on the way out: give each a moment to.
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    done
+    # Whatever still runs in a namespace (a forked socat, a stuck process) goes too.
+    for ns in "$A" "$R" "$B"; do
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+        ip netns del "$ns" 2>/dev/null || true
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -69,9 +76,9 @@ ip netns exec "$R" "$BIN/overlan-server" --listen 0.0.0.0:7700 --data-dir "$WORK
 PIDS+=($!)
 for _ in $(seq 50); do grep -q '^invite ' "$WORK/relay.out" 2>/dev/null && break; sleep 0.1; done
 INVITE=$(sed -n 's/^invite //p' "$WORK/relay.out")
-client() { # NS RELAY_IP ARGS...
+client() { # NS RELAY_IP ARGS... (run with &: exec, so $! is overlan itself)
     local ns=$1 relay=$2; shift 2
-    ip netns exec "$ns" env OVERLAN_INVITE="$INVITE" XDG_RUNTIME_DIR="$WORK/run-$ns" \
+    exec ip netns exec "$ns" env OVERLAN_INVITE="$INVITE" XDG_RUNTIME_DIR="$WORK/run-$ns" \
         "$BIN/overlan" --relay "$relay:7700" --identity "$WORK/$ns.pem" "$@"
 }
 client "$A" 10.240.1.1 tun >"$WORK/tun-a.out" 2>&1 &
