@@ -153,13 +153,16 @@ mod linux {
     /// the packets of one flow that arrive together as one segment, so the kernels'
     /// TCP handles a few large segments instead of many packets (as wireguard-go does).
     pub fn open(name: Option<&str>, vip: Ipv4Addr, subnet: Subnet) -> Result<Device, String> {
-        let builder = tun_rs::DeviceBuilder::new()
-            .name(name.unwrap_or("overlan%d"))
-            .ipv4(vip, subnet.prefix(), None)
-            .mtu(MAX_IP_PACKET as u16)
-            .packet_information(false)
-            .offload(true);
-        let dev = builder.build_async().map_err(|e| match e.kind() {
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(name.unwrap_or("overlan%d"))
+                .ipv4(vip, subnet.prefix(), None)
+                .mtu(MAX_IP_PACKET as u16)
+                .packet_information(false)
+                .offload(offload)
+                .build_async()
+        };
+        let dev = with_offloads_if_possible(build).map_err(|e| match e.kind() {
             io::ErrorKind::PermissionDenied => {
                 format!("creating the TUN interface: {e} (overlan tun needs root or CAP_NET_ADMIN)")
             }
@@ -173,6 +176,20 @@ mod linux {
                 "no route for 255.255.255.255 through the overlay; broadcasts may go elsewhere");
         }
         Ok(Device { dev, name })
+    }
+
+    /// Builds the interface with offloads; where the kernel refuses them (not for want
+    /// of rights or of /dev/net/tun), without: slower, same packets.
+    fn with_offloads_if_possible(
+        build: impl Fn(bool) -> io::Result<tun_rs::AsyncDevice>,
+    ) -> io::Result<tun_rs::AsyncDevice> {
+        match build(true) {
+            Err(e) if !matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound) => {
+                tracing::info!(error = %e, "the kernel refused TUN offloads; the interface runs without them");
+                build(false)
+            }
+            made => made,
+        }
     }
 
     /// A network namespace made for one program (`overlan run`); deleted when dropped.
@@ -205,13 +222,15 @@ mod linux {
     /// 255.255.255.255), for a program that must see nothing else. The interface is made
     /// here and moved in; this process keeps carrying its packets. Needs root.
     pub fn open_in_namespace(name: &str, vip: Ipv4Addr, subnet: Subnet) -> Result<(Device, Namespace), String> {
-        let dev = tun_rs::DeviceBuilder::new()
-            .name("overlan%d")
-            .mtu(MAX_IP_PACKET as u16)
-            .packet_information(false)
-            .offload(true)
-            .build_async()
-            .map_err(|e| format!("creating the TUN interface: {e} (overlan run needs root)"))?;
+        let dev = with_offloads_if_possible(|offload| {
+            tun_rs::DeviceBuilder::new()
+                .name("overlan%d")
+                .mtu(MAX_IP_PACKET as u16)
+                .packet_information(false)
+                .offload(offload)
+                .build_async()
+        })
+        .map_err(|e| format!("creating the TUN interface: {e} (overlan run needs root)"))?;
         let made = dev.name().map_err(|e| format!("TUN interface name: {e}"))?;
         ip(&["netns", "add", name])?;
         let namespace = Namespace { name: name.to_owned() };
