@@ -216,7 +216,7 @@ fn main() -> ExitCode {
     // multi-threaded runtime, and through TUN the 64-byte round trip fell from 476-494
     // to 256-294 us at the same or better throughput (fewer cross-thread wake-ups per
     // packet). Commands that serve many connections at once keep a thread per core:
-    // `forward` moved 0.91-0.94x socat's throughput so against 0.82-0.84x on one thread.
+    // `forward` moved 0.91-0.94x socat's throughput this way, 0.82-0.84x on one thread.
     let serving = matches!(cli.command, Command::Up | Command::Forward(_) | Command::Expose(_));
     let mut builder = if serving {
         tokio::runtime::Builder::new_multi_thread()
