@@ -256,18 +256,17 @@ mod linux {
             // Each packet lands after room for the datagram prefix, in a slot buffer it
             // is then split off (a slot allocates anew only every few dozen packets).
             let mut raw = vec![0; RAW_READ];
-            let mut slots: Vec<BytesMut> = (0..BATCH).map(|_| BytesMut::new()).collect();
+            let mut slots: Vec<BytesMut> = (0..BATCH).map(|_| BytesMut::zeroed(IP_PREFIX_LEN + READ_MAX)).collect();
             let mut sizes = [0; BATCH];
             loop {
-                for slot in &mut slots {
-                    slot.resize(IP_PREFIX_LEN + READ_MAX, 0);
-                }
                 let n = dev
                     .recv_multiple(&mut raw, &mut slots, &mut sizes, IP_PREFIX_LEN)
                     .await
                     .map_err(|e| format!("reading {}: {e}", device.name))?;
                 for (slot, &size) in slots.iter_mut().zip(&sizes).take(n) {
                     let packet = slot.split_to(IP_PREFIX_LEN + size);
+                    // Only the slots a read filled need their room back.
+                    slot.resize(IP_PREFIX_LEN + READ_MAX, 0);
                     match outbound(packet, vip, subnet) {
                         Outbound::Send(datagram) => match client.send_raw_datagram(datagram).await {
                             Ok(()) => {}

@@ -32,11 +32,9 @@ impl BufferSizes {
 
 /// Asks for [`SOCKET_BUFFER`] in both directions and returns what the kernel granted.
 pub fn enlarge_buffers(socket: &UdpSocket) -> std::io::Result<BufferSizes> {
-    let sock = socket2::SockRef::from(socket);
     // Each request is independent: a cap on one must not cost the other.
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-    Ok(BufferSizes { recv: sock.recv_buffer_size()?, send: sock.send_buffer_size()? })
+    let _ = socket2::SockRef::from(socket).set_send_buffer_size(SOCKET_BUFFER);
+    enlarge_receive_buffer(socket)
 }
 
 /// Asks for a [`SOCKET_BUFFER`] receive buffer only (the relay's choice) and returns
