@@ -284,7 +284,7 @@ impl Client {
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "cannot read the UDP socket's buffer sizes"),
         }
-        let endpoint = quinn::Endpoint::new(Default::default(), None, socket, Arc::new(quinn::TokioRuntime))
+        let endpoint = quinn::Endpoint::new(endpoint_config(), None, socket, Arc::new(quinn::TokioRuntime))
             .map_err(|e| Error::Connect { relay: relays[0].clone(), message: format!("binding a UDP socket: {e}") })?;
         // The first relay that admits; with one relay a refusal (bad token, limits) ends
         // the join at once, with several the others are tried first (a node may not
@@ -395,6 +395,14 @@ impl Client {
     /// The UDP address of the relay in use.
     pub fn relay_addr(&self) -> SocketAddr {
         self.inner.relay.lock().expect("relay lock").1
+    }
+
+    /// The path to the relay as QUIC sees it now: the largest UDP payload it carries
+    /// (path-MTU discovery: 1,452 bytes across the internet, up to 6,550 on loopback and
+    /// jumbo-frame LANs) and the smoothed round-trip time. `None` between sessions.
+    pub fn path(&self) -> Option<PathInfo> {
+        let stats = self.inner.current()?.conn.stats();
+        Some(PathInfo { mtu: stats.path.current_mtu, rtt: stats.path.rtt })
     }
 
     /// The session state now.
@@ -570,10 +578,32 @@ fn unexpected(msg: RelayMessage) -> Error {
     Error::Relay { code: ErrorCode::ProtocolViolation, message: format!("unexpected answer from relay: {msg:?}") }
 }
 
+/// The path to the relay: see [`Client::path`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathInfo {
+    /// The largest UDP payload the path carries, in bytes.
+    pub mtu: u16,
+    /// Smoothed round-trip time to the relay.
+    pub rtt: Duration,
+}
+
+/// The client's QUIC endpoint settings: it accepts UDP payloads up to
+/// [`overlan_shared::udp::MTU_BOUND`] (quinn's default is 1,472), so a relay on a path
+/// that carries them (loopback, a jumbo-frame LAN) sends larger packets. Public so
+/// measurements (overlan-bench) can configure a baseline like the real path.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(overlan_shared::udp::MTU_BOUND).expect("within QUIC's bounds");
+    config
+}
+
 /// The client's QUIC transport settings: the idle timeout, keep-alives at a third of it,
-/// datagrams on. The relay never opens streams toward a client (the client opens every
-/// socket's stream), so none are allowed; quinn would pre-allocate bookkeeping for each.
-/// Public so measurements (overlan-bench) can configure a baseline like the real path.
+/// datagrams on, path-MTU discovery up to [`overlan_shared::udp::MTU_BOUND`] (a client
+/// has one connection, so the probes' memory is nothing; the relay looks as far only on
+/// paths that may carry such packets). The relay never opens streams toward a client
+/// (the client opens every socket's stream), so none are allowed; quinn would
+/// pre-allocate bookkeeping for each. Public so measurements (overlan-bench) can
+/// configure a baseline like the real path.
 pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, Error> {
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -585,6 +615,11 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
         .datagram_send_buffer_size(1024 * 1024)
         .stream_receive_window(VarInt::from_u32(4 << 20))
         .send_window(16 << 20)
+        .mtu_discovery_config(Some({
+            let mut mtu = quinn::MtuDiscoveryConfig::default();
+            mtu.upper_bound(overlan_shared::udp::MTU_BOUND);
+            mtu
+        }))
         .ack_frequency_config(Some({
             let mut ack = quinn::AckFrequencyConfig::default();
             ack.ack_eliciting_threshold(VarInt::from_u32(7));

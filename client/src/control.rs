@@ -78,6 +78,13 @@ pub struct Status {
     pub listeners: usize,
     /// Bound datagram ports.
     pub datagram_ports: usize,
+    /// The largest UDP payload the path to the relay carries (path-MTU discovery);
+    /// absent between sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_mtu: Option<u16>,
+    /// Smoothed round-trip time to the relay, microseconds; absent between sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u64>,
 }
 
 impl Status {
@@ -89,6 +96,7 @@ impl Status {
             SessionState::Closed(why) => ("closed", Some(why)),
         };
         let (listeners, datagram_ports) = client.open_ports();
+        let path = client.path();
         Self {
             instance: instance.to_owned(),
             vip: client.vip(),
@@ -101,6 +109,8 @@ impl Status {
             streams: client.open_streams(),
             listeners,
             datagram_ports,
+            path_mtu: path.map(|p| p.mtu),
+            rtt_us: path.map(|p| p.rtt.as_micros() as u64),
         }
     }
 }

@@ -24,8 +24,8 @@ mod stream;
 pub mod tun;
 
 pub use client::{
-    transport_config, Client, JoinOptions, Notice, SessionState, DEFAULT_IDLE_TIMEOUT, FAILOVER_IDLE_TIMEOUT,
-    LEAVE_LINGER, MAX_BACKOFF, MIN_BACKOFF, REQUEST_TIMEOUT,
+    endpoint_config, transport_config, Client, JoinOptions, Notice, PathInfo, SessionState, DEFAULT_IDLE_TIMEOUT,
+    FAILOVER_IDLE_TIMEOUT, LEAVE_LINGER, MAX_BACKOFF, MIN_BACKOFF, REQUEST_TIMEOUT,
 };
 pub use datagram::{Datagram, DatagramSocket};
 pub use error::Error;

@@ -610,6 +610,9 @@ async fn status(cli: &Cli, control: &std::path::Path, json: bool) -> Result<Exit
     println!("state     {state}");
     println!("since     {} ({})", control::utc_minute(s.since), control::ago(s.since));
     println!("sockets   {} streams, {} listeners, {} datagram ports", s.streams, s.listeners, s.datagram_ports);
+    if let (Some(mtu), Some(rtt)) = (s.path_mtu, s.rtt_us) {
+        println!("path      {mtu}-byte packets, round trip {:.1} ms", rtt as f64 / 1000.0);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

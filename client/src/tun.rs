@@ -200,7 +200,23 @@ mod linux {
 
     impl Drop for Namespace {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).output();
+            // `ip netns` calls of other processes at the same moment can make one fail
+            // (iproute2 remounts /run/netns as it goes): try again before giving up.
+            let mut why = String::new();
+            for _ in 0..5 {
+                match ip(&["netns", "del", &self.name]) {
+                    Ok(()) => return,
+                    Err(e) => why = e,
+                }
+                if !std::path::Path::new("/run/netns").join(&self.name).exists() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            eprintln!(
+                "overlan: the network namespace {} stays: {why}; remove it with `ip netns del {}`",
+                self.name, self.name
+            );
         }
     }
 

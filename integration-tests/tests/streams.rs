@@ -314,3 +314,34 @@ async fn many_concurrent_sockets_per_session() {
     }
     assert_eq!(seen.len(), SOCKETS);
 }
+
+#[tokio::test]
+async fn loopback_paths_carry_large_packets_through_a_bulk_transfer() {
+    // Path-MTU discovery finds MTU_BOUND on loopback, and a bulk transfer keeps it: a
+    // bound whose batched sends the kernel refuses would make quinn fall back to 1,200.
+    let relay = TestRelay::start();
+    let a = join(&relay.invite()).await;
+    let b = join(&relay.invite()).await;
+    let bound = overlan_shared::udp::MTU_BOUND;
+    within("path-MTU discovery", async {
+        while [&a, &b].iter().any(|c| c.path().map(|p| p.mtu) != Some(bound)) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let listener = b.listen(7000).await.unwrap();
+    let mut out = a.connect(listener.local_addr()).await.unwrap();
+    let (mut inn, _) = within("accept", listener.accept()).await.unwrap();
+    let data: Vec<u8> = (0..32_000_000u32).map(|i| (i * 13 + i / 509) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        out.write_all(&sent).await.unwrap();
+        out.shutdown().await.unwrap();
+        out
+    });
+    let mut got = Vec::with_capacity(data.len());
+    within("read 32 MB", inn.read_to_end(&mut got)).await.unwrap();
+    assert!(got == data, "bytes lost or changed in transit");
+    writer.await.unwrap();
+    assert_eq!(a.path().map(|p| p.mtu), Some(bound), "the sender's path fell back");
+}

@@ -219,11 +219,13 @@ async fn unmodified_programs_talk_across_tun_hosts() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(discover(&hosts, 1, 4447, 2).await, ["here-is-g1", "here-is-g2"]);
+    let mut said = Vec::new();
     for mut game in games {
         let pid = game.child.id().unwrap().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let (code, err) = game.wait().await;
         assert_eq!(code, 143, "socat ends on SIGTERM: {err:?}");
+        said.push(err);
     }
     let (code, _, err) = {
         let mut c = overlan(
@@ -237,7 +239,10 @@ async fn unmodified_programs_talk_across_tun_hosts() {
     assert_eq!(code, Some(7), "{err}");
     let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let namespaces = String::from_utf8_lossy(&namespaces.stdout);
-    assert!(!namespaces.lines().any(|l| l.starts_with("overlan-g")), "left behind: {namespaces}");
+    assert!(
+        !namespaces.lines().any(|l| l.starts_with("overlan-g")),
+        "left behind: {namespaces}; the runs said {said:?} and {err}"
+    );
 
     // SIGTERM: `overlan tun` leaves cleanly and its interface is gone.
     let pid = tuns[0].child.id().unwrap().to_string();

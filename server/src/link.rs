@@ -64,10 +64,12 @@ type LinkCodec = FrameCodec<PeerMessage, PeerMessage>;
 
 /// QUIC transport settings of a link as the dialing node runs it: large windows and many
 /// streams (every socket between the nodes is a stream), keep-alives every second, and
-/// path-MTU discovery (links are few, and real links carry 1500-byte packets). The
-/// accepting node runs the endpoint's settings for new connections (it learns that a
-/// connection is a link only after the handshake): it raises the windows and stream
-/// limit then, but its packets toward the dialer stay at 1200 bytes.
+/// path-MTU discovery up to [`overlan_shared::udp::MTU_BOUND`] whatever the path (links
+/// are few: the probes' memory is nothing, and jumbo-frame links between nodes in one
+/// data centre, or nodes on one host, get 6,550-byte packets). The accepting node runs
+/// the endpoint's settings for new connections (it learns that a connection is a link
+/// only after the handshake): it raises the windows and stream limit then, and its
+/// discovery bound is the one for the dialer's address.
 pub fn link_transport_config() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -77,7 +79,7 @@ pub fn link_transport_config() -> quinn::TransportConfig {
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(Some(8 << 20))
         .datagram_send_buffer_size(8 << 20)
-        .mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()))
+        .mtu_discovery_config(Some(crate::relay::mtu_discovery(overlan_shared::udp::MTU_BOUND)))
         .stream_receive_window(VarInt::from_u32(crate::relay::STREAM_WINDOW))
         .receive_window(VarInt::from_u32(LINK_RECEIVE_WINDOW))
         .send_window(u64::from(LINK_RECEIVE_WINDOW))

@@ -20,6 +20,7 @@ use overlan_shared::cluster::{ClusterDir, NodeCredentials};
 use overlan_shared::config::Secret;
 use overlan_shared::invite::Invite;
 use overlan_shared::tls::{self, Fingerprint, Identity};
+use overlan_shared::udp::{mtu_bound_toward, INTERNET_MTU_BOUND, MTU_BOUND};
 use overlan_shared::wire::control::{valid_instance, ClientMessage};
 use overlan_shared::wire::frame::RelaySideCodec;
 use overlan_shared::wire::peer::ALPN_PEER;
@@ -184,6 +185,7 @@ impl Drop for RelayHandle {
 struct Prepared {
     node: Arc<Node>,
     endpoint: quinn::Endpoint,
+    server_configs: ServerConfigs,
     _lock: DataDirLock,
 }
 
@@ -284,7 +286,10 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("QUIC TLS configuration")?,
     ));
-    server_config.transport_config(Arc::new(preauth_transport_config(config.idle_timeout)?));
+    let mut local_config = server_config.clone();
+    server_config.transport_config(Arc::new(preauth_transport_config(config.idle_timeout, INTERNET_MTU_BOUND)?));
+    local_config.transport_config(Arc::new(preauth_transport_config(config.idle_timeout, MTU_BOUND)?));
+    let server_configs = ServerConfigs { internet: Arc::new(server_config.clone()), local: Arc::new(local_config) };
     let socket =
         std::net::UdpSocket::bind(config.listen).with_context(|| format!("binding QUIC on {}", config.listen))?;
     // A large receive buffer: with UDP GRO every batch the kernel holds is one entry, so
@@ -295,7 +300,7 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     if granted.recv_capped() {
         tracing::info!("{}", overlan_shared::udp::capped_hint(granted));
     }
-    let endpoint = quinn::Endpoint::new(Default::default(), Some(server_config), socket, Arc::new(quinn::TokioRuntime))
+    let endpoint = quinn::Endpoint::new(endpoint_config(), Some(server_config), socket, Arc::new(quinn::TokioRuntime))
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let local_addr = endpoint.local_addr()?;
     let fingerprint = state.pin();
@@ -336,7 +341,7 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
             actix_rt::spawn(link::dial(node.clone(), endpoint.clone(), client.clone(), peer.clone()));
         }
     }
-    let prepared = Prepared { node, endpoint, _lock: lock };
+    let prepared = Prepared { node, endpoint, server_configs, _lock: lock };
     Ok((prepared, RelayInfo { local_addr, fingerprint, default_invite }))
 }
 
@@ -373,6 +378,23 @@ const CATALOG_INTERVAL: Duration = Duration::from_millis(250);
 /// How often changed counters are logged.
 const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Path-MTU discovery up to `bound` bytes of UDP payload (see
+/// [`overlan_shared::udp::mtu_bound_toward`]).
+pub fn mtu_discovery(bound: u16) -> quinn::MtuDiscoveryConfig {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(bound);
+    mtu
+}
+
+/// The relay endpoint's settings: it accepts UDP payloads up to
+/// [`overlan_shared::udp::MTU_BOUND`] (quinn's default is 1,472), so clients and peer
+/// nodes on paths that carry them send larger packets.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(overlan_shared::udp::MTU_BOUND).expect("within QUIC's bounds");
+    config
+}
+
 /// Ask peers to acknowledge every 8th ack-eliciting packet instead of every 2nd (the
 /// QUIC ACK frequency extension; both ends are quinn): fewer ACK packets to build,
 /// send, receive and process per byte relayed.
@@ -384,12 +406,14 @@ pub fn ack_frequency() -> quinn::AckFrequencyConfig {
 
 /// QUIC transport settings of the relay: idle timeout with keep-alives at a third of it,
 /// [`INITIAL_STREAMS_PER_SESSION`] concurrent streams to begin with, datagrams on, and
-/// path-MTU discovery up to quinn's default bound (1,452-byte packets on Ethernet paths
-/// instead of 1,200: a sixth fewer packets to seal, send and acknowledge per byte
-/// relayed; the datagram maximum stays fixed for the minimum MTU). It costs an idle
-/// session about 1 KiB (33.9 against 32.8 KiB at 10,000 sessions) — measured with
-/// `overlan-bench --only-idle`, see BENCHMARKS.md.
-pub fn transport_config(idle_timeout: Duration) -> anyhow::Result<quinn::TransportConfig> {
+/// path-MTU discovery up to `mtu_bound` bytes of UDP payload (1,452-byte packets on
+/// Ethernet paths instead of 1,200: a sixth fewer packets to seal, send and acknowledge
+/// per byte relayed; up to 6,550 on loopback and jumbo-frame links, see
+/// [`overlan_shared::udp::mtu_bound_toward`]; the datagram maximum stays fixed for the
+/// minimum MTU). Discovery costs an idle session about 1 KiB with the internet's bound
+/// (33.9 against 32.8 KiB at 10,000 sessions) and about 9 KiB with the larger one
+/// (43.3 KiB on loopback): measured with `overlan-bench --only-idle`, see BENCHMARKS.md.
+pub fn transport_config(idle_timeout: Duration, mtu_bound: u16) -> anyhow::Result<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout.try_into().context("idle timeout out of range")?))
@@ -398,7 +422,7 @@ pub fn transport_config(idle_timeout: Duration) -> anyhow::Result<quinn::Transpo
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(Some(1024 * 1024))
         .datagram_send_buffer_size(1024 * 1024)
-        .mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()))
+        .mtu_discovery_config(Some(mtu_discovery(mtu_bound)))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(SESSION_RECEIVE_WINDOW))
         .send_window(SESSION_SEND_WINDOW)
@@ -409,14 +433,32 @@ pub fn transport_config(idle_timeout: Duration) -> anyhow::Result<quinn::Transpo
 /// The relay's transport settings as a new connection starts: one stream and a
 /// connection window of [`PREAUTH_WINDOW`] until the session is welcomed, when the
 /// session actor raises both to a member's ([`transport_config`]).
-pub fn preauth_transport_config(idle_timeout: Duration) -> anyhow::Result<quinn::TransportConfig> {
-    let mut transport = transport_config(idle_timeout)?;
+pub fn preauth_transport_config(idle_timeout: Duration, mtu_bound: u16) -> anyhow::Result<quinn::TransportConfig> {
+    let mut transport = transport_config(idle_timeout, mtu_bound)?;
     transport.max_concurrent_bidi_streams(VarInt::from_u32(1)).receive_window(VarInt::from_u32(PREAUTH_WINDOW));
     Ok(transport)
 }
 
+/// The settings a new connection gets, by where it comes from.
+struct ServerConfigs {
+    /// Path-MTU discovery up to [`INTERNET_MTU_BOUND`].
+    internet: Arc<quinn::ServerConfig>,
+    /// Path-MTU discovery up to [`MTU_BOUND`], for paths that may carry jumbo frames.
+    local: Arc<quinn::ServerConfig>,
+}
+
+impl ServerConfigs {
+    fn toward(&self, peer: SocketAddr) -> Arc<quinn::ServerConfig> {
+        if mtu_bound_toward(peer.ip()) == MTU_BOUND {
+            self.local.clone()
+        } else {
+            self.internet.clone()
+        }
+    }
+}
+
 async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
-    let Prepared { node, endpoint, _lock } = prepared;
+    let Prepared { node, endpoint, server_configs, _lock } = prepared;
     let housekeeping = actix_rt::spawn(housekeeping(node.clone()));
     let max_unauth = node.config.limits.max_unauthenticated as usize;
     let unauthenticated = Arc::new(Semaphore::new(max_unauth));
@@ -437,7 +479,8 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
                     let _ = incoming.retry();
                     continue;
                 }
-                actix_rt::spawn(handshake(incoming, node.clone(), permit));
+                let config = server_configs.toward(incoming.remote_address());
+                actix_rt::spawn(handshake(incoming, config, node.clone(), permit));
             }
             _ = &mut shutdown => break,
         }
@@ -523,10 +566,22 @@ fn refuse(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(VarInt::from_u32(code), reason.as_bytes());
 }
 
-async fn handshake(incoming: quinn::Incoming, node: Arc<Node>, permit: OwnedSemaphorePermit) {
+async fn handshake(
+    incoming: quinn::Incoming,
+    server_config: Arc<quinn::ServerConfig>,
+    node: Arc<Node>,
+    permit: OwnedSemaphorePermit,
+) {
     let config = &node.config;
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
+    let connecting = match incoming.accept_with(server_config) {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "QUIC handshake failed");
+            return;
+        }
+    };
+    let conn = match connecting.await {
         Ok(conn) => conn,
         Err(e) => {
             tracing::debug!(%remote, error = %e, "QUIC handshake failed");

@@ -57,6 +57,40 @@ pub fn bind_client(addr: std::net::SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// The largest UDP payload overlan's path-MTU discovery looks for, and the largest a
+/// relay or client accepts. quinn sends up to 10 packets in one segmented (GSO) send
+/// and the kernel takes at most 65,507 bytes of IPv4 UDP payload in one: 10 × 6,550
+/// fit. Beyond it every batched send fails and quinn's black-hole detection drops back
+/// to 1,200-byte packets (measured on loopback with bounds of 16,384 and 65,000).
+/// Loopback and jumbo-frame links carry packets this large; on loopback they cut the
+/// packets to seal, send and acknowledge per byte by 4.5 (BENCHMARKS.md).
+pub const MTU_BOUND: u16 = 6_550;
+
+/// The discovery bound on paths across the internet, quinn's default: a 1,500-byte
+/// Ethernet MTU minus IPv6 and UDP headers. The internet does not carry larger packets,
+/// and each probe beyond the path's MTU costs memory that quinn keeps for the
+/// connection's life (about 8 KiB per idle relay session, measured).
+pub const INTERNET_MTU_BOUND: u16 = 1_452;
+
+/// How far path-MTU discovery looks on the path to `peer`: [`MTU_BOUND`] where the
+/// path may carry jumbo frames (loopback, private and link-local addresses: the same
+/// host, a LAN, a data centre), [`INTERNET_MTU_BOUND`] elsewhere.
+pub fn mtu_bound_toward(peer: std::net::IpAddr) -> u16 {
+    use std::net::IpAddr;
+    let local = match peer.to_canonical() {
+        IpAddr::V4(ip) => ip.is_loopback() || ip.is_private() || ip.is_link_local(),
+        // Loopback, unique local fc00::/7, link-local fe80::/10.
+        IpAddr::V6(ip) => {
+            ip.is_loopback() || (ip.segments()[0] & 0xfe00) == 0xfc00 || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    if local {
+        MTU_BOUND
+    } else {
+        INTERNET_MTU_BOUND
+    }
+}
+
 /// The hint for a capped receive buffer, for a log line.
 pub fn capped_hint(granted: BufferSizes) -> String {
     format!(
@@ -72,6 +106,21 @@ pub fn capped_hint(granted: BufferSizes) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_packets_are_looked_for_only_where_a_path_may_carry_them() {
+        for local in ["127.0.0.1", "10.1.2.3", "192.168.0.9", "172.16.5.5", "169.254.1.1", "::1", "fd00::1", "fe80::1"]
+        {
+            assert_eq!(mtu_bound_toward(local.parse().unwrap()), MTU_BOUND, "{local}");
+        }
+        // An IPv4 client seen by a dual-stack socket.
+        assert_eq!(mtu_bound_toward("::ffff:127.0.0.1".parse().unwrap()), MTU_BOUND);
+        for public in ["1.1.1.1", "172.32.0.1", "2001:db8::1", "::ffff:8.8.8.8"] {
+            assert_eq!(mtu_bound_toward(public.parse().unwrap()), INTERNET_MTU_BOUND, "{public}");
+        }
+        // quinn batches 10 packets per send; the kernel takes 65,507 bytes of UDP payload.
+        assert!(10 * usize::from(MTU_BOUND) <= 65_507);
+    }
 
     #[test]
     fn buffers_grow_to_what_the_kernel_allows() {

@@ -603,7 +603,8 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     let mut client_config =
         quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto)?));
     if let Baseline::RelaySettings = baseline {
-        server_config.transport_config(Arc::new(overlan_server::relay::transport_config(DATA_PATH_IDLE)?));
+        let mtu_bound = overlan_shared::udp::mtu_bound_toward(net().client_ip.into());
+        server_config.transport_config(Arc::new(overlan_server::relay::transport_config(DATA_PATH_IDLE, mtu_bound)?));
         client_config.transport_config(Arc::new(client_transport(DATA_PATH_IDLE)?));
     }
     let runtime = Arc::new(quinn::TokioRuntime);
@@ -616,8 +617,12 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
         overlan_shared::udp::enlarge_buffers(&client_socket)?;
         overlan_shared::udp::enlarge_receive_buffer(&server_socket)?;
     }
-    let server = quinn::Endpoint::new(Default::default(), Some(server_config), server_socket, runtime.clone())?;
-    let client = quinn::Endpoint::new(Default::default(), None, client_socket, runtime)?;
+    let (server_endpoint, client_endpoint) = match baseline {
+        Baseline::RelaySettings => (overlan_server::relay::endpoint_config(), overlan_client::endpoint_config()),
+        Baseline::Default => Default::default(),
+    };
+    let server = quinn::Endpoint::new(server_endpoint, Some(server_config), server_socket, runtime.clone())?;
+    let client = quinn::Endpoint::new(client_endpoint, None, client_socket, runtime)?;
     let addr = server.local_addr()?;
     let accept = tokio::spawn(async move { server.accept().await.expect("incoming").await });
     let c = client.connect_with(client_config, addr, RELAY_SERVER_NAME)?.await?;
@@ -717,7 +722,10 @@ async fn open_sessions(
     // Members are separate machines in real life: one UDP socket per 20 sessions keeps
     // a burst to all of them from overflowing a single socket's receive buffer here.
     let endpoints = (0..n.div_ceil(per_socket))
-        .map(|_| quinn::Endpoint::client((net().client_ip, 0).into()))
+        .map(|_| {
+            let socket = std::net::UdpSocket::bind((net().client_ip, 0))?;
+            quinn::Endpoint::new(overlan_client::endpoint_config(), None, socket, Arc::new(quinn::TokioRuntime))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let relay_addr: SocketAddr = invite.relay.parse()?;
     let token = invite.token.expose().to_owned();
