@@ -1172,10 +1172,18 @@ async fn nc_stream(
     let peer = stream.peer_addr();
     let (mut read, mut write) = stream.into_split();
     let progress = Progress::start();
+    // Bulk both ways without a copy in this process: stdin is read into buffers that
+    // are handed to the stream as they are, and what arrives goes to stdout as the
+    // pieces it came in.
     let upload = async {
-        let mut stdin = Counted::new(stdio::stdin(), progress.sent.clone());
-        let sent = tokio::io::copy(&mut stdin, &mut write).await.map_err(|e| format!("connection to {peer}: {e}"))?;
-        write.shutdown().await.map_err(|e| format!("connection to {peer}: {e}"))?;
+        let mut stdin = Counted::new(stdio::Input::open(), progress.sent.clone());
+        let (mut buf, mut sent) = (bytes::BytesMut::new(), 0);
+        let failed = |e: std::io::Error| format!("connection to {peer}: {e}");
+        while let Some(chunk) = stdio::read_chunk(&mut stdin, &mut buf).await.map_err(|e| e.to_string())? {
+            sent += chunk.len();
+            write.write_chunk(chunk).await.map_err(failed)?;
+        }
+        write.shutdown().await.map_err(failed)?;
         match write.delivered().await {
             // Nothing was sent, so nothing is lost if the peer stopped reading first.
             Err(_) if sent == 0 => Ok(()),
@@ -1183,8 +1191,11 @@ async fn nc_stream(
         }
     };
     let download = async {
-        let mut stdout = Counted::new(stdio::stdout(), progress.received.clone());
-        tokio::io::copy(&mut read, &mut stdout).await.map_err(|e| e.to_string())?;
+        let mut stdout = Counted::new(stdio::stdout_for_chunks(), progress.received.clone());
+        let mut chunks: [bytes::Bytes; 32] = Default::default();
+        while let Some(n) = read.read_chunks(&mut chunks).await.map_err(|e| e.to_string())? {
+            stdio::write_chunks(&mut stdout, &mut chunks[..n]).await.map_err(|e| e.to_string())?;
+        }
         stdout.flush().await.map_err(|e| e.to_string())
     };
     // The first failure ends the command at once: a stream cut by a lost session must

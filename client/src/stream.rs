@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use overlan_shared::wire::control::{ClientMessage, SocketId};
 use overlan_shared::wire::reset_code;
 use overlan_shared::wire::stream::StreamHeader;
@@ -409,6 +410,15 @@ pub struct VirtualWriteHalf {
 }
 
 impl VirtualReadHalf {
+    /// Reads what arrived into `chunks` as the library holds it, without copying (a
+    /// bulk reader that passes the pieces on, as `overlan nc` does to its stdout): the
+    /// number of chunks filled, at least one, or `None` at the clean end. Errors as
+    /// `read`'s.
+    pub async fn read_chunks(&mut self, chunks: &mut [Bytes]) -> io::Result<Option<usize>> {
+        let peer = self.peer;
+        self.recv.read_chunks(chunks).await.map_err(|e| map_read_error(e.into(), peer))
+    }
+
     /// Stops reading: the peer's writes fail with "connection aborted by the peer".
     pub fn abort(mut self) {
         let _ = self.recv.stop(VarInt::from_u32(reset_code::ABORTED));
@@ -418,6 +428,14 @@ impl VirtualReadHalf {
 impl VirtualWriteHalf {
     fn send(&mut self) -> &mut quinn::SendStream {
         self.send.as_mut().expect("the send stream is taken only on drop")
+    }
+
+    /// Writes all of `data` without copying it: the library keeps the buffer until the
+    /// relay has acknowledged it (a bulk writer that fills buffers of its own, as
+    /// `overlan nc` does from its stdin). Errors as `write`'s.
+    pub async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        let peer = self.peer;
+        self.send().write_chunk(data).await.map_err(|e| map_write_error(e, peer))
     }
 
     /// Resets this direction: the peer's reads fail with "connection aborted by the
