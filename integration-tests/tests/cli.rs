@@ -477,9 +477,14 @@ async fn commands_share_the_running_up_and_status_and_peers_report_it() {
     assert_eq!(status["vip"], vip.as_str());
     assert_eq!(status["state"], "up", "the up session was not replaced: {status}");
     assert_eq!(status["network"], "default");
+    // The path to the relay: between the QUIC minimum and the discovery bound.
+    let mtu = status["path_mtu"].as_u64().expect("path_mtu while up");
+    assert!((1200..=u64::from(overlan_shared::udp::MTU_BOUND)).contains(&mtu), "{status}");
+    assert!(status["rtt_us"].as_u64().is_some(), "{status}");
     let (code, out, _) = output(cmd("me", &["status"])).await;
     assert_eq!(code, 0);
     assert!(out.contains(&format!("vip       {vip}")) && out.contains("state     up"), "{out}");
+    assert!(out.contains("path      ") && out.contains("-byte packets, round trip "), "{out}");
 
     let (code, out, err) = output(cmd("me", &["peers", "--json"])).await;
     assert_eq!(code, 0, "{err}");
