@@ -3,7 +3,7 @@
 #   bash integration-tests/bench/nc-cpu.sh BINDIR [MiB]
 # BINDIR holds overlan and overlan-server (e.g. target/release). Starts a relay on
 # loopback, sends MiB (default 1024) of zeros through `overlan nc` -> relay ->
-# `overlan nc -l`, and prints the throughput and the CPU seconds (user + system) of the
+# `overlan nc -l` (stdin and stdout pipes), and prints the throughput and the CPU seconds (user + system) of the
 # relay, the sending nc and the receiving nc. Compare builds by alternating runs.
 set -euo pipefail
 bin=${1:?usage: nc-cpu.sh BINDIR [MiB]}
@@ -29,7 +29,8 @@ OVERLAN_INVITE=$(awk '/^invite/ {print $2}' "$work/relay.out")
 export OVERLAN_INVITE XDG_RUNTIME_DIR=$work/run
 mkdir -p "$work/run"
 
-/usr/bin/time -o "$work/b.time" -f "%U %S" "$bin/overlan" --identity "$work/idb" nc -l 7000 >/dev/null 2>"$work/b.err" &
+# Output into a pipe, as `overlan nc -l PORT | consumer` and overlan-bench do.
+/usr/bin/time -o "$work/b.time" -f "%U %S" "$bin/overlan" --identity "$work/idb" nc -l 7000 2>"$work/b.err" | cat >/dev/null &
 nc_pid=$!
 for _ in $(seq 100); do grep -q 'listening on' "$work/b.err" && break; sleep 0.1; done
 vip=$(grep -o 'listening on [0-9.]*' "$work/b.err" | awk '{print $3}')
