@@ -270,10 +270,10 @@ impl Client {
         let relays = options.relay_list();
         let crypto = tls::client_config(Some(&options.identity), options.invite.fingerprint, ALPN_CLIENT)
             .map_err(|e| Error::Config(e.to_string()))?;
-        let mut quic = quinn::ClientConfig::new(Arc::new(
+        let quic = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| Error::Config(e.to_string()))?,
         ));
-        quic.transport_config(Arc::new(transport_config(options.idle_timeout)?));
+        // Each relay's connection gets its transport settings in `establish`.
         let first = resolve(&relays[0]).await;
         let ipv6 = first.as_ref().is_ok_and(|a| a.is_ipv6());
         let bind: SocketAddr = if ipv6 { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
@@ -598,13 +598,13 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
 }
 
 /// The client's QUIC transport settings: the idle timeout, keep-alives at a third of it,
-/// datagrams on, path-MTU discovery up to [`overlan_shared::udp::MTU_BOUND`] (a client
-/// has one connection, so the probes' memory is nothing; the relay looks as far only on
-/// paths that may carry such packets). The relay never opens streams toward a client
+/// datagrams on, path-MTU discovery up to `mtu_bound` bytes of UDP payload (the client
+/// library passes [`overlan_shared::udp::mtu_bound_toward`] the relay, as the relay does
+/// toward the client). The relay never opens streams toward a client
 /// (the client opens every socket's stream), so none are allowed; quinn would
 /// pre-allocate bookkeeping for each. Public so measurements (overlan-bench) can
 /// configure a baseline like the real path.
-pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, Error> {
+pub fn transport_config(idle_timeout: Duration, mtu_bound: u16) -> Result<quinn::TransportConfig, Error> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout.try_into().map_err(|_| Error::Config("idle timeout out of range".into()))?))
@@ -617,7 +617,7 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
         .send_window(16 << 20)
         .mtu_discovery_config(Some({
             let mut mtu = quinn::MtuDiscoveryConfig::default();
-            mtu.upper_bound(overlan_shared::udp::MTU_BOUND);
+            mtu.upper_bound(mtu_bound);
             mtu
         }))
         .ack_frequency_config(Some({
@@ -651,8 +651,10 @@ async fn establish(
 ) -> Result<(quinn::Connection, quinn::SendStream, ControlRecv, Welcome), Error> {
     let relay_text = relay_text.to_owned();
     let connect_err = |message: String| Error::Connect { relay: relay_text.clone(), message };
-    let connecting =
-        endpoint.connect_with(quic.clone(), relay, RELAY_SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
+    let mut quic = quic.clone();
+    let mtu_bound = overlan_shared::udp::mtu_bound_toward(relay.ip());
+    quic.transport_config(Arc::new(transport_config(options.idle_timeout, mtu_bound)?));
+    let connecting = endpoint.connect_with(quic, relay, RELAY_SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
     let conn = tokio::time::timeout(REQUEST_TIMEOUT, connecting)
         .await
         .map_err(|_| Error::TimedOut(format!("relay {relay_text} did not answer the QUIC handshake")))?

@@ -411,8 +411,8 @@ pub fn ack_frequency() -> quinn::AckFrequencyConfig {
 /// per byte relayed; up to 6,550 on loopback and jumbo-frame links, see
 /// [`overlan_shared::udp::mtu_bound_toward`]; the datagram maximum stays fixed for the
 /// minimum MTU). Discovery costs an idle session about 1 KiB with the internet's bound
-/// (33.9 against 32.8 KiB at 10,000 sessions) and about 9 KiB with the larger one
-/// (43.3 KiB on loopback): measured with `overlan-bench --only-idle`, see BENCHMARKS.md.
+/// (33.9 against 32.8 KiB at 10,000 sessions) and about 10 KiB with the larger one
+/// (44 KiB on loopback): measured with `overlan-bench --only-idle`, see BENCHMARKS.md.
 pub fn transport_config(idle_timeout: Duration, mtu_bound: u16) -> anyhow::Result<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport

@@ -66,29 +66,49 @@ pub fn bind_client(addr: std::net::SocketAddr) -> std::io::Result<UdpSocket> {
 /// packets to seal, send and acknowledge per byte by 4.5 (BENCHMARKS.md).
 pub const MTU_BOUND: u16 = 6_550;
 
-/// The discovery bound on paths across the internet, quinn's default: a 1,500-byte
-/// Ethernet MTU minus IPv6 and UDP headers. The internet does not carry larger packets,
-/// and each probe beyond the path's MTU costs memory that quinn keeps for the
-/// connection's life (about 8 KiB per idle relay session, measured).
+/// The discovery bound on other paths, quinn's default: a 1,500-byte Ethernet MTU
+/// minus IPv6 and UDP headers. Probing beyond what a path carries costs a connection
+/// CPU for nothing (a dozen lost probes of up to 6,550 bytes) and memory that quinn
+/// keeps for the connection's life (about 8 KiB per idle relay session, measured).
 pub const INTERNET_MTU_BOUND: u16 = 1_452;
 
-/// How far path-MTU discovery looks on the path to `peer`: [`MTU_BOUND`] where the
-/// path may carry jumbo frames (loopback, private and link-local addresses: the same
-/// host, a LAN, a data centre), [`INTERNET_MTU_BOUND`] elsewhere.
+/// How far path-MTU discovery looks on the path to `peer`: [`MTU_BOUND`] to loopback,
+/// and to private and link-local addresses when this host has an interface with an MTU
+/// above 1,500 (jumbo frames: a LAN or data centre that may carry them);
+/// [`INTERNET_MTU_BOUND`] elsewhere.
 pub fn mtu_bound_toward(peer: std::net::IpAddr) -> u16 {
+    static JUMBO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    mtu_bound_for(peer, *JUMBO.get_or_init(host_has_jumbo_interface))
+}
+
+/// [`mtu_bound_toward`], with whether this host has a jumbo-frame interface given.
+pub fn mtu_bound_for(peer: std::net::IpAddr, jumbo_host: bool) -> u16 {
     use std::net::IpAddr;
-    let local = match peer.to_canonical() {
-        IpAddr::V4(ip) => ip.is_loopback() || ip.is_private() || ip.is_link_local(),
-        // Loopback, unique local fc00::/7, link-local fe80::/10.
+    let (loopback, local) = match peer.to_canonical() {
+        IpAddr::V4(ip) => (ip.is_loopback(), ip.is_private() || ip.is_link_local()),
+        // Unique local fc00::/7, link-local fe80::/10.
         IpAddr::V6(ip) => {
-            ip.is_loopback() || (ip.segments()[0] & 0xfe00) == 0xfc00 || (ip.segments()[0] & 0xffc0) == 0xfe80
+            (ip.is_loopback(), (ip.segments()[0] & 0xfe00) == 0xfc00 || (ip.segments()[0] & 0xffc0) == 0xfe80)
         }
     };
-    if local {
+    if loopback || (local && jumbo_host) {
         MTU_BOUND
     } else {
         INTERNET_MTU_BOUND
     }
+}
+
+/// True if an interface other than loopback has an MTU above 1,500 (Linux: read from
+/// `/sys/class/net`, which shows the network namespace sysfs was mounted in; elsewhere
+/// false).
+fn host_has_jumbo_interface() -> bool {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else { return false };
+    dir.flatten().filter(|entry| entry.file_name() != "lo").any(|entry| {
+        std::fs::read_to_string(entry.path().join("mtu"))
+            .ok()
+            .and_then(|mtu| mtu.trim().parse::<u32>().ok())
+            .is_some_and(|mtu| mtu > 1500)
+    })
 }
 
 /// The hint for a capped receive buffer, for a log line.
@@ -109,14 +129,21 @@ mod tests {
 
     #[test]
     fn large_packets_are_looked_for_only_where_a_path_may_carry_them() {
-        for local in ["127.0.0.1", "10.1.2.3", "192.168.0.9", "172.16.5.5", "169.254.1.1", "::1", "fd00::1", "fe80::1"]
-        {
-            assert_eq!(mtu_bound_toward(local.parse().unwrap()), MTU_BOUND, "{local}");
+        // Loopback always (an IPv4 client seen by a dual-stack socket too).
+        for jumbo in [false, true] {
+            for lo in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+                assert_eq!(mtu_bound_for(lo.parse().unwrap(), jumbo), MTU_BOUND, "{lo}");
+            }
         }
-        // An IPv4 client seen by a dual-stack socket.
-        assert_eq!(mtu_bound_toward("::ffff:127.0.0.1".parse().unwrap()), MTU_BOUND);
+        // Private and link-local addresses only on a host with a jumbo-frame interface.
+        for local in ["10.1.2.3", "192.168.0.9", "172.16.5.5", "169.254.1.1", "fd00::1", "fe80::1", "::ffff:10.0.0.1"] {
+            assert_eq!(mtu_bound_for(local.parse().unwrap(), true), MTU_BOUND, "{local}");
+            assert_eq!(mtu_bound_for(local.parse().unwrap(), false), INTERNET_MTU_BOUND, "{local}");
+        }
         for public in ["1.1.1.1", "172.32.0.1", "2001:db8::1", "::ffff:8.8.8.8"] {
-            assert_eq!(mtu_bound_toward(public.parse().unwrap()), INTERNET_MTU_BOUND, "{public}");
+            for jumbo in [false, true] {
+                assert_eq!(mtu_bound_for(public.parse().unwrap(), jumbo), INTERNET_MTU_BOUND, "{public}");
+            }
         }
         // quinn batches 10 packets per send; the kernel takes 65,507 bytes of UDP payload.
         assert!(10 * usize::from(MTU_BOUND) <= 65_507);

@@ -144,9 +144,11 @@ impl From<Cli> for Args {
     }
 }
 
-/// The client library's transport settings, for the clients of each path.
+/// The client library's transport settings toward the relay host, for the clients of
+/// each path.
 fn client_transport(idle_timeout: Duration) -> anyhow::Result<quinn::TransportConfig> {
-    Ok(overlan_client::transport_config(idle_timeout)?)
+    let mtu_bound = overlan_shared::udp::mtu_bound_toward(net().relay_ip.into());
+    Ok(overlan_client::transport_config(idle_timeout, mtu_bound)?)
 }
 
 /// How the direct quinn baseline is configured.
