@@ -709,6 +709,9 @@ async fn raw_session(
     Ok(RawSession { conn, idle_timeout, _control: (send, recv) })
 }
 
+/// Handshakes of [`open_sessions`] that timed out and were tried again.
+static HANDSHAKES_RETRIED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Opens `n` member sessions with the client library's transport settings, `per_socket`
 /// of them on each UDP socket.
 async fn open_sessions(
@@ -726,6 +729,8 @@ async fn open_sessions(
     let endpoints = (0..n.div_ceil(per_socket))
         .map(|_| {
             let socket = std::net::UdpSocket::bind((net().client_ip, 0))?;
+            // As the client library's sockets.
+            overlan_shared::udp::enlarge_buffers(&socket)?;
             quinn::Endpoint::new(overlan_client::endpoint_config(), None, socket, Arc::new(quinn::TokioRuntime))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -738,7 +743,18 @@ async fn open_sessions(
         let (config, token, sem) = (config.clone(), token.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.expect("semaphore");
-            raw_session(&endpoint, &config, relay_addr, &token, format!("s{i}")).await
+            // Thousands of sessions share a bench socket and two cores; a handshake
+            // that times out is tried again, as a real client would, and counted.
+            let mut tries = 0;
+            loop {
+                match raw_session(&endpoint, &config, relay_addr, &token, format!("s{i}")).await {
+                    Err(e) if tries < 2 && matches!(e.downcast_ref(), Some(quinn::ConnectionError::TimedOut)) => {
+                        tries += 1;
+                        HANDSHAKES_RETRIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    other => break other,
+                }
+            }
         }));
     }
     let mut out = Vec::with_capacity(n);
@@ -1091,7 +1107,11 @@ async fn idle_memory(args: &Args) -> anyhow::Result<()> {
             settle.as_secs_f64(),
             keep_alive.as_secs_f64()
         );
-        println!("  {per:.1} KiB per session (target <= 32)");
+        println!("  {per:.1} KiB per session (target <= 32; issue 10: <= 16)");
+        let retried = HANDSHAKES_RETRIED.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if retried > 0 {
+            println!("  ({retried} handshakes timed out and were tried again)");
+        }
         println!("  baseline, same run: this process's side of the same connections (plain quinn client, one socket): {own:.1} KiB per connection");
         anyhow::ensure!(open == n, "{} sessions closed while idle: keep-alives did not hold them", n - open);
         drop(sessions);
