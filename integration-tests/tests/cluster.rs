@@ -513,7 +513,13 @@ async fn one_vip_per_identity_and_instance_on_every_node_and_the_newer_session_w
     let options = overlan_client::JoinOptions::new(cluster.invite(2), me.clone()).instance("game").lease(Some(proof));
     let second = within("join n2", overlan_client::Client::join(options)).await.unwrap();
     assert_eq!(second.vip(), first.vip());
-    let why = within("the older session replaced", first.closed()).await;
+    let why = within("the older session replaced", async {
+        tokio::select! {
+            why = first.closed() => why,
+            why = second.closed() => panic!("the newer session was closed instead: {why}"),
+        }
+    })
+    .await;
     assert!(why.contains("replaced"), "{why}");
     within("n0 routes the VIP to n2 now", async {
         while cluster.nodes[0].handle().next_hop("default", second.vip()).as_deref() != Some("n1") {

@@ -44,7 +44,9 @@ impl Actor for NetworkActor {
 }
 
 /// A session takes its VIP; a session already holding it is replaced. Answered once the
-/// VIP routes to the new session.
+/// VIP routes to the new session and, in a cluster, once the route table has stamped it:
+/// the client learns its lease only then, so a join elsewhere with that lease is always
+/// the newer of the two (were the stamp taken later, the older session would win).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct JoinNetwork {
@@ -57,16 +59,22 @@ pub struct JoinNetwork {
 }
 
 impl Handler<JoinNetwork> for NetworkActor {
-    type Result = ();
-    fn handle(&mut self, msg: JoinNetwork, _ctx: &mut Self::Context) {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, msg: JoinNetwork, _ctx: &mut Self::Context) -> Self::Result {
         let session = msg.session.id;
         if let Some(old) = self.node.router.attach_session(self.id(), msg.vip, msg.session) {
             tracing::info!(network = %self.network.name, vip = %msg.vip, old = old.id, "replacing the older session");
             old.addr.do_send(Replace);
         }
-        if let Some(cluster) = self.node.cluster_actor() {
-            cluster.do_send(LocalAttach { net: self.id(), vip: msg.vip, proof: msg.proof, session });
-        }
+        let stamped = self
+            .node
+            .cluster_actor()
+            .map(|cluster| cluster.send(LocalAttach { net: self.id(), vip: msg.vip, proof: msg.proof, session }));
+        Box::pin(async move {
+            if let Some(stamped) = stamped {
+                let _ = stamped.await;
+            }
+        })
     }
 }
 
