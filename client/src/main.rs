@@ -1195,6 +1195,9 @@ async fn nc_stream(
         let mut chunks: [bytes::Bytes; 32] = Default::default();
         while let Some(n) = read.read_chunks(&mut chunks).await.map_err(|e| e.to_string())? {
             stdio::write_chunks(&mut stdout, &mut chunks[..n]).await.map_err(|e| e.to_string())?;
+            // A terminal or a file shows what arrived as it arrives (a pipe has no buffer
+            // here: this does nothing).
+            stdout.flush().await.map_err(|e| e.to_string())?;
         }
         stdout.flush().await.map_err(|e| e.to_string())
     };

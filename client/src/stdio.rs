@@ -29,7 +29,8 @@ pub(crate) fn stdin() -> tokio::io::BufReader<Input> {
 
 /// This process's stdout for a writer of whole chunks ([`write_chunks`]): a pipe as it
 /// is, since each write passes many chunks at once (`writev`) with no copy; anything
-/// else behind a buffer, since each write goes through tokio's blocking pool.
+/// else behind a buffer, since each write goes through tokio's blocking pool (flush it
+/// after each batch, or a terminal shows nothing until the buffer fills).
 pub(crate) fn stdout_for_chunks() -> Pin<Box<dyn AsyncWrite + Send>> {
     match Output::open() {
         pipe @ Output::Pipe(_) => Box::pin(pipe),

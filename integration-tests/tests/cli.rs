@@ -919,3 +919,44 @@ async fn tun_and_run_without_net_admin_say_so_before_joining() {
         assert!(started.elapsed() < Duration::from_secs(2), "{args:?} took {:?}", started.elapsed());
     }
 }
+
+#[tokio::test]
+async fn nc_output_to_a_file_shows_each_line_as_it_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_relay, invite) = relay_process(dir.path()).await;
+    let runtime = dir.path().join("run");
+    let out = dir.path().join("out");
+    // The listener's stdout is a file, not a pipe: its writes are buffered.
+    let mut listen = instance_cmd(&invite, dir.path(), &runtime, "b", &["--name", "bob", "nc", "-l", "7000"]);
+    listen.stdout(std::fs::File::create(&out).unwrap()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+    let mut bob = listen.spawn().unwrap();
+    let mut err = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(bob.stderr.take().unwrap()));
+    within("bob listens", async {
+        while let Some(line) = err.next_line().await.unwrap() {
+            if line.contains("listening on") {
+                break;
+            }
+        }
+    })
+    .await;
+    let mut me = Proc::spawn(instance_cmd(&invite, dir.path(), &runtime, "m", &["nc", "bob", "7000"]));
+    // The connection stays open: the line must show without waiting for the end.
+    me.write_stdin(b"first line\n").await;
+    within("the line in bob's file", async {
+        while std::fs::read_to_string(&out).unwrap() != "first line\n" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    me.write_stdin(b"second\n").await;
+    within("the second line", async {
+        while std::fs::read_to_string(&out).unwrap() != "first line\nsecond\n" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    me.close_stdin();
+    let (code, err) = me.wait().await;
+    assert_eq!(code, 0, "{err:?}");
+    assert_eq!(bob.wait().await.unwrap().code(), Some(0));
+}
