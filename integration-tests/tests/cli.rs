@@ -932,31 +932,27 @@ async fn nc_output_to_a_file_shows_each_line_as_it_arrives() {
     let mut bob = listen.spawn().unwrap();
     let mut err = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(bob.stderr.take().unwrap()));
     within("bob listens", async {
-        while let Some(line) = err.next_line().await.unwrap() {
-            if line.contains("listening on") {
-                break;
-            }
+        while !err.next_line().await.unwrap().expect("bob's stderr ended before it listened").contains("listening on") {
         }
     })
     .await;
+    // Waits until bob's file holds exactly `text`.
+    let shows = |text: &'static str| {
+        let out = out.clone();
+        within(text, async move {
+            while std::fs::read_to_string(&out).unwrap() != text {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
     let mut me = Proc::spawn(instance_cmd(&invite, dir.path(), &runtime, "m", &["nc", "bob", "7000"]));
     // The connection stays open: the line must show without waiting for the end.
     me.write_stdin(b"first line\n").await;
-    within("the line in bob's file", async {
-        while std::fs::read_to_string(&out).unwrap() != "first line\n" {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    shows("first line\n").await;
     me.write_stdin(b"second\n").await;
-    within("the second line", async {
-        while std::fs::read_to_string(&out).unwrap() != "first line\nsecond\n" {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    shows("first line\nsecond\n").await;
     me.close_stdin();
     let (code, err) = me.wait().await;
     assert_eq!(code, 0, "{err:?}");
-    assert_eq!(bob.wait().await.unwrap().code(), Some(0));
+    assert_eq!(within("bob ends", bob.wait()).await.unwrap().code(), Some(0));
 }
