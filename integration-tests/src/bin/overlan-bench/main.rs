@@ -26,6 +26,7 @@ use quinn::VarInt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 mod cluster;
+mod forwarder;
 mod net;
 
 use net::net;
@@ -104,6 +105,9 @@ struct Cli {
     /// veth link with MTU 1500, instead of loopback (needs root; no cluster measurements).
     #[arg(long, conflicts_with = "only_cluster")]
     veth: bool,
+    /// Internal: run as the bench's UDP forwarder on BIND, toward TARGET.
+    #[arg(long, num_args = 2, value_names = ["BIND", "TARGET"], hide = true)]
+    udp_forwarder: Option<Vec<SocketAddr>>,
 }
 
 /// The settings of one run: the flags, with --quick or the defaults filled in.
@@ -159,6 +163,9 @@ enum Baseline {
     /// The server end with the relay's transport settings, the client end with the
     /// client library's: one hop of the relay path, without the relay.
     RelaySettings,
+    /// As `RelaySettings`, both ends on the client host, through a UDP forwarder
+    /// process on the relay host: an end-to-end sealed path (see `forwarder`).
+    Forwarded,
 }
 
 impl Baseline {
@@ -166,6 +173,7 @@ impl Baseline {
         match self {
             Baseline::Default => "direct quinn (default settings)",
             Baseline::RelaySettings => "direct quinn (relay's settings)",
+            Baseline::Forwarded => "end to end via a UDP forwarder",
         }
     }
 
@@ -173,6 +181,7 @@ impl Baseline {
         match self {
             Baseline::Default => "direct default",
             Baseline::RelaySettings => "direct relay-set",
+            Baseline::Forwarded => "forwarded",
         }
     }
 }
@@ -182,6 +191,8 @@ struct Direct {
     baseline: Baseline,
     client: quinn::Connection,
     server: quinn::Connection,
+    /// The forwarder between the ends (`Baseline::Forwarded`).
+    forwarder: Option<forwarder::Forwarder>,
 }
 
 /// Order-sensitive checksum: every 8-byte word is mixed with its offset.
@@ -604,8 +615,11 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     let client_crypto = tls::client_config(Some(&Identity::generate(&["c"])?), id.fingerprint(), ALPN_CLIENT)?;
     let mut client_config =
         quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto)?));
-    if let Baseline::RelaySettings = baseline {
-        let mtu_bound = overlan_shared::udp::mtu_bound_toward(net().client_ip.into());
+    let like_relay = matches!(baseline, Baseline::RelaySettings | Baseline::Forwarded);
+    if like_relay {
+        // The server end's peer: the client host, or the forwarder on the relay host.
+        let peer = if let Baseline::Forwarded = baseline { net().relay_ip } else { net().client_ip };
+        let mtu_bound = overlan_shared::udp::mtu_bound_toward(peer.into());
         server_config.transport_config(Arc::new(overlan_server::relay::transport_config(DATA_PATH_IDLE, mtu_bound)?));
         client_config.transport_config(Arc::new(client_transport(DATA_PATH_IDLE)?));
     }
@@ -613,26 +627,35 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     // Like the relay path: the client end takes the client library's socket buffers,
     // the server end the relay's (a large receive buffer, the default send buffer).
     let relay_ip = net().relay_ip;
-    let server_socket = net().on_relay_host(move || std::net::UdpSocket::bind((relay_ip, 0)))?;
+    let server_socket = match baseline {
+        Baseline::Forwarded => std::net::UdpSocket::bind((net().client_ip, 0))?,
+        _ => net().on_relay_host(move || std::net::UdpSocket::bind((relay_ip, 0)))?,
+    };
     let client_socket = std::net::UdpSocket::bind((net().client_ip, 0))?;
-    if let Baseline::RelaySettings = baseline {
+    if like_relay {
         overlan_shared::udp::enlarge_buffers(&client_socket)?;
         overlan_shared::udp::enlarge_receive_buffer(&server_socket)?;
     }
     let (server_endpoint, client_endpoint) = match baseline {
-        Baseline::RelaySettings => (overlan_server::relay::endpoint_config(), overlan_client::endpoint_config()),
+        Baseline::RelaySettings | Baseline::Forwarded => {
+            (overlan_server::relay::endpoint_config(), overlan_client::endpoint_config())
+        }
         Baseline::Default => Default::default(),
     };
     let server = quinn::Endpoint::new(server_endpoint, Some(server_config), server_socket, runtime.clone())?;
     let client = quinn::Endpoint::new(client_endpoint, None, client_socket, runtime)?;
-    let addr = server.local_addr()?;
+    let forwarder = match baseline {
+        Baseline::Forwarded => Some(forwarder::Forwarder::start(server.local_addr()?).await?),
+        _ => None,
+    };
+    let addr = forwarder.as_ref().map_or(server.local_addr()?, |f| f.addr);
     let accept = tokio::spawn(async move { server.accept().await.expect("incoming").await });
     let c = client.connect_with(client_config, addr, RELAY_SERVER_NAME)?.await?;
     let s = accept.await??;
     // The relay raises a session's stream limit as its sockets grow; this pair opens one
     // stream per round and one for the round trips, so allow them all from the start.
     s.set_max_concurrent_bi_streams(VarInt::from_u32(64));
-    Ok(Direct { baseline, client: c, server: s })
+    Ok(Direct { baseline, client: c, server: s, forwarder })
 }
 
 /// Opens a bi stream from the client end and accepts it on the server end (a first
@@ -766,6 +789,9 @@ async fn open_sessions(
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(addrs) = &cli.udp_forwarder {
+        return forwarder::serve(addrs[0], addrs[1]);
+    }
     // Before the runtime's threads start, so that they all live on the client host.
     let hosts = if cli.veth { Some(net::enter_veth()?) } else { None };
     let args = Args::from(cli);
@@ -815,7 +841,11 @@ async fn data_path(args: &Args) -> anyhow::Result<()> {
     let me = Identity::generate(&["bench"])?;
     let a = join(&relay.invite, &me, "a").await?;
     let b = join(&relay.invite, &me, "b").await?;
-    let directs = [direct_pair(Baseline::Default).await?, direct_pair(Baseline::RelaySettings).await?];
+    let directs = [
+        direct_pair(Baseline::Default).await?,
+        direct_pair(Baseline::RelaySettings).await?,
+        direct_pair(Baseline::Forwarded).await?,
+    ];
     stream_throughput(args, &relay, &a, &b, &directs).await?;
     round_trip(args, &a, &b, &directs).await?;
     datagrams(args, &a, &b).await?;
@@ -845,13 +875,21 @@ async fn stream_throughput(
     println!("stream throughput, {size} one way per round, checksummed, {rounds}:");
     let (mut direct, mut relayed, mut ratholes) = (vec![Vec::new(); directs.len()], Vec::new(), Vec::new());
     let mut ncs = Vec::new();
+    // CPU seconds per GiB passed on, by the relay and by the UDP forwarder.
+    let (mut relay_cpu, mut forwarder_cpu) = (Vec::new(), Vec::new());
+    let gib = args.bytes as f64 / (1u64 << 30) as f64;
+    let relay_pid = relay.child.id().context("the relay exited")?;
     for round in 1..=args.rounds {
         print!("  round {round}:");
         for (pair, rounds) in directs.iter().zip(&mut direct) {
             let (c, s) = direct_stream(pair).await?;
             let (_cr, cw) = c.into_inner();
             let (sr, _sw) = s.into_inner();
+            let cpu_before = pair.forwarder.as_ref().map(|f| f.cpu_secs()).transpose()?;
             let measured = throughput(cw, sr, args.bytes).await?;
+            if let (Some(f), Some(before)) = (&pair.forwarder, cpu_before) {
+                forwarder_cpu.push((f.cpu_secs()? - before) / gib);
+            }
             anyhow::ensure!(measured.intact, "{} lost or changed bytes", pair.baseline.label());
             print!(
                 " {} {:.1} MiB/s (mtu {}, lost {}),",
@@ -866,7 +904,9 @@ async fn stream_throughput(
         let (inn, _) = listener.accept().await?;
         let (_or, ow) = out.into_split();
         let (ir, _iw) = inn.into_split();
+        let cpu_before = forwarder::cpu_secs(relay_pid)?;
         let measured = throughput(ow, ir, args.bytes).await?;
+        relay_cpu.push((forwarder::cpu_secs(relay_pid)? - cpu_before) / gib);
         anyhow::ensure!(measured.intact, "the relay lost or changed bytes");
         print!(" relay {:.1} MiB/s", measured.mib_s);
         relayed.push(measured.mib_s);
@@ -899,6 +939,13 @@ async fn stream_throughput(
             like_configured = Some(ratio);
         }
     }
+    if !forwarder_cpu.is_empty() {
+        println!(
+            "  CPU per GiB passed on (median): relay {:.2} s, UDP forwarder {:.2} s",
+            median(&relay_cpu),
+            median(&forwarder_cpu)
+        );
+    }
     let ratio = like_configured.expect("the like-configured baseline ran");
     println!(
         "  target relay >= 0.50 x direct quinn (relay's settings), median ratio {ratio:.2}: {}",
@@ -917,6 +964,11 @@ async fn stream_throughput(
         println!("  ratio overlan nc/rathole  {:.2}  (stretch target >= 1.00)", median(&ncs) / forwarded);
         println!("  rathole (TLS transport), TCP A -> server -> client -> B  {forwarded:>9.1} MiB/s (median)");
         println!("  ratio relay/rathole  {:.2}  (stretch target >= 1.00)", relay_median / forwarded);
+        for (pair, rounds) in directs.iter().zip(&direct) {
+            if let Baseline::Forwarded = pair.baseline {
+                println!("  ratio {}/rathole  {:.2}", pair.baseline.short(), median(rounds) / forwarded);
+            }
+        }
     }
     Ok(())
 }
