@@ -163,9 +163,10 @@ enum Baseline {
     /// The server end with the relay's transport settings, the client end with the
     /// client library's: one hop of the relay path, without the relay.
     RelaySettings,
-    /// As `RelaySettings`, both ends on the client host, through a UDP forwarder
-    /// process on the relay host: an end-to-end sealed path (see `forwarder`).
-    Forwarded,
+    /// As `RelaySettings`, both ends on the client host, through `hops` UDP forwarder
+    /// processes in a line on the relay host: an end-to-end sealed path (see
+    /// `forwarder`), through one relay or two.
+    Forwarded { hops: usize },
 }
 
 impl Baseline {
@@ -173,7 +174,8 @@ impl Baseline {
         match self {
             Baseline::Default => "direct quinn (default settings)",
             Baseline::RelaySettings => "direct quinn (relay's settings)",
-            Baseline::Forwarded => "end to end via a UDP forwarder",
+            Baseline::Forwarded { hops: 1 } => "end to end via a UDP forwarder",
+            Baseline::Forwarded { .. } => "end to end via two UDP forwarders",
         }
     }
 
@@ -181,7 +183,8 @@ impl Baseline {
         match self {
             Baseline::Default => "direct default",
             Baseline::RelaySettings => "direct relay-set",
-            Baseline::Forwarded => "forwarded",
+            Baseline::Forwarded { hops: 1 } => "forwarded",
+            Baseline::Forwarded { .. } => "forwarded x2",
         }
     }
 }
@@ -191,8 +194,8 @@ struct Direct {
     baseline: Baseline,
     client: quinn::Connection,
     server: quinn::Connection,
-    /// The forwarder between the ends (`Baseline::Forwarded`).
-    forwarder: Option<forwarder::Forwarder>,
+    /// The forwarders between the ends (`Baseline::Forwarded`), the client's first.
+    forwarders: Vec<forwarder::Forwarder>,
 }
 
 /// Order-sensitive checksum: every 8-byte word is mixed with its offset.
@@ -615,10 +618,10 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     let client_crypto = tls::client_config(Some(&Identity::generate(&["c"])?), id.fingerprint(), ALPN_CLIENT)?;
     let mut client_config =
         quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto)?));
-    let like_relay = matches!(baseline, Baseline::RelaySettings | Baseline::Forwarded);
+    let like_relay = matches!(baseline, Baseline::RelaySettings | Baseline::Forwarded { .. });
     if like_relay {
         // The server end's peer: the client host, or the forwarder on the relay host.
-        let peer = if let Baseline::Forwarded = baseline { net().relay_ip } else { net().client_ip };
+        let peer = if let Baseline::Forwarded { .. } = baseline { net().relay_ip } else { net().client_ip };
         let mtu_bound = overlan_shared::udp::mtu_bound_toward(peer.into());
         server_config.transport_config(Arc::new(overlan_server::relay::transport_config(DATA_PATH_IDLE, mtu_bound)?));
         client_config.transport_config(Arc::new(client_transport(DATA_PATH_IDLE)?));
@@ -628,7 +631,7 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
     // the server end the relay's (a large receive buffer, the default send buffer).
     let relay_ip = net().relay_ip;
     let server_socket = match baseline {
-        Baseline::Forwarded => std::net::UdpSocket::bind((net().client_ip, 0))?,
+        Baseline::Forwarded { .. } => std::net::UdpSocket::bind((net().client_ip, 0))?,
         _ => net().on_relay_host(move || std::net::UdpSocket::bind((relay_ip, 0)))?,
     };
     let client_socket = std::net::UdpSocket::bind((net().client_ip, 0))?;
@@ -637,25 +640,30 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
         overlan_shared::udp::enlarge_receive_buffer(&server_socket)?;
     }
     let (server_endpoint, client_endpoint) = match baseline {
-        Baseline::RelaySettings | Baseline::Forwarded => {
+        Baseline::RelaySettings | Baseline::Forwarded { .. } => {
             (overlan_server::relay::endpoint_config(), overlan_client::endpoint_config())
         }
         Baseline::Default => Default::default(),
     };
     let server = quinn::Endpoint::new(server_endpoint, Some(server_config), server_socket, runtime.clone())?;
     let client = quinn::Endpoint::new(client_endpoint, None, client_socket, runtime)?;
-    let forwarder = match baseline {
-        Baseline::Forwarded => Some(forwarder::Forwarder::start(server.local_addr()?).await?),
-        _ => None,
-    };
-    let addr = forwarder.as_ref().map_or(server.local_addr()?, |f| f.addr);
+    // A line of forwarders, started from the server's end: each passes to the next.
+    let mut forwarders = Vec::new();
+    let mut addr = server.local_addr()?;
+    if let Baseline::Forwarded { hops } = baseline {
+        for _ in 0..hops {
+            let hop = forwarder::Forwarder::start(addr).await?;
+            addr = hop.addr;
+            forwarders.insert(0, hop);
+        }
+    }
     let accept = tokio::spawn(async move { server.accept().await.expect("incoming").await });
     let c = client.connect_with(client_config, addr, RELAY_SERVER_NAME)?.await?;
     let s = accept.await??;
     // The relay raises a session's stream limit as its sockets grow; this pair opens one
     // stream per round and one for the round trips, so allow them all from the start.
     s.set_max_concurrent_bi_streams(VarInt::from_u32(64));
-    Ok(Direct { baseline, client: c, server: s, forwarder })
+    Ok(Direct { baseline, client: c, server: s, forwarders })
 }
 
 /// Opens a bi stream from the client end and accepts it on the server end (a first
@@ -844,7 +852,8 @@ async fn data_path(args: &Args) -> anyhow::Result<()> {
     let directs = [
         direct_pair(Baseline::Default).await?,
         direct_pair(Baseline::RelaySettings).await?,
-        direct_pair(Baseline::Forwarded).await?,
+        direct_pair(Baseline::Forwarded { hops: 1 }).await?,
+        direct_pair(Baseline::Forwarded { hops: 2 }).await?,
     ];
     stream_throughput(args, &relay, &a, &b, &directs).await?;
     round_trip(args, &a, &b, &directs).await?;
@@ -885,9 +894,13 @@ async fn stream_throughput(
             let (c, s) = direct_stream(pair).await?;
             let (_cr, cw) = c.into_inner();
             let (sr, _sw) = s.into_inner();
-            let cpu_before = pair.forwarder.as_ref().map(|f| f.cpu_secs()).transpose()?;
+            let one = match pair.forwarders.as_slice() {
+                [one] => Some(one),
+                _ => None,
+            };
+            let cpu_before = one.map(|f| f.cpu_secs()).transpose()?;
             let measured = throughput(cw, sr, args.bytes).await?;
-            if let (Some(f), Some(before)) = (&pair.forwarder, cpu_before) {
+            if let (Some(f), Some(before)) = (one, cpu_before) {
                 forwarder_cpu.push((f.cpu_secs()? - before) / gib);
             }
             anyhow::ensure!(measured.intact, "{} lost or changed bytes", pair.baseline.label());
@@ -939,6 +952,16 @@ async fn stream_throughput(
             like_configured = Some(ratio);
         }
     }
+    // The end-to-end path's own two-node ratio, beside the cluster's (issue 7).
+    let hops = |n: usize| directs.iter().position(|d| matches!(d.baseline, Baseline::Forwarded { hops } if hops == n));
+    if let (Some(one), Some(two)) = (hops(1), hops(2)) {
+        let ratios: Vec<f64> = direct[two].iter().zip(&direct[one]).map(|(t, o)| t / o).collect();
+        println!(
+            "  ratio two forwarders / one  {:.2} (median of rounds: {}; the cluster's two-node/one-node in another shape)",
+            median(&ratios),
+            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ")
+        );
+    }
     if !forwarder_cpu.is_empty() {
         println!(
             "  CPU per GiB passed on (median): relay {:.2} s, UDP forwarder {:.2} s",
@@ -965,7 +988,7 @@ async fn stream_throughput(
         println!("  rathole (TLS transport), TCP A -> server -> client -> B  {forwarded:>9.1} MiB/s (median)");
         println!("  ratio relay/rathole  {:.2}  (stretch target >= 1.00)", relay_median / forwarded);
         for (pair, rounds) in directs.iter().zip(&direct) {
-            if let Baseline::Forwarded = pair.baseline {
+            if let Baseline::Forwarded { .. } = pair.baseline {
                 println!("  ratio {}/rathole  {:.2}", pair.baseline.short(), median(rounds) / forwarded);
             }
         }
