@@ -1,16 +1,21 @@
 //! The physics of an end-to-end sealed data path, measured: two QUIC endpoints of this
-//! process talk to each other through a UDP forwarder process on the relay host that
-//! passes packets on without decrypting them (as a TURN-style relay would, with a
-//! lookup and no cryptography), beside the relay, which decrypts and re-seals every
-//! byte. The forwarder is as lean as a relay of that design could be: it receives with
-//! GRO and recvmmsg and sends each batch back out with GSO, on one thread. What it lacks (authentication of who sends, rate limits, routing by VIP) is
-//! per-packet bookkeeping, not per-byte work.
+//! process talk to each other through UDP forwarder processes on the relay host that
+//! pass packets on without decrypting them, beside the relay, which decrypts and
+//! re-seals every byte (docs/sealed-data-path.md). The forwarder routes as that design
+//! would: by the packet's destination connection ID, which carries the destination's
+//! slot ([`SlotCids`]), looked up per packet; it receives with GRO and recvmmsg and sends
+//! each run of packets for one destination back out with GSO, on one thread. What it
+//! lacks against a relay of that design (checking the sender's address and the pair
+//! against the control plane, rate limits) is per-packet bookkeeping, not per-byte work.
 
+use std::collections::HashMap;
 use std::io::{IoSliceMut, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context as _;
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn::{ConnectionId, ConnectionIdGenerator};
 use tokio::io::{AsyncBufReadExt, Interest};
 
 use crate::net::net;
@@ -19,11 +24,80 @@ use crate::net::net;
 const SLOTS: usize = 16;
 const SLOT_LEN: usize = 65_536;
 
-/// The forwarder's process body (`overlan-bench --udp-forwarder BIND TARGET`): binds
-/// BIND, prints `forwarding ADDR`, then passes every packet from TARGET to the last
-/// other address heard from, and every packet from anyone else to TARGET. Runs until
-/// killed.
-pub(crate) fn serve(bind: SocketAddr, target: SocketAddr) -> anyhow::Result<()> {
+/// First byte of a connection ID that carries a slot.
+const MARKER: u8 = 0xa5;
+/// Connection ID length: the marker, the 4-byte slot, 3 bytes that tell the IDs of one
+/// endpoint apart.
+const CID_LEN: usize = 8;
+
+/// Connection IDs for the endpoint holding `slot`: `[MARKER][slot][3 bytes]`, so that a
+/// forwarder routes every packet addressed to this endpoint by its ID alone.
+pub(crate) struct SlotCids {
+    slot: u32,
+}
+
+impl SlotCids {
+    pub(crate) fn new(slot: u32) -> Self {
+        Self { slot }
+    }
+}
+
+/// A connection ID for the endpoint holding `slot`.
+pub(crate) fn slot_cid(slot: u32) -> ConnectionId {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    // Distinct per ID issued by this process; quinn draws again on a clash anyway.
+    let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut id = [0u8; CID_LEN];
+    id[0] = MARKER;
+    id[1..5].copy_from_slice(&slot.to_be_bytes());
+    id[5..].copy_from_slice(&n.to_be_bytes()[..3]);
+    ConnectionId::new(&id)
+}
+
+impl ConnectionIdGenerator for SlotCids {
+    fn generate_cid(&mut self) -> ConnectionId {
+        slot_cid(self.slot)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// The slot a connection ID carries, if it is one of [`SlotCids`]'.
+fn slot_of(cid: &[u8]) -> Option<u32> {
+    match cid {
+        [MARKER, a, b, c, d, ..] if cid.len() == CID_LEN => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// The destination connection ID of a QUIC packet, and for a long-header packet its
+/// source connection ID too.
+fn cids(packet: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let first = *packet.first()?;
+    if first & 0x80 == 0 {
+        // Short header: the destination ID follows the first byte; its length is ours.
+        return Some((packet.get(1..1 + CID_LEN)?, None));
+    }
+    // Long header: first byte, 4-byte version, then length-prefixed DCID and SCID.
+    let dcid_len = usize::from(*packet.get(5)?);
+    let dcid = packet.get(6..6 + dcid_len)?;
+    let scid_len = usize::from(*packet.get(6 + dcid_len)?);
+    let scid = packet.get(7 + dcid_len..7 + dcid_len + scid_len)?;
+    Some((dcid, Some(scid)))
+}
+
+/// The forwarder's process body (`overlan-bench --udp-forwarder BIND DEFAULT`): binds
+/// BIND, prints `forwarding ADDR`, then passes each packet to the address of the slot
+/// in its destination connection ID. Slots are learnt from the source connection IDs of
+/// long-header packets (a relay of this design would know them from its sessions); a
+/// packet for a slot not yet seen goes to DEFAULT. Runs until killed.
+pub(crate) fn serve(bind: SocketAddr, default: SocketAddr) -> anyhow::Result<()> {
     let socket = std::net::UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
     // A client's buffers, so bursts are not dropped at the forwarder.
     overlan_shared::udp::enlarge_buffers(&socket)?;
@@ -39,7 +113,7 @@ pub(crate) fn serve(bind: SocketAddr, target: SocketAddr) -> anyhow::Result<()> 
         let socket = tokio::net::UdpSocket::from_std(socket)?;
         let mut slots = vec![vec![0u8; SLOT_LEN]; SLOTS];
         let mut meta = [RecvMeta::default(); SLOTS];
-        let mut other: Option<SocketAddr> = None;
+        let mut routes: HashMap<u32, SocketAddr> = HashMap::new();
         loop {
             let n = socket
                 .async_io(Interest::READABLE, || {
@@ -47,35 +121,64 @@ pub(crate) fn serve(bind: SocketAddr, target: SocketAddr) -> anyhow::Result<()> 
                     state.recv((&socket).into(), &mut bufs, &mut meta)
                 })
                 .await?;
-            for (m, slot) in meta.iter().zip(&slots).take(n) {
-                let destination = if m.addr == target {
-                    match other {
-                        Some(addr) => addr,
-                        None => continue,
+            for (m, buf) in meta.iter().zip(&slots).take(n) {
+                // A GRO batch holds packets of one sender, not necessarily for one
+                // destination: each run of packets for the same one goes out together.
+                let batch = &buf[..m.len];
+                let stride = m.stride.max(1);
+                let mut run: Option<(usize, SocketAddr)> = None;
+                for (i, packet) in batch.chunks(stride).enumerate() {
+                    let at = i * stride;
+                    let destination = cids(packet).and_then(|(dcid, scid)| {
+                        if let Some(slot) = scid.and_then(slot_of) {
+                            routes.insert(slot, m.addr);
+                        }
+                        let to = slot_of(dcid).and_then(|slot| routes.get(&slot).copied()).unwrap_or(default);
+                        // Never back where it came from.
+                        (to != m.addr).then_some(to)
+                    });
+                    if run.map(|(_, to)| to) != destination {
+                        if let Some((start, to)) = run.take() {
+                            send(&socket, &state, to, m, &batch[start..at], stride).await;
+                        }
+                        run = destination.map(|to| (at, to));
                     }
-                } else {
-                    other = Some(m.addr);
-                    target
-                };
-                let transmit = Transmit {
-                    destination,
-                    ecn: m.ecn,
-                    contents: &slot[..m.len],
-                    segment_size: (m.len > m.stride).then_some(m.stride),
-                    src_ip: None,
-                };
-                // Waits while the socket is full; other errors lose the packet, as any
-                // UDP hop may: QUIC at the ends recovers it.
-                let _ = socket.async_io(Interest::WRITABLE, || state.send((&socket).into(), &transmit)).await;
+                }
+                if let Some((start, to)) = run {
+                    send(&socket, &state, to, m, &batch[start..], stride).await;
+                }
             }
         }
     })
 }
 
-/// A forwarder process on the relay host, passing packets to `target`; killed on drop.
+/// Sends `packets` (segments of `stride` bytes, the last maybe shorter) to `to`, in one
+/// segmented send.
+async fn send(
+    socket: &tokio::net::UdpSocket,
+    state: &UdpSocketState,
+    to: SocketAddr,
+    m: &RecvMeta,
+    packets: &[u8],
+    stride: usize,
+) {
+    let transmit = Transmit {
+        destination: to,
+        ecn: m.ecn,
+        contents: packets,
+        segment_size: (packets.len() > stride).then_some(stride),
+        src_ip: None,
+    };
+    // Waits while the socket is full; other errors lose the packets, as any UDP hop may:
+    // QUIC at the ends recovers them.
+    let _ = socket.async_io(Interest::WRITABLE, || state.send(socket.into(), &transmit)).await;
+}
+
+/// A forwarder process on the relay host whose default route is `target`; killed on
+/// drop.
 pub(crate) struct Forwarder {
     child: tokio::process::Child,
-    /// Where to send packets meant for `target`.
+    /// Where the ends send their packets (the first forwarder of the line).
     pub(crate) addr: SocketAddr,
 }
 

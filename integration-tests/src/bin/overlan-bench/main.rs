@@ -105,8 +105,9 @@ struct Cli {
     /// veth link with MTU 1500, instead of loopback (needs root; no cluster measurements).
     #[arg(long, conflicts_with = "only_cluster")]
     veth: bool,
-    /// Internal: run as the bench's UDP forwarder on BIND, toward TARGET.
-    #[arg(long, num_args = 2, value_names = ["BIND", "TARGET"], hide = true)]
+    /// Internal: run as the bench's UDP forwarder on BIND (routing by connection ID;
+    /// packets for slots it has not seen go to DEFAULT).
+    #[arg(long, num_args = 2, value_names = ["BIND", "DEFAULT"], hide = true)]
     udp_forwarder: Option<Vec<SocketAddr>>,
 }
 
@@ -639,12 +640,21 @@ async fn direct_pair(baseline: Baseline) -> anyhow::Result<Direct> {
         overlan_shared::udp::enlarge_buffers(&client_socket)?;
         overlan_shared::udp::enlarge_receive_buffer(&server_socket)?;
     }
-    let (server_endpoint, client_endpoint) = match baseline {
+    let (mut server_endpoint, mut client_endpoint) = match baseline {
         Baseline::RelaySettings | Baseline::Forwarded { .. } => {
             (overlan_server::relay::endpoint_config(), overlan_client::endpoint_config())
         }
         Baseline::Default => Default::default(),
     };
+    if let Baseline::Forwarded { .. } = baseline {
+        // Each end's connection IDs carry its slot, and the first packet the server's:
+        // the forwarders route by them.
+        const SERVER_SLOT: u32 = 1;
+        const CLIENT_SLOT: u32 = 2;
+        server_endpoint.cid_generator(|| Box::new(forwarder::SlotCids::new(SERVER_SLOT)));
+        client_endpoint.cid_generator(|| Box::new(forwarder::SlotCids::new(CLIENT_SLOT)));
+        client_config.initial_dst_cid_provider(Arc::new(|| forwarder::slot_cid(SERVER_SLOT)));
+    }
     let server = quinn::Endpoint::new(server_endpoint, Some(server_config), server_socket, runtime.clone())?;
     let client = quinn::Endpoint::new(client_endpoint, None, client_socket, runtime)?;
     // A line of forwarders, started from the server's end: each passes to the next.
