@@ -125,31 +125,43 @@ pub(crate) fn serve(bind: SocketAddr, default: SocketAddr) -> anyhow::Result<()>
                 // A GRO batch holds packets of one sender, not necessarily for one
                 // destination: each run of packets for the same one goes out together.
                 let batch = &buf[..m.len];
-                let stride = m.stride.max(1);
-                let mut run: Option<(usize, SocketAddr)> = None;
-                for (i, packet) in batch.chunks(stride).enumerate() {
-                    let at = i * stride;
-                    let destination = cids(packet).and_then(|(dcid, scid)| {
-                        if let Some(slot) = scid.and_then(slot_of) {
-                            routes.insert(slot, m.addr);
-                        }
-                        let to = slot_of(dcid).and_then(|slot| routes.get(&slot).copied()).unwrap_or(default);
-                        // Never back where it came from.
-                        (to != m.addr).then_some(to)
-                    });
-                    if run.map(|(_, to)| to) != destination {
-                        if let Some((start, to)) = run.take() {
-                            send(&socket, &state, to, m, &batch[start..at], stride).await;
-                        }
-                        run = destination.map(|to| (at, to));
+                let route = |packet: &[u8]| {
+                    let (dcid, scid) = cids(packet)?;
+                    if let Some(slot) = scid.and_then(slot_of) {
+                        routes.insert(slot, m.addr);
                     }
-                }
-                if let Some((start, to)) = run {
-                    send(&socket, &state, to, m, &batch[start..], stride).await;
+                    let to = slot_of(dcid).and_then(|slot| routes.get(&slot).copied()).unwrap_or(default);
+                    // Never back where it came from.
+                    (to != m.addr).then_some(to)
+                };
+                for (range, to) in runs(batch, m.stride, route) {
+                    send(&socket, &state, to, m, &batch[range], m.stride).await;
                 }
             }
         }
     })
+}
+
+/// Splits a received batch (packets of `stride` bytes, the last maybe shorter) into runs
+/// of consecutive packets that `route` sends to the same address; packets it has no
+/// address for are left out. A GRO batch holds packets of one sender, not necessarily
+/// for one destination.
+fn runs(
+    batch: &[u8],
+    stride: usize,
+    mut route: impl FnMut(&[u8]) -> Option<SocketAddr>,
+) -> Vec<(std::ops::Range<usize>, SocketAddr)> {
+    let stride = stride.max(1);
+    let mut out: Vec<(std::ops::Range<usize>, SocketAddr)> = Vec::new();
+    for (i, packet) in batch.chunks(stride).enumerate() {
+        let Some(to) = route(packet) else { continue };
+        let at = i * stride;
+        match out.last_mut() {
+            Some((range, last)) if *last == to && range.end == at => range.end = at + packet.len(),
+            _ => out.push((at..at + packet.len(), to)),
+        }
+    }
+    out
 }
 
 /// Sends `packets` (segments of `stride` bytes, the last maybe shorter) to `to`, in one
@@ -162,6 +174,7 @@ async fn send(
     packets: &[u8],
     stride: usize,
 ) {
+    let stride = stride.max(1);
     let transmit = Transmit {
         destination: to,
         ecn: m.ecn,
@@ -233,4 +246,56 @@ fn clock_ticks() -> f64 {
             .filter(|&hz: &f64| hz > 0.0)
             .unwrap_or(100.0)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long-header packet from `scid` to `dcid`, `len` bytes in all.
+    fn long(dcid: &[u8], scid: &[u8], len: usize) -> Vec<u8> {
+        let mut p = vec![0xc0, 0, 0, 0, 1, dcid.len() as u8];
+        p.extend_from_slice(dcid);
+        p.push(scid.len() as u8);
+        p.extend_from_slice(scid);
+        p.resize(len, 0);
+        p
+    }
+
+    fn short(dcid: &[u8], len: usize) -> Vec<u8> {
+        let mut p = vec![0x40];
+        p.extend_from_slice(dcid);
+        p.resize(len, 0);
+        p
+    }
+
+    #[test]
+    fn connection_ids_carry_slots_and_are_found_in_both_header_forms() {
+        let (a, b) = (slot_cid(7), slot_cid(9));
+        assert_eq!((slot_of(&a), slot_of(&b)), (Some(7), Some(9)));
+        assert_ne!(slot_cid(7), slot_cid(7), "each ID of one slot differs");
+        assert_eq!(slot_of(&[1, 2, 3, 4, 5, 6, 7, 8]), None, "a random ID carries no slot");
+        assert_eq!(cids(&long(&a, &b, 1200)), Some((&a[..], Some(&b[..]))));
+        assert_eq!(cids(&short(&b, 100)), Some((&b[..], None)));
+        // Cut short: nothing, rather than a panic.
+        assert_eq!(cids(&long(&a, &b, 1200)[..10]), None);
+        assert_eq!(cids(&short(&b, 100)[..4]), None);
+        assert_eq!(cids(&[]), None);
+    }
+
+    #[test]
+    fn a_batch_splits_into_runs_per_destination_and_keeps_a_short_last_packet() {
+        let (x, y): (SocketAddr, SocketAddr) = ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        // Five packets of 10 bytes and a last one of 4, for x, x, y, nowhere, y, y.
+        let batch: Vec<u8> =
+            [0u8, 0, 1, 2, 1, 1].iter().enumerate().flat_map(|(i, &d)| vec![d; if i == 5 { 4 } else { 10 }]).collect();
+        let to = |p: &[u8]| match p[0] {
+            0 => Some(x),
+            1 => Some(y),
+            _ => None,
+        };
+        assert_eq!(runs(&batch, 10, to), vec![(0..20, x), (20..30, y), (40..54, y)]);
+        // One packet, no GRO: the stride is its length.
+        assert_eq!(runs(&batch[..7], 7, to), vec![(0..7, x)]);
+    }
 }
