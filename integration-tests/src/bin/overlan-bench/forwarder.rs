@@ -122,8 +122,6 @@ pub(crate) fn serve(bind: SocketAddr, default: SocketAddr) -> anyhow::Result<()>
                 })
                 .await?;
             for (m, buf) in meta.iter().zip(&slots).take(n) {
-                // A GRO batch holds packets of one sender, not necessarily for one
-                // destination: each run of packets for the same one goes out together.
                 let batch = &buf[..m.len];
                 let route = |packet: &[u8]| {
                     let (dcid, scid) = cids(packet)?;
@@ -228,7 +226,8 @@ pub(crate) fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     // and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let field = |i: usize| -> anyhow::Result<f64> { Ok(fields.get(i).context("short /proc stat")?.parse()?) };
+    let ticks = field(11)? + field(12)?;
     Ok(ticks / clock_ticks())
 }
 
