@@ -328,6 +328,10 @@ async fn a_lying_peer_cannot_take_over_another_nodes_clients() {
         })
     };
     let lie = |origin: &str, slot: u8| lie_at(origin, slot, now_ms + 1000);
+    let with_proof = |update: RouteUpdate| match update {
+        RouteUpdate::Announce(a) => RouteUpdate::Announce(Announce { proof: Some("x".into()), ..a }),
+        withdraw => withdraw,
+    };
     let n1_slot = 1;
     let updates = vec![
         // The victim's VIP as the liar's own: not in the liar's slot.
@@ -342,6 +346,9 @@ async fn a_lying_peer_cannot_take_over_another_nodes_clients() {
         lie("ghost", n1_slot),
         // From the future (a sequence number that would win forever).
         lie_at("liar", issued.slot, u64::MAX / 2),
+        // A made-up proof does not lend a ghost n1's slot or n0's own.
+        with_proof(lie("ghost", n1_slot)),
+        with_proof(lie("ghost", 0)),
     ];
     let codec = FrameCodec::<PeerMessage, PeerMessage>::new(1 << 20);
     let mut buf = bytes::BytesMut::new();
@@ -349,7 +356,7 @@ async fn a_lying_peer_cannot_take_over_another_nodes_clients() {
     send.write_all(&buf).await.unwrap();
     let rejected = || cluster.nodes[0].counters().get(overlan_server::counters::Reason::RouteRejected);
     within("announcements rejected", async {
-        while rejected() < 5 {
+        while rejected() < 7 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -358,7 +365,7 @@ async fn a_lying_peer_cannot_take_over_another_nodes_clients() {
     let (mut s2, _) = conn.open_bi().await.unwrap();
     s2.write_all(&[0u8; 12]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(rejected(), 5, "every lie but the relayed one is dropped and counted");
+    assert_eq!(rejected(), 7, "every lie but the relayed one is dropped and counted");
     assert_eq!(cluster.nodes[0].handle().next_hop("default", victim.vip()).as_deref(), Some("n1"));
     let a = join(&cluster.invite(0)).await;
     let mut s = within("connect to the victim", a.connect(SocketAddrV4::new(victim.vip(), 7000))).await.unwrap();
@@ -366,6 +373,111 @@ async fn a_lying_peer_cannot_take_over_another_nodes_clients() {
     // The victim leaves: its route is gone, not replaced by the liar's relayed copy.
     victim.close();
     cluster.nodes[0].unrouted(victim.vip()).await;
+    drop(conn);
+}
+
+/// Writes `msg` on a rogue link's control stream.
+async fn send_peer(send: &mut quinn::SendStream, msg: &overlan_shared::wire::peer::PeerMessage) {
+    use overlan_shared::wire::frame::FrameCodec;
+    use overlan_shared::wire::peer::PeerMessage;
+    let mut buf = bytes::BytesMut::new();
+    FrameCodec::<PeerMessage, PeerMessage>::new(1 << 20).encode_into(msg, &mut buf).unwrap();
+    send.write_all(&buf).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_cannot_forge_sources_or_spoil_another_nodes_broadcasts() {
+    use futures_util::StreamExt;
+    use overlan_shared::route::{Announce, NetKey, RouteUpdate};
+    use overlan_shared::wire::datagram::DatagramHeader;
+    use overlan_shared::wire::frame::FrameCodec;
+    use overlan_shared::wire::peer::{LinkHeader, PeerMessage, MAX_HOPS};
+    use overlan_shared::wire::ErrorCode;
+    let cluster = TestCluster::start(2, &[(1, 0)]).await;
+    let victim = join(&cluster.invite(1)).await;
+    let victim_socket = victim.bind_datagram(27015).await.unwrap();
+    let a = join(&cluster.invite(0)).await;
+    let a_socket = a.bind_datagram(27015).await.unwrap();
+    let listener = a.listen(7000).await.unwrap();
+    assert_eq!(cluster.nodes[0].routed(victim.vip()).await, "n1");
+    cluster.nodes[1].routed(a.vip()).await;
+
+    let dir = overlan_shared::cluster::ClusterDir::new(cluster.dir());
+    let issued = dir.issue("liar").unwrap();
+    let (conn, mut send, recv) = rogue_peer(&cluster, "liar", dir.load_node("liar").unwrap()).await;
+    // The liar's own client, announced as a peer may: a VIP of its own slot.
+    let net = NetKey::of("default");
+    let block = overlan_shared::cluster::slot_block(a.subnet(), issued.slot).unwrap();
+    let own = std::net::Ipv4Addr::from(u32::from(block.network()) + 5);
+    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let (now_ms, now_us) = (clock.as_millis() as u64, clock.as_micros() as u64);
+    let announce =
+        Announce { net, vip: own, seq: now_ms, path: vec!["liar".into()], origin_slot: issued.slot, proof: None };
+    send_peer(&mut send, &PeerMessage::Routes { updates: vec![RouteUpdate::Announce(announce)] }).await;
+    assert_eq!(cluster.nodes[0].routed(own).await, "liar");
+
+    let datagram = |header: LinkHeader, src: std::net::Ipv4Addr, dst: SocketAddrV4, payload: &[u8]| {
+        let mut out = header.to_bytes();
+        out.extend_from_slice(&DatagramHeader { src: SocketAddrV4::new(src, 27015), dst }.to_bytes());
+        out.extend_from_slice(payload);
+        bytes::Bytes::from(out)
+    };
+    let unicast = LinkHeader::Unicast { hops: MAX_HOPS, net };
+    let numbered = |origin: u8, seq: u64| LinkHeader::Broadcast { hops: MAX_HOPS, net, origin, seq };
+    let (to_a, everyone) = (a_socket.local_addr(), SocketAddrV4::new(a.broadcast_addr(), 27015));
+    let n1_slot = 1;
+    let dropped = || cluster.nodes[0].counters().get(overlan_server::counters::Reason::LinkDatagramDropped);
+    for lie in [
+        // n1's client as the source: its route was not announced on this link.
+        datagram(unicast, victim.vip(), to_a, b"forged unicast"),
+        // ... and a number far ahead for n1, which would silence n1's broadcasts.
+        datagram(numbered(n1_slot, u64::MAX / 2), victim.vip(), everyone, b"forged broadcast"),
+        // The liar's own client, numbered as n1 or from the future.
+        datagram(numbered(n1_slot, now_us + 1), own, everyone, b"numbered as n1"),
+        datagram(numbered(issued.slot, now_us + 3_600_000_000), own, everyone, b"numbered ahead"),
+    ] {
+        conn.send_datagram(lie).unwrap();
+    }
+    within("forgeries dropped", async {
+        while dropped() < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // What the liar may send: its own client's datagrams.
+    conn.send_datagram(datagram(numbered(issued.slot, now_us), own, everyone, b"own broadcast")).unwrap();
+    conn.send_datagram(datagram(unicast, own, to_a, b"own unicast")).unwrap();
+    for want in [&b"own broadcast"[..], b"own unicast"] {
+        let d = within("the liar's own datagrams", a_socket.recv()).await.unwrap();
+        assert_eq!((&d.payload[..], *d.src.ip()), (want, own));
+    }
+    // n1's broadcasts still count at n0, and its client's datagrams arrive.
+    victim_socket.send_to(b"real broadcast", everyone).await.unwrap();
+    victim_socket.send_to(b"real unicast", to_a).await.unwrap();
+    for want in [&b"real broadcast"[..], b"real unicast"] {
+        let d = within("the victim's datagrams", a_socket.recv()).await.unwrap();
+        assert_eq!((&d.payload[..], *d.src.ip()), (want, victim.vip()));
+    }
+    assert_eq!(dropped(), 4);
+
+    // A connect in the name of n1's client is refused (once its route had time to come).
+    let from = SocketAddrV4::new(victim.vip(), 40000);
+    let connect = PeerMessage::Connect { socket: 9, net, from, to: SocketAddrV4::new(a.vip(), 7000), hops: MAX_HOPS };
+    send_peer(&mut send, &connect).await;
+    let mut answers = tokio_util::codec::FramedRead::new(recv, FrameCodec::<PeerMessage, PeerMessage>::new(16 << 20));
+    let answer = within("answer to the forged connect", async {
+        loop {
+            match answers.next().await.expect("link open").expect("frame") {
+                PeerMessage::Answer { to: 9, result, .. } => return result,
+                _ => continue,
+            }
+        }
+    })
+    .await;
+    assert!(matches!(answer, Err((ErrorCode::Unreachable, _))), "{answer:?}");
+    assert_eq!(cluster.nodes[0].counters().get(overlan_server::counters::Reason::PeerForgedSource), 1);
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "the listener saw the forged connect");
     drop(conn);
 }
 

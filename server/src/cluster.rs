@@ -10,8 +10,9 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use overlan_shared::cluster::{in_slot, verify_lease};
+use overlan_shared::cluster::{in_slot, valid_node_name, verify_lease};
 use overlan_shared::route::{Announce, Hop, LinkId, NetKey, RouteOutput, RouteTable, RouteUpdate};
+use overlan_shared::wire::peer::MAX_HOPS;
 
 use crate::counters::Reason;
 use crate::link::SendRoutes;
@@ -71,6 +72,7 @@ impl ClusterActor {
         while let Some(out) = self.table.poll_output() {
             match out {
                 RouteOutput::BestChanged { net, vip, best } => self.sync(net, vip, best),
+                RouteOutput::SourcesChanged { net, vip, sources } => self.node.router.set_sources(net, vip, sources),
                 RouteOutput::Superseded { net, vip } => {
                     // Only the session the table judged: a newer one may hold the VIP now.
                     let judged = self.attached.get(&(net, vip)).copied();
@@ -117,14 +119,19 @@ impl ClusterActor {
         if a.proof.as_ref().is_some_and(|p| p.len() > MAX_PROOF) {
             return Err("lease proof too long".into());
         }
+        if a.path.len() > usize::from(MAX_HOPS) || !a.path.iter().all(|n| valid_node_name(n)) {
+            return Err(format!("a path of {} nodes, or with a name no node can have", a.path.len()));
+        }
         // A slot belongs to one node: this node's own, and those of the peers whose
-        // certificates it has seen, are known.
+        // certificates it has seen, are known. (A roamed client's VIP lies outside its
+        // origin's slot, but the origin still announces its own slot: a proof changes
+        // nothing here.)
         let me = self.table.me();
-        if a.origin_slot == self.node.router.slot() && a.origin() != me && a.proof.is_none() {
+        if a.origin_slot == self.node.router.slot() && a.origin() != me {
             return Err(format!("origin {} claims this node's slot {}", a.origin(), a.origin_slot));
         }
         if let Some((name, _, _)) = self.links.values().find(|(_, slot, _)| *slot == a.origin_slot) {
-            if name != a.origin() && a.proof.is_none() {
+            if name != a.origin() {
                 return Err(format!("origin {} claims slot {}, which is {name}'s", a.origin(), a.origin_slot));
             }
         }
@@ -140,13 +147,16 @@ impl ClusterActor {
     }
 
     fn check_vip(&self, network: &crate::store::Network, a: &Announce) -> Result<(), String> {
-        if in_slot(network.subnet, a.origin_slot, a.vip) {
-            return Ok(());
-        }
-        // Outside the origin's slot: only a client that roamed there, with its lease.
-        let outside =
-            || format!("{} is not in slot {} of network {} ({})", a.vip, a.origin_slot, network.name, network.subnet);
-        let Some(proof) = &a.proof else { return Err(format!("{} and comes with no lease proof", outside())) };
+        // Outside the origin's slot: only a client that roamed there, with its lease. A
+        // proof that comes along is checked wherever the VIP lies.
+        let in_own_slot = in_slot(network.subnet, a.origin_slot, a.vip);
+        let outside = || {
+            let place = if in_own_slot { "in" } else { "not in" };
+            format!("{} is {place} slot {} of network {} ({})", a.vip, a.origin_slot, network.name, network.subnet)
+        };
+        let Some(proof) = &a.proof else {
+            return if in_own_slot { Ok(()) } else { Err(format!("{} and comes with no lease proof", outside())) };
+        };
         let ca = &self.node.cluster.as_ref().expect("a cluster actor runs on a cluster node").credentials.ca;
         let (claim, issuer) = verify_lease(proof, ca).map_err(|e| format!("{}: {e}", outside()))?;
         if claim.vip != a.vip || NetKey::of(&claim.network) != a.net || !in_slot(network.subnet, issuer.slot, a.vip) {

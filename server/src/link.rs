@@ -9,7 +9,7 @@
 //! and jitter. [`accept`] takes a link a peer dialed. Both check that the peer's
 //! certificate chains to the cluster CA before anything else happens.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +51,14 @@ pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 const LINK_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Concurrent socket streams a link allows each way.
 const LINK_STREAMS: u32 = 100_000;
+/// How far ahead of this node's clock a broadcast may be numbered (origins number from
+/// their clock in microseconds; clocks of nodes differ a little). A number beyond it
+/// would make every later broadcast of that origin look old.
+const MAX_BROADCAST_AHEAD_US: u64 = 60_000_000;
+/// A connect whose source has no route on the link yet waits this long, step by step,
+/// for the route (a connect right after the client joined can overtake its route).
+const SOURCE_WAIT_STEP: Duration = Duration::from_millis(50);
+const SOURCE_WAIT_STEPS: u32 = 40;
 /// Flow-control window of a whole link.
 const LINK_RECEIVE_WINDOW: u32 = 256 << 20;
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`].
@@ -87,6 +95,16 @@ pub fn link_transport_config() -> quinn::TransportConfig {
     transport
 }
 
+/// A peer's `Connect`.
+#[derive(Clone, Copy)]
+struct PeerConnect {
+    socket: SocketId,
+    net: NetKey,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    hops: u8,
+}
+
 /// One link to a peer node.
 pub struct PeerLinkActor {
     id: LinkId,
@@ -102,6 +120,8 @@ pub struct PeerLinkActor {
     remote: HashMap<SocketId, SocketId>,
     /// This node's socket ids → the peer's (the reverse of `remote`).
     local: HashMap<SocketId, SocketId>,
+    /// The peer's connects waiting for their source's route.
+    waiting: HashSet<SocketId>,
     /// Told when the link ends (the dialer then reconnects).
     ended: Option<oneshot::Sender<()>>,
     /// This link as a party of sockets.
@@ -129,24 +149,31 @@ impl PeerLinkActor {
         self.send(ctx, &PeerMessage::Answer { socket: 0, to, result: Err((code, message)) });
     }
 
-    /// A client behind the peer connects to `to` in `net`: a pair here joins the link
-    /// (as the connecting side) to what the route lookup finds.
-    fn handle_connect(
-        &mut self,
-        ctx: &mut Context<Self>,
-        socket: SocketId,
-        net: NetKey,
-        from: SocketAddrV4,
-        to: SocketAddrV4,
-        hops: u8,
-    ) {
+    /// A client behind the peer connects: a pair here joins the link (as the connecting
+    /// side) to what the route lookup finds. `waited`: steps waited so far for the
+    /// source's route.
+    fn handle_connect(&mut self, ctx: &mut Context<Self>, connect: PeerConnect, waited: u32) {
+        let PeerConnect { socket, net, from, to, hops } = connect;
         let router = &self.node.router;
-        // A peer may not speak for a client of this node. (The connecting client's route
-        // may still be on its way here — a connect right after a join can overtake it —
-        // so an unknown source is let through.)
+        // A peer speaks only for clients whose routes it announced.
         if matches!(router.route(net, *from.ip()), Some(Route::Local(_))) {
             self.node.count(Reason::PeerForgedSource);
             tracing::warn!(peer = %self.peer.name, %from, "connect from a source that is a client of this node; refused");
+            return self.answer_err(ctx, socket, ErrorCode::Unreachable, format!("connect {to}: unreachable"));
+        }
+        if router.source_origin(net, *from.ip(), self.id).is_none() {
+            if waited < SOURCE_WAIT_STEPS {
+                // Its route may be on its way (a connect right after a join overtakes it).
+                self.waiting.insert(socket);
+                ctx.run_later(SOURCE_WAIT_STEP, move |act, ctx| {
+                    if act.waiting.remove(&socket) {
+                        act.handle_connect(ctx, connect, waited + 1);
+                    }
+                });
+                return;
+            }
+            self.node.count(Reason::PeerForgedSource);
+            tracing::warn!(peer = %self.peer.name, %from, "connect from a source this peer announced no route for; refused");
             return self.answer_err(ctx, socket, ErrorCode::Unreachable, format!("connect {to}: unreachable"));
         }
         let listener = match router.route(net, *to.ip()) {
@@ -196,7 +223,7 @@ impl PeerLinkActor {
                 }
             }
             PeerMessage::Connect { socket, net, from, to, hops } => {
-                self.handle_connect(ctx, socket, net, from, to, hops)
+                self.handle_connect(ctx, PeerConnect { socket, net, from, to, hops }, 0)
             }
             PeerMessage::Answer { socket, to, result } => {
                 if let Some(pair) = self.pairs.get(&to).cloned() {
@@ -207,6 +234,7 @@ impl PeerLinkActor {
                 }
             }
             PeerMessage::Closed { socket, .. } => {
+                self.waiting.remove(&socket);
                 if let Some(pair) = self.remote.get(&socket).and_then(|local| self.pairs.get(local)) {
                     pair.do_send(PartyGone { session: self.id });
                 }
@@ -490,7 +518,9 @@ pub fn flood_broadcast(router: &Router, net: NetKey, datagram: &[u8]) {
 
 /// Forwards one datagram that came over `link`: to a local session, on toward another
 /// node, or (a broadcast seen here for the first time) to every local member and every
-/// other link. The source the origin node stamped must be a VIP behind a peer.
+/// other link. The source the origin node stamped must be a VIP whose route from its
+/// origin was announced on this link, and a broadcast must be numbered by that origin
+/// (a peer can neither forge another node's clients nor spoil its broadcast numbers).
 fn forward_link_datagram(node: &Node, link: LinkId, datagram: Bytes) {
     let drop = |why: &str| {
         node.count(Reason::LinkDatagramDropped);
@@ -509,9 +539,9 @@ fn forward_link_datagram(node: &Node, link: LinkId, datagram: Bytes) {
     let net = match header {
         LinkHeader::Unicast { net, .. } | LinkHeader::Broadcast { net, .. } => net,
     };
-    if !router.is_remote(net, *client.src.ip()) {
-        return drop("source is not behind a peer");
-    }
+    let Some(source_node) = router.source_origin(net, *client.src.ip(), link) else {
+        return drop("source not announced on this link");
+    };
     match header {
         LinkHeader::Unicast { .. } => {
             if let Some(conn) = router.datagram_target(net, client.dst) {
@@ -525,6 +555,14 @@ fn forward_link_datagram(node: &Node, link: LinkId, datagram: Bytes) {
             }
         }
         LinkHeader::Broadcast { origin, seq, .. } => {
+            if origin != source_node {
+                return drop("broadcast numbered by another node than its source's");
+            }
+            let now_us =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+            if seq > now_us.saturating_add(MAX_BROADCAST_AHEAD_US) {
+                return drop("broadcast numbered in the future");
+            }
             if origin == router.slot() || !node.first_sight(origin, seq) {
                 return;
             }
@@ -543,7 +581,7 @@ fn forward_link_datagram(node: &Node, link: LinkId, datagram: Bytes) {
 
 /// Forwards an IPv4 packet of a TUN session that came over `link`: to the TUN session
 /// holding its destination here, or on toward the next node. Its source must be a VIP
-/// behind a peer.
+/// whose route was announced on this link.
 fn forward_link_packet(node: &Node, link: LinkId, header: LinkHeader, inner: Bytes) {
     let drop = |why: &str| {
         node.count(Reason::LinkDatagramDropped);
@@ -552,8 +590,8 @@ fn forward_link_packet(node: &Node, link: LinkId, header: LinkHeader, inner: Byt
     let Ok(packet) = IpPacket::parse(&inner) else { return drop("malformed IP packet") };
     let LinkHeader::Unicast { net, .. } = header else { return drop("an IP packet broadcast") };
     let router = &node.router;
-    if !router.is_remote(net, packet.src) {
-        return drop("source is not behind a peer");
+    if router.source_origin(net, packet.src, link).is_none() {
+        return drop("source not announced on this link");
     }
     if let Some(conn) = router.tun_target(net, packet.dst) {
         let _ = conn.send_datagram(inner);
@@ -633,6 +671,7 @@ fn start_link(
         pairs: HashMap::new(),
         remote: HashMap::new(),
         local: HashMap::new(),
+        waiting: HashSet::new(),
         ended,
         me: None,
     };

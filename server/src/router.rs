@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::Addr;
 use dashmap::DashMap;
-use overlan_shared::route::{LinkId, NetKey};
+use overlan_shared::route::{LinkId, NetKey, Sources};
 use overlan_shared::wire::control::SocketId;
 
 use crate::link::PeerLinkActor;
@@ -79,6 +79,8 @@ pub struct Router {
     next_session: AtomicU64,
     next_socket: AtomicU64,
     routes: DashMap<(NetKey, Ipv4Addr), Entry>,
+    /// Remote VIPs: the links their traffic may come on, and their origin's slot.
+    sources: DashMap<(NetKey, Ipv4Addr), Sources>,
     links: DashMap<LinkId, PeerLink>,
     listeners: DashMap<(NetKey, SocketAddrV4), LocalSession>,
     datagram_ports: DashMap<(NetKey, SocketAddrV4), DatagramBinding>,
@@ -102,6 +104,7 @@ impl Router {
             next_session: AtomicU64::new(0),
             next_socket: AtomicU64::new(0),
             routes: DashMap::new(),
+            sources: DashMap::new(),
             links: DashMap::new(),
             listeners: DashMap::new(),
             datagram_ports: DashMap::new(),
@@ -200,9 +203,20 @@ impl Router {
             .collect()
     }
 
-    /// Whether `vip` is routed over some peer link (a source a peer may forward).
-    pub fn is_remote(&self, net: NetKey, vip: Ipv4Addr) -> bool {
-        self.routes.get(&(net, vip)).is_some_and(|e| matches!(e.value(), Entry::Peer(_)))
+    /// Records where traffic from remote `vip` may come from (the cluster actor's
+    /// route table decides).
+    pub fn set_sources(&self, net: NetKey, vip: Ipv4Addr, sources: Option<Sources>) {
+        match sources {
+            Some(sources) => self.sources.insert((net, vip), sources),
+            None => self.sources.remove(&(net, vip)).map(|(_, s)| s),
+        };
+    }
+
+    /// The slot of the node remote `vip` is attached at, if traffic from it may come on
+    /// `link` (a route to it from its origin was announced there). A peer that stamps
+    /// another source than that is forging.
+    pub fn source_origin(&self, net: NetKey, vip: Ipv4Addr, link: LinkId) -> Option<u8> {
+        self.sources.get(&(net, vip)).filter(|s| s.links.contains(&link)).map(|s| s.origin_slot)
     }
 
     /// Registers a live peer link.

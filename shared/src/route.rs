@@ -107,6 +107,16 @@ pub enum RouteOutput {
         /// Where its traffic goes now.
         best: Option<Hop>,
     },
+    /// Where traffic stamped with remote `vip` as its source may now come from
+    /// (`None`: from no link; the VIP is local or unknown).
+    SourcesChanged {
+        /// Network.
+        net: NetKey,
+        /// The VIP.
+        vip: Ipv4Addr,
+        /// The links and the origin.
+        sources: Option<Sources>,
+    },
     /// A local session's VIP is announced fresher by another node (the client roamed
     /// there): the local session is stale.
     Superseded {
@@ -122,6 +132,18 @@ pub enum RouteOutput {
         /// The updates.
         updates: Vec<RouteUpdate>,
     },
+}
+
+/// The links a remote VIP's traffic may arrive on: those that announce its current
+/// origin (all of them, not only the best: on equal paths the sender's node may pick
+/// another than this node would), and the origin's slot, which numbers the broadcasts
+/// that enter the cluster there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    /// The links, ascending.
+    pub links: Vec<LinkId>,
+    /// The slot of the node the VIP is attached at.
+    pub origin_slot: u8,
 }
 
 /// Why an update from a peer was dropped.
@@ -161,6 +183,8 @@ struct Entry {
     /// What each link announced.
     learned: BTreeMap<LinkId, Learned>,
     best: Option<Hop>,
+    /// Where traffic from the VIP may come from.
+    sources: Option<Sources>,
     /// The links that were told a route: the sequence number and path they were told.
     told: HashMap<LinkId, Told>,
 }
@@ -190,6 +214,11 @@ impl RouteTable {
     /// The best hop toward `vip`.
     pub fn best(&self, net: NetKey, vip: Ipv4Addr) -> Option<Hop> {
         self.entries.get(&(net, vip)).and_then(|e| e.best)
+    }
+
+    /// Where traffic from remote `vip` may come from.
+    pub fn sources(&self, net: NetKey, vip: Ipv4Addr) -> Option<&Sources> {
+        self.entries.get(&(net, vip))?.sources.as_ref()
     }
 
     /// The origin node and its slot of the best route toward `vip`.
@@ -369,6 +398,23 @@ impl RouteTable {
             }
         }
         let best = best.map(|(_, _, hop)| hop);
+        let sources = match best {
+            Some(Hop::Peer(via)) => {
+                let chosen = &entry.learned[&via];
+                let links = entry
+                    .learned
+                    .iter()
+                    .filter(|(l, x)| eligible(l, x) && x.path[0] == chosen.path[0])
+                    .map(|(l, _)| *l)
+                    .collect();
+                Some(Sources { links, origin_slot: chosen.origin_slot })
+            }
+            _ => None,
+        };
+        if sources != entry.sources {
+            entry.sources = sources.clone();
+            self.out.push_back(RouteOutput::SourcesChanged { net, vip, sources });
+        }
         if entry.local.is_some() && best != Some(Hop::Local) {
             self.out.push_back(RouteOutput::Superseded { net, vip });
         }
@@ -591,6 +637,33 @@ mod tests {
         for node in 0..3 {
             assert_eq!(c.tables[node].best(NET, vip(3)), None, "node {node}");
         }
+    }
+
+    #[test]
+    fn traffic_from_a_vip_may_come_on_every_link_that_announces_its_origin() {
+        // A ring n0—n1—n2—n3—n0: n2 hears n0's client on two paths of equal length,
+        // and n0's node may send on either.
+        let mut c = Cluster::new(4);
+        c.connect(0, 1);
+        c.connect(1, 2);
+        c.connect(2, 3);
+        c.connect(3, 0);
+        c.tables[0].handle_local_attach(NET, vip(1), None, 1);
+        let outputs = c.settle();
+        let n2_links: Vec<LinkId> = c.links.iter().filter(|l| l.0 == 2 || l.2 == 2).map(|l| l.1).collect();
+        assert_eq!(c.tables[2].sources(NET, vip(1)), Some(&Sources { links: n2_links, origin_slot: 0 }));
+        assert!(outputs.iter().any(|(node, out)| *node == 2 && matches!(out, RouteOutput::SourcesChanged { .. })));
+        // Only the direct link where the origin is a neighbour; none at the origin.
+        let n1_link_to_n0 = c.links.iter().find(|l| (l.0, l.2) == (0, 1)).unwrap().1;
+        assert_eq!(c.tables[1].sources(NET, vip(1)).map(|s| s.links.clone()), Some(vec![n1_link_to_n0]));
+        assert_eq!(c.tables[0].sources(NET, vip(1)), None);
+        // One path gone: one link left; the client gone: none.
+        c.cut(1, 2);
+        let n2_to_n3 = c.links.iter().find(|l| (l.0, l.2) == (2, 3)).unwrap().1;
+        assert_eq!(c.tables[2].sources(NET, vip(1)).map(|s| s.links.clone()), Some(vec![n2_to_n3]));
+        c.tables[0].handle_local_detach(NET, vip(1));
+        c.settle();
+        assert_eq!(c.tables[2].sources(NET, vip(1)), None);
     }
 
     #[test]
