@@ -615,6 +615,40 @@ async fn a_vip_is_given_back_only_through_the_node_that_issued_it() {
 }
 
 #[tokio::test]
+async fn a_lease_given_up_cannot_take_its_vip_back_from_the_new_holder() {
+    let mut cluster = TestCluster::start(2, &[(1, 0)]).await;
+    let old = identity();
+    let first = join_as(&cluster.invite(0), &old, "").await;
+    let (vip, stale) = (first.vip(), first.lease().expect("a cluster lease proof"));
+    assert_eq!(first.release().await.unwrap(), vip);
+    first.close();
+    // Given up VIPs return to the pool when the node restarts; the next client gets it.
+    let n0 = cluster.nodes.remove(0).restart_same_port();
+    cluster.nodes.insert(0, n0);
+    cluster.linked(1, 0).await;
+    let holder = join(&cluster.invite(0)).await;
+    assert_eq!(holder.vip(), vip, "the freed VIP is handed out again");
+    let _l = holder.listen(7000).await.unwrap();
+    // The old holder comes back on n1 with the proof it kept. n1 cannot tell (the
+    // proof's signature holds), but n0, where the VIP's holder is, refuses the route.
+    let rejected = || cluster.nodes[0].counters().get(overlan_server::counters::Reason::RouteRejected);
+    let options = overlan_client::JoinOptions::new(cluster.invite(1), old.clone()).lease(Some(stale));
+    let back = within("join n1", overlan_client::Client::join(options)).await.unwrap();
+    assert_eq!(back.vip(), vip);
+    within("the stale route rejected at n0", async {
+        while rejected() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let closed = tokio::time::timeout(Duration::from_millis(500), holder.closed()).await;
+    assert!(closed.is_err(), "the new holder's session was replaced: {closed:?}");
+    let local = join(&cluster.invite(0)).await;
+    let mut s = within("connect to the holder", local.connect(SocketAddrV4::new(vip, 7000))).await.unwrap();
+    s.write_all(b"still the holder's").await.unwrap();
+}
+
+#[tokio::test]
 async fn one_vip_per_identity_and_instance_on_every_node_and_the_newer_session_wins() {
     let cluster = TestCluster::line().await;
     let me = identity();

@@ -32,7 +32,7 @@ pub struct ClusterActor {
     pending: HashMap<(LinkId, NetKey, Ipv4Addr), Announce>,
     /// The session each local VIP was attached by (so a stale verdict never replaces a
     /// newer session).
-    attached: HashMap<(NetKey, Ipv4Addr), SessionId>,
+    attached: HashMap<(NetKey, Ipv4Addr), (SessionId, Holder)>,
 }
 
 /// Most announcements held for networks not known yet.
@@ -75,7 +75,7 @@ impl ClusterActor {
                 RouteOutput::SourcesChanged { net, vip, sources } => self.node.router.set_sources(net, vip, sources),
                 RouteOutput::Superseded { net, vip } => {
                     // Only the session the table judged: a newer one may hold the VIP now.
-                    let judged = self.attached.get(&(net, vip)).copied();
+                    let judged = self.attached.get(&(net, vip)).map(|(session, _)| *session);
                     if let Some(Route::Local(session)) = self.node.router.route(net, vip) {
                         if Some(session.id) == judged {
                             tracing::info!(%vip, "the client joined another node; replacing its session here");
@@ -162,6 +162,13 @@ impl ClusterActor {
         if claim.vip != a.vip || NetKey::of(&claim.network) != a.net || !in_slot(network.subnet, issuer.slot, a.vip) {
             return Err(format!("{} and its lease proof is for another VIP, network or slot", outside()));
         }
+        // A client holds the VIP here: a proof of another client's (a lease given up
+        // and since given to this one) cannot take it; the same client roaming can.
+        if let Some((_, holder)) = self.attached.get(&(a.net, a.vip)) {
+            if claim.identity != holder.identity || claim.instance != holder.instance {
+                return Err(format!("{} is held here by another client; its lease proof is stale", a.vip));
+            }
+        }
         Ok(())
     }
 }
@@ -182,12 +189,23 @@ pub struct LocalAttach {
     pub proof: Option<String>,
     /// The session that took it.
     pub session: SessionId,
+    /// Whose session it is.
+    pub holder: Holder,
+}
+
+/// The client holding a VIP: its identity (SPKI SHA-256, hex) and instance name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// Identity, hex.
+    pub identity: String,
+    /// Instance name.
+    pub instance: String,
 }
 
 impl Handler<LocalAttach> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LocalAttach, _ctx: &mut Self::Context) {
-        self.attached.insert((msg.net, msg.vip), msg.session);
+        self.attached.insert((msg.net, msg.vip), (msg.session, msg.holder));
         self.table.handle_local_attach(msg.net, msg.vip, msg.proof, Self::now_ms());
         self.drive();
     }

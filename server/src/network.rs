@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::cluster::{LocalAttach, LocalDetach};
+use crate::cluster::{Holder, LocalAttach, LocalDetach};
 use crate::node::Node;
 use crate::router::{LocalSession, SessionId};
 use crate::session::Replace;
@@ -54,6 +54,8 @@ pub struct JoinNetwork {
     pub vip: Ipv4Addr,
     /// The session.
     pub session: LocalSession,
+    /// Whose session it is.
+    pub holder: Holder,
     /// The lease proof of a VIP outside this node's slot.
     pub proof: Option<String>,
 }
@@ -66,10 +68,9 @@ impl Handler<JoinNetwork> for NetworkActor {
             tracing::info!(network = %self.network.name, vip = %msg.vip, old = old.id, "replacing the older session");
             old.addr.do_send(Replace);
         }
-        let stamped = self
-            .node
-            .cluster_actor()
-            .map(|cluster| cluster.send(LocalAttach { net: self.id(), vip: msg.vip, proof: msg.proof, session }));
+        let stamped = self.node.cluster_actor().map(|cluster| {
+            cluster.send(LocalAttach { net: self.id(), vip: msg.vip, proof: msg.proof, session, holder: msg.holder })
+        });
         Box::pin(async move {
             if let Some(stamped) = stamped {
                 let _ = stamped.await;

@@ -24,6 +24,7 @@ use quinn::VarInt;
 use tokio_util::codec::FramedRead;
 
 use crate::allocator::{LeaseSeen, ListLeases, ReleaseLease};
+use crate::cluster::Holder;
 use crate::control::{ControlQueue, PushError};
 use crate::counters::Reason;
 use crate::datagram::{DatagramPath, Sender};
@@ -396,7 +397,8 @@ impl Actor for SessionActor {
         let slot = self.node.router.slot();
         let foreign = self.node.cluster.is_some() && !in_slot(self.network.subnet, slot, self.vip);
         let proof = if foreign { self.proof.clone() } else { None };
-        let join = JoinNetwork { vip: self.vip, session: self.local(ctx), proof };
+        let holder = Holder { identity: self.identity.to_string(), instance: self.instance.clone() };
+        let join = JoinNetwork { vip: self.vip, session: self.local(ctx), holder, proof };
         ctx.wait(self.network_addr.send(join).into_actor(self).map(|joined, act, ctx| match joined {
             Ok(()) => act.welcome(ctx),
             Err(_) => {
