@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use overlan_shared::cluster::{in_slot, valid_node_name, verify_lease};
-use overlan_shared::route::{Announce, Hop, LinkId, NetKey, RouteOutput, RouteTable, RouteUpdate};
+use overlan_shared::route::{
+    Announce, Dropped, Hop, LinkId, NetKey, RouteOutput, RouteTable, RouteUpdate, MAX_ROUTES_PER_LINK,
+};
 use overlan_shared::wire::peer::MAX_HOPS;
 
 use crate::counters::Reason;
@@ -29,14 +31,14 @@ pub struct ClusterActor {
     links: std::collections::HashMap<LinkId, (String, u8, Addr<crate::link::PeerLinkActor>)>,
     /// Announcements for networks this node does not know yet (the network was just
     /// added on another node; its catalog is on the way), checked again when it arrives.
-    pending: HashMap<(LinkId, NetKey, Ipv4Addr), Announce>,
+    pending: HashMap<LinkId, HashMap<(NetKey, Ipv4Addr), Announce>>,
     /// The session each local VIP was attached by (so a stale verdict never replaces a
     /// newer session).
     attached: HashMap<(NetKey, Ipv4Addr), (SessionId, Holder)>,
 }
 
-/// Most announcements held for networks not known yet.
-const MAX_PENDING: usize = 100_000;
+/// Most announcements one link may have held for networks not known yet.
+const MAX_PENDING_PER_LINK: usize = 25_000;
 /// Longest lease proof accepted in an announcement (a claim, a signature and a
 /// certificate: about 2 KiB as hex).
 const MAX_PROOF: usize = 8 * 1024;
@@ -270,7 +272,7 @@ impl Handler<LinkDown> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LinkDown, _ctx: &mut Self::Context) {
         self.links.remove(&msg.link);
-        self.pending.retain(|(link, _, _), _| *link != msg.link);
+        self.pending.remove(&msg.link);
         self.table.handle_link_down(msg.link);
         self.drive();
     }
@@ -291,35 +293,50 @@ impl Handler<RoutesReceived> for ClusterActor {
     fn handle(&mut self, msg: RoutesReceived, _ctx: &mut Self::Context) {
         let peer = self.links.get(&msg.link).map(|(name, _, _)| name.clone()).unwrap_or_default();
         let mut accepted = Vec::with_capacity(msg.updates.len());
+        // One log line per batch, not per route: a lying peer must not flood the log.
+        let mut rejected = 0;
+        let mut first_why = None;
+        let mut pending = self.pending.remove(&msg.link).unwrap_or_default();
         for update in msg.updates {
             if let RouteUpdate::Announce(a) = &update {
                 // A newer word about the VIP from this link replaces one still waiting.
-                self.pending.remove(&(msg.link, a.net, a.vip));
-                match self.check(msg.link, a) {
-                    Ok(()) => {}
-                    Err(Refusal::UnknownNetwork) if self.pending.len() < MAX_PENDING => {
+                pending.remove(&(a.net, a.vip));
+                let why = match self.check(msg.link, a) {
+                    Ok(()) => {
+                        accepted.push(update);
+                        continue;
+                    }
+                    Err(Refusal::UnknownNetwork) if pending.len() < MAX_PENDING_PER_LINK => {
                         tracing::debug!(%peer, vip = %a.vip, net = %a.net, "route for a network not known yet; held");
-                        self.pending.insert((msg.link, a.net, a.vip), a.clone());
+                        pending.insert((a.net, a.vip), a.clone());
                         continue;
                     }
-                    Err(Refusal::UnknownNetwork) => {
-                        self.node.count(Reason::RouteRejected);
-                        tracing::warn!(%peer, vip = %a.vip, net = %a.net, "dropping a route for an unknown network");
-                        continue;
-                    }
-                    Err(Refusal::Invalid(why)) => {
-                        self.node.count(Reason::RouteRejected);
-                        tracing::warn!(%peer, vip = %a.vip, origin = a.origin(), %why, "dropping a route announcement");
-                        continue;
-                    }
-                }
+                    Err(Refusal::UnknownNetwork) => format!("{}: too many routes held for unknown networks", a.vip),
+                    Err(Refusal::Invalid(why)) => format!("{} (origin {}): {why}", a.vip, a.origin()),
+                };
+                rejected += 1;
+                first_why.get_or_insert(why);
+                continue;
             } else if let RouteUpdate::Withdraw { net, vip } = &update {
-                self.pending.remove(&(msg.link, *net, *vip));
+                pending.remove(&(*net, *vip));
             }
             accepted.push(update);
         }
+        if !pending.is_empty() && self.links.contains_key(&msg.link) {
+            self.pending.insert(msg.link, pending);
+        }
         for (update, why) in self.table.handle_updates(msg.link, accepted) {
-            tracing::debug!(%peer, ?update, ?why, "route update dropped");
+            if why == Dropped::TooMany {
+                rejected += 1;
+                first_why.get_or_insert(format!("the link holds {MAX_ROUTES_PER_LINK} routes already"));
+            } else {
+                tracing::debug!(%peer, ?update, ?why, "route update dropped");
+            }
+        }
+        if rejected > 0 {
+            self.node.counters.add_n(Reason::RouteRejected, rejected);
+            let why = first_why.unwrap_or_default();
+            tracing::warn!(%peer, rejected, first = %why, "dropping route announcements");
         }
         self.drive();
     }
@@ -335,12 +352,12 @@ impl Handler<NetworksChanged> for ClusterActor {
     type Result = ();
     fn handle(&mut self, _: NetworksChanged, ctx: &mut Self::Context) {
         let mut by_link: std::collections::HashMap<LinkId, Vec<RouteUpdate>> = Default::default();
-        let waiting = std::mem::take(&mut self.pending);
-        for (key, a) in waiting {
-            if self.node.network_by_key(a.net).is_none() {
-                self.pending.insert(key, a);
-            } else {
-                by_link.entry(key.0).or_default().push(RouteUpdate::Announce(a));
+        for (link, waiting) in &mut self.pending {
+            let known: Vec<_> =
+                waiting.keys().filter(|(net, _)| self.node.network_by_key(*net).is_some()).copied().collect();
+            for key in known {
+                let a = waiting.remove(&key).expect("listed above");
+                by_link.entry(*link).or_default().push(RouteUpdate::Announce(a));
             }
         }
         for (link, updates) in by_link {

@@ -69,6 +69,11 @@ impl Counters {
         self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `n` occurrences of `reason`.
+    pub fn add_n(&self, reason: Reason, n: u64) {
+        self.counts[reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
     /// The count of `reason` so far.
     pub fn get(&self, reason: Reason) -> u64 {
         self.counts[reason as usize].load(Ordering::Relaxed)

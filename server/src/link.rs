@@ -217,9 +217,13 @@ impl PeerLinkActor {
                 tracing::warn!(peer = %self.peer.name, "protocol violation on a peer link: hello sent twice");
                 ctx.stop();
             }
+            // The next frame is read once these are taken in: a peer that floods its
+            // control stream is slowed to what this node can check, and nothing queues
+            // without bound in the cluster actor's or the allocator's mailbox.
             PeerMessage::Routes { updates } => {
                 if let Some(cluster) = self.node.cluster_actor() {
-                    cluster.do_send(RoutesReceived { link: self.id, updates });
+                    let taken = cluster.send(RoutesReceived { link: self.id, updates });
+                    ctx.wait(taken.into_actor(self).map(|_, _, _| ()));
                 }
             }
             PeerMessage::Connect { socket, net, from, to, hops } => {
@@ -239,7 +243,10 @@ impl PeerLinkActor {
                     pair.do_send(PartyGone { session: self.id });
                 }
             }
-            PeerMessage::Catalog(catalog) => self.node.allocator.do_send(MergeCatalog(catalog)),
+            PeerMessage::Catalog(catalog) => {
+                let taken = self.node.allocator.send(MergeCatalog(catalog));
+                ctx.wait(taken.into_actor(self).map(|_, _, _| ()));
+            }
             PeerMessage::Ping { nonce } => self.send(ctx, &PeerMessage::Pong { nonce }),
             PeerMessage::Pong { .. } => {}
         }

@@ -155,7 +155,13 @@ pub enum Dropped {
     Loop,
     /// The path is empty or does not end at the link's peer.
     BadPath,
+    /// The link already holds [`MAX_ROUTES_PER_LINK`] routes.
+    TooMany,
 }
+
+/// Most routes one link may hold: a peer cannot make this node's table grow without
+/// bound (a cluster serves far fewer clients).
+pub const MAX_ROUTES_PER_LINK: usize = 250_000;
 
 /// What a link was told about a VIP.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,6 +201,9 @@ pub struct RouteTable {
     me: String,
     slot: u8,
     links: BTreeMap<LinkId, String>,
+    /// How many routes each link holds, and the most it may.
+    held: HashMap<LinkId, usize>,
+    max_per_link: usize,
     entries: HashMap<(NetKey, Ipv4Addr), Entry>,
     last_seq: u64,
     out: VecDeque<RouteOutput>,
@@ -203,7 +212,23 @@ pub struct RouteTable {
 impl RouteTable {
     /// An empty table of the node named `me`, holding slot `slot`.
     pub fn new(me: impl Into<String>, slot: u8) -> Self {
-        Self { me: me.into(), slot, links: BTreeMap::new(), entries: HashMap::new(), last_seq: 0, out: VecDeque::new() }
+        Self {
+            me: me.into(),
+            slot,
+            links: BTreeMap::new(),
+            held: HashMap::new(),
+            max_per_link: MAX_ROUTES_PER_LINK,
+            entries: HashMap::new(),
+            last_seq: 0,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The same table holding at most `max` routes per link (instead of
+    /// [`MAX_ROUTES_PER_LINK`]).
+    pub fn with_max_routes_per_link(mut self, max: usize) -> Self {
+        self.max_per_link = max;
+        self
     }
 
     /// This node's name.
@@ -300,6 +325,7 @@ impl RouteTable {
     /// A link went down: everything learned over it is forgotten.
     pub fn handle_link_down(&mut self, link: LinkId) {
         let Some(peer) = self.links.remove(&link) else { return };
+        self.held.remove(&link);
         let affected: Vec<_> = self
             .entries
             .iter_mut()
@@ -341,15 +367,25 @@ impl RouteTable {
                 if a.path.contains(&self.me) {
                     return Err(Dropped::Loop);
                 }
+                let held = self.held.entry(link).or_default();
+                let known = self.entries.get(&(a.net, a.vip)).is_some_and(|e| e.learned.contains_key(&link));
+                if !known && *held >= self.max_per_link {
+                    return Err(Dropped::TooMany);
+                }
                 let entry = self.entries.entry((a.net, a.vip)).or_default();
                 let learned =
                     Learned { seq: a.seq, path: a.path.clone(), origin_slot: a.origin_slot, proof: a.proof.clone() };
-                entry.learned.insert(link, learned);
+                if entry.learned.insert(link, learned).is_none() {
+                    *held += 1;
+                }
                 self.recompute(a.net, a.vip);
             }
             RouteUpdate::Withdraw { net, vip } => {
                 if let Some(entry) = self.entries.get_mut(&(*net, *vip)) {
                     if entry.learned.remove(&link).is_some() {
+                        if let Some(held) = self.held.get_mut(&link) {
+                            *held -= 1;
+                        }
                         self.recompute(*net, *vip);
                     }
                 }
@@ -664,6 +700,33 @@ mod tests {
         c.tables[0].handle_local_detach(NET, vip(1));
         c.settle();
         assert_eq!(c.tables[2].sources(NET, vip(1)), None);
+    }
+
+    #[test]
+    fn a_link_holds_a_bounded_number_of_routes() {
+        let mut table = RouteTable::new("n0", 0).with_max_routes_per_link(3);
+        table.handle_link_up(1, "n1");
+        let announce = |n: u8| {
+            RouteUpdate::Announce(Announce {
+                net: NET,
+                vip: vip(n),
+                seq: 1,
+                path: vec!["n1".into()],
+                origin_slot: 1,
+                proof: None,
+            })
+        };
+        let dropped = table.handle_updates(1, (1..=5).map(announce));
+        assert_eq!(dropped.iter().map(|(_, why)| *why).collect::<Vec<_>>(), vec![Dropped::TooMany; 2]);
+        // A newer word about a route it holds still counts; a withdrawal makes room.
+        assert!(table.handle_updates(1, [announce(3)]).is_empty());
+        assert!(table.handle_updates(1, [RouteUpdate::Withdraw { net: NET, vip: vip(1) }]).is_empty());
+        assert!(table.handle_updates(1, [announce(4)]).is_empty());
+        assert_eq!(table.handle_updates(1, [announce(5)]).len(), 1);
+        // A link that comes up again starts empty.
+        table.handle_link_down(1);
+        table.handle_link_up(1, "n1");
+        assert!(table.handle_updates(1, (5..=7).map(announce)).is_empty());
     }
 
     #[test]
