@@ -717,8 +717,13 @@ impl Inner {
         }
         Err(match &*self.state.borrow() {
             SessionState::Up => Error::SessionLost("no session".into()),
-            SessionState::Reconnecting(why) => Error::SessionLost(format!("{why}; reconnecting")),
-            SessionState::Closed(why) => Error::SessionLost(why.clone()),
+            // The reason may say "session lost" already; the error says it once.
+            SessionState::Reconnecting(why) => {
+                Error::SessionLost(format!("{}; reconnecting", why.strip_prefix("session lost: ").unwrap_or(why)))
+            }
+            SessionState::Closed(why) => {
+                Error::SessionLost(why.strip_prefix("session lost: ").unwrap_or(why).to_owned())
+            }
         })
     }
 

@@ -57,6 +57,9 @@ pub enum Request {
 pub struct Status {
     /// Instance name (empty: the unnamed instance).
     pub instance: String,
+    /// The command holding the session: `up`, `tun` or `run`.
+    #[serde(default = "default_command")]
+    pub command: String,
     /// The VIP.
     pub vip: Ipv4Addr,
     /// Network name.
@@ -87,9 +90,13 @@ pub struct Status {
     pub rtt_us: Option<u64>,
 }
 
+fn default_command() -> String {
+    "up".to_owned()
+}
+
 impl Status {
-    /// The status of `client`, instance `instance`.
-    pub fn of(client: &Client, instance: &str) -> Self {
+    /// The status of `client`, instance `instance`, whose session `command` holds.
+    pub fn of(client: &Client, instance: &str, command: &str) -> Self {
         let (state, reason) = match client.state() {
             SessionState::Up => ("up", None),
             SessionState::Reconnecting(why) => ("reconnecting", Some(why)),
@@ -99,6 +106,7 @@ impl Status {
         let path = client.path();
         Self {
             instance: instance.to_owned(),
+            command: command.to_owned(),
             vip: client.vip(),
             network: client.network().to_owned(),
             subnet: client.subnet().to_string(),
@@ -205,8 +213,8 @@ impl Drop for ControlServer {
 /// Why the control socket could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// Another `up` of the same instance answers on the socket.
-    #[error("another `overlan up` already runs this instance (control socket {0})")]
+    /// Another `up` (or `tun`, `run`) of the same instance answers on the socket.
+    #[error("another overlan command already holds this instance's session (control socket {0})")]
     AlreadyRunning(String),
     /// The socket could not be made.
     #[error("control socket {path}: {source}")]
@@ -218,8 +226,14 @@ pub enum ServeError {
     },
 }
 
-/// Serves `client`'s control socket at `path` (instance `instance`).
-pub async fn serve(client: Client, path: PathBuf, instance: String) -> Result<ControlServer, ServeError> {
+/// Serves `client`'s control socket at `path` (instance `instance`, its session held by
+/// `overlan COMMAND`: up, tun or run), so the instance's other commands share it.
+pub async fn serve(
+    client: Client,
+    path: PathBuf,
+    instance: String,
+    command: &'static str,
+) -> Result<ControlServer, ServeError> {
     let shown = path.display().to_string();
     let io_err = |source| ServeError::Io { path: shown.clone(), source };
     if let Some(dir) = path.parent() {
@@ -237,7 +251,7 @@ pub async fn serve(client: Client, path: PathBuf, instance: String) -> Result<Co
     set_mode(&path, 0o600).map_err(io_err)?;
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(answer(stream, client.clone(), instance.clone()));
+            tokio::spawn(answer(stream, client.clone(), instance.clone(), command));
         }
     });
     Ok(ControlServer { path, task })
@@ -254,7 +268,7 @@ async fn send_line(stream: &mut UnixStream, response: &Response) -> io::Result<(
     stream.write_all(text.as_bytes()).await
 }
 
-async fn answer(stream: UnixStream, client: Client, instance: String) {
+async fn answer(stream: UnixStream, client: Client, instance: String, command: &'static str) {
     let mut line = String::new();
     // A command sends nothing after its request line until it is answered, so the
     // reader holds nothing beyond the line when it is taken apart again.
@@ -265,7 +279,7 @@ async fn answer(stream: UnixStream, client: Client, instance: String) {
         return;
     }
     let response = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Status) => Response::Status(Status::of(&client, &instance)),
+        Ok(Request::Status) => Response::Status(Status::of(&client, &instance, command)),
         Ok(Request::Peers) => match client.peers().await {
             Ok(peers) => Response::Peers { peers },
             Err(e) => Response::Error { message: e.to_string() },
@@ -325,7 +339,7 @@ async fn answer(stream: UnixStream, client: Client, instance: String) {
                     if send_line(&mut stream, &Response::Mapped { line: started.line }).await.is_err() {
                         return;
                     }
-                    let mut run = started.run;
+                    let (mut run, stop) = (started.run, started.stop);
                     loop {
                         tokio::select! {
                             why = &mut run => {
@@ -337,8 +351,13 @@ async fn answer(stream: UnixStream, client: Client, instance: String) {
                                     return;
                                 }
                             }
-                            // The command went away (Ctrl-C): the forward stops with it.
-                            _ = stream.readable() => return,
+                            // The command went away (Ctrl-C): the forward stops with it, its
+                            // connections reset.
+                            _ = stream.readable() => {
+                                stop.cancel();
+                                let _ = tokio::time::timeout(Duration::from_secs(1), run).await;
+                                return;
+                            }
                         }
                     }
                 }
@@ -671,7 +690,7 @@ async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream) {
     let (mut vread, mut vwrite) = stream.into_split();
     let (mut cread, cwrite) = conn.into_split();
     let cwrite = std::sync::Arc::new(tokio::sync::Mutex::new(cwrite));
-    let error = |e: &dyn std::fmt::Display| format!("connection to {peer}: {e}");
+    let error = |e: &dyn std::fmt::Display| about(peer, e);
     let up = {
         let cwrite = cwrite.clone();
         async move {
@@ -815,5 +834,16 @@ impl ProxiedStream {
     /// Aborts the stream: the peer sees an error, not a clean end.
     pub async fn abort(mut self) {
         let _ = write_frame(&mut self.write, frame::ABORT, &[]).await;
+    }
+}
+
+/// `connection to PEER: error`, unless the error names the connection already (the
+/// library's stream errors do).
+pub fn about(peer: std::net::SocketAddrV4, e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    if text.starts_with("connection to ") {
+        text
+    } else {
+        format!("connection to {peer}: {text}")
     }
 }

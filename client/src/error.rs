@@ -42,14 +42,14 @@ pub enum Error {
     #[error("{0}")]
     Unauthorized(String),
     /// The session with the relay ended; open sockets are gone.
-    #[error("session lost: {0}")]
+    #[error("{}", said("session lost", .0))]
     SessionLost(String),
     /// A newer session of the same identity and instance took over; this one does not
     /// reconnect (two copies would keep replacing each other).
     #[error("session lost: {0}")]
     Replaced(String),
     /// Something did not answer in time.
-    #[error("timed out: {0}")]
+    #[error("{}", said("timed out", .0))]
     TimedOut(String),
     /// The network has no free VIP.
     #[error("{0}")]
@@ -128,5 +128,15 @@ impl From<Error> for std::io::Error {
             _ => ErrorKind::Other,
         };
         std::io::Error::new(kind, e)
+    }
+}
+
+/// `what: message`, or the message alone when it says `what` already (the relay's
+/// messages often do: "connect 10.77.0.3:80: timed out").
+fn said(what: &str, message: &str) -> String {
+    if message.contains(what) {
+        message.to_owned()
+    } else {
+        format!("{what}: {message}")
     }
 }

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::{Client, DatagramSocket, Error, Listener, VirtualStream};
 
@@ -63,36 +64,81 @@ fn default_idle_secs() -> u64 {
 }
 
 /// A forward or expose that has its ports: what it is, in one line (`forward
-/// 127.0.0.1:8080 -> 10.77.0.3:80 tcp`), and the future that runs it (it ends only when
-/// it fails for good, saying why).
+/// 127.0.0.1:8080 -> 10.77.0.3:80 tcp`), and the future that runs it (it ends when it
+/// fails for good, saying why, or once stopped).
 pub struct Started {
     /// The line that says what runs.
     pub line: String,
     /// Runs it.
     pub run: BoxFuture<'static, String>,
+    /// Stops it: `run` resets the TCP connections it carries (the local program and the
+    /// virtual peer see an error, not a clean end) and then ends. Dropping `run` instead
+    /// leaves that to the runtime, which a process about to exit may never do.
+    pub stop: CancellationToken,
+}
+
+impl Started {
+    /// Stops it and waits (at most a second) until its connections are reset.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.run).await;
+    }
+}
+
+/// A forward's local socket, bound before the forward starts (an expose has none).
+pub enum LocalSocket {
+    /// A TCP forward's listener.
+    Tcp(TcpListener),
+    /// A UDP forward's socket.
+    Udp(UdpSocket),
+    /// An expose.
+    None,
 }
 
 impl PortMap {
+    /// Binds a forward's local socket (a port in use is an error).
+    pub async fn bind_local(&self) -> Result<LocalSocket, String> {
+        match self {
+            PortMap::Forward { local, udp: true, .. } => {
+                UdpSocket::bind(local).await.map(LocalSocket::Udp).map_err(|e| format!("udp {local}: {e}"))
+            }
+            PortMap::Forward { local, .. } => {
+                TcpListener::bind(local).await.map(LocalSocket::Tcp).map_err(|e| format!("tcp {local}: {e}"))
+            }
+            PortMap::Expose { .. } => Ok(LocalSocket::None),
+        }
+    }
+
     /// Takes the ports (binds the local socket or registers the virtual port) and returns
     /// what runs; a port in use or a target name no member holds is an error.
     pub async fn start(&self, client: &Client, log: Log) -> Result<Started, String> {
+        let local = self.bind_local().await?;
+        self.start_with(client, local, log).await
+    }
+
+    /// As [`PortMap::start`], with the local socket [`PortMap::bind_local`] bound.
+    pub async fn start_with(&self, client: &Client, local: LocalSocket, log: Log) -> Result<Started, String> {
         let client = client.clone();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         match self {
-            PortMap::Forward { local, target, udp, idle_secs } => {
+            PortMap::Forward { target, idle_secs, .. } => {
                 let target = resolve(&client, target).await?;
                 let idle = Duration::from_secs((*idle_secs).max(1));
-                if *udp {
-                    let socket = UdpSocket::bind(local).await.map_err(|e| format!("udp {local}: {e}"))?;
+                if let LocalSocket::Udp(socket) = local {
                     let local = socket.local_addr().map_err(|e| e.to_string())?;
                     let run = forward_udp(client, socket, target, idle, log);
+                    let run = until(stopped, run);
                     let run = run.map(move |r| format!("forward udp {local}: {}", ended(r.err()))).boxed();
-                    Ok(Started { line: format!("forward {local} -> {target} udp"), run })
+                    Ok(Started { line: format!("forward {local} -> {target} udp"), run, stop })
                 } else {
-                    let listener = TcpListener::bind(local).await.map_err(|e| format!("tcp {local}: {e}"))?;
+                    let LocalSocket::Tcp(listener) = local else {
+                        return Err("a TCP forward needs its listener".into());
+                    };
                     let local = listener.local_addr().map_err(|e| e.to_string())?;
-                    let run = forward_tcp(client, listener, target, log);
+                    let run = forward_tcp(client, listener, target, log, stopped);
                     let run = run.map(move |r| format!("forward tcp {local}: {}", ended(r.err()))).boxed();
-                    Ok(Started { line: format!("forward {local} -> {target} tcp"), run })
+                    Ok(Started { line: format!("forward {local} -> {target} tcp"), run, stop })
                 }
             }
             PortMap::Expose { port, target, udp, idle_secs } => {
@@ -100,16 +146,16 @@ impl PortMap {
                 if *udp {
                     let socket = client.bind_datagram(*port).await.map_err(|e| format!("udp port {port}: {e}"))?;
                     let exposed = socket.local_addr();
-                    let run = expose_udp(socket, target, idle, log);
+                    let run = until(stopped, expose_udp(socket, target, idle, log));
                     let run = run.map(move |r| format!("expose udp {exposed}: {}", ended(r.err()))).boxed();
-                    Ok(Started { line: format!("expose {exposed} -> {target} udp"), run })
+                    Ok(Started { line: format!("expose {exposed} -> {target} udp"), run, stop })
                 } else {
                     let listener =
                         client.listen_with_approval(*port).await.map_err(|e| format!("tcp port {port}: {e}"))?;
                     let exposed = listener.local_addr();
-                    let run = expose_tcp(listener, target, log);
+                    let run = expose_tcp(listener, target, log, stopped);
                     let run = run.map(move |r| format!("expose tcp {exposed}: {}", ended(r.err()))).boxed();
-                    Ok(Started { line: format!("expose {exposed} -> {target} tcp"), run })
+                    Ok(Started { line: format!("expose {exposed} -> {target} tcp"), run, stop })
                 }
             }
         }
@@ -117,7 +163,15 @@ impl PortMap {
 }
 
 fn ended(error: Option<impl std::fmt::Display>) -> String {
-    error.map_or_else(|| "ended".to_owned(), |e| e.to_string())
+    error.map_or_else(|| "stopped".to_owned(), |e| e.to_string())
+}
+
+/// Runs `run` until `stop` is cancelled (UDP flows have no end to carry: they stop).
+async fn until<E>(stop: CancellationToken, run: impl std::future::Future<Output = Result<(), E>>) -> Result<(), E> {
+    tokio::select! {
+        ended = run => ended,
+        _ = stop.cancelled() => Ok(()),
+    }
 }
 
 /// `VIP:PORT`, or `NAME:PORT` for the member of the network with that instance name.
@@ -148,6 +202,12 @@ async fn resolve(client: &Client, target: &str) -> Result<SocketAddrV4, String> 
 /// on): `overlan` prints these lines on stderr.
 pub type Log = Arc<dyn Fn(String) + Send + Sync>;
 
+/// How long `expose` waits for its local service to take a connection before it denies
+/// it (below the relay's wait for the answer, so the connecting side hears "denied").
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a forward waits before accepting again after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// How long a UDP flow lives without traffic, unless told otherwise.
 pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
 /// Largest UDP payload read from a local socket (the overlay carries at most the
@@ -156,13 +216,36 @@ const UDP_BUFFER: usize = 65_536;
 
 /// Local TCP connections accepted on `listener` lead to `target`, each over a virtual
 /// stream of its own. A target that refuses or cannot be reached resets the local
-/// connection at once, and `log` says why. Ends only with an error of the listener.
-pub async fn forward_tcp(client: Client, listener: TcpListener, target: SocketAddrV4, log: Log) -> std::io::Result<()> {
+/// connection at once, and `log` says why. A failed accept (out of file descriptors,
+/// say) is logged and tried again a moment later. Ends when `stop` is cancelled,
+/// resetting the connections it carries.
+pub async fn forward_tcp(
+    client: Client,
+    listener: TcpListener,
+    target: SocketAddrV4,
+    log: Log,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     let mut connections = JoinSet::new();
     loop {
         let (tcp, from) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    log(format!("accepting a connection: {e}; trying again"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(ACCEPT_RETRY) => continue,
+                        _ = stop.cancelled() => {}
+                    }
+                    connections.shutdown().await;
+                    return Ok(());
+                }
+            },
             Some(_) = connections.join_next() => continue,
+            _ = stop.cancelled() => {
+                connections.shutdown().await;
+                return Ok(());
+            }
         };
         let (client, log) = (client.clone(), log.clone());
         connections.spawn(async move {
@@ -185,18 +268,33 @@ pub async fn forward_tcp(client: Client, listener: TcpListener, target: SocketAd
 /// Virtual connections to `listener` (made with [`Client::listen_with_approval`]) lead
 /// to the local service at `target`, each over a TCP connection of its own. A
 /// connection the service refuses is denied (the connecting side reads "denied by the
-/// peer"), and `log` says why. Ends only when the listener fails for good.
-pub async fn expose_tcp(listener: Listener, target: SocketAddr, log: Log) -> Result<(), Error> {
+/// peer"), and so is one it does not answer within [`CONNECT_TIMEOUT`]; `log` says
+/// why. Ends when the listener fails for good, or when `stop` is cancelled, resetting
+/// the connections it carries.
+pub async fn expose_tcp(
+    listener: Listener,
+    target: SocketAddr,
+    log: Log,
+    stop: CancellationToken,
+) -> Result<(), Error> {
     let mut connections = JoinSet::new();
     loop {
         let incoming = tokio::select! {
             incoming = listener.incoming() => incoming?,
             Some(_) = connections.join_next() => continue,
+            _ = stop.cancelled() => {
+                connections.shutdown().await;
+                return Ok(());
+            }
         };
         let log = log.clone();
         connections.spawn(async move {
             let from = incoming.peer_addr();
-            match TcpStream::connect(target).await {
+            let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await;
+            let connected = connected.unwrap_or_else(|_| {
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")))
+            });
+            match connected {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
                     match incoming.accept().await {
@@ -221,27 +319,67 @@ pub async fn expose_tcp(listener: Listener, target: SocketAddr, log: Log) -> Res
 }
 
 /// Carries `tcp` and `stream` both ways until both directions have ended, half-closes
-/// included. The first failure aborts both sides.
+/// included. The first failure aborts both sides, and so does dropping the future
+/// before it ends (the forward stopped by a signal): a transfer cut short never looks
+/// complete at either end.
 async fn splice(tcp: TcpStream, stream: VirtualStream) -> Result<(), String> {
-    let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let (mut virtual_read, mut virtual_write) = stream.into_split();
-    let outbound = async {
-        tokio::io::copy(&mut tcp_read, &mut virtual_write).await.map_err(|e| format!("local side: {e}"))?;
-        virtual_write.shutdown().await.map_err(|e| e.to_string())
+    let (tcp_read, tcp_write) = tcp.into_split();
+    let (virtual_read, virtual_write) = stream.into_split();
+    let mut spliced = Spliced {
+        tcp_read,
+        tcp_write: Some(tcp_write),
+        virtual_read: Some(virtual_read),
+        virtual_write: Some(virtual_write),
+        done: false,
     };
-    let inbound = async {
-        tokio::io::copy(&mut virtual_read, &mut tcp_write).await.map_err(|e| e.to_string())?;
-        tcp_write.shutdown().await.map_err(|e| format!("local side: {e}"))
+    let result = {
+        let Spliced { tcp_read, tcp_write, virtual_read, virtual_write, .. } = &mut spliced;
+        let virtual_read = virtual_read.as_mut().expect("taken only on drop");
+        let virtual_write = virtual_write.as_mut().expect("taken only on drop");
+        let tcp_write = tcp_write.as_mut().expect("taken only on drop");
+        // Errors of the overlay side say which connection they are; the kernel's do not.
+        let outbound = async {
+            tokio::io::copy(tcp_read, virtual_write).await.map_err(|e| e.to_string())?;
+            virtual_write.shutdown().await.map_err(|e| e.to_string())
+        };
+        let inbound = async {
+            tokio::io::copy(virtual_read, tcp_write).await.map_err(|e| e.to_string())?;
+            tcp_write.shutdown().await.map_err(|e| format!("local side: {e}"))
+        };
+        tokio::try_join!(outbound, inbound)
     };
-    let result = tokio::try_join!(outbound, inbound);
-    if result.is_err() {
-        virtual_write.abort();
-        virtual_read.abort();
-        if let Ok(tcp) = tcp_read.reunite(tcp_write) {
-            reset(tcp);
+    spliced.done = result.is_ok();
+    result.map(|_| ())
+}
+
+/// Both sides of a connection being spliced; dropped before both directions ended, it
+/// aborts the virtual stream and resets the local connection.
+struct Spliced {
+    tcp_read: tokio::net::tcp::OwnedReadHalf,
+    tcp_write: Option<tokio::net::tcp::OwnedWriteHalf>,
+    virtual_read: Option<crate::VirtualReadHalf>,
+    virtual_write: Option<crate::VirtualWriteHalf>,
+    done: bool,
+}
+
+impl Drop for Spliced {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(write) = self.virtual_write.take() {
+            write.abort();
+        }
+        if let Some(read) = self.virtual_read.take() {
+            read.abort();
+        }
+        // The socket closes with the read half, right after this: with a reset, and no
+        // FIN before it (a dropped write half would shut the write side down first).
+        let _ = self.tcp_read.as_ref().set_zero_linger();
+        if let Some(write) = self.tcp_write.take() {
+            write.forget();
         }
     }
-    result.map(|_| ())
 }
 
 /// Closes `tcp` with a reset, so the local program sees a failure, not an end.

@@ -271,6 +271,12 @@ impl CliError {
     fn interrupted(signal: Signal) -> Self {
         Self { message: None, code: signal.exit_code() }
     }
+
+    /// Whether a signal ended the command (a long-running session, `up` or `tun`, then
+    /// ends with status 0 whatever stage it was at).
+    fn is_interrupted(&self) -> bool {
+        self.message.is_none()
+    }
 }
 
 impl From<String> for CliError {
@@ -409,26 +415,32 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Peers(args) => peers(&cli, &control, args.json, &mut shutdown).await,
         Command::Up => {
             // A second `up` of this instance would replace the first one's session.
-            if running_status(&control).await?.is_some() {
+            if let Some(status) = running_status(&control).await? {
                 return Err(format!(
-                    "`overlan up` already runs instance {} (control socket {})",
+                    "`overlan {}` already runs instance {} (control socket {})",
+                    status.command,
                     instance_label(cli.name()),
                     control.display()
                 )
                 .into());
             }
-            let client = join_until_up(&cli, &mut shutdown).await?;
-            let server =
-                control::serve(client.clone(), control, cli.name().to_owned()).await.map_err(|e| e.to_string())?;
+            let client = match join_until_up(&cli, &mut shutdown).await {
+                Err(e) if e.is_interrupted() => return Ok(ExitCode::SUCCESS),
+                joined => joined?,
+            };
+            let server = control::serve(client.clone(), control, cli.name().to_owned(), "up")
+                .await
+                .map_err(|e| e.to_string())?;
             println!("vip {}", client.vip());
             // The config file's forwards: a port that cannot be had ends `up` at once.
-            let mut maps = tokio::task::JoinSet::new();
+            let mut maps = Maps { running: tokio::task::JoinSet::new(), stops: Vec::new() };
             for map in &cli.port_maps {
                 let log: overlan_client::forward::Log = std::sync::Arc::new(|message| eprintln!("overlan: {message}"));
                 match map.start(&client, log).await {
                     Ok(running) => {
                         println!("{}", running.line);
-                        maps.spawn(running.run.map(|why| eprintln!("overlan: {why}")));
+                        maps.stops.push(running.stop);
+                        maps.running.spawn(running.run.map(|why| eprintln!("overlan: {why}")));
                     }
                     Err(why) => {
                         client.leave().await;
@@ -436,7 +448,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     }
                 }
             }
-            let result = up(client, &mut shutdown).await;
+            let result = up(client, &mut shutdown, &mut maps).await;
             drop(maps);
             drop(server);
             result
@@ -603,7 +615,7 @@ async fn status(cli: &Cli, control: &std::path::Path, json: bool) -> Result<Exit
         Some(why) => format!("{} ({why})", s.state),
         None => s.state.clone(),
     };
-    println!("instance  {}", instance_label(&s.instance));
+    println!("instance  {} (overlan {})", instance_label(&s.instance), s.command);
     println!("vip       {}", s.vip);
     println!("network   {} ({})", s.network, s.subnet);
     println!("relay     {}", s.relay);
@@ -678,32 +690,51 @@ async fn run_port_map(
     if let Some(why) = ended {
         return Err(why.into());
     }
+    // The local port first: a port in use must not cost the instance's session (a
+    // join would replace a running one).
+    let local = map.bind_local().await?;
     let client = join_or_signal(cli, shutdown).await?;
-    let watcher = say_session_changes(&client);
     let log: overlan_client::forward::Log = std::sync::Arc::new(|message| eprintln!("overlan: {message}"));
-    let result = match map.start(&client, log).await {
-        Ok(running) => {
-            started(running.line);
-            tokio::select! {
-                why = running.run => Err(CliError::from(why)),
-                signal = shutdown.recv() => Err(CliError::interrupted(signal)),
+    let result = match map.start_with(&client, local, log).await {
+        Ok(mut running) => {
+            started(std::mem::take(&mut running.line));
+            enum Outcome {
+                Ended(String),
+                Signal(Signal),
+                SessionEnded(CliError),
+            }
+            let outcome = tokio::select! {
+                why = &mut running.run => Outcome::Ended(why),
+                signal = shutdown.recv() => Outcome::Signal(signal),
+                why = session_ended(&client) => Outcome::SessionEnded(why),
+            };
+            match outcome {
+                Outcome::Ended(why) => Err(CliError::from(why)),
+                Outcome::Signal(signal) => {
+                    running.stop().await;
+                    Err(CliError::interrupted(signal))
+                }
+                Outcome::SessionEnded(why) => {
+                    running.stop().await;
+                    Err(why)
+                }
             }
         }
         Err(why) => Err(CliError::from(why)),
     };
-    watcher.abort();
     client.leave().await;
     result
 }
 
 /// Joins in TUN mode as this instance's session (`command`: tun or run), unless its
-/// `up` runs: the new session would replace that one.
+/// `up` runs: the new session would replace that one. Serves the instance's control
+/// socket for as long as the returned server lives.
 async fn join_tun_session(
     cli: &Cli,
     control: &std::path::Path,
-    command: &str,
+    command: &'static str,
     shutdown: &mut Shutdown,
-) -> Result<Client, CliError> {
+) -> Result<(Client, control::ControlServer), CliError> {
     // Checked before joining: a session that cannot bring up its interface would only
     // take the instance's VIP from another session for nothing.
     if !overlan_client::tun::may_create_interfaces() {
@@ -714,15 +745,26 @@ async fn join_tun_session(
     }
     if let Some(status) = running_status(control).await? {
         return Err(format!(
-            "`overlan up` runs instance {} with VIP {}: a TUN session would replace it; stop it first, or give {command} another --name",
+            "`overlan {}` runs instance {} with VIP {}: a TUN session would replace it; stop it first, or give {command} another --name",
+            status.command,
             instance_label(cli.name()),
             status.vip
         )
         .into());
     }
-    tokio::select! {
-        client = join_mode(cli, true) => client,
-        signal = shutdown.recv() => Err(CliError::interrupted(signal)),
+    let client = tokio::select! {
+        client = join_mode(cli, true) => client?,
+        signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+    };
+    // The instance's session from now on: its other commands (`ip`, `status`, `nc`,
+    // `forward`, …) use it instead of joining (which would replace it).
+    let path = control.to_path_buf();
+    match control::serve(client.clone(), path, cli.name().to_owned(), command).await {
+        Ok(server) => Ok((client, server)),
+        Err(e) => {
+            client.leave().await;
+            Err(e.to_string().into())
+        }
     }
 }
 
@@ -741,7 +783,15 @@ async fn tun(
     }
     #[cfg(target_os = "linux")]
     {
-        let client = join_tun_session(cli, control, "tun", shutdown).await?;
+        // A name the interface cannot have is said before joining: the join would
+        // replace a running session of the instance for nothing.
+        if let Some(dev) = dev {
+            overlan_client::tun::check_name(dev).map_err(CliError::usage)?;
+        }
+        let (client, server) = match join_tun_session(cli, control, "tun", shutdown).await {
+            Err(e) if e.is_interrupted() => return Ok(ExitCode::SUCCESS),
+            joined => joined?,
+        };
         let device = match overlan_client::tun::open(dev, client.vip(), client.subnet()) {
             Ok(device) => device,
             Err(why) => {
@@ -758,26 +808,15 @@ async fn tun(
             overlan_client::tun::MAX_IP_PACKET,
             client.network()
         );
-        let mut state = client.watch_state();
         let mut carried = Box::pin(overlan_client::tun::run(client.clone(), &device));
-        let result = loop {
-            tokio::select! {
-                ended = &mut carried => break ended.map(|()| ExitCode::SUCCESS).map_err(CliError::from),
-                _ = shutdown.recv() => break Ok(ExitCode::SUCCESS),
-                changed = state.changed() => {
-                    if changed.is_err() {
-                        break Err("client stopped".into());
-                    }
-                    match state.borrow_and_update().clone() {
-                        SessionState::Up => eprintln!("reconnected as {}", client.vip()),
-                        SessionState::Reconnecting(why) => eprintln!("{why}; reconnecting"),
-                        SessionState::Closed(why) => break Err(CliError::refused(why)),
-                    }
-                }
-            }
+        let result = tokio::select! {
+            ended = &mut carried => ended.map(|()| ExitCode::SUCCESS).map_err(CliError::from),
+            _ = shutdown.recv() => Ok(ExitCode::SUCCESS),
+            why = session_ended(&client) => Err(why),
         };
         drop(carried);
         drop(device); // the interface, its address and routes go with it
+        drop(server);
         client.leave().await;
         result
     }
@@ -799,7 +838,7 @@ async fn run_program(
     }
     #[cfg(target_os = "linux")]
     {
-        let client = join_tun_session(cli, control, "run", shutdown).await?;
+        let (client, server) = join_tun_session(cli, control, "run", shutdown).await?;
         let label = if cli.name().is_empty() { "default" } else { cli.name() };
         let ns_name = format!("overlan-{label}-{}", std::process::id());
         let (device, namespace) = match overlan_client::tun::open_in_namespace(&ns_name, client.vip(), client.subnet())
@@ -833,11 +872,20 @@ async fn run_program(
                 eprintln!("overlan: {why}; stopping {}", program[0]);
                 stop_child(&mut child).await
             }
+            why = session_ended(&client) => {
+                let why = why.message.unwrap_or_else(|| "the session ended".into());
+                eprintln!("overlan: {why}; stopping {}", program[0]);
+                stop_child(&mut child).await
+            }
             _ = shutdown.recv() => stop_child(&mut child).await,
         };
         drop(carried);
+        // What PROGRAM left running in the namespace (its children, daemons) goes too:
+        // it would outlive the namespace's name with no network.
+        namespace.stop_processes().await;
         drop(device);
         drop(namespace);
+        drop(server);
         client.leave().await;
         let status = status?;
         use std::os::unix::process::ExitStatusExt;
@@ -866,7 +914,8 @@ async fn stop_child(child: &mut tokio::process::Child) -> Result<std::process::E
 async fn leave(cli: &Cli, control: &std::path::Path, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
     if let Some(status) = running_status(control).await? {
         return Err(format!(
-            "`overlan up` runs instance {} with VIP {}; stop it first, then leave",
+            "`overlan {}` runs instance {} with VIP {}; stop it first, then leave",
+            status.command,
             instance_label(cli.name()),
             status.vip
         )
@@ -894,7 +943,23 @@ async fn leave(cli: &Cli, control: &std::path::Path, shutdown: &mut Shutdown) ->
     Ok(ExitCode::SUCCESS)
 }
 
-async fn up(client: Client, shutdown: &mut Shutdown) -> Result<ExitCode, CliError> {
+/// The forwards and exposes `up` runs from its config file.
+struct Maps {
+    running: tokio::task::JoinSet<()>,
+    stops: Vec<tokio_util::sync::CancellationToken>,
+}
+
+impl Maps {
+    /// Stops them, their TCP connections reset, waiting at most a second.
+    async fn stop(&mut self) {
+        self.stops.iter().for_each(|stop| stop.cancel());
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), async { while self.running.join_next().await.is_some() {} })
+                .await;
+    }
+}
+
+async fn up(client: Client, shutdown: &mut Shutdown, maps: &mut Maps) -> Result<ExitCode, CliError> {
     eprintln!("joined network {} ({}) as {}; Ctrl-C to leave", client.network(), client.subnet(), client.vip());
     let mut state = client.watch_state();
     loop {
@@ -902,6 +967,7 @@ async fn up(client: Client, shutdown: &mut Shutdown) -> Result<ExitCode, CliErro
             // `up` is the instance's long-running session: asked to stop, it leaves
             // cleanly and reports success (as daemons do under a service manager).
             _ = shutdown.recv() => {
+                maps.stop().await;
                 client.leave().await;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -1063,17 +1129,42 @@ fn say_session_changes(client: &Client) -> tokio::task::JoinHandle<()> {
             match state.borrow_and_update().clone() {
                 SessionState::Reconnecting(why) if up => {
                     up = false;
-                    eprintln!("{why}; reconnecting");
+                    eprintln!("overlan: {why}; reconnecting");
                 }
                 SessionState::Reconnecting(_) => {}
                 SessionState::Up => {
                     up = true;
-                    eprintln!("reconnected as {}", client.vip());
+                    eprintln!("overlan: reconnected as {}", client.vip());
                 }
                 SessionState::Closed(_) => return,
             }
         }
     })
+}
+
+/// Says on stderr when `client`'s session is lost and back (as
+/// [`say_session_changes`]); resolves when it has ended for good (replaced by a newer
+/// session of the instance, or refused on reconnecting) with the error to exit with.
+async fn session_ended(client: &Client) -> CliError {
+    let mut state = client.watch_state();
+    let mut up = true;
+    loop {
+        if state.changed().await.is_err() {
+            return "the client stopped".into();
+        }
+        match state.borrow_and_update().clone() {
+            SessionState::Reconnecting(why) if up => {
+                up = false;
+                eprintln!("overlan: {why}; reconnecting");
+            }
+            SessionState::Reconnecting(_) => {}
+            SessionState::Up => {
+                up = true;
+                eprintln!("overlan: reconnected as {}", client.vip());
+            }
+            SessionState::Closed(why) => return CliError::refused(why),
+        }
+    }
 }
 
 /// Stream mode through the running `up` of this instance (so its session is shared,
@@ -1178,7 +1269,7 @@ async fn nc_stream(
     let upload = async {
         let mut stdin = Counted::new(stdio::Input::open(), progress.sent.clone());
         let (mut buf, mut sent) = (bytes::BytesMut::new(), 0);
-        let failed = |e: std::io::Error| format!("connection to {peer}: {e}");
+        let failed = |e: std::io::Error| control::about(peer, &e);
         while let Some(chunk) = stdio::read_chunk(&mut stdin, &mut buf).await.map_err(|e| e.to_string())? {
             sent += chunk.len();
             write.write_chunk(chunk).await.map_err(failed)?;
@@ -1187,7 +1278,7 @@ async fn nc_stream(
         match write.delivered().await {
             // Nothing was sent, so nothing is lost if the peer stopped reading first.
             Err(_) if sent == 0 => Ok(()),
-            other => other.map_err(|e| format!("connection to {peer}: {e}")),
+            other => other.map_err(|e| control::about(peer, &e)),
         }
     };
     let download = async {

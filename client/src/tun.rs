@@ -106,7 +106,7 @@ pub fn inbound(datagram: &[u8], subnet: Subnet) -> Option<Cow<'_, [u8]>> {
 }
 
 #[cfg(target_os = "linux")]
-pub use linux::{open, open_in_namespace, run, Device, Namespace};
+pub use linux::{check_name, open, open_in_namespace, run, Device, Namespace};
 
 #[cfg(target_os = "linux")]
 mod linux {
@@ -167,6 +167,9 @@ mod linux {
                 format!("creating the TUN interface: {e} (overlan tun needs root or CAP_NET_ADMIN)")
             }
             io::ErrorKind::NotFound => format!("creating the TUN interface: {e} (is /dev/net/tun there?)"),
+            _ if e.raw_os_error() == Some(16) => {
+                format!("creating the TUN interface: {e} (a TUN device of that name is in use: another overlan tun?)")
+            }
             _ => format!("creating the TUN interface: {e}"),
         })?;
         let name = dev.name().map_err(|e| format!("TUN interface name: {e}"))?;
@@ -176,6 +179,21 @@ mod linux {
                 "no route for 255.255.255.255 through the overlay; broadcasts may go elsewhere");
         }
         Ok(Device { dev, name })
+    }
+
+    /// Whether `name` can be the overlay interface's: a valid interface name, and not an
+    /// interface other than a TUN device (an existing persistent TUN device is taken).
+    pub fn check_name(name: &str) -> Result<(), String> {
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ':']) || name.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "--dev {name:?}: an interface name has 1 to 15 characters, none of them / : or blanks"
+            ));
+        }
+        let sys = std::path::Path::new("/sys/class/net").join(name);
+        if sys.exists() && !sys.join("tun_flags").exists() {
+            return Err(format!("--dev {name}: an interface of that name exists and is not a TUN device"));
+        }
+        Ok(())
     }
 
     /// Builds the interface with offloads; where the kernel refuses them (not for want
@@ -198,8 +216,46 @@ mod linux {
         pub name: String,
     }
 
+    impl Namespace {
+        /// The processes in the namespace (`ip netns pids`).
+        fn pids(&self) -> Vec<String> {
+            std::process::Command::new("ip")
+                .args(["netns", "pids", &self.name])
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default()
+        }
+
+        fn signal(pids: &[String], signal: &str) {
+            let _ = std::process::Command::new("kill").arg(format!("-{signal}")).args(pids).output();
+        }
+
+        /// Ends every process left in the namespace: SIGTERM, then SIGKILL to those still
+        /// there a second later.
+        pub async fn stop_processes(&self) {
+            for signal in ["TERM", "KILL"] {
+                let pids = self.pids();
+                if pids.is_empty() {
+                    return;
+                }
+                Self::signal(&pids, signal);
+                for _ in 0..20 {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    if self.pids().is_empty() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     impl Drop for Namespace {
         fn drop(&mut self) {
+            // Nothing may outlive the namespace's name (a program's children included).
+            let pids = self.pids();
+            if !pids.is_empty() {
+                Self::signal(&pids, "KILL");
+            }
             // `ip netns` calls of other processes at the same moment can make one fail
             // (iproute2 remounts /run/netns as it goes): try again before giving up.
             let mut why = String::new();

@@ -302,6 +302,92 @@ async fn a_slow_reader_behind_a_forward_gets_every_byte() {
     assert!(got == data, "{} bytes of {}", got.len(), data.len());
 }
 
+/// A service that sends without end, a little at a time.
+async fn endless_service() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let chunk = pattern(7, 16 << 10);
+                while tcp.write_all(&chunk).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_forward_or_expose_stopped_mid_transfer_resets_the_connection() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let service = endless_service().await;
+    for stopped in ["forward", "expose"] {
+        let (expose, _) =
+            start(cmd(&relay, dir.path(), "svc", &["--name", "svc", "expose", "7005", &service.to_string()])).await;
+        let (forward, line) = start(cmd(&relay, dir.path(), "me", &["forward", "0", "svc:7005"])).await;
+        let mut tcp = TcpStream::connect(forwarded(&line)).await.unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0;
+        while got < 256 << 10 {
+            got += within("data flows", tcp.read(&mut buf)).await.unwrap();
+        }
+        let (mut victim, mut other) = if stopped == "forward" { (forward, expose) } else { (expose, forward) };
+        let pid = victim.child.id().unwrap().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        // The reader sees a failure, never a clean end that would pass for a complete
+        // transfer.
+        let end = within("the end of the connection", async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        let e = end.expect_err(&format!("{stopped} stopped: the reader saw a clean end"));
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{stopped} stopped: {e}");
+        let _ = within("the stopped command ends", victim.child.wait()).await;
+        let _ = other.child.kill().await;
+    }
+}
+
+#[tokio::test]
+async fn a_port_in_use_replaces_no_session_and_a_replaced_forward_ends_with_status_3() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let service = reverse_after_eof().await;
+    let (_expose, _) =
+        start(cmd(&relay, dir.path(), "svc", &["--name", "svc", "expose", "7006", &service.to_string()])).await;
+    let (mut forward, line) = start(cmd(&relay, dir.path(), "me", &["forward", "0", "svc:7006"])).await;
+    let local = forwarded(&line);
+    // The same forward again: its port is taken, so it ends at once, before joining
+    // (which would have replaced the first one's session).
+    let mut again = Proc::spawn(cmd(&relay, dir.path(), "me", &["forward", &local.to_string(), "svc:7006"]));
+    let (code, err) = again.wait().await;
+    assert_eq!(code, 1, "{err:?}");
+    assert!(err.iter().any(|l| l.contains("in use")), "{err:?}");
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    tcp.write_all(b"first").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    within("the first forward still works", tcp.read_to_end(&mut back)).await.unwrap();
+    assert_eq!(back, b"tsrif");
+    // A command of the instance that joins on its own (no `up` runs) replaces the
+    // forward's session: the forward says so and ends with 3, not carrying on dead.
+    let mut ip = Proc::spawn(cmd(&relay, dir.path(), "me", &["ip"]));
+    assert_eq!(ip.wait().await.0, 0);
+    let (code, err) = within("the replaced forward ends", forward.wait()).await;
+    assert_eq!(code, 3, "{err:?}");
+    assert!(err.iter().any(|l| l.contains("replaced")), "{err:?}");
+}
+
 #[tokio::test]
 async fn forward_and_expose_outlive_a_relay_restart_and_say_so() {
     bin("overlan");

@@ -23,6 +23,9 @@ fn main() {
             ("tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other", || {
                 Box::pin(tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other())
             }),
+            ("run_shares_its_session_and_leaves_nothing_behind", || {
+                Box::pin(run_shares_its_session_and_leaves_nothing_behind())
+            }),
         ],
         &["/dev/net/tun"],
     )
@@ -322,4 +325,56 @@ async fn tun_hosts_behind_two_relay_nodes_talk_and_discover_each_other() {
     let (code, out, err) = run_in(&hosts, 2, "curl", &["-sS", "http://127.0.0.1:8080/data.txt"]).await;
     assert_eq!(code, 0, "curl through forward and expose: {err}");
     assert!(out == body, "curl got {} bytes, not the file", out.len());
+}
+
+/// Whether a process with exactly this command line runs (read from /proc).
+fn running(cmdline: &[&str]) -> bool {
+    let wanted = cmdline.iter().map(|a| format!("{a}\0")).collect::<String>();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|entry| std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| c == wanted.as_bytes()))
+}
+
+async fn run_shares_its_session_and_leaves_nothing_behind() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = overlan_cmd(&relay.invite(), dir.path(), "me");
+        c.env("XDG_RUNTIME_DIR", dir.path().join("run")).args(args).stdin(std::process::Stdio::null());
+        c
+    };
+    // A program that leaves a process of its own behind in the namespace.
+    let mut run = Proc::spawn(cmd(&["--name", "r1", "run", "--", "sh", "-c", "sleep 317 & exec sleep 316"]));
+    let said = run.stderr_until("in namespace ").await;
+    let namespace = said.rsplit(' ').next().unwrap().to_owned();
+    let vip = said.split(" as ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
+    // The instance's other commands use the run's session instead of replacing it.
+    let out = within("ip", cmd(&["--name", "r1", "ip"]).output()).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), vip);
+    let out = within("status", cmd(&["--name", "r1", "status"]).output()).await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(overlan run)"), "{out:?}");
+    let out = within("tun beside run", cmd(&["--name", "r1", "tun"]).output()).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`overlan run` runs instance r1"), "{out:?}");
+    // SIGTERM: the program, what it left behind and the namespace are gone.
+    let pid = run.child.id().unwrap().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let (code, err) = run.wait().await;
+    assert_eq!(code, 143, "{err:?}");
+    assert!(!running(&["sleep", "317"]), "a process the program left outlived overlan run");
+    assert!(!std::path::Path::new("/run/netns").join(&namespace).exists(), "namespace {namespace} stays");
+
+    // Replaced by a session of its instance joined elsewhere: it says so and stops the
+    // program, instead of running on with no network.
+    let mut run = Proc::spawn(cmd(&["--name", "r2", "run", "--", "sleep", "318"]));
+    run.stderr_until("in namespace ").await;
+    let identity = overlan_client::load_or_create_identity(&dir.path().join("me.pem")).unwrap();
+    let options = overlan_client::JoinOptions::new(relay.invite(), identity).instance("r2");
+    let _newer = within("join", overlan_client::Client::join(options)).await.unwrap();
+    let line = run.stderr_until("stopping sleep").await;
+    assert!(line.contains("replaced"), "{line}");
+    let (code, err) = run.wait().await;
+    assert_eq!(code, 143, "{err:?}");
 }
