@@ -415,6 +415,30 @@ impl Client {
         self.inner.state.subscribe()
     }
 
+    /// Resolves, with the reason, once the session current now is gone: lost (the
+    /// client reconnects with a new one), replaced or closed. A stream opened on it
+    /// cannot outlive it; a transfer waiting on something else (stdin) learns it here.
+    pub fn session_gone(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let client = self.clone();
+        let since = self.since();
+        let mut state = self.watch_state();
+        async move {
+            loop {
+                let gone = match &*state.borrow_and_update() {
+                    SessionState::Up if client.since() == since => None,
+                    SessionState::Up => Some("the session was lost and made anew".to_owned()),
+                    SessionState::Reconnecting(why) | SessionState::Closed(why) => Some(why.clone()),
+                };
+                if let Some(why) = gone {
+                    return why;
+                }
+                if state.changed().await.is_err() {
+                    return "the client stopped".to_owned();
+                }
+            }
+        }
+    }
+
     /// Waits until the client has given up on the session for good, and says why.
     pub async fn closed(&self) -> String {
         let mut rx = self.inner.state.subscribe();

@@ -288,7 +288,7 @@ async fn answer(stream: UnixStream, client: Client, instance: String, command: &
             Ok(virtual_stream) => {
                 let connected = Response::Connected { local: virtual_stream.local_addr(), peer: to };
                 if send_line(&mut stream, &connected).await.is_ok() {
-                    carry(stream, virtual_stream).await;
+                    carry(stream, virtual_stream, &client).await;
                 }
                 return;
             }
@@ -310,7 +310,7 @@ async fn answer(stream: UnixStream, client: Client, instance: String, command: &
                         let connected = Response::Connected { local: listener.local_addr(), peer };
                         drop(listener);
                         if send_line(&mut stream, &connected).await.is_ok() {
-                            carry(stream, virtual_stream).await;
+                            carry(stream, virtual_stream, &client).await;
                         }
                         return;
                     }
@@ -684,8 +684,11 @@ async fn write_frame(w: &mut (impl tokio::io::AsyncWrite + Unpin), kind: u8, pay
 /// virtual stream and back. The command learns when its data is delivered, when the
 /// peer finished, and why it failed; a command that goes away without finishing aborts
 /// the stream.
-async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream) {
+async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream, client: &Client) {
     use tokio::io::AsyncReadExt;
+    // The session the stream lives on: when it goes, so does the stream, also while
+    // neither side has anything to carry.
+    let gone = client.session_gone();
     let peer = stream.peer_addr();
     let (mut vread, mut vwrite) = stream.into_split();
     let (mut cread, cwrite) = conn.into_split();
@@ -750,7 +753,15 @@ async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream) {
             }
         }
     };
-    tokio::join!(up, down);
+    let lost = tokio::select! {
+        _ = async { tokio::join!(up, down) } => None,
+        why = gone => Some(why),
+    };
+    // Both directions are dropped by now (and whatever lock they held with them).
+    if let Some(why) = lost {
+        let why = format!("connection to {peer}: session lost ({why})");
+        let _ = write_frame(&mut *cwrite.lock().await, frame::ERROR, why.as_bytes()).await;
+    }
 }
 
 /// A stream of the running `up`, as a command sees it over its control connection.
@@ -819,7 +830,11 @@ impl ProxiedStream {
                     }
                     Ok(Some((frame::ERROR, why))) => return Err(String::from_utf8_lossy(&why).into_owned()),
                     Ok(_) => return Err("`overlan up` went away during the transfer".to_owned()),
-                    Err(e) => return Err(format!("`overlan up`: {e}")),
+                    Err(e) => {
+                        return Err(format!(
+                            "the instance's session (`overlan up`) went away during the transfer ({e})"
+                        ))
+                    }
                 }
             }
             output.flush().await.map_err(|e| format!("writing output: {e}"))

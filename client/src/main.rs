@@ -1260,6 +1260,7 @@ async fn nc_stream(
         stream = open => stream?,
         signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
     };
+    let gone = client.session_gone();
     let peer = stream.peer_addr();
     let (mut read, mut write) = stream.into_split();
     let progress = Progress::start();
@@ -1314,6 +1315,8 @@ async fn nc_stream(
     };
     let outcome = tokio::select! {
         done = transfer => Ok(done),
+        // The stream dies with its session, also while stdin has nothing to send.
+        why = gone => Ok(Err(format!("connection to {peer}: session lost ({why})"))),
         signal = shutdown.recv() => Err(signal),
     };
     progress.finish();

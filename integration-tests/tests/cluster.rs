@@ -498,6 +498,24 @@ async fn a_peer_whose_certificate_is_not_from_the_cluster_ca_is_refused() {
     assert!(reason.contains("not a node of this cluster"), "{reason}");
     assert_eq!(cluster.nodes[0].counters().get(overlan_server::counters::Reason::PeerRefused), 1);
     assert!(cluster.nodes[0].handle().peer_links().is_empty());
+
+    // A node of another cluster that trusts only its own CA: its side of the TLS
+    // handshake fails, and this node counts (and logs) the refusal too.
+    use overlan_shared::wire::peer::ALPN_PEER;
+    let creds = other_dir.load_node("n7").unwrap();
+    let crypto = overlan_shared::cluster::peer_client_config(&creds, ALPN_PEER).unwrap();
+    let quic = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
+    ));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let attempt = endpoint.connect_with(quic, cluster.nodes[0].addr(), "overlan-relay").unwrap();
+    assert!(within("the foreign handshake", attempt).await.is_err());
+    within("the refusal counted here", async {
+        while cluster.nodes[0].counters().get(overlan_server::counters::Reason::PeerRefused) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 /// Joins with `invite` until the relay admits it (its catalog may still be on the way).
@@ -515,6 +533,22 @@ async fn join_when_admitted(invite: &overlan_shared::Invite) -> (overlan_client:
     })
     .await;
     (client, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_use_of_a_limited_invite_on_one_node_counts_on_every_node() {
+    let cluster = TestCluster::line().await;
+    let twice = cluster.nodes[0].new_invite("default", Some(2), None);
+    let on_n2 = overlan_shared::Invite { relay: cluster.nodes[2].addr().to_string(), ..twice.clone() };
+    let (_first, _) = join_when_admitted(&on_n2).await;
+    // Once everything has settled, the last use, on n2: nothing else changes there.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _second = join(&on_n2).await;
+    // The use reaches n0 within about a second (two hops): a third member is refused.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = join_err(&twice, &identity(), "").await;
+    assert!(matches!(err, Error::Unauthorized(_)), "{err}");
+    assert!(err.to_string().contains("no uses left"), "{err}");
 }
 
 #[tokio::test]
@@ -646,6 +680,20 @@ async fn a_lease_given_up_cannot_take_its_vip_back_from_the_new_holder() {
     let local = join(&cluster.invite(0)).await;
     let mut s = within("connect to the holder", local.connect(SocketAddrV4::new(vip, 7000))).await.unwrap();
     s.write_all(b"still the holder's").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_network_too_small_for_the_cluster_refuses_joins_and_breaks_nothing() {
+    let cluster = TestCluster::start(2, &[(1, 0)]).await;
+    // Made behind the relay's back (`network add` refuses it on a cluster node), or
+    // by a node of another version: every node must live with it.
+    cluster.nodes[0].store().add_network("tiny", "10.91.0.0/25".parse().unwrap()).unwrap();
+    let invite = cluster.nodes[0].new_invite("tiny", None, None);
+    let err = join_err(&invite, &identity(), "").await;
+    assert!(err.to_string().contains("no free VIP"), "{err}");
+    // The node still admits members of other networks.
+    let member = join(&cluster.invite(0)).await;
+    assert!(member.subnet().contains(member.vip()));
 }
 
 #[tokio::test]

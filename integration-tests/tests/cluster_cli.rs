@@ -69,6 +69,21 @@ async fn three_nodes_from_the_command_line() {
     assert_eq!(code, 1);
     assert!(err.contains("already holds a cluster CA"), "{err}");
 
+    // ca issue at the same moment, as a script in parallel would (in a directory of
+    // its own): still one slot each, every one recorded.
+    let race = dir.path().join("race");
+    let race_s = race.to_str().unwrap();
+    assert_eq!(output(server(&["ca", "init", "--dir", race_s])).await.0, 0);
+    let racing: Vec<_> = (0..6).map(|i| output(server(&["ca", "issue", &format!("r{i}"), "--dir", race_s]))).collect();
+    let mut slots = std::collections::BTreeSet::new();
+    for (code, out, err) in futures_util::future::join_all(racing).await {
+        assert_eq!(code, 0, "{err}");
+        assert!(slots.insert(out.split_whitespace().nth(3).unwrap().to_owned()), "a slot issued twice: {out}");
+    }
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(race.join("cluster.json")).unwrap()).unwrap();
+    assert_eq!(file["slots"].as_object().unwrap().len(), 6, "every issue recorded: {file}");
+
     // ca issue: one slot per node, kept on re-issue.
     for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
         let (code, out, err) = output(server(&["ca", "issue", node, "--dir", ca_s])).await;
@@ -86,6 +101,18 @@ async fn three_nodes_from_the_command_line() {
     let n2 = start_node(&ca, &dir.path().join("d2"), "n2", &[&n1.addr]).await;
     let mut n3 = start_node(&ca, &dir.path().join("d3"), "n3", &[&n2.addr]).await;
     assert_eq!(n1.invite.fingerprint.to_string(), ca_fp, "in a cluster the invite pins the cluster CA");
+    // `info` on a node says what its start-up said: the CA's fingerprint.
+    let mut info = server(&["--node", "n1", "info"]);
+    info.arg("--data-dir").arg(dir.path().join("d1")).arg("--cluster").arg(&ca);
+    let (code, out, err) = output(info).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l == format!("fingerprint {ca_fp}")), "{out}");
+    // A network too small to give every node a block is refused on a cluster node.
+    let mut add = server(&["--node", "n1", "network", "add", "tiny", "--subnet", "10.91.0.0/25"]);
+    add.arg("--data-dir").arg(dir.path().join("d1")).arg("--cluster").arg(&ca);
+    let (code, _, err) = output(add).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("too small for a cluster"), "{err}");
     assert_eq!(n1.invite.token.expose(), n3.invite.token.expose(), "every node prints the same default invite");
     within("n3 links to n2", n3.proc.stderr_until("peer link up")).await;
 

@@ -251,13 +251,34 @@ async fn after_a_relay_restart_a_connected_nc_ends_at_once_and_a_listening_one_s
     cmd.args(["nc", &peer.vip().to_string(), "7105"]);
     let mut talker = Proc::spawn(cmd);
     let (_stream, _) = within("accept", listener.accept()).await.unwrap();
+    // One whose peer has finished already: only its stdin is left, and it stays open.
+    let mut cmd = overlan_cmd(&relay.invite(), dir.path(), "finished");
+    cmd.args(["nc", &peer.vip().to_string(), "7105"]);
+    let mut finished = Proc::spawn(cmd);
+    let (mut done, _) = within("accept", listener.accept()).await.unwrap();
+    tokio::io::AsyncWriteExt::shutdown(&mut done).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     relay = relay.restart_same_port();
     let stopped = Instant::now();
-    let (code, stderr) = talker.wait().await;
-    assert_ne!(code, 0, "a cut stream is not a success: {stderr:?}");
-    assert!(stopped.elapsed() < Duration::from_secs(5), "ended {:?} after the restart", stopped.elapsed());
+    for nc in [&mut talker, &mut finished] {
+        // Not `wait`: it closes stdin, which would end the waiting one by itself.
+        let code = within("the cut nc ends", async {
+            loop {
+                if let Some(status) = nc.child.try_wait().unwrap() {
+                    return status.code();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(code.is_some_and(|c| c != 0), "a cut stream is not a success: {code:?}");
+        assert!(stopped.elapsed() < Duration::from_secs(5), "ended {:?} after the restart", stopped.elapsed());
+    }
+    let (_, stderr) = talker.wait().await;
     assert!(stderr.iter().any(|l| l.starts_with("overlan: ")), "{stderr:?}");
+    let (_, stderr) = finished.wait().await;
+    assert!(stderr.iter().any(|l| l.contains("session lost")), "{stderr:?}");
     waiting.stderr_until("session lost").await;
     waiting.stderr_until("reconnected as").await;
     drop(relay);

@@ -82,8 +82,7 @@ impl VipAllocatorActor {
                     None => {
                         tracing::warn!(network = %network.name, subnet = %network.subnet,
                             "subnet too small to share among cluster nodes (needs /24 or larger); no VIPs to hand out");
-                        let last = Subnet::new(network.subnet.broadcast(), 32).expect("a /32 is valid");
-                        VipPool::for_block(network.subnet, last)
+                        VipPool::empty(network.subnet)
                     }
                 },
             };
@@ -133,6 +132,9 @@ impl VipAllocatorActor {
         };
         match self.store.create_lease(invite.id, network.id, &msg.identity, &msg.instance, vip) {
             Ok(true) => {
+                // The invite's use count moved: peers hear it with the next catalog (this
+                // connection's own writes do not move SQLite's data_version).
+                self.catalog.dirty = true;
                 let proof = self.proof(&network, vip, &msg)?;
                 Ok(Admission { network, vip, new_lease: true, proof })
             }

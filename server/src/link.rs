@@ -620,7 +620,13 @@ fn verified_peer(conn: &quinn::Connection, node: &Node) -> Result<NodeInfo, Stri
         .ok_or("no certificate")?;
     let info = verify_node(&certs, &cluster.credentials.ca).map_err(|e| e.to_string())?;
     if info.name == cluster.credentials.name {
-        return Err(format!("it presents this node's own name {}", info.name));
+        return Err(format!("it presents this node's own name {} (a --peer naming this node?)", info.name));
+    }
+    if info.slot == node.router.slot() {
+        return Err(format!(
+            "{} holds this node's slot {} (its certificate was issued in another cluster directory, or twice)",
+            info.name, info.slot
+        ));
     }
     Ok(info)
 }
@@ -692,7 +698,7 @@ pub async fn accept(conn: quinn::Connection, node: Arc<Node>) {
         Ok(peer) => peer,
         Err(why) => {
             node.count(Reason::PeerRefused);
-            tracing::warn!(addr = %conn.remote_address(), %why, "refusing peer link: certificate does not chain to the cluster CA or names no node");
+            tracing::warn!(addr = %conn.remote_address(), %why, "refusing peer link");
             conn.close(VarInt::from_u32(close_code::UNAUTHORIZED), b"not a node of this cluster");
             return;
         }

@@ -310,7 +310,7 @@ fn run_relay(config: RelayConfig) -> anyhow::Result<()> {
 fn info(config: &RelayConfig) -> anyhow::Result<()> {
     let state = RelayState::open(config)?;
     println!("listen {}", config.listen);
-    println!("fingerprint {}", state.identity.fingerprint());
+    println!("fingerprint {}", state.pin());
     match state.default_invite(operator_invite_addr(config)) {
         Some(invite) => println!("invite {invite}"),
         None => println!("{DEFAULT_INVITE_REVOKED}"),
@@ -397,6 +397,12 @@ fn network(config: &RelayConfig, cmd: NetworkCmd) -> anyhow::Result<()> {
     };
     match cmd {
         NetworkCmd::Add { name, subnet, max_instances } => {
+            // Each node of a cluster hands out VIPs from its sixteenth of the subnet.
+            if config.cluster.is_some() && overlan_shared::cluster::slot_block(subnet, 0).is_none() {
+                anyhow::bail!(
+                    "network {name}: {subnet} is too small for a cluster, whose nodes each take a sixteenth of it: give a /24 or larger"
+                );
+            }
             let mut net = store.add_network(&name, subnet)?;
             if max_instances.is_some() {
                 net = store.set_max_instances(&name, max_instances)?;

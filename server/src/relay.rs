@@ -581,8 +581,23 @@ async fn handshake(
             return;
         }
     };
+    // The ALPN is known once the client's hello is in: a peer node whose handshake
+    // fails (its certificate is not of this cluster, or it refused this node's) is
+    // logged here too, not only on its own side.
+    let mut connecting = connecting;
+    let offered = connecting
+        .handshake_data()
+        .await
+        .ok()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
     let conn = match connecting.await {
         Ok(conn) => conn,
+        Err(e) if offered.as_deref() == Some(ALPN_PEER) => {
+            node.count(Reason::PeerRefused);
+            tracing::warn!(%remote, error = %e, "refusing peer link: its TLS handshake failed (a node of another cluster?)");
+            return;
+        }
         Err(e) => {
             tracing::debug!(%remote, error = %e, "QUIC handshake failed");
             return;

@@ -219,6 +219,16 @@ impl ClusterDir {
         if !valid_node_name(node) {
             return Err(ClusterError::BadNodeName(node.to_owned()));
         }
+        // One issue at a time (several `ca issue` at once must not pick one slot): an
+        // exclusive lock on the directory's lock file, held until this returns.
+        let lock_path = self.dir.join(".lock");
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(
+            |e| match e.kind() {
+                std::io::ErrorKind::NotFound => ClusterError::NoCa(self.dir.display().to_string()),
+                _ => io(&lock_path)(e),
+            },
+        )?;
+        lock.lock().map_err(io(&lock_path))?;
         let mut cluster = self.read_cluster()?;
         let ca_path = self.ca_key_path();
         let ca_pem = std::fs::read_to_string(&ca_path).map_err(|e| match e.kind() {

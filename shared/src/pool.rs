@@ -33,6 +33,11 @@ impl VipPool {
         Self { subnet, first, last, leased: BTreeSet::new(), cursor: first }
     }
 
+    /// A pool that hands out nothing (a subnet too small to give this node a block).
+    pub fn empty(subnet: Subnet) -> Self {
+        Self { subnet, first: 1, last: 0, leased: BTreeSet::new(), cursor: 1 }
+    }
+
     /// The network's subnet.
     pub fn subnet(&self) -> Subnet {
         self.subnet
