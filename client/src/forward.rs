@@ -176,7 +176,10 @@ async fn until<E>(stop: CancellationToken, run: impl std::future::Future<Output 
 
 /// `VIP:PORT`, or `NAME:PORT` for the member of the network with that instance name.
 async fn resolve(client: &Client, target: &str) -> Result<SocketAddrV4, String> {
-    if let Ok(addr) = target.parse() {
+    if let Ok(addr) = target.parse::<SocketAddrV4>() {
+        if !client.subnet().contains(*addr.ip()) {
+            return Err(format!("{} is not in network {} ({})", addr.ip(), client.network(), client.subnet()));
+        }
         return Ok(addr);
     }
     let (name, port) = target.rsplit_once(':').ok_or_else(|| format!("{target:?}: expected VIP:PORT or NAME:PORT"))?;

@@ -132,7 +132,9 @@ struct ExposeArgs {
 /// `VIP:PORT` or `NAME:PORT`, checked as the command line is read.
 fn parse_overlay_target(text: &str) -> Result<String, String> {
     let (host, port) = text.rsplit_once(':').ok_or_else(|| format!("{text:?}: expected VIP:PORT or NAME:PORT"))?;
-    parse_port(port)?;
+    if parse_port(port)? == 0 {
+        return Err(format!("{text:?}: port 0 cannot be connected to"));
+    }
     parse_target(&[host.to_owned(), port.to_owned()])?;
     Ok(text.to_owned())
 }
@@ -838,6 +840,11 @@ async fn run_program(
     }
     #[cfg(target_os = "linux")]
     {
+        // A program that is not there is said before joining (and with the shell's
+        // status for it), not by `ip netns exec` after the namespace was made.
+        if !program_exists(&program[0]) {
+            return Err(CliError { message: Some(format!("{}: command not found", program[0])), code: 127 });
+        }
         let (client, server) = join_tun_session(cli, control, "run", shutdown).await?;
         let label = if cli.name().is_empty() { "default" } else { cli.name() };
         let ns_name = format!("overlan-{label}-{}", std::process::id());
@@ -892,6 +899,18 @@ async fn run_program(
         let code = status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1);
         Ok(ExitCode::from(code.clamp(0, 255) as u8))
     }
+}
+
+/// Whether `program` names an executable file: as a path, or found in `PATH`.
+#[cfg(target_os = "linux")]
+fn program_exists(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable =
+        |path: &std::path::Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return executable(std::path::Path::new(program));
+    }
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))
 }
 
 /// Asks a child to end (SIGTERM), kills it after 5 s, and returns how it ended.
@@ -1008,6 +1027,9 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
             let port = parse_port(port)?;
             if let Ok(ip) = host.parse::<Ipv4Addr>() {
                 return Ok(Target::Addr(SocketAddrV4::new(ip, port)));
+            }
+            if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+                return Err(format!("{host:?} is not a VIP (A.B.C.D, each part 0 to 255)"));
             }
             let name_like = !host.is_empty()
                 && host.len() <= 64

@@ -956,3 +956,32 @@ async fn nc_output_to_a_file_shows_each_line_as_it_arrives() {
     assert_eq!(code, 0, "{err:?}");
     assert_eq!(within("bob ends", bob.wait()).await.unwrap().code(), Some(0));
 }
+
+#[tokio::test]
+async fn targets_and_programs_that_cannot_work_are_said_before_joining() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut c = overlan_cmd(&relay.invite(), dir.path(), "me");
+        c.env("XDG_RUNTIME_DIR", dir.path().join("run")).args(args);
+        output(c)
+    };
+    for (args, why) in [
+        (&["forward", "0", "10.77.0.300:80"][..], "is not a VIP"),
+        (&["forward", "0", "10.77.0.3:0"][..], "port 0"),
+        (&["nc", "10.77.0.300", "80"][..], "is not a VIP"),
+    ] {
+        let (code, _, err) = run(args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    // Outside the network: known only once joined.
+    let (code, _, err) = run(&["forward", "0", "8.8.8.8:80"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("8.8.8.8 is not in network default"), "{err}");
+    // A program that is not there: the shell's status for it, before anything else.
+    let (code, _, err) = run(&["run", "--", "no-such-program-here"]).await;
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("no-such-program-here: command not found"), "{err}");
+}
