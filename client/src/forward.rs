@@ -208,6 +208,8 @@ pub type Log = Arc<dyn Fn(String) + Send + Sync>;
 /// How long `expose` waits for its local service to take a connection before it denies
 /// it (below the relay's wait for the answer, so the connecting side hears "denied").
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Datagrams of one UDP flow waiting for its port or for the overlay.
+const FLOW_QUEUE: usize = 256;
 /// How long a forward waits before accepting again after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -414,7 +416,10 @@ fn idle_for(last: &Mutex<Instant>) -> Duration {
 
 /// Datagrams to the local UDP `socket` lead to `target`: each local source gets a
 /// virtual datagram port of its own, and what comes back to that port goes to that
-/// source. Flows idle for `idle` are forgotten (their ports released).
+/// source. Flows idle for `idle` are forgotten (their ports released). A new flow's
+/// port is bound by the flow's own task, so the local socket is read on meanwhile (a
+/// burst of new sources does not overflow it); the flow's first datagrams wait for it
+/// in a small queue.
 pub async fn forward_udp(
     client: Client,
     socket: UdpSocket,
@@ -423,7 +428,7 @@ pub async fn forward_udp(
     log: Log,
 ) -> std::io::Result<()> {
     let socket = Arc::new(socket);
-    let mut flows: HashMap<SocketAddr, Flow<DatagramSocket>> = HashMap::new();
+    let mut flows: HashMap<SocketAddr, Flow<tokio::sync::mpsc::Sender<bytes::Bytes>>> = HashMap::new();
     let mut buf = vec![0u8; UDP_BUFFER];
     let mut sweep = tokio::time::interval(idle.min(Duration::from_secs(5)).max(Duration::from_millis(100)));
     loop {
@@ -435,31 +440,46 @@ pub async fn forward_udp(
             }
         };
         if !flows.contains_key(&from) || flows[&from].task.is_finished() {
-            let virtual_socket = match client.bind_datagram(0).await {
-                Ok(s) => Arc::new(s),
-                Err(e) => {
-                    log(format!("{from} → {target}: {e}; datagram dropped"));
-                    continue;
-                }
-            };
+            let (queue, mut queued) = tokio::sync::mpsc::channel::<bytes::Bytes>(FLOW_QUEUE);
             let last = Arc::new(Mutex::new(Instant::now()));
             let task = tokio::spawn({
-                let (virtual_socket, socket, last) = (virtual_socket.clone(), socket.clone(), last.clone());
+                let (client, socket, last, log) = (client.clone(), socket.clone(), last.clone(), log.clone());
                 async move {
-                    while let Ok(d) = virtual_socket.recv().await {
-                        touch(&last);
-                        let _ = socket.send_to(&d.payload, from).await;
+                    let virtual_socket = match client.bind_datagram(0).await {
+                        Ok(s) => s,
+                        Err(e) => return log(format!("{from} → {target}: {e}; datagrams dropped")),
+                    };
+                    let back = async {
+                        while let Ok(d) = virtual_socket.recv().await {
+                            touch(&last);
+                            let _ = socket.send_to(&d.payload, from).await;
+                        }
+                    };
+                    let out = async {
+                        while let Some(payload) = queued.recv().await {
+                            match virtual_socket.send_to(&payload, target).await {
+                                Ok(_) => {}
+                                Err(e @ Error::MessageTooLarge { .. }) => {
+                                    log(format!("{from} → {target}: {}-byte datagram dropped: {e}", payload.len()))
+                                }
+                                Err(e) => log(format!("{from} → {target}: {e}")),
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = back => {}
+                        _ = out => {}
                     }
                 }
             });
-            flows.insert(from, Flow { socket: virtual_socket, last, task });
+            flows.insert(from, Flow { socket: Arc::new(queue), last, task });
         }
         let flow = &flows[&from];
         touch(&flow.last);
-        match flow.socket.send_to(&buf[..n], target).await {
-            Ok(_) => {}
-            Err(e @ Error::MessageTooLarge { .. }) => log(format!("{from} → {target}: {n}-byte datagram dropped: {e}")),
-            Err(e) => log(format!("{from} → {target}: {e}")),
+        if flow.socket.try_send(bytes::Bytes::copy_from_slice(&buf[..n])).is_err() {
+            // The flow's port is still being bound, or the overlay cannot keep up: UDP
+            // drops, as a full socket buffer would.
+            tracing::debug!(%from, "datagram dropped: the flow's queue is full");
         }
     }
 }
@@ -500,17 +520,25 @@ pub async fn expose_udp(socket: DatagramSocket, target: SocketAddr, idle: Durati
                     (local.clone(), virtual_socket.clone(), last.clone(), log.clone());
                 async move {
                     let mut buf = vec![0u8; UDP_BUFFER];
+                    let mut refused_said = false;
                     loop {
                         match local.recv(&mut buf).await {
                             Ok(n) => {
                                 touch(&last);
+                                refused_said = false;
                                 if let Err(e) = virtual_socket.send_to(&buf[..n], from).await {
                                     log(format!("{target} → {from}: {n}-byte datagram dropped: {e}"));
                                 }
                             }
                             // ICMP port unreachable from the service: nothing listens
-                            // (yet); keep the flow, the next datagram may find it.
-                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                            // (yet); keep the flow, the next datagram may find it. Said
+                            // once until the service answers again.
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                                if !refused_said {
+                                    log(format!("{from} → {target}: nothing listens there; datagrams dropped"));
+                                    refused_said = true;
+                                }
+                            }
                             Err(_) => return,
                         }
                     }
