@@ -331,10 +331,13 @@ mod linux {
             let mut slots: Vec<BytesMut> = (0..BATCH).map(|_| BytesMut::zeroed(IP_PREFIX_LEN + READ_MAX)).collect();
             let mut sizes = [0; BATCH];
             loop {
-                let n = dev
-                    .recv_multiple(&mut raw, &mut slots, &mut sizes, IP_PREFIX_LEN)
-                    .await
-                    .map_err(|e| format!("reading {}: {e}", device.name))?;
+                let n = dev.recv_multiple(&mut raw, &mut slots, &mut sizes, IP_PREFIX_LEN).await.map_err(|e| {
+                    match e.raw_os_error() {
+                        // EBADFD: the interface was deleted under the device.
+                        Some(77) => format!("the interface {} was removed", device.name),
+                        _ => format!("reading {}: {e}", device.name),
+                    }
+                })?;
                 for (slot, &size) in slots.iter_mut().zip(&sizes).take(n) {
                     let packet = slot.split_to(IP_PREFIX_LEN + size);
                     // Only the slots a read filled need their room back.

@@ -201,3 +201,23 @@ async fn a_client_fails_over_when_its_node_is_killed() {
     println!("reachable again {:?} after the kill", killed.elapsed());
     assert_eq!(within("received", listener.stdout_line()).await, "after failover");
 }
+
+#[tokio::test]
+async fn a_node_dialing_a_dead_peer_stops_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("cluster");
+    let ca_s = ca.to_str().unwrap();
+    assert_eq!(output(server(&["ca", "init", "--dir", ca_s])).await.0, 0);
+    assert_eq!(output(server(&["ca", "issue", "n1", "--dir", ca_s])).await.0, 0);
+    // A peer address where nothing answers: the dialer keeps retrying.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    let mut n1 = start_node(&ca, &dir.path().join("d1"), "n1", &[&dead_addr]).await;
+    let pid = n1.proc.child.id().unwrap().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let (code, err) = n1.proc.wait().await;
+    assert_eq!(code, 0, "{err:?}");
+    let after: Vec<_> = err.iter().skip_while(|l| !l.contains("relay shutting down")).collect();
+    assert!(!after.iter().any(|l| l.contains("cannot link")), "{after:?}");
+    drop(dead);
+}

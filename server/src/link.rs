@@ -725,7 +725,11 @@ pub async fn dial(node: Arc<Node>, endpoint: quinn::Endpoint, client: quinn::Cli
     let mut last_error = String::new();
     loop {
         let started = Instant::now();
-        match connect(&node, &endpoint, &client, &addr).await {
+        let attempt = tokio::select! {
+            attempt = connect(&node, &endpoint, &client, &addr) => attempt,
+            _ = node.stopping.cancelled() => return,
+        };
+        match attempt {
             Ok(ended) => {
                 last_error.clear();
                 let _ = ended.await;
@@ -743,7 +747,10 @@ pub async fn dial(node: Arc<Node>, endpoint: quinn::Endpoint, client: quinn::Cli
             }
         }
         let jitter = rand_fraction();
-        tokio::time::sleep(backoff.mul_f64(0.5 + jitter)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.mul_f64(0.5 + jitter)) => {}
+            _ = node.stopping.cancelled() => return,
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

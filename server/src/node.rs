@@ -44,6 +44,8 @@ pub struct Node {
     /// Every network this node knows, by cluster-wide id (refreshed from the database).
     known: DashMap<NetKey, Network>,
     dedup: Mutex<BroadcastDedup>,
+    /// Cancelled when the relay shuts down (peer dialers stop).
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Node {
@@ -66,6 +68,7 @@ impl Node {
             networks: DashMap::new(),
             known: DashMap::new(),
             dedup: Mutex::new(BroadcastDedup::default()),
+            stopping: tokio_util::sync::CancellationToken::new(),
         }
     }
 

@@ -486,6 +486,7 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
         }
     }
     tracing::info!("relay shutting down");
+    node.stopping.cancel();
     housekeeping.abort();
     node.allocator.do_send(FlushSeen);
     endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"relay shutting down");
