@@ -197,10 +197,21 @@ fn user_id() -> String {
         .unwrap_or_else(|| "user".to_owned())
 }
 
-/// The control socket `up` serves; removed when dropped.
+/// The control socket `up` (or `tun`, `run`) serves; removed when dropped.
 pub struct ControlServer {
     path: PathBuf,
     task: tokio::task::JoinHandle<()>,
+    stopping: tokio_util::sync::CancellationToken,
+}
+
+impl ControlServer {
+    /// Stops answering, and stops what it runs for other commands (their forwards
+    /// reset the connections they carry), waiting at most two seconds. Call before the
+    /// client leaves.
+    pub async fn stop(mut self) {
+        self.stopping.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.task).await;
+    }
 }
 
 impl Drop for ControlServer {
@@ -249,12 +260,32 @@ pub async fn serve(
     }
     let listener = UnixListener::bind(&path).map_err(io_err)?;
     set_mode(&path, 0o600).map_err(io_err)?;
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(answer(stream, client.clone(), instance.clone(), command));
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let stopping = stopping.clone();
+        async move {
+            let mut answers = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            answers.spawn(answer(stream, client.clone(), instance.clone(), command, stopping.clone()));
+                        }
+                        Err(_) => break,
+                    },
+                    Some(_) = answers.join_next() => {}
+                    _ = stopping.cancelled() => break,
+                }
+            }
+            // What runs for other commands stops on the token; the rest (a status
+            // answer, a carried stream) is dropped.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), async { while answers.join_next().await.is_some() {} })
+                    .await;
+            answers.shutdown().await;
         }
     });
-    Ok(ControlServer { path, task })
+    Ok(ControlServer { path, task, stopping })
 }
 
 fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
@@ -268,7 +299,13 @@ async fn send_line(stream: &mut UnixStream, response: &Response) -> io::Result<(
     stream.write_all(text.as_bytes()).await
 }
 
-async fn answer(stream: UnixStream, client: Client, instance: String, command: &'static str) {
+async fn answer(
+    stream: UnixStream,
+    client: Client,
+    instance: String,
+    command: &'static str,
+    stopping: tokio_util::sync::CancellationToken,
+) {
     let mut line = String::new();
     // A command sends nothing after its request line until it is answered, so the
     // reader holds nothing beyond the line when it is taken apart again.
@@ -351,9 +388,14 @@ async fn answer(stream: UnixStream, client: Client, instance: String, command: &
                                     return;
                                 }
                             }
-                            // The command went away (Ctrl-C): the forward stops with it, its
-                            // connections reset.
+                            // The command went away (Ctrl-C), or this session ends: the
+                            // forward stops, its connections reset.
                             _ = stream.readable() => {
+                                stop.cancel();
+                                let _ = tokio::time::timeout(Duration::from_secs(1), run).await;
+                                return;
+                            }
+                            _ = stopping.cancelled() => {
                                 stop.cancel();
                                 let _ = tokio::time::timeout(Duration::from_secs(1), run).await;
                                 return;
@@ -685,21 +727,31 @@ async fn write_frame(w: &mut (impl tokio::io::AsyncWrite + Unpin), kind: u8, pay
 /// peer finished, and why it failed; a command that goes away without finishing aborts
 /// the stream.
 async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream, client: &Client) {
+    use futures_util::FutureExt;
     use tokio::io::AsyncReadExt;
     // The session the stream lives on: when it goes, so does the stream, also while
-    // neither side has anything to carry.
-    let gone = client.session_gone();
+    // neither side has anything to carry. Each direction watches it between frames, so
+    // a frame to the command is never cut short.
+    let gone = client.session_gone().shared();
     let peer = stream.peer_addr();
     let (mut vread, mut vwrite) = stream.into_split();
     let (mut cread, cwrite) = conn.into_split();
     let cwrite = std::sync::Arc::new(tokio::sync::Mutex::new(cwrite));
     let error = |e: &dyn std::fmt::Display| about(peer, e);
+    let lost = |why: String| format!("connection to {peer}: session lost ({why})");
     let up = {
-        let cwrite = cwrite.clone();
+        let (cwrite, gone) = (cwrite.clone(), gone.clone());
         async move {
             let mut sent = 0usize;
             loop {
-                match read_frame(&mut cread).await {
+                let frame = tokio::select! {
+                    frame = read_frame(&mut cread) => frame,
+                    why = gone.clone() => {
+                        let _ = write_frame(&mut *cwrite.lock().await, frame::ERROR, lost(why).as_bytes()).await;
+                        return false;
+                    }
+                };
+                match frame {
                     Ok(Some((frame::DATA, data))) => {
                         sent += data.len();
                         if let Err(e) = vwrite.write_all(&data).await {
@@ -734,7 +786,14 @@ async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream, client: &
         async move {
             let mut buf = vec![0u8; frame::MAX];
             loop {
-                match vread.read(&mut buf).await {
+                let read = tokio::select! {
+                    read = vread.read(&mut buf) => read,
+                    why = gone.clone() => {
+                        let _ = write_frame(&mut *cwrite.lock().await, frame::ERROR, lost(why).as_bytes()).await;
+                        return;
+                    }
+                };
+                match read {
                     Ok(0) => {
                         let _ = write_frame(&mut *cwrite.lock().await, frame::FIN, &[]).await;
                         return;
@@ -753,15 +812,7 @@ async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream, client: &
             }
         }
     };
-    let lost = tokio::select! {
-        _ = async { tokio::join!(up, down) } => None,
-        why = gone => Some(why),
-    };
-    // Both directions are dropped by now (and whatever lock they held with them).
-    if let Some(why) = lost {
-        let why = format!("connection to {peer}: session lost ({why})");
-        let _ = write_frame(&mut *cwrite.lock().await, frame::ERROR, why.as_bytes()).await;
-    }
+    tokio::join!(up, down);
 }
 
 /// A stream of the running `up`, as a command sees it over its control connection.

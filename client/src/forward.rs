@@ -255,16 +255,15 @@ pub async fn forward_tcp(
         let (client, log) = (client.clone(), log.clone());
         connections.spawn(async move {
             let _ = tcp.set_nodelay(true);
+            // Reset, not closed, if the forward stops while the connect is under way.
+            let tcp = Unspliced(Some(tcp));
             match client.connect(target).await {
                 Ok(stream) => {
-                    if let Err(why) = splice(tcp, stream).await {
+                    if let Err(why) = splice(tcp.take(), stream).await {
                         log(format!("{from} → {target}: {why}"));
                     }
                 }
-                Err(e) => {
-                    log(format!("connection from {from}: {e}"));
-                    reset(tcp);
-                }
+                Err(e) => log(format!("connection from {from}: {e}")),
             }
         });
     }
@@ -302,16 +301,14 @@ pub async fn expose_tcp(
             match connected {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
+                    let tcp = Unspliced(Some(tcp));
                     match incoming.accept().await {
                         Ok(stream) => {
-                            if let Err(why) = splice(tcp, stream).await {
+                            if let Err(why) = splice(tcp.take(), stream).await {
                                 log(format!("{from} → {target}: {why}"));
                             }
                         }
-                        Err(e) => {
-                            log(format!("{from} → {target}: {e}"));
-                            reset(tcp);
-                        }
+                        Err(e) => log(format!("{from} → {target}: {e}")),
                     }
                 }
                 Err(e) => {
@@ -383,6 +380,24 @@ impl Drop for Spliced {
         let _ = self.tcp_read.as_ref().set_zero_linger();
         if let Some(write) = self.tcp_write.take() {
             write.forget();
+        }
+    }
+}
+
+/// A local connection not spliced yet: reset when dropped (a failed connect, or the
+/// forward stopped meanwhile), unless taken for the splice.
+struct Unspliced(Option<TcpStream>);
+
+impl Unspliced {
+    fn take(mut self) -> TcpStream {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for Unspliced {
+    fn drop(&mut self) {
+        if let Some(tcp) = self.0.take() {
+            reset(tcp);
         }
     }
 }

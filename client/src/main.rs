@@ -435,7 +435,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 .map_err(|e| e.to_string())?;
             println!("vip {}", client.vip());
             // The config file's forwards: a port that cannot be had ends `up` at once.
-            let mut maps = Maps { running: tokio::task::JoinSet::new(), stops: Vec::new() };
+            let mut maps = Maps { running: tokio::task::JoinSet::new(), stops: Vec::new(), server: Some(server) };
             for map in &cli.port_maps {
                 let log: overlan_client::forward::Log = std::sync::Arc::new(|message| eprintln!("overlan: {message}"));
                 match map.start(&client, log).await {
@@ -452,7 +452,6 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
             let result = up(client, &mut shutdown, &mut maps).await;
             drop(maps);
-            drop(server);
             result
         }
         Command::Nc(args) => nc(&cli, args, &mut shutdown).await,
@@ -818,7 +817,7 @@ async fn tun(
         };
         drop(carried);
         drop(device); // the interface, its address and routes go with it
-        drop(server);
+        server.stop().await;
         client.leave().await;
         result
     }
@@ -892,7 +891,7 @@ async fn run_program(
         namespace.stop_processes().await;
         drop(device);
         drop(namespace);
-        drop(server);
+        server.stop().await;
         client.leave().await;
         let status = status?;
         use std::os::unix::process::ExitStatusExt;
@@ -962,15 +961,20 @@ async fn leave(cli: &Cli, control: &std::path::Path, shutdown: &mut Shutdown) ->
     Ok(ExitCode::SUCCESS)
 }
 
-/// The forwards and exposes `up` runs from its config file.
+/// The forwards and exposes `up` runs from its config file, and its control socket
+/// (with those it runs for other commands).
 struct Maps {
     running: tokio::task::JoinSet<()>,
     stops: Vec<tokio_util::sync::CancellationToken>,
+    server: Option<control::ControlServer>,
 }
 
 impl Maps {
-    /// Stops them, their TCP connections reset, waiting at most a second.
+    /// Stops them, their TCP connections reset, waiting at most a second or two.
     async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
         self.stops.iter().for_each(|stop| stop.cancel());
         let _ =
             tokio::time::timeout(Duration::from_secs(1), async { while self.running.join_next().await.is_some() {} })
@@ -1028,7 +1032,8 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
             if let Ok(ip) = host.parse::<Ipv4Addr>() {
                 return Ok(Target::Addr(SocketAddrV4::new(ip, port)));
             }
-            if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            // Four dotted numbers are meant as a VIP (an instance may be named "42").
+            if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') && host.matches('.').count() == 3 {
                 return Err(format!("{host:?} is not a VIP (A.B.C.D, each part 0 to 255)"));
             }
             let name_like = !host.is_empty()
@@ -1170,8 +1175,12 @@ fn say_session_changes(client: &Client) -> tokio::task::JoinHandle<()> {
 async fn session_ended(client: &Client) -> CliError {
     let mut state = client.watch_state();
     let mut up = true;
+    // The state as it is first (a session replaced before this was polled counts), then
+    // each change.
+    let mut first = true;
     loop {
-        if state.changed().await.is_err() {
+        let initial = std::mem::take(&mut first);
+        if !initial && state.changed().await.is_err() {
             return "the client stopped".into();
         }
         match state.borrow_and_update().clone() {
@@ -1180,6 +1189,7 @@ async fn session_ended(client: &Client) -> CliError {
                 eprintln!("overlan: {why}; reconnecting");
             }
             SessionState::Reconnecting(_) => {}
+            SessionState::Up if initial => {}
             SessionState::Up => {
                 up = true;
                 eprintln!("overlan: reconnected as {}", client.vip());

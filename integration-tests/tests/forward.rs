@@ -325,17 +325,28 @@ async fn a_forward_or_expose_stopped_mid_transfer_resets_the_connection() {
     let relay = TestRelay::start();
     let dir = tempfile::tempdir().unwrap();
     let service = endless_service().await;
-    for stopped in ["forward", "expose"] {
+    // The forward alone, the expose, and the instance's `up` running the forward for
+    // the command.
+    for stopped in ["forward", "expose", "up"] {
         let (expose, _) =
             start(cmd(&relay, dir.path(), "svc", &["--name", "svc", "expose", "7005", &service.to_string()])).await;
-        let (forward, line) = start(cmd(&relay, dir.path(), "me", &["forward", "0", "svc:7005"])).await;
+        let mut up = (stopped == "up").then(|| Proc::spawn(cmd(&relay, dir.path(), "me", &["--name", "u", "up"])));
+        if let Some(up) = &mut up {
+            within("up", up.stdout_line()).await;
+        }
+        let name = if stopped == "up" { "u" } else { "" };
+        let (forward, line) = start(cmd(&relay, dir.path(), "me", &["--name", name, "forward", "0", "svc:7005"])).await;
         let mut tcp = TcpStream::connect(forwarded(&line)).await.unwrap();
         let mut buf = vec![0u8; 64 << 10];
         let mut got = 0;
         while got < 256 << 10 {
             got += within("data flows", tcp.read(&mut buf)).await.unwrap();
         }
-        let (mut victim, mut other) = if stopped == "forward" { (forward, expose) } else { (expose, forward) };
+        let (mut victim, mut other) = match stopped {
+            "forward" => (forward, expose),
+            "expose" => (expose, forward),
+            _ => (up.take().expect("started"), forward),
+        };
         let pid = victim.child.id().unwrap().to_string();
         std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         // The reader sees a failure, never a clean end that would pass for a complete

@@ -51,6 +51,8 @@ enum Refusal {
     UnknownNetwork,
     /// It failed route-origin validation.
     Invalid(String),
+    /// Its lease proof is of another client than the one holding the VIP here.
+    StaleProof(String),
 }
 
 impl ClusterActor {
@@ -69,8 +71,10 @@ impl ClusterActor {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 
-    /// Carries out what the table decided.
+    /// Carries out what the table decided. Updates for one link go out together (a
+    /// burst of changes makes few frames, not one per route).
     fn drive(&mut self) {
+        let mut outgoing: HashMap<LinkId, Vec<RouteUpdate>> = HashMap::new();
         while let Some(out) = self.table.poll_output() {
             match out {
                 RouteOutput::BestChanged { net, vip, best } => self.sync(net, vip, best),
@@ -85,11 +89,12 @@ impl ClusterActor {
                         }
                     }
                 }
-                RouteOutput::Send { link, updates } => {
-                    if let Some((_, _, addr)) = self.links.get(&link) {
-                        addr.do_send(SendRoutes { updates });
-                    }
-                }
+                RouteOutput::Send { link, updates } => outgoing.entry(link).or_default().extend(updates),
+            }
+        }
+        for (link, updates) in outgoing {
+            if let Some((_, _, addr)) = self.links.get(&link) {
+                addr.do_send(SendRoutes { updates });
             }
         }
     }
@@ -110,7 +115,7 @@ impl ClusterActor {
     fn check(&self, link: LinkId, a: &Announce) -> Result<(), Refusal> {
         self.check_origin(link, a).map_err(Refusal::Invalid)?;
         let Some(network) = self.node.network_by_key(a.net) else { return Err(Refusal::UnknownNetwork) };
-        self.check_vip(&network, a).map_err(Refusal::Invalid)
+        self.check_vip(&network, a)
     }
 
     fn check_origin(&self, link: LinkId, a: &Announce) -> Result<(), String> {
@@ -148,7 +153,7 @@ impl ClusterActor {
         Ok(())
     }
 
-    fn check_vip(&self, network: &crate::store::Network, a: &Announce) -> Result<(), String> {
+    fn check_vip(&self, network: &crate::store::Network, a: &Announce) -> Result<(), Refusal> {
         // Outside the origin's slot: only a client that roamed there, with its lease. A
         // proof that comes along is checked wherever the VIP lies.
         let in_own_slot = in_slot(network.subnet, a.origin_slot, a.vip);
@@ -157,18 +162,27 @@ impl ClusterActor {
             format!("{} is {place} slot {} of network {} ({})", a.vip, a.origin_slot, network.name, network.subnet)
         };
         let Some(proof) = &a.proof else {
-            return if in_own_slot { Ok(()) } else { Err(format!("{} and comes with no lease proof", outside())) };
+            return match in_own_slot {
+                true => Ok(()),
+                false => Err(Refusal::Invalid(format!("{} and comes with no lease proof", outside()))),
+            };
         };
         let ca = &self.node.cluster.as_ref().expect("a cluster actor runs on a cluster node").credentials.ca;
-        let (claim, issuer) = verify_lease(proof, ca).map_err(|e| format!("{}: {e}", outside()))?;
+        let (claim, issuer) = verify_lease(proof, ca).map_err(|e| Refusal::Invalid(format!("{}: {e}", outside())))?;
         if claim.vip != a.vip || NetKey::of(&claim.network) != a.net || !in_slot(network.subnet, issuer.slot, a.vip) {
-            return Err(format!("{} and its lease proof is for another VIP, network or slot", outside()));
+            return Err(Refusal::Invalid(format!(
+                "{} and its lease proof is for another VIP, network or slot",
+                outside()
+            )));
         }
         // A client holds the VIP here: a proof of another client's (a lease given up
         // and since given to this one) cannot take it; the same client roaming can.
         if let Some((_, holder)) = self.attached.get(&(a.net, a.vip)) {
             if claim.identity != holder.identity || claim.instance != holder.instance {
-                return Err(format!("{} is held here by another client; its lease proof is stale", a.vip));
+                return Err(Refusal::StaleProof(format!(
+                    "{} is held here by another client; its lease proof is stale",
+                    a.vip
+                )));
             }
         }
         Ok(())
@@ -296,6 +310,7 @@ impl Handler<RoutesReceived> for ClusterActor {
         // One log line per batch, not per route: a lying peer must not flood the log.
         let mut rejected = 0;
         let mut first_why = None;
+        let mut stale = Vec::new();
         let mut pending = self.pending.remove(&msg.link).unwrap_or_default();
         for update in msg.updates {
             if let RouteUpdate::Announce(a) = &update {
@@ -313,6 +328,13 @@ impl Handler<RoutesReceived> for ClusterActor {
                     }
                     Err(Refusal::UnknownNetwork) => format!("{}: too many routes held for unknown networks", a.vip),
                     Err(Refusal::Invalid(why)) => format!("{} (origin {}): {why}", a.vip, a.origin()),
+                    Err(Refusal::StaleProof(why)) => {
+                        // The cluster hears this node's holder again, fresher than the
+                        // stale announcement: every node routes to it, and the node
+                        // that took the stale proof ends that session.
+                        stale.push((a.net, a.vip, a.seq));
+                        format!("{} (origin {}): {why}", a.vip, a.origin())
+                    }
                 };
                 rejected += 1;
                 first_why.get_or_insert(why);
@@ -324,6 +346,9 @@ impl Handler<RoutesReceived> for ClusterActor {
         }
         if !pending.is_empty() && self.links.contains_key(&msg.link) {
             self.pending.insert(msg.link, pending);
+        }
+        for (net, vip, above) in stale {
+            self.table.handle_local_reassert(net, vip, above, Self::now_ms());
         }
         for (update, why) in self.table.handle_updates(msg.link, accepted) {
             if why == Dropped::TooMany {

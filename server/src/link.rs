@@ -59,6 +59,9 @@ const MAX_BROADCAST_AHEAD_US: u64 = 60_000_000;
 /// for the route (a connect right after the client joined can overtake its route).
 const SOURCE_WAIT_STEP: Duration = Duration::from_millis(50);
 const SOURCE_WAIT_STEPS: u32 = 40;
+/// Route frames of a link the cluster actor may have queued before the link stops
+/// reading its control stream until it catches up.
+const MAX_ROUTE_FRAMES_IN_FLIGHT: usize = 64;
 /// Flow-control window of a whole link.
 const LINK_RECEIVE_WINDOW: u32 = 256 << 20;
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`].
@@ -122,6 +125,12 @@ pub struct PeerLinkActor {
     local: HashMap<SocketId, SocketId>,
     /// The peer's connects waiting for their source's route.
     waiting: HashSet<SocketId>,
+    /// Route frames handed to the cluster actor and not yet taken in.
+    routes_in_flight: usize,
+    /// Whether the allocator is merging a catalog of the peer's, and the latest one
+    /// that came meanwhile.
+    catalog_merging: bool,
+    catalog_next: Option<Catalog>,
     /// Told when the link ends (the dialer then reconnects).
     ended: Option<oneshot::Sender<()>>,
     /// This link as a party of sockets.
@@ -205,6 +214,17 @@ impl PeerLinkActor {
         self.map(socket, local);
     }
 
+    fn merge_catalog(&mut self, ctx: &mut Context<Self>, catalog: Catalog) {
+        self.catalog_merging = true;
+        let merged = self.node.allocator.send(MergeCatalog(catalog)).into_actor(self).map(|_, act, ctx| {
+            act.catalog_merging = false;
+            if let Some(next) = act.catalog_next.take() {
+                act.merge_catalog(ctx, next);
+            }
+        });
+        ctx.spawn(merged);
+    }
+
     /// Records that the peer's socket `remote` is this node's `local`.
     fn map(&mut self, remote: SocketId, local: SocketId) {
         self.remote.insert(remote, local);
@@ -217,13 +237,19 @@ impl PeerLinkActor {
                 tracing::warn!(peer = %self.peer.name, "protocol violation on a peer link: hello sent twice");
                 ctx.stop();
             }
-            // The next frame is read once these are taken in: a peer that floods its
-            // control stream is slowed to what this node can check, and nothing queues
-            // without bound in the cluster actor's or the allocator's mailbox.
+            // A peer that floods its control stream is slowed to what this node can
+            // check: past a number of frames not yet taken in, the next one is read only
+            // once the cluster actor has caught up. Nothing queues without bound.
             PeerMessage::Routes { updates } => {
                 if let Some(cluster) = self.node.cluster_actor() {
+                    self.routes_in_flight += 1;
                     let taken = cluster.send(RoutesReceived { link: self.id, updates });
-                    ctx.wait(taken.into_actor(self).map(|_, _, _| ()));
+                    let taken = taken.into_actor(self).map(|_, act, _| act.routes_in_flight -= 1);
+                    if self.routes_in_flight > MAX_ROUTE_FRAMES_IN_FLIGHT {
+                        ctx.wait(taken);
+                    } else {
+                        ctx.spawn(taken);
+                    }
                 }
             }
             PeerMessage::Connect { socket, net, from, to, hops } => {
@@ -243,9 +269,15 @@ impl PeerLinkActor {
                     pair.do_send(PartyGone { session: self.id });
                 }
             }
+            // Catalogs are whole snapshots: while one is being merged, only the latest
+            // that came meanwhile waits (the allocator's queue holds one per link, and
+            // reading the link never waits for its disk).
             PeerMessage::Catalog(catalog) => {
-                let taken = self.node.allocator.send(MergeCatalog(catalog));
-                ctx.wait(taken.into_actor(self).map(|_, _, _| ()));
+                if self.catalog_merging {
+                    self.catalog_next = Some(catalog);
+                } else {
+                    self.merge_catalog(ctx, catalog);
+                }
             }
             PeerMessage::Ping { nonce } => self.send(ctx, &PeerMessage::Pong { nonce }),
             PeerMessage::Pong { .. } => {}
@@ -547,6 +579,13 @@ fn forward_link_datagram(node: &Node, link: LinkId, datagram: Bytes) {
         LinkHeader::Unicast { net, .. } | LinkHeader::Broadcast { net, .. } => net,
     };
     let Some(source_node) = router.source_origin(net, *client.src.ip(), link) else {
+        // In a mesh, a broadcast also comes round by other paths than its origin's
+        // link: such a copy is a duplicate, not a forgery, and is not counted.
+        if let LinkHeader::Broadcast { origin, .. } = header {
+            if router.remote_origin(net, *client.src.ip()) == Some(origin) {
+                return tracing::trace!(link, "a broadcast's copy by another path");
+            }
+        }
         return drop("source not announced on this link");
     };
     match header {
@@ -685,6 +724,9 @@ fn start_link(
         remote: HashMap::new(),
         local: HashMap::new(),
         waiting: HashSet::new(),
+        routes_in_flight: 0,
+        catalog_merging: false,
+        catalog_next: None,
         ended,
         me: None,
     };

@@ -219,6 +219,12 @@ impl Router {
         self.sources.get(&(net, vip)).filter(|s| s.links.contains(&link)).map(|s| s.origin_slot)
     }
 
+    /// The slot of the node remote `vip` is attached at, wherever its traffic may come
+    /// from.
+    pub fn remote_origin(&self, net: NetKey, vip: Ipv4Addr) -> Option<u8> {
+        self.sources.get(&(net, vip)).map(|s| s.origin_slot)
+    }
+
     /// Registers a live peer link.
     pub fn add_link(&self, link: PeerLink) {
         self.links.insert(link.id, link);

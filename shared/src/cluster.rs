@@ -52,12 +52,12 @@ pub fn in_slot(subnet: Subnet, slot: Slot, vip: Ipv4Addr) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
-        /// The error.
-        source: std::io::Error,
+        /// The error (said in the message, so not a `source` that would be said twice).
+        error: std::io::Error,
     },
     /// A file's contents are wrong.
     #[error("{path}: {what}")]
@@ -130,7 +130,7 @@ pub struct Issued {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
-    move |source| ClusterError::Io { path: path.display().to_string(), source }
+    move |error| ClusterError::Io { path: path.display().to_string(), error }
 }
 
 impl ClusterDir {
@@ -193,6 +193,11 @@ impl ClusterDir {
     fn read_cluster(&self) -> Result<ClusterFile, ClusterError> {
         let path = self.cluster_path();
         let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound if self.ca_cert_path().exists() => ClusterError::Format {
+                path: path.display().to_string(),
+                what: "missing, beside the CA: it holds the cluster's id, secret and the slots taken; restore it from a backup"
+                    .into(),
+            },
             std::io::ErrorKind::NotFound => ClusterError::NoCa(self.dir.display().to_string()),
             _ => io(&path)(e),
         })?;
@@ -279,7 +284,12 @@ impl ClusterDir {
 
     /// Loads `node`'s credentials and the CA certificate, checking that they agree.
     pub fn load_node(&self, node: &str) -> Result<NodeCredentials, ClusterError> {
-        let ca = self.ca_cert()?;
+        let ca = self.ca_cert().map_err(|e| match e {
+            ClusterError::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
+                ClusterError::NoCa(self.dir.display().to_string())
+            }
+            other => other,
+        })?;
         let path = self.node_path(node);
         let pem = std::fs::read(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ClusterError::Format {

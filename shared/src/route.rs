@@ -285,6 +285,22 @@ impl RouteTable {
         self.recompute(net, vip);
     }
 
+    /// The session here holding `vip` is announced anew, numbered above `above` (an
+    /// announcement for another client's stale lease of it was refused): fresher than
+    /// that, it wins everywhere. Nothing if no session here holds it.
+    pub fn handle_local_reassert(&mut self, net: NetKey, vip: Ipv4Addr, above: u64, now_ms: u64) {
+        if self.entries.get(&(net, vip)).is_none_or(|e| e.local.is_none()) {
+            return;
+        }
+        let seen = self.entries.get(&(net, vip)).map_or(0, |e| e.learned.values().map(|l| l.seq).max().unwrap_or(0));
+        self.last_seq = now_ms.max(self.last_seq + 1).max(seen.saturating_add(1)).max(above.saturating_add(1));
+        let seq = self.last_seq;
+        if let Some(entry) = self.entries.get_mut(&(net, vip)) {
+            entry.local = Some(seq);
+        }
+        self.recompute(net, vip);
+    }
+
     /// The session here holding `vip` is gone.
     pub fn handle_local_detach(&mut self, net: NetKey, vip: Ipv4Addr) {
         if let Some(entry) = self.entries.get_mut(&(net, vip)) {
