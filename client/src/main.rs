@@ -310,10 +310,14 @@ async fn join_mode(cli: &Cli, tun: bool) -> Result<Client, CliError> {
             cli.name()
         )));
     }
-    let text = cli.invite.as_deref().ok_or(
-        "no invite: pass --invite URI or set OVERLAN_INVITE (ask the relay operator; the relay prints one at start)",
-    )?;
-    let invite: Invite = text.parse().map_err(|e| format!("invite: {e}"))?;
+    // A missing or malformed invite is a usage error (exit 2), like a bad argument.
+    let text = cli.invite.as_deref().ok_or_else(|| {
+        CliError::usage(
+            "no invite: pass --invite URI or set OVERLAN_INVITE (ask the relay operator; the relay prints one at start)"
+                .into(),
+        )
+    })?;
+    let invite: Invite = text.parse().map_err(|e| CliError::usage(format!("invite: {e}")))?;
     let path = identity_path(cli);
     let identity = load_or_create_identity(&path).map_err(|e| e.to_string())?;
     for relay in &cli.relays {
@@ -710,7 +714,8 @@ async fn run_port_map(
                 why = session_ended(&client) => Outcome::SessionEnded(why),
             };
             match outcome {
-                Outcome::Ended(why) => Err(CliError::from(why)),
+                // A forward that failed because its session ended for good says that.
+                Outcome::Ended(why) => Err(session_verdict(&client).unwrap_or_else(|| CliError::from(why))),
                 Outcome::Signal(signal) => {
                     running.stop().await;
                     Err(CliError::interrupted(signal))
@@ -1029,6 +1034,9 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
     match args {
         [host, port] => {
             let port = parse_port(port)?;
+            if port == 0 {
+                return Err(format!("{host}:0: port 0 cannot be connected to"));
+            }
             if let Ok(ip) = host.parse::<Ipv4Addr>() {
                 return Ok(Target::Addr(SocketAddrV4::new(ip, port)));
             }
@@ -1141,8 +1149,29 @@ async fn nc(cli: &Cli, args: &NcArgs, shutdown: &mut Shutdown) -> Result<ExitCod
         nc_stream(&client, args, local_port, target, shutdown).await
     };
     watcher.abort();
+    // A socket that failed because the session ended for good (replaced) says that.
+    let result = result.map_err(|e| session_verdict(&client).unwrap_or(e));
     client.leave().await;
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// `what: error`, unless the error begins with `what` already (the relay's messages
+/// often name what failed).
+fn prefixed(what: &str, e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    if text.starts_with(what) {
+        text
+    } else {
+        format!("{what}: {text}")
+    }
+}
+
+/// The exit for a session that has ended for good (status 3 and why), if it has.
+fn session_verdict(client: &Client) -> Option<CliError> {
+    match client.state() {
+        SessionState::Closed(why) => Some(CliError::refused(why)),
+        _ => None,
+    }
 }
 
 /// Says on stderr when `client`'s session is lost (once per loss, not per failed
@@ -1275,7 +1304,7 @@ async fn nc_stream(
     let open = async {
         match listen {
             Some(port) => {
-                let listener = client.listen(port).await.map_err(|e| format!("listen: {e}"))?;
+                let listener = client.listen(port).await.map_err(|e| prefixed("listen", &e))?;
                 eprintln!("listening on {}", listener.local_addr());
                 let (stream, peer) = listener.accept().await.map_err(|e| format!("accept: {e}"))?;
                 eprintln!("connection from {peer}");

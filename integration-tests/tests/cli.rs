@@ -262,8 +262,16 @@ async fn nc_errors_are_one_line_with_the_cause() {
         c
     })
     .await;
-    assert_ne!(code, 0);
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("no invite"), "{err}");
+    let (code, _, err) = output({
+        let mut c = tokio::process::Command::new(bin("overlan"));
+        c.args(["--invite", "garbage", "ip"]).env_remove("OVERLAN_INVITE");
+        c
+    })
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invite must start with"), "{err}");
 }
 
 #[tokio::test]
@@ -971,6 +979,7 @@ async fn targets_and_programs_that_cannot_work_are_said_before_joining() {
         (&["forward", "0", "10.77.0.300:80"][..], "is not a VIP"),
         (&["forward", "0", "10.77.0.3:0"][..], "port 0"),
         (&["nc", "10.77.0.300", "80"][..], "is not a VIP"),
+        (&["nc", "10.77.0.2", "0"][..], "port 0"),
     ] {
         let (code, _, err) = run(args).await;
         assert_eq!(code, 2, "{args:?}: {err}");

@@ -397,6 +397,14 @@ async fn a_port_in_use_replaces_no_session_and_a_replaced_forward_ends_with_stat
     let (code, err) = within("the replaced forward ends", forward.wait()).await;
     assert_eq!(code, 3, "{err:?}");
     assert!(err.iter().any(|l| l.contains("replaced")), "{err:?}");
+    // An expose too, whose listener closes with its session.
+    let (mut expose, _) =
+        start(cmd(&relay, dir.path(), "ex", &["--name", "ex", "expose", "7007", &service.to_string()])).await;
+    let mut ip = Proc::spawn(cmd(&relay, dir.path(), "ex", &["--name", "ex", "ip"]));
+    assert_eq!(ip.wait().await.0, 0);
+    let (code, err) = within("the replaced expose ends", expose.wait()).await;
+    assert_eq!(code, 3, "{err:?}");
+    assert!(err.iter().any(|l| l.contains("replaced")), "{err:?}");
 }
 
 #[tokio::test]
