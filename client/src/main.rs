@@ -445,8 +445,14 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 match map.start(&client, log).await {
                     Ok(running) => {
                         println!("{}", running.line);
+                        // Said only if it ends by itself, not when `up` stops it.
+                        let stop = running.stop.clone();
                         maps.stops.push(running.stop);
-                        maps.running.spawn(running.run.map(|why| eprintln!("overlan: {why}")));
+                        maps.running.spawn(running.run.map(move |why| {
+                            if !stop.is_cancelled() {
+                                eprintln!("overlan: {why}");
+                            }
+                        }));
                     }
                     Err(why) => {
                         client.leave().await;

@@ -28,8 +28,8 @@ pub const DEFAULT_NETWORK: &str = "default";
 pub const LOCK_FILE: &str = "relay.lock";
 /// Schema version this build reads and writes. 1: the first release (no version
 /// recorded); 2: leases keyed on the client's public key, per-network instance caps;
-/// 3: proofs of adopted leases; 4: invite labels; 5: removed networks remembered.
-pub const SCHEMA_VERSION: i64 = 5;
+/// 3: proofs of adopted leases; 4: invite labels; 5: removed networks remembered; 6: invite ids never reused.
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Database id of a network.
 pub type NetworkId = i64;
@@ -285,7 +285,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
                 max_instances INTEGER
             );
             CREATE TABLE invites (
-                id INTEGER PRIMARY KEY,
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
                 network_id INTEGER NOT NULL REFERENCES networks(id),
                 token_hash TEXT NOT NULL UNIQUE,
                 kind TEXT NOT NULL DEFAULT 'issued',
@@ -339,6 +339,29 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         // Version 5: a removed network is remembered, so a cluster peer's older catalog
         // does not bring it back.
         tx.execute_batch("CREATE TABLE removed_networks (name TEXT PRIMARY KEY, removed_at INTEGER NOT NULL);")?;
+        version = 5;
+    }
+    if version == 5 {
+        // Version 6: invite ids are never given again (an operator's noted `invite
+        // revoke ID` must not hit a later invite after a network's were deleted).
+        tx.execute_batch(
+            "CREATE TABLE invites_new (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                network_id INTEGER NOT NULL REFERENCES networks(id),
+                token_hash TEXT NOT NULL UNIQUE,
+                kind TEXT NOT NULL DEFAULT 'issued',
+                max_uses INTEGER,
+                uses INTEGER NOT NULL DEFAULT 0,
+                expires_at INTEGER,
+                revoked INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL,
+                label TEXT NOT NULL DEFAULT ''
+            );
+            INSERT INTO invites_new (id, network_id, token_hash, kind, max_uses, uses, expires_at, revoked, created_at, label)
+                SELECT id, network_id, token_hash, kind, max_uses, uses, expires_at, revoked, created_at, label FROM invites;
+            DROP TABLE invites;
+            ALTER TABLE invites_new RENAME TO invites;",
+        )?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -987,6 +1010,24 @@ mod tests {
         store.add_invite("default", "rev", "default", None, None).unwrap();
         assert!(store.invite_revoked("rev").unwrap());
         assert!(matches!(store.revoke_invite(999), Err(StoreError::NoSuchInvite(999))));
+    }
+
+    #[test]
+    fn invite_ids_are_never_given_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
+        store.add_network("games", "10.90.0.0/16".parse().unwrap()).unwrap();
+        let a = store.add_invite("games", "token-a", "issued", None, None).unwrap();
+        let b = store.add_invite("games", "token-b", "issued", None, None).unwrap();
+        store.remove_network("games").unwrap();
+        let c = store.add_invite(DEFAULT_NETWORK, "token-c", "issued", None, None).unwrap();
+        assert!(c > a.max(b), "invite {c} reuses an id of the deleted ones ({a}, {b})");
+        // Also across a restart.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let d = store.add_invite(DEFAULT_NETWORK, "token-d", "issued", None, None).unwrap();
+        assert!(d > c);
     }
 
     #[test]
