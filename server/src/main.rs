@@ -367,8 +367,11 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
             Ok(())
         }
         (Some(InviteAction::Revoke { id }), _) => {
-            open_store(config)?.revoke_invite(id)?;
-            println!("revoked invite {id}");
+            if open_store(config)?.revoke_invite(id)? {
+                println!("revoked invite {id}");
+            } else {
+                println!("invite {id} was revoked already");
+            }
             Ok(())
         }
         (None, Some(network)) => {

@@ -551,12 +551,16 @@ impl Store {
     }
 
     /// Revokes an invite; members it admitted keep their leases, new joins with it fail.
-    pub fn revoke_invite(&self, id: i64) -> Result<(), StoreError> {
-        let n = self.conn.execute("UPDATE invites SET revoked = 1 WHERE id = ?1", [id])?;
-        if n == 0 {
-            return Err(StoreError::NoSuchInvite(id));
+    pub fn revoke_invite(&self, id: i64) -> Result<bool, StoreError> {
+        if self.conn.execute("UPDATE invites SET revoked = 1 WHERE id = ?1 AND revoked = 0", [id])? == 1 {
+            return Ok(true);
         }
-        Ok(())
+        let exists: bool = self.conn.query_row("SELECT COUNT(*) > 0 FROM invites WHERE id = ?1", [id], |r| r.get(0))?;
+        if exists {
+            Ok(false)
+        } else {
+            Err(StoreError::NoSuchInvite(id))
+        }
     }
 
     /// The networks and invites, for the other nodes of a cluster.
@@ -1004,7 +1008,8 @@ mod tests {
         assert!(store.check_token("exp", unix_now()).unwrap().is_ok());
         assert_eq!(store.check_token("exp", unix_now() + 61).unwrap().unwrap_err(), TokenProblem::Expired);
         let id = store.add_invite("default", "rev", "issued", None, None).unwrap();
-        store.revoke_invite(id).unwrap();
+        assert!(store.revoke_invite(id).unwrap(), "revoked now");
+        assert!(!store.revoke_invite(id).unwrap(), "revoked already");
         assert_eq!(store.check_token("rev", 0).unwrap().unwrap_err(), TokenProblem::Revoked);
         // Re-adding a revoked token does not revive it.
         store.add_invite("default", "rev", "default", None, None).unwrap();
