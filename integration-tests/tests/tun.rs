@@ -221,7 +221,16 @@ async fn unmodified_programs_talk_across_tun_hosts() {
         games.push(game);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(discover(&hosts, 1, 4447, 2).await, ["here-is-g1", "here-is-g2"]);
+    let found = discover(&hosts, 1, 4447, 2).await;
+    if found != ["here-is-g1", "here-is-g2"] {
+        // What each game's overlan said, to tell why one did not answer.
+        let mut said = Vec::new();
+        for mut game in games {
+            let _ = game.child.start_kill();
+            said.push(game.wait().await);
+        }
+        panic!("the broadcast found {found:?}; the games said {said:?}");
+    }
     let mut said = Vec::new();
     for mut game in games {
         let pid = game.child.id().unwrap().to_string();

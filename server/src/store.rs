@@ -509,9 +509,10 @@ impl Store {
         let net = self.network(network)?;
         let hash = hash_token(token);
         let expires_at = expires_in.map(|d| unix_now() + d.as_secs() as i64);
+        // Not `INSERT OR IGNORE`: an ignored insert still spends an AUTOINCREMENT id.
         self.conn.execute(
-            "INSERT OR IGNORE INTO invites (network_id, token_hash, kind, max_uses, expires_at, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO invites (network_id, token_hash, kind, max_uses, expires_at, created_at)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM invites WHERE token_hash = ?2)",
             params![net.id, hash, kind, max_uses, expires_at, unix_now()],
         )?;
         Ok(self.conn.query_row("SELECT id FROM invites WHERE token_hash = ?1", [hash], |r| r.get(0))?)
@@ -670,8 +671,9 @@ impl Store {
                 tx.query_row("SELECT id FROM networks WHERE name = ?1", [&inv.network], |r| r.get(0)).optional()?;
             let Some(network) = network else { continue };
             let inserted = tx.execute(
-                "INSERT OR IGNORE INTO invites (network_id, token_hash, kind, max_uses, uses, expires_at, revoked, created_at, label)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO invites (network_id, token_hash, kind, max_uses, uses, expires_at, revoked, created_at, label)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
+                 WHERE NOT EXISTS (SELECT 1 FROM invites WHERE token_hash = ?2)",
                 params![network, inv.token_hash, inv.kind, inv.max_uses, inv.uses, inv.expires_at, inv.revoked, inv.created_at, inv.label],
             )?;
             let updated = tx.execute(
@@ -1028,11 +1030,13 @@ mod tests {
         store.remove_network("games").unwrap();
         let c = store.add_invite(DEFAULT_NETWORK, "token-c", "issued", None, None).unwrap();
         assert!(c > a.max(b), "invite {c} reuses an id of the deleted ones ({a}, {b})");
+        // A token stored already keeps its id and spends none.
+        assert_eq!(store.add_invite(DEFAULT_NETWORK, "token-c", "issued", None, None).unwrap(), c);
         // Also across a restart.
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         let d = store.add_invite(DEFAULT_NETWORK, "token-d", "issued", None, None).unwrap();
-        assert!(d > c);
+        assert_eq!(d, c + 1);
     }
 
     #[test]
