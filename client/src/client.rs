@@ -990,6 +990,13 @@ async fn supervise(inner: Arc<Inner>, first: (Session, ControlRecv)) {
             end = async {
                 while let Some(item) = recv.next().await {
                     match item {
+                        // Replaced by a newer session of this identity and instance: the
+                        // relay says so on the control stream (delivered even if the
+                        // connection's close is lost) before it closes.
+                        Ok(RelayMessage::Goodbye { code: ErrorCode::Replaced, message }) => {
+                            tracing::info!(%message, "relay says goodbye");
+                            return Some(Error::Replaced(message));
+                        }
                         Ok(msg) => inner.dispatch(&session, msg),
                         Err(e) => {
                             if !inner.shutdown.is_cancelled() && session.conn.close_reason().is_none() {

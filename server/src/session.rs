@@ -84,6 +84,8 @@ pub struct SessionActor {
     end: (u32, String),
     /// The client gave its VIP back: the session only waits for the client to close.
     released: bool,
+    /// Replaced by a newer session: told so, closing in a moment.
+    replaced: bool,
 }
 
 impl SessionActor {
@@ -111,6 +113,7 @@ impl SessionActor {
             pairs: HashMap::new(),
             end: (close_code::NORMAL, "session ended".to_owned()),
             released: false,
+            replaced: false,
         }
     }
 
@@ -321,8 +324,8 @@ impl SessionActor {
     }
 
     fn handle_message(&mut self, ctx: &mut Context<Self>, msg: ClientMessage) {
-        if self.released {
-            return; // the VIP is given back; the client closes next
+        if self.released || self.replaced {
+            return; // the VIP is given back, or another session holds it; the client closes next
         }
         match msg {
             ClientMessage::Hello { .. } => {
@@ -502,10 +505,25 @@ impl StreamHandler<Result<ClientMessage, FrameError>> for SessionActor {
 #[rtype(result = "()")]
 pub struct Replace;
 
+/// How long a replaced session's connection stays open after it was told, so the
+/// goodbye reaches the client even if a packet is lost.
+const REPLACED_GRACE: Duration = Duration::from_millis(500);
+
 impl Handler<Replace> for SessionActor {
     type Result = ();
     fn handle(&mut self, _: Replace, ctx: &mut Self::Context) {
-        self.disconnect(ctx, close_code::REPLACED, ErrorCode::Replaced.describe().to_owned());
+        // The client is told on the control stream first, which QUIC delivers even when
+        // the packet with the connection's close is lost (a client that missed the close
+        // would time out and reconnect, taking the VIP back from the newer session). Its
+        // listeners and ports go at once; the connection closes a moment later.
+        let why = ErrorCode::Replaced.describe().to_owned();
+        if std::mem::replace(&mut self.replaced, true) {
+            return;
+        }
+        self.send(ctx, RelayMessage::Goodbye { code: ErrorCode::Replaced, message: why.clone() });
+        self.network_addr.do_send(LeaveNetwork { vip: self.vip, session: self.id });
+        self.unregister();
+        ctx.run_later(REPLACED_GRACE, move |act, ctx| act.disconnect(ctx, close_code::REPLACED, why));
     }
 }
 
