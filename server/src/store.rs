@@ -260,6 +260,20 @@ impl Store {
     }
 }
 
+/// The invites table's columns (ids are never given again).
+const INVITES_COLUMNS: &str = "(
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                network_id INTEGER NOT NULL REFERENCES networks(id),
+                token_hash TEXT NOT NULL UNIQUE,
+                kind TEXT NOT NULL DEFAULT 'issued',
+                max_uses INTEGER,
+                uses INTEGER NOT NULL DEFAULT 0,
+                expires_at INTEGER,
+                revoked INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL,
+                label TEXT NOT NULL DEFAULT ''
+            )";
+
 /// Brings the schema to [`SCHEMA_VERSION`] in one transaction, or refuses a database of
 /// a newer version.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
@@ -276,7 +290,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         return Err(StoreError::SchemaVersion { path: path.display().to_string(), found: version });
     }
     if version == 0 {
-        tx.execute_batch(
+        tx.execute_batch(&format!(
             "CREATE TABLE networks (
                 id INTEGER PRIMARY KEY,
                 name TEXT NOT NULL UNIQUE,
@@ -284,18 +298,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
                 created_at INTEGER NOT NULL,
                 max_instances INTEGER
             );
-            CREATE TABLE invites (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                network_id INTEGER NOT NULL REFERENCES networks(id),
-                token_hash TEXT NOT NULL UNIQUE,
-                kind TEXT NOT NULL DEFAULT 'issued',
-                max_uses INTEGER,
-                uses INTEGER NOT NULL DEFAULT 0,
-                expires_at INTEGER,
-                revoked INTEGER NOT NULL DEFAULT 0,
-                created_at INTEGER NOT NULL,
-                label TEXT NOT NULL DEFAULT ''
-            );
+            CREATE TABLE invites {INVITES_COLUMNS};
             CREATE TABLE leases (
                 network_id INTEGER NOT NULL REFERENCES networks(id),
                 identity TEXT NOT NULL,
@@ -311,8 +314,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             CREATE TABLE removed_networks (
                 name TEXT PRIMARY KEY,
                 removed_at INTEGER NOT NULL
-            );",
-        )?;
+            );"
+        ))?;
         version = SCHEMA_VERSION;
     }
     if version == 1 {
@@ -344,24 +347,13 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     if version == 5 {
         // Version 6: invite ids are never given again (an operator's noted `invite
         // revoke ID` must not hit a later invite after a network's were deleted).
-        tx.execute_batch(
-            "CREATE TABLE invites_new (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                network_id INTEGER NOT NULL REFERENCES networks(id),
-                token_hash TEXT NOT NULL UNIQUE,
-                kind TEXT NOT NULL DEFAULT 'issued',
-                max_uses INTEGER,
-                uses INTEGER NOT NULL DEFAULT 0,
-                expires_at INTEGER,
-                revoked INTEGER NOT NULL DEFAULT 0,
-                created_at INTEGER NOT NULL,
-                label TEXT NOT NULL DEFAULT ''
-            );
+        tx.execute_batch(&format!(
+            "CREATE TABLE invites_new {INVITES_COLUMNS};
             INSERT INTO invites_new (id, network_id, token_hash, kind, max_uses, uses, expires_at, revoked, created_at, label)
                 SELECT id, network_id, token_hash, kind, max_uses, uses, expires_at, revoked, created_at, label FROM invites;
             DROP TABLE invites;
-            ALTER TABLE invites_new RENAME TO invites;",
-        )?;
+            ALTER TABLE invites_new RENAME TO invites;"
+        ))?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
