@@ -325,7 +325,7 @@ async fn answer(
             Ok(virtual_stream) => {
                 let connected = Response::Connected { local: virtual_stream.local_addr(), peer: to };
                 if send_line(&mut stream, &connected).await.is_ok() {
-                    carry(stream, virtual_stream, &client).await;
+                    carry(stream, virtual_stream, &client, &stopping).await;
                 }
                 return;
             }
@@ -347,7 +347,7 @@ async fn answer(
                         let connected = Response::Connected { local: listener.local_addr(), peer };
                         drop(listener);
                         if send_line(&mut stream, &connected).await.is_ok() {
-                            carry(stream, virtual_stream, &client).await;
+                            carry(stream, virtual_stream, &client, &stopping).await;
                         }
                         return;
                     }
@@ -726,7 +726,12 @@ async fn write_frame(w: &mut (impl tokio::io::AsyncWrite + Unpin), kind: u8, pay
 /// virtual stream and back. The command learns when its data is delivered, when the
 /// peer finished, and why it failed; a command that goes away without finishing aborts
 /// the stream.
-async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream, client: &Client) {
+async fn carry(
+    conn: UnixStream,
+    stream: crate::stream::VirtualStream,
+    client: &Client,
+    stopping: &tokio_util::sync::CancellationToken,
+) {
     use futures_util::FutureExt;
     use tokio::io::AsyncReadExt;
     // The session the stream lives on: when it goes, so does the stream, also while
@@ -739,6 +744,9 @@ async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream, client: &
     let cwrite = std::sync::Arc::new(tokio::sync::Mutex::new(cwrite));
     let error = |e: &dyn std::fmt::Display| about(peer, e);
     let lost = |why: String| format!("connection to {peer}: session lost ({why})");
+    // The instance's session is stopping (`up` asked to end): the stream is aborted,
+    // so the peer sees an error, never a clean end of a transfer cut short.
+    let ending = || format!("connection to {peer}: the instance's session is ending");
     let up = {
         let (cwrite, gone) = (cwrite.clone(), gone.clone());
         async move {
@@ -748,6 +756,11 @@ async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream, client: &
                     frame = read_frame(&mut cread) => frame,
                     why = gone.clone() => {
                         let _ = write_frame(&mut *cwrite.lock().await, frame::ERROR, lost(why).as_bytes()).await;
+                        return false;
+                    }
+                    _ = stopping.cancelled() => {
+                        vwrite.abort();
+                        let _ = write_frame(&mut *cwrite.lock().await, frame::ERROR, ending().as_bytes()).await;
                         return false;
                     }
                 };
@@ -790,6 +803,10 @@ async fn carry(conn: UnixStream, stream: crate::stream::VirtualStream, client: &
                     read = vread.read(&mut buf) => read,
                     why = gone.clone() => {
                         let _ = write_frame(&mut *cwrite.lock().await, frame::ERROR, lost(why).as_bytes()).await;
+                        return;
+                    }
+                    _ = stopping.cancelled() => {
+                        vread.abort();
                         return;
                     }
                 };

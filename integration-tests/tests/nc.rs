@@ -236,6 +236,39 @@ async fn a_signal_aborts_a_stream_running_through_up_and_up_lives_on() {
 }
 
 #[tokio::test]
+async fn up_stopped_under_a_stream_it_carries_aborts_it() {
+    bin("overlan");
+    let relay = TestRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    let cmd = |args: &[&str]| {
+        let mut c = overlan_cmd(&relay.invite(), dir.path(), "me");
+        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
+        c
+    };
+    let mut up = Proc::spawn(cmd(&["up"]));
+    let _ = up.stdout_line().await;
+    up.stderr_until("joined network").await;
+    let peer = join(&relay.invite()).await;
+    let listener = peer.listen(7106).await.unwrap();
+    let mut talker = Proc::spawn(cmd(&["nc", &peer.vip().to_string(), "7106"]));
+    let (mut stream, _) = within("accept", listener.accept()).await.unwrap();
+    talker.write_stdin(b"some bytes\n").await;
+    let mut buf = [0u8; 11];
+    within("the first bytes", stream.read_exact(&mut buf)).await.unwrap();
+    let _stdin = talker.child.stdin.take(); // held open: the transfer is not over
+                                            // The session that carries the stream stops: the peer sees an error, not a clean
+                                            // end of a transfer that was cut short, and the nc fails.
+    signal(&up.child, "TERM").await;
+    assert_eq!(up.wait().await.0, 0);
+    let mut rest = Vec::new();
+    let err = within("the peer's read", stream.read_to_end(&mut rest)).await.unwrap_err();
+    assert!(err.to_string().contains("aborted"), "{err}");
+    let code = within("the nc ends", talker.child.wait()).await.unwrap().code();
+    assert!(code.is_some_and(|c| c != 0), "{code:?}");
+}
+
+#[tokio::test]
 async fn after_a_relay_restart_a_connected_nc_ends_at_once_and_a_listening_one_says_it_reconnected() {
     bin("overlan");
     let mut relay = TestRelay::start();
