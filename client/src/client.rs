@@ -35,6 +35,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const FAILOVER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a request to the relay may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a relay's name may take to resolve (a resolver's usual timeout).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`], each delay jittered (after a
 /// relay restart, thousands of clients must not retry in lockstep).
 pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
@@ -73,6 +75,9 @@ pub struct JoinOptions {
     /// TUN mode: the session takes every datagram to its VIP and IPv4 packets
     /// ([`Client::take_tun_datagrams`], [`Client::send_raw_datagram`]).
     pub tun: bool,
+    /// Join only if this identity and instance hold a VIP in the network already
+    /// (to give it back); otherwise the join fails with [`Error::NoLease`].
+    pub existing_only: bool,
 }
 
 impl JoinOptions {
@@ -87,12 +92,19 @@ impl JoinOptions {
             relays: Vec::new(),
             lease: None,
             tun: false,
+            existing_only: false,
         }
     }
 
     /// Sets the lease proof to present (from [`Client::lease`] of an earlier join).
     pub fn lease(mut self, lease: Option<String>) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Joins only with a VIP held already (see [`JoinOptions::existing_only`]).
+    pub fn existing_only(mut self, existing_only: bool) -> Self {
+        self.existing_only = existing_only;
         self
     }
 
@@ -249,6 +261,7 @@ fn connection_error(relay: &str, e: &quinn::ConnectionError) -> Error {
                 close_code::UNAUTHORIZED => Error::Unauthorized(reason),
                 close_code::NETWORK_FULL => Error::NetworkFull(reason),
                 close_code::LIMIT => Error::Limit(reason),
+                close_code::NO_LEASE => Error::NoLease(reason),
                 close_code::REPLACED => Error::Replaced(reason),
                 close_code::SHUTDOWN => Error::SessionLost(reason),
                 close_code::PROTOCOL_VIOLATION => Error::Relay { code: ErrorCode::ProtocolViolation, message: reason },
@@ -259,6 +272,13 @@ fn connection_error(relay: &str, e: &quinn::ConnectionError) -> Error {
             Error::SessionLost(format!("relay {relay} stopped answering (idle timeout)"))
         }
         quinn::ConnectionError::LocallyClosed => Error::SessionLost("closed by this client".into()),
+        // This end's TLS refused the handshake (QUIC's CRYPTO_ERROR range carries the
+        // TLS alert): the relay's certificate is not the pinned one.
+        quinn::ConnectionError::TransportError(error) if (0x100..0x200).contains(&u64::from(error.code)) => {
+            // rustls says "unexpected error: " before what the verifier said.
+            let message = error.reason.strip_prefix("unexpected error: ").unwrap_or(&error.reason);
+            Error::Untrusted { relay: relay.to_owned(), message: message.to_owned() }
+        }
         other => Error::Connect { relay: relay.to_owned(), message: other.to_string() },
     }
 }
@@ -656,9 +676,11 @@ type ControlRecv = FramedRead<quinn::RecvStream, ClientSideCodec>;
 
 /// The address of relay `text` (`HOST:PORT`).
 async fn resolve(text: &str) -> Result<SocketAddr, Error> {
-    tokio::net::lookup_host(text)
+    let failed = |message: String| Error::Connect { relay: text.to_owned(), message };
+    tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(text))
         .await
-        .map_err(|e| Error::Connect { relay: text.to_owned(), message: format!("cannot resolve: {e}") })?
+        .map_err(|_| failed(format!("cannot resolve: no answer from DNS within {} s", RESOLVE_TIMEOUT.as_secs())))?
+        .map_err(|e| failed(format!("cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| Error::Connect { relay: text.to_owned(), message: "no address".into() })
 }
@@ -698,6 +720,7 @@ async fn establish(
             lease,
             network: Some(options.invite.network.clone()),
             tun: options.tun,
+            existing_only: options.existing_only,
         };
         codec.encode_into(&hello, &mut buf).map_err(|e| Error::Config(e.to_string()))?;
         if send.write_all(&buf).await.is_err() {

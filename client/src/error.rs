@@ -58,7 +58,21 @@ pub enum Error {
     /// session; or, at join, too many instances of this identity in the network).
     #[error("{0}")]
     Limit(String),
-    /// The relay could not be reached or its certificate did not match the pin.
+    /// The join asked for a VIP held already ([`crate::JoinOptions::existing_only`]),
+    /// and this identity and instance hold none in the network.
+    #[error("{0}")]
+    NoLease(String),
+    /// The relay's certificate is not the one the invite pins (nor a node certificate
+    /// of the pinned cluster CA): the invite is for another relay, or the relay's key
+    /// changed. Retrying cannot help.
+    #[error("relay {relay}: {message}")]
+    Untrusted {
+        /// The relay address.
+        relay: String,
+        /// Why its certificate was not trusted.
+        message: String,
+    },
+    /// The relay could not be reached.
     #[error("relay {relay}: {message}")]
     Connect {
         /// The relay address.
@@ -108,6 +122,8 @@ impl Error {
                 | Error::Config(_)
                 | Error::NetworkFull(_)
                 | Error::Limit(_)
+                | Error::NoLease(_)
+                | Error::Untrusted { .. }
                 | Error::Replaced(_)
                 | Error::Relay { code: ErrorCode::ProtocolViolation | ErrorCode::UnsupportedVersion, .. }
         )

@@ -299,11 +299,30 @@ const JOIN_HINT_AFTER: Duration = Duration::from_secs(2);
 static HINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 async fn join(cli: &Cli) -> Result<Client, CliError> {
-    join_mode(cli, false).await
+    join_with(cli, |options| options).await
 }
 
-/// Joins, in TUN mode if `tun`.
-async fn join_mode(cli: &Cli, tun: bool) -> Result<Client, CliError> {
+/// Joins with the options `mode` sets (TUN mode, only with a VIP held already).
+async fn join_with(cli: &Cli, mode: impl FnOnce(JoinOptions) -> JoinOptions) -> Result<Client, CliError> {
+    join_attempt(cli, mode).await?.map_err(join_failure)
+}
+
+/// A failed join as the command's error: exit 3 when the relay refused for good.
+fn join_failure(e: Error) -> CliError {
+    let message = format!("join: {e}");
+    if e.is_terminal() {
+        CliError::refused(message)
+    } else {
+        CliError::from(message)
+    }
+}
+
+/// Joins with the options `mode` sets; the outer error is the command line's (bad
+/// usage, identity), the inner one the join's.
+async fn join_attempt(
+    cli: &Cli,
+    mode: impl FnOnce(JoinOptions) -> JoinOptions,
+) -> Result<Result<Client, overlan_client::Error>, CliError> {
     if !overlan_shared::wire::control::valid_instance(cli.name()) {
         return Err(CliError::usage(format!(
             "--name {:?}: an instance name is at most 64 of A-Z a-z 0-9 . _ -",
@@ -331,38 +350,62 @@ async fn join_mode(cli: &Cli, tun: bool) -> Result<Client, CliError> {
     let network = invite.network.clone();
     let lease = load_lease(&leases, &network, cli.name());
     let relay_hint = cli.relays.first().cloned().unwrap_or_else(|| invite.relay.clone());
-    let options = JoinOptions::new(invite, identity)
-        .instance(cli.name().to_owned())
-        .relays(cli.relays.clone())
-        .lease(lease.clone())
-        .tun(tun);
-    // A relay that does not answer is said at once, not after the handshake times out.
+    let options = mode(
+        JoinOptions::new(invite, identity)
+            .instance(cli.name().to_owned())
+            .relays(cli.relays.clone())
+            .lease(lease.clone()),
+    );
+    // A relay that does not answer is said at once, not after the handshake times out;
+    // a name that does not resolve is said as such, not as a relay that does not answer.
+    let lookup = relay_hint
+        .parse::<std::net::SocketAddr>()
+        .is_err()
+        .then(|| tokio::spawn(tokio::net::lookup_host(relay_hint.clone())));
     let joining = Client::join(options);
     tokio::pin!(joining);
     let joined = tokio::select! {
         joined = &mut joining => joined,
         _ = tokio::time::sleep(JOIN_HINT_AFTER), if !HINTED.swap(true, std::sync::atomic::Ordering::Relaxed) => {
-            let port = relay_hint.rsplit_once(':').map_or("7700", |(_, p)| p).to_owned();
-            eprintln!(
-                "overlan: no answer from relay {relay_hint} yet: is it running, and is UDP port {port} reachable from here? (still trying)"
-            );
+            eprintln!("overlan: {} (still trying)", join_hint(&relay_hint, lookup).await);
             joining.await
         }
     };
-    let client = joined.map_err(|e| {
-        let message = format!("join: {e}");
-        if e.is_terminal() {
-            CliError::refused(message)
-        } else {
-            CliError::from(message)
-        }
-    })?;
+    let client = match joined {
+        Ok(client) => client,
+        Err(e) => return Ok(Err(e)),
+    };
     if let Some(proof) = client.lease().filter(|p| Some(p) != lease.as_ref()) {
         if let Err(e) = save_lease(&leases, &network, cli.name(), &proof) {
             tracing::warn!(error = %e, "could not keep the lease; another node may give another VIP");
         }
     }
-    Ok(client)
+    Ok(Ok(client))
+}
+
+/// What to tell a user whose join has not been answered for [`JOIN_HINT_AFTER`]:
+/// `lookup` resolves the relay's name, if it is one.
+async fn join_hint(
+    relay: &str,
+    lookup: Option<tokio::task::JoinHandle<std::io::Result<impl Iterator<Item = std::net::SocketAddr>>>>,
+) -> String {
+    let host = relay.rsplit_once(':').map_or(relay, |(host, _)| host);
+    match lookup {
+        Some(lookup) if !lookup.is_finished() => {
+            lookup.abort();
+            format!("the relay's name {host} has not resolved yet: is DNS reachable from here?")
+        }
+        Some(lookup) => match lookup.await {
+            Ok(Err(e)) => format!("cannot resolve the relay's name {host}: {e}"),
+            _ => no_answer(relay),
+        },
+        None => no_answer(relay),
+    }
+}
+
+fn no_answer(relay: &str) -> String {
+    let port = relay.rsplit_once(':').map_or("7700", |(_, p)| p);
+    format!("no answer from relay {relay} yet: is it running, and is UDP port {port} reachable from here?")
 }
 
 /// `up`'s first join: a relay that cannot be reached yet is retried (with backoff, said
@@ -765,7 +808,7 @@ async fn join_tun_session(
         .into());
     }
     let client = tokio::select! {
-        client = join_mode(cli, true) => client?,
+        client = join_with(cli, |options| options.tun(true)) => client?,
         signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
     };
     // The instance's session from now on: its other commands (`ip`, `status`, `nc`,
@@ -950,7 +993,24 @@ async fn leave(cli: &Cli, control: &std::path::Path, shutdown: &mut Shutdown) ->
         )
         .into());
     }
-    let client = join_or_signal(cli, shutdown).await?;
+    // Only with a VIP held already: leaving must not lease one first.
+    let joined = tokio::select! {
+        joined = join_attempt(cli, |options| options.existing_only(true)) => joined?,
+        signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+    };
+    let client = match joined {
+        Ok(client) => client,
+        Err(Error::NoLease(_)) => {
+            let network = cli.invite.as_deref().and_then(|i| i.parse::<Invite>().ok()).map(|i| i.network);
+            println!(
+                "instance {} holds no VIP in network {}; nothing to give back",
+                instance_label(cli.name()),
+                network.unwrap_or_default()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(join_failure(e)),
+    };
     let network = client.network().to_owned();
     let released = tokio::select! {
         released = client.release() => released,
@@ -1543,5 +1603,36 @@ impl Shutdown {
         }
         let _ = tokio::signal::ctrl_c().await;
         Signal::Interrupt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Lookup = std::io::Result<std::vec::IntoIter<std::net::SocketAddr>>;
+
+    #[tokio::test]
+    async fn the_join_hint_names_what_is_slow() {
+        // The name has not resolved: DNS is named, not the relay.
+        let slow = tokio::spawn(std::future::pending::<Lookup>());
+        let hint = join_hint("relay.example:7700", Some(slow)).await;
+        assert_eq!(hint, "the relay's name relay.example has not resolved yet: is DNS reachable from here?");
+        // It failed: said with the resolver's error.
+        let failed = tokio::spawn(async { Lookup::Err(std::io::Error::other("no such name")) });
+        while !failed.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let hint = join_hint("relay.example:7700", Some(failed)).await;
+        assert_eq!(hint, "cannot resolve the relay's name relay.example: no such name");
+        // Resolved (or an address): the relay does not answer.
+        let resolved = tokio::spawn(async { Lookup::Ok(Vec::new().into_iter()) });
+        while !resolved.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let expected =
+            "no answer from relay relay.example:7700 yet: is it running, and is UDP port 7700 reachable from here?";
+        assert_eq!(join_hint("relay.example:7700", Some(resolved)).await, expected);
+        assert_eq!(join_hint("relay.example:7700", None::<tokio::task::JoinHandle<Lookup>>).await, expected);
     }
 }

@@ -467,6 +467,7 @@ impl RawSession {
             lease: None,
             network: None,
             tun: false,
+            existing_only: false,
         })
         .await;
         match me.next().await {

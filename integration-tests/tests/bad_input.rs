@@ -66,6 +66,7 @@ fn hello(token: &str) -> BytesMut {
         lease: None,
         network: None,
         tun: false,
+        existing_only: false,
     };
     frame(&serde_json::to_vec(&msg).unwrap())
 }

@@ -677,6 +677,30 @@ async fn a_relay_that_is_not_running_is_named_at_once_and_up_waits_for_it() {
     assert_eq!(up.wait().await.0, 0);
 }
 
+/// A relay name that does not resolve is said as a name problem (DNS), not as a relay
+/// that does not answer; `up` keeps trying, and a signal ends it cleanly.
+#[tokio::test]
+async fn a_relay_name_that_does_not_resolve_is_said_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start();
+    let mut invite = relay.invite();
+    // `.invalid` never resolves (RFC 2606); how fast the resolver says so depends on
+    // the machine, and either way the hint must be about the name.
+    invite.relay = "no-such-relay.invalid:7700".into();
+    let mut up = Proc::spawn({
+        let mut c = overlan_cmd(&invite, dir.path(), "me");
+        c.env("XDG_RUNTIME_DIR", dir.path().join("run")).arg("up");
+        c
+    });
+    // A resolver that answers at once fails the join ("cannot resolve", retrying); a
+    // slow one gets the hint after 2 s ("has not resolved yet").
+    let hint = up.stderr_until("resolve").await;
+    assert!(hint.contains("no-such-relay.invalid"), "{hint}");
+    assert!(!up.stderr_seen.iter().any(|l| l.contains("no answer from relay")), "{:?}", up.stderr_seen);
+    nix_signal(&up.child, "TERM");
+    assert_eq!(up.wait().await.0, 0);
+}
+
 #[tokio::test]
 async fn nc_takes_netcat_options_and_checks_its_arguments_before_joining() {
     let dir = tempfile::tempdir().unwrap();
@@ -827,6 +851,21 @@ async fn each_subcommand_help_lists_only_the_options_it_takes() {
     assert_eq!(output(c).await.0, 0);
 }
 
+/// A wrong fingerprint in the invite ends `ip` and `up` at once with status 3 (`up`
+/// does not retry what cannot work), saying what is wrong.
+#[tokio::test]
+async fn a_relay_that_is_not_the_pinned_one_ends_commands_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_relay, mut invite) = relay_process(dir.path()).await;
+    invite.fingerprint = overlan_shared::tls::Fingerprint::of(b"another relay");
+    let runtime = dir.path().join("run");
+    for command in ["ip", "up"] {
+        let (code, out, err) = output(instance_cmd(&invite, dir.path(), &runtime, "a", &[command])).await;
+        assert_eq!(code, 3, "{command}: {out} {err}");
+        assert!(err.contains("does not match the pinned"), "{command}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn leave_gives_the_vip_back_and_network_remove_ends_its_members() {
     let dir = tempfile::tempdir().unwrap();
@@ -845,6 +884,15 @@ async fn leave_gives_the_vip_back_and_network_remove_ends_its_members() {
     );
     let (_, list, _) = server_run(&data, &["lease", "list"]).await;
     assert!(!list.contains(&format!(" {} ", first.trim())), "{list}");
+    // Again, and by an identity that never joined: nothing is held, and no VIP is
+    // leased just to be given back.
+    for identity in ["a", "never-joined"] {
+        let (code, out, err) = output(cmd(identity, &["leave"])).await;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out.trim(), "instance (unnamed) holds no VIP in network default; nothing to give back");
+        let (_, after, _) = server_run(&data, &["lease", "list"]).await;
+        assert_eq!(after, list, "a leave leases nothing");
+    }
     let (_, second, _) = output(cmd("a", &["ip"])).await;
     assert_ne!(second, first);
     // Not while `up` holds the instance's session.

@@ -295,7 +295,12 @@ async fn rogue_peer(
     let (mut send, recv) = conn.open_bi().await.unwrap();
     let codec = FrameCodec::<PeerMessage, PeerMessage>::new(1 << 20);
     let mut buf = bytes::BytesMut::new();
-    codec.encode_into(&PeerMessage::Hello { protocol: PEER_PROTOCOL_VERSION, node: name.into() }, &mut buf).unwrap();
+    codec
+        .encode_into(
+            &PeerMessage::Hello { protocol: PEER_PROTOCOL_VERSION, node: name.into(), incarnation: 7 },
+            &mut buf,
+        )
+        .unwrap();
     send.write_all(&buf).await.unwrap();
     (conn, send, recv)
 }
@@ -521,6 +526,51 @@ async fn a_peer_whose_certificate_is_not_from_the_cluster_ca_is_refused() {
         }
     })
     .await;
+}
+
+/// Two relays run with one node's credentials: while the first is linked, the second's
+/// link is refused with the reason (routes of two nodes would mix under one name), and
+/// the first's members stay reachable; once the first stops, the second links, as a
+/// restarted node does.
+#[tokio::test]
+async fn a_node_run_twice_is_refused_while_the_first_runs() {
+    use overlan_server::counters::Reason;
+    let mut cluster = TestCluster::start(2, &[(1, 0)]).await;
+    let a = join(&cluster.invite(0)).await;
+    let b = join(&cluster.invite(1)).await;
+    let listener = b.listen(7000).await.unwrap();
+    let refused = cluster.nodes[0].counters().get(Reason::PeerRefused);
+    let twin = TestRelay::start_with(|c| {
+        c.cluster = Some(overlan_server::config::ClusterConfig {
+            dir: cluster.dir().to_path_buf(),
+            node: "n1".into(),
+            peers: vec![cluster.nodes[0].addr().to_string()],
+        })
+    });
+    within("the twin refused", async {
+        while cluster.nodes[0].counters().get(Reason::PeerRefused) == refused {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(cluster.nodes[0].handle().peer_links(), vec!["n1".to_owned()], "one link, the first n1's");
+    assert!(twin.handle().peer_links().is_empty(), "the twin never saw its link up");
+    let mut out = connect_via(&cluster.nodes[0], &a, SocketAddrV4::new(b.vip(), 7000)).await;
+    let (mut inc, _) = within("accept", listener.accept()).await.unwrap();
+    out.write_all(b"still here").await.unwrap();
+    let mut got = [0; 10];
+    within("read", inc.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"still here");
+
+    // The first n1 stops: the twin's next try is taken (its retries back off).
+    cluster.nodes[1].stop();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !twin.handle().peer_links().contains(&"n0".to_owned()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the twin links once the first n1 has stopped");
 }
 
 /// Joins with `invite` until the relay admits it (its catalog may still be on the way).

@@ -59,6 +59,13 @@ async fn three_nodes_from_the_command_line() {
     let ca = dir.path().join("cluster");
     let ca_s = ca.to_str().unwrap();
 
+    // `ca`'s help lists what it takes, not the relay's options.
+    for command in ["init", "issue"] {
+        let (code, out, err) = output(server(&["ca", command, "--help"])).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("--dir") && !out.contains("--listen") && !out.contains("--peer"), "{out}");
+    }
+
     // ca init: the CA's certificate and fingerprint; a second init is refused.
     let (code, out, err) = output(server(&["ca", "init", "--dir", ca_s])).await;
     assert_eq!(code, 0, "{err}");

@@ -103,6 +103,22 @@ async fn a_client_without_certificate_is_told_why() {
     assert!(reason.contains("client certificate is required"), "{reason}");
 }
 
+/// An invite pinning another certificate: the join fails at once, says why, and
+/// counts as a refusal for good (retrying cannot make the certificate match).
+#[tokio::test]
+async fn a_relay_whose_certificate_is_not_the_pinned_one_is_not_trusted() {
+    let relay = TestRelay::start();
+    let mut invite = relay.invite();
+    invite.fingerprint = identity().fingerprint();
+    let err = join_err(&invite, &identity(), "").await;
+    assert!(
+        matches!(&err, Error::Untrusted { message, .. }
+            if message.starts_with("relay certificate fingerprint") && message.contains("does not match the pinned")),
+        "{err}"
+    );
+    assert!(err.is_terminal());
+}
+
 #[tokio::test]
 async fn a_full_subnet_is_a_clear_error() {
     let relay = TestRelay::start();

@@ -118,6 +118,9 @@ impl VipAllocatorActor {
             self.mark_seen(LeaseKey { network: network.id, identity: msg.identity, instance: msg.instance });
             return Ok(Admission { network, vip, new_lease: false, proof });
         }
+        if msg.existing_only {
+            return Err(AdmitError::NoLease { network: network.name, instance: msg.instance });
+        }
         if !invite.has_uses_left {
             return Err(AdmitError::Token(TokenProblem::UsedUp));
         }
@@ -250,6 +253,8 @@ pub struct AllocateVip {
     pub lease: Option<String>,
     /// The network the client's invite URI names, if it said.
     pub network: Option<String>,
+    /// Admit only with a lease held already (`overlan leave`), never make one.
+    pub existing_only: bool,
 }
 
 /// A successful admission.
@@ -300,6 +305,14 @@ pub enum AdmitError {
         uri: String,
         /// The token's network.
         token: String,
+    },
+    /// The client asked to join only with a VIP it holds, and it holds none.
+    #[error("instance {instance:?} of this identity holds no VIP in network {network:?}")]
+    NoLease {
+        /// Network name.
+        network: String,
+        /// The instance name.
+        instance: String,
     },
     /// The database failed.
     #[error("relay database error: {0}")]
@@ -530,6 +543,7 @@ mod tests {
                 instance: String::new(),
                 lease: None,
                 network: None,
+                existing_only: false,
             };
             // The /29 has five VIPs: fill it.
             let mut vips = Vec::new();

@@ -44,6 +44,10 @@ const MAX_LINK_FRAME: usize = 16 << 20;
 const ROUTES_PER_FRAME: usize = 1000;
 /// How long a new link has to exchange hellos.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a link of another process of a node has to answer a ping before a new
+/// link from the node replaces it (the node restarted) instead of being refused (the
+/// node's credentials run twice).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A link that carries nothing for this long is dead (keep-alives go out every second),
 /// so routes behind a dead node are withdrawn within a few seconds.
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -112,6 +116,10 @@ struct PeerConnect {
 pub struct PeerLinkActor {
     id: LinkId,
     peer: NodeInfo,
+    /// The peer process's number from its hello.
+    incarnation: u64,
+    /// Pings sent for [`Probe`]s, by nonce, with whom to tell of the pong.
+    probes: Vec<(u64, oneshot::Sender<()>)>,
     conn: quinn::Connection,
     node: Arc<Node>,
     control: ControlQueue,
@@ -280,7 +288,11 @@ impl PeerLinkActor {
                 }
             }
             PeerMessage::Ping { nonce } => self.send(ctx, &PeerMessage::Pong { nonce }),
-            PeerMessage::Pong { .. } => {}
+            PeerMessage::Pong { nonce } => {
+                if let Some(at) = self.probes.iter().position(|(n, _)| *n == nonce) {
+                    let _ = self.probes.swap_remove(at).1.send(());
+                }
+            }
         }
     }
 }
@@ -295,6 +307,7 @@ impl Actor for PeerLinkActor {
             node: self.peer.name.as_str().into(),
             addr: ctx.address(),
             conn: self.conn.clone(),
+            incarnation: self.incarnation,
         };
         self.me = Some(link.clone());
         self.node.router.add_link(link);
@@ -351,6 +364,22 @@ impl StreamHandler<Result<PeerMessage, FrameError>> for PeerLinkActor {
 
     fn finished(&mut self, ctx: &mut Self::Context) {
         ctx.stop();
+    }
+}
+
+/// Whether the peer answers: a ping goes out, the sender is told when its pong comes.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Probe(pub oneshot::Sender<()>);
+
+impl Handler<Probe> for PeerLinkActor {
+    type Result = ();
+    fn handle(&mut self, msg: Probe, ctx: &mut Self::Context) {
+        let nonce = random_u64();
+        // Probes whose asker gave up are dropped first: the list stays small.
+        self.probes.retain(|(_, asker)| !asker.is_closed());
+        self.probes.push((nonce, msg.0));
+        self.send(ctx, &PeerMessage::Ping { nonce });
     }
 }
 
@@ -670,51 +699,101 @@ fn verified_peer(conn: &quinn::Connection, node: &Node) -> Result<NodeInfo, Stri
     Ok(info)
 }
 
-/// Exchanges hellos on a new link's control stream. The dialer opens the stream.
-async fn hello(
-    conn: &quinn::Connection,
-    me: &str,
-    peer: &NodeInfo,
-    dialer: bool,
-) -> Result<(quinn::SendStream, FramedRead<quinn::RecvStream, LinkCodec>), String> {
+/// A new link's control stream, and the peer process's number from its hello.
+type Hello = (quinn::SendStream, FramedRead<quinn::RecvStream, LinkCodec>, u64);
+
+/// Exchanges hellos on a new link's control stream. The dialer opens the stream and
+/// speaks first; the accepting node answers only once it takes the link (see
+/// [`one_process`]), so a dialer it refuses never sees the link up.
+async fn hello(conn: &quinn::Connection, node: &Node, peer: &NodeInfo, dialer: bool) -> Result<Hello, String> {
+    let Some(cluster) = node.cluster.as_ref() else { return Err("not a cluster node".into()) };
     let exchange = async {
         let (mut send, recv) = if dialer { conn.open_bi().await } else { conn.accept_bi().await }
             .map_err(|e| format!("control stream: {e}"))?;
         let codec = LinkCodec::new(MAX_LINK_FRAME);
         let mut buf = BytesMut::new();
-        let hello = PeerMessage::Hello { protocol: PEER_PROTOCOL_VERSION, node: me.to_owned() };
+        let hello = PeerMessage::Hello {
+            protocol: PEER_PROTOCOL_VERSION,
+            node: cluster.credentials.name.clone(),
+            incarnation: cluster.incarnation,
+        };
         codec.encode_into(&hello, &mut buf).map_err(|e| e.to_string())?;
-        send.write_all(&buf).await.map_err(|e| format!("sending hello: {e}"))?;
-        let mut framed = FramedRead::new(recv, codec);
-        match framed.next().await {
-            Some(Ok(PeerMessage::Hello { protocol, node })) => {
+        if dialer {
+            send.write_all(&buf).await.map_err(|e| format!("sending hello: {e}"))?;
+        }
+        let mut framed = FramedRead::new(recv, LinkCodec::new(MAX_LINK_FRAME));
+        let incarnation = match framed.next().await {
+            Some(Ok(PeerMessage::Hello { protocol, node, incarnation })) => {
                 if protocol != PEER_PROTOCOL_VERSION {
                     return Err(format!("peer protocol {protocol}, this node speaks {PEER_PROTOCOL_VERSION}"));
                 }
                 if node != peer.name {
                     return Err(format!("hello names node {node} but the certificate is {}'s", peer.name));
                 }
-                Ok((send, framed))
+                incarnation
             }
-            Some(Ok(other)) => Err(format!("expected hello, got {other:?}")),
-            Some(Err(e)) => Err(e.to_string()),
-            None => Err("control stream closed before hello".to_owned()),
+            Some(Ok(other)) => return Err(format!("expected hello, got {other:?}")),
+            // Refused: the peer said why in its close.
+            _ if conn.close_reason().is_some() => return Err(refusal(conn)),
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("control stream closed before hello".to_owned()),
+        };
+        one_process(node, &peer.name, incarnation).await?;
+        if !dialer {
+            send.write_all(&buf).await.map_err(|e| format!("sending hello: {e}"))?;
         }
+        Ok((send, framed, incarnation))
     };
     tokio::time::timeout(HELLO_TIMEOUT, exchange).await.map_err(|_| "no hello in time".to_owned())?
+}
+
+/// Why the peer closed a new link.
+fn refusal(conn: &quinn::Connection) -> String {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            format!("the peer refused the link: {}", String::from_utf8_lossy(&close.reason))
+        }
+        Some(e) => format!("link closed during the hello: {e}"),
+        None => "control stream closed before hello".to_owned(),
+    }
+}
+
+/// Whether a link from `name`'s process `incarnation` may be taken. A node's links all
+/// come from one process: while a link from another process of `name` answers pings,
+/// the new one is refused (the node's credentials run twice, which would mix two
+/// nodes' routes under one name); a link of an earlier process that is silent (the
+/// node restarted, and its old link has not timed out yet) is closed.
+async fn one_process(node: &Node, name: &str, incarnation: u64) -> Result<(), String> {
+    let others = node.router.links().into_iter().filter(|l| *l.node == *name && l.incarnation != incarnation);
+    for other in others {
+        let (tx, rx) = oneshot::channel();
+        let answered = other.addr.send(Probe(tx)).await.is_ok()
+            && tokio::time::timeout(PROBE_TIMEOUT, rx).await.is_ok_and(|pong| pong.is_ok());
+        if answered {
+            return Err(format!(
+                "node {name} is linked already from {} by another process: do two relays run with {name}'s credentials? Issue each node its own (`overlan-server ca issue NODE`)",
+                other.conn.remote_address()
+            ));
+        }
+        tracing::info!(peer = %name, addr = %other.conn.remote_address(), link = other.id, "closing the silent link of an earlier process of this peer (it restarted)");
+        other.conn.close(VarInt::from_u32(close_code::NORMAL), b"the node linked again from a new process");
+    }
+    Ok(())
 }
 
 fn start_link(
     conn: quinn::Connection,
     node: Arc<Node>,
     peer: NodeInfo,
-    (send, recv): (quinn::SendStream, FramedRead<quinn::RecvStream, LinkCodec>),
+    (send, recv, incarnation): Hello,
     ended: Option<oneshot::Sender<()>>,
 ) {
     let id = node.router.next_session_id();
     let actor = PeerLinkActor {
         id,
         peer,
+        incarnation,
+        probes: Vec::new(),
         conn,
         codec: LinkCodec::new(MAX_LINK_FRAME),
         control: ControlQueue::start(send),
@@ -748,8 +827,7 @@ pub async fn accept(conn: quinn::Connection, node: Arc<Node>) {
     // Authenticated: the tiny windows of the handshake grow to a link's.
     conn.set_receive_window(VarInt::from_u32(LINK_RECEIVE_WINDOW));
     conn.set_max_concurrent_bi_streams(VarInt::from_u32(LINK_STREAMS));
-    let me = node.cluster.as_ref().map(|c| c.credentials.name.clone()).unwrap_or_default();
-    match hello(&conn, &me, &peer, false).await {
+    match hello(&conn, &node, &peer, false).await {
         Ok(control) => start_link(conn, node, peer, control, None),
         Err(why) => {
             node.count(Reason::PeerRefused);
@@ -805,6 +883,14 @@ fn rand_fraction() -> f64 {
     f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
 }
 
+/// A number from the system's randomness.
+pub fn random_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
 async fn connect(
     node: &Arc<Node>,
     endpoint: &quinn::Endpoint,
@@ -825,8 +911,7 @@ async fn connect(
         // The TLS verifier checked the chain already; only the name check can fail here.
         conn.close(VarInt::from_u32(close_code::UNAUTHORIZED), e.as_bytes());
     })?;
-    let me = node.cluster.as_ref().map(|c| c.credentials.name.clone()).unwrap_or_default();
-    let control = hello(&conn, &me, &peer, true).await.inspect_err(|e| {
+    let control = hello(&conn, node, &peer, true).await.inspect_err(|e| {
         conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), e.as_bytes());
     })?;
     let (tx, rx) = oneshot::channel();

@@ -218,11 +218,36 @@ fn init_logging(filter: Option<&str>) {
         .init();
 }
 
+/// `overlan-server ca …` parsed on its own: it makes credentials, and the relay's
+/// options (global, so that they may follow any other command) mean nothing to it, so
+/// its help does not list them.
+#[derive(Parser, Debug)]
+#[command(name = "overlan-server")]
+struct CaCli {
+    #[command(subcommand)]
+    command: CaTop,
+}
+
+#[derive(Subcommand, Debug)]
+enum CaTop {
+    /// Make the cluster CA and node credentials.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
 /// The start-up `invite` line when the operator revoked the default invite.
 const DEFAULT_INVITE_REVOKED: &str =
     "invite none (the default invite was revoked; make one with `overlan-server invite default`)";
 
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "ca") {
+        let CaTop::Ca(cmd) = CaCli::parse().command;
+        if let Err(e) = ca(cmd) {
+            eprintln!("overlan-server: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("overlan-server: {e:#}");

@@ -23,6 +23,9 @@ use crate::store::Network;
 pub struct ClusterNode {
     /// Its name, slot, certificate and the cluster CA.
     pub credentials: NodeCredentials,
+    /// Drawn at start: tells this process from another one with the same credentials
+    /// (sent in the link hello).
+    pub incarnation: u64,
     actor: OnceLock<Addr<ClusterActor>>,
 }
 
@@ -64,7 +67,11 @@ impl Node {
             allocator,
             holds,
             counters,
-            cluster: cluster.map(|credentials| ClusterNode { credentials, actor: OnceLock::new() }),
+            cluster: cluster.map(|credentials| ClusterNode {
+                credentials,
+                incarnation: crate::link::random_u64(),
+                actor: OnceLock::new(),
+            }),
             networks: DashMap::new(),
             known: DashMap::new(),
             dedup: Mutex::new(BroadcastDedup::default()),

@@ -645,9 +645,9 @@ async fn handshake(
         Ok(None) => return,
         Err(_) => return refuse(&conn, close_code::TIMED_OUT, "timed out: no hello received"),
     };
-    let (protocol, token, instance, lease, network, tun) = match first {
-        Ok(ClientMessage::Hello { protocol, token, instance, lease, network, tun }) => {
-            (protocol, token, instance, lease, network, tun)
+    let (protocol, token, instance, lease, network, tun, existing_only) = match first {
+        Ok(ClientMessage::Hello { protocol, token, instance, lease, network, tun, existing_only }) => {
+            (protocol, token, instance, lease, network, tun, existing_only)
         }
         Ok(other) => {
             let what = format!("protocol violation: expected hello as the first control frame, got {other:?}");
@@ -667,7 +667,7 @@ async fn handshake(
             "protocol violation: instance name must be at most 64 of A-Z a-z 0-9 . _ -",
         );
     }
-    let request = AllocateVip { token, identity, legacy, instance: instance.clone(), lease, network };
+    let request = AllocateVip { token, identity, legacy, instance: instance.clone(), lease, network, existing_only };
     let admitted = tokio::time::timeout(ALLOCATOR_DEADLINE, node.allocator.send(request)).await;
     let admission = match admitted {
         Ok(Ok(Ok(a))) => a,
@@ -681,6 +681,7 @@ async fn handshake(
         Ok(Ok(Err(e @ AdmitError::WrongNetwork { .. }))) => {
             return refuse(&conn, close_code::UNAUTHORIZED, &e.to_string())
         }
+        Ok(Ok(Err(e @ AdmitError::NoLease { .. }))) => return refuse(&conn, close_code::NO_LEASE, &e.to_string()),
         Ok(Ok(Err(e))) => return refuse(&conn, close_code::INTERNAL, &e.to_string()),
         Ok(Err(_)) => return refuse(&conn, close_code::INTERNAL, "relay internal error: allocator unavailable"),
         Err(_) => {

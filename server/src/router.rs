@@ -47,6 +47,8 @@ pub struct PeerLink {
     pub addr: Addr<PeerLinkActor>,
     /// The link's QUIC connection (datagrams and socket streams go straight to it).
     pub conn: quinn::Connection,
+    /// The peer process's number from its hello.
+    pub incarnation: u64,
 }
 
 /// Where a VIP lives.

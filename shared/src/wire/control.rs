@@ -44,6 +44,11 @@ pub enum ClientMessage {
         /// broadcast) and may send IPv4 packets.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         tun: bool,
+        /// Join only if this identity and instance hold a VIP in the network already
+        /// (`overlan leave`: giving a VIP back must not lease one first); otherwise the
+        /// relay closes with [`super::close_code::NO_LEASE`].
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        existing_only: bool,
     },
     /// Register a stream listener on `port` (0: the relay picks an ephemeral port).
     Listen {

@@ -155,6 +155,7 @@ mod tests {
                     lease: None,
                     network: None,
                     tun: false,
+                    existing_only: false,
                 }
             }),
             (any::<u64>(), any::<u16>()).prop_map(|(req, port)| ClientMessage::Listen { req, port }),

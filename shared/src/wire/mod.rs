@@ -130,6 +130,9 @@ pub mod close_code {
     /// A limit of the relay refuses this client (e.g. its identity holds the most
     /// instances a network allows); joining again will not help.
     pub const LIMIT: u32 = 8;
+    /// The hello asked to join only with a VIP held already, and this identity and
+    /// instance hold none in the network.
+    pub const NO_LEASE: u32 = 9;
 }
 
 /// QUIC stream reset / stop codes on virtual stream sockets.

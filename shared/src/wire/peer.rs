@@ -33,6 +33,11 @@ pub enum PeerMessage {
         protocol: u32,
         /// The sender's node name.
         node: String,
+        /// A number the sender's process drew at start: two links from one node with
+        /// different numbers come from two processes (a restart, or the same
+        /// credentials run twice).
+        #[serde(default)]
+        incarnation: u64,
     },
     /// Route changes, in order.
     Routes {

@@ -724,6 +724,7 @@ async fn raw_session(
         lease: None,
         network: None,
         tun: false,
+        existing_only: false,
     };
     codec.encode_into(&hello, &mut buf)?;
     codec.encode_into(&ClientMessage::Bind { req: 1, port: MEMBER_DATAGRAM_PORT }, &mut buf)?;
