@@ -703,6 +703,30 @@ async fn a_vip_is_given_back_only_through_the_node_that_issued_it() {
     assert_ne!(fresh.vip(), vip);
 }
 
+/// A lease given up voids its proof on every node: the client that kept the proof gets
+/// a new VIP wherever it shows it, also while the VIP's new holder is offline.
+#[tokio::test]
+async fn a_lease_given_up_is_void_on_every_node() {
+    let cluster = TestCluster::start(2, &[(1, 0)]).await;
+    let me = identity();
+    let first = join_as(&cluster.invite(0), &me, "").await;
+    let (vip, stale) = (first.vip(), first.lease().expect("a cluster lease proof"));
+    assert_eq!(first.release().await.unwrap(), vip);
+    first.close();
+    // The release reaches n1 with n0's next catalog (within about a second).
+    within("the release reaches n1", async {
+        while cluster.nodes[1].store().voided_before("default", vip).unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let options = overlan_client::JoinOptions::new(cluster.invite(1), me.clone()).lease(Some(stale));
+    let back = within("join n1", overlan_client::Client::join(options)).await.unwrap();
+    assert_ne!(back.vip(), vip, "the kept proof does not bring the VIP back");
+}
+
+/// Defence in depth for a node that missed a release: the node where the VIP's new
+/// holder is online refuses the stale route and announces its holder anew.
 #[tokio::test]
 async fn a_lease_given_up_cannot_take_its_vip_back_from_the_new_holder() {
     let mut cluster = TestCluster::start(2, &[(1, 0)]).await;
@@ -718,6 +742,16 @@ async fn a_lease_given_up_cannot_take_its_vip_back_from_the_new_holder() {
     let holder = join(&cluster.invite(0)).await;
     assert_eq!(holder.vip(), vip, "the freed VIP is handed out again");
     let _l = holder.listen(7000).await.unwrap();
+    // n1 missed the release: once n0's catalogs have settled, n1 forgets it.
+    let db = cluster.nodes[1].data_dir().join(overlan_server::store::DB_FILE);
+    within("the release reaches n1", async {
+        while cluster.nodes[1].store().voided_before("default", vip).unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    rusqlite::Connection::open(&db).unwrap().execute("DELETE FROM voided_leases", []).unwrap();
     // The old holder comes back on n1 with the proof it kept. n1 cannot tell (the
     // proof's signature holds), but n0, where the VIP's holder is, refuses the route.
     let rejected = || cluster.nodes[0].counters().get(overlan_server::counters::Reason::RouteRejected);

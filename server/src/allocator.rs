@@ -178,8 +178,13 @@ impl VipAllocatorActor {
         if issuer.name == creds.name {
             return Ok(None);
         }
+        if self.store.voided_before(&network.name, claim.vip)?.is_some_and(|before| claim.issued < before) {
+            tracing::warn!(network = %network.name, vip = %claim.vip, issuer = %issuer.name,
+                "ignoring a lease proof: the lease was released after it was issued");
+            return Ok(None);
+        }
         if self.store.lease(network.id, &msg.identity, &msg.instance)? != Some(claim.vip) {
-            self.store.adopt_lease(network.id, &msg.identity, &msg.instance, claim.vip, proof)?;
+            self.store.adopt_lease(network.id, &msg.identity, &msg.instance, claim.vip, proof, claim.issued)?;
             tracing::info!(network = %network.name, vip = %claim.vip, issuer = %issuer.name, "adopted a lease issued by another node");
         }
         Ok(Some(claim.vip))
@@ -198,6 +203,7 @@ impl VipAllocatorActor {
             identity: msg.identity.to_string(),
             instance: msg.instance.clone(),
             issuer: creds.name.clone(),
+            issued: self.store.lease_issued_ms(network.id, vip)?.unwrap_or_else(crate::store::unix_now_ms),
         };
         match sign_lease(creds, &claim) {
             Ok(proof) => Ok(Some(proof)),
@@ -461,7 +467,10 @@ impl Handler<ReleaseLease> for VipAllocatorActor {
     type Result = Result<LeaseRow, StoreError>;
     fn handle(&mut self, msg: ReleaseLease, _ctx: &mut Self::Context) -> Self::Result {
         self.flush_seen();
-        self.store.release_lease(&msg.network, msg.vip)
+        let released = self.store.release_lease(&msg.network, msg.vip)?;
+        // Peers hear of the release with the next catalog: its proofs are void.
+        self.catalog.dirty = true;
+        Ok(released)
     }
 }
 
@@ -502,6 +511,7 @@ impl Handler<ExpireLeases> for VipAllocatorActor {
         let online = msg.online.iter().filter_map(|(key, vip)| Some((*ids.get(key)?, *vip))).collect();
         match self.store.expire_leases(before, &online) {
             Ok(expired) => {
+                self.catalog.dirty |= !expired.is_empty();
                 for (net, vip) in expired {
                     tracing::info!(network = net, %vip, "lease expired (unused for longer than limits.lease_expiry)");
                     self.counters.add(Reason::LeaseExpired);

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use overlan_shared::invite::valid_network_name;
 use overlan_shared::route::NetKey;
 use overlan_shared::tls::{hash_token, Fingerprint};
-use overlan_shared::wire::peer::{Catalog, CatalogInvite, CatalogNetwork, CatalogRemoval};
+use overlan_shared::wire::peer::{Catalog, CatalogInvite, CatalogNetwork, CatalogRemoval, CatalogVoid};
 use overlan_shared::Subnet;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -29,7 +29,7 @@ pub const LOCK_FILE: &str = "relay.lock";
 /// Schema version this build reads and writes. 1: the first release (no version
 /// recorded); 2: leases keyed on the client's public key, per-network instance caps;
 /// 3: proofs of adopted leases; 4: invite labels; 5: removed networks remembered; 6: invite ids never reused.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Database id of a network.
 pub type NetworkId = i64;
@@ -231,6 +231,12 @@ pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// Unix time in milliseconds (when leases are issued and released: a lease released and
+/// another of the same VIP made within one second must be told apart).
+pub fn unix_now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 /// The database.
 pub struct Store {
     conn: Connection,
@@ -274,6 +280,26 @@ const INVITES_COLUMNS: &str = "(
                 label TEXT NOT NULL DEFAULT ''
             )";
 
+/// Leases released (by their holder, the operator or expiry), by network name and VIP,
+/// with when (unix milliseconds): a lease proof issued before then no longer keeps the
+/// VIP (a cluster's nodes share these in their catalogs).
+const VOIDED_LEASES: &str = "CREATE TABLE voided_leases (
+    network TEXT NOT NULL,
+    vip INTEGER NOT NULL,
+    before INTEGER NOT NULL,
+    PRIMARY KEY (network, vip)
+);";
+
+/// Records that proofs of `vip` in `network` issued before `before` are void (the
+/// latest release counts).
+fn void_lease(tx: &Connection, network: &str, vip: Ipv4Addr, before: i64) -> Result<bool, StoreError> {
+    Ok(tx.execute(
+        "INSERT INTO voided_leases (network, vip, before) VALUES (?1, ?2, ?3)
+         ON CONFLICT (network, vip) DO UPDATE SET before = excluded.before WHERE before < excluded.before",
+        params![network, u32::from(vip), before],
+    )? > 0)
+}
+
 /// Brings the schema to [`SCHEMA_VERSION`] in one transaction, or refuses a database of
 /// a newer version.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
@@ -308,13 +334,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
                 last_seen INTEGER NOT NULL,
                 legacy_identity INTEGER NOT NULL DEFAULT 0,
                 proof TEXT,
+                issued_ms INTEGER NOT NULL DEFAULT 0,
                 PRIMARY KEY (network_id, identity, instance),
                 UNIQUE (network_id, vip)
             );
             CREATE TABLE removed_networks (
                 name TEXT PRIMARY KEY,
                 removed_at INTEGER NOT NULL
-            );"
+            );
+            {VOIDED_LEASES}"
         ))?;
         version = SCHEMA_VERSION;
     }
@@ -354,6 +382,17 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             DROP TABLE invites;
             ALTER TABLE invites_new RENAME TO invites;"
         ))?;
+        version = 6;
+    }
+    if version == 6 {
+        // Version 7: released leases are remembered, so their proofs no longer keep
+        // the VIP on other nodes of a cluster; a lease knows when it was issued, to the
+        // millisecond (its issuer's time, for an adopted one).
+        tx.execute_batch(VOIDED_LEASES)?;
+        tx.execute_batch(
+            "ALTER TABLE leases ADD COLUMN issued_ms INTEGER NOT NULL DEFAULT 0;
+             UPDATE leases SET issued_ms = created_at * 1000;",
+        )?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -593,7 +632,13 @@ impl Store {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        Ok(Catalog { networks, invites, removed })
+        let mut stmt = self.conn.prepare("SELECT network, vip, before FROM voided_leases ORDER BY network, vip")?;
+        let voided = stmt
+            .query_map([], |r| {
+                Ok(CatalogVoid { network: r.get(0)?, vip: Ipv4Addr::from(r.get::<_, u32>(1)?), before: r.get(2)? })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Catalog { networks, invites, removed, voided })
     }
 
     /// Takes in another node's catalog: networks and invites this node lacks are added,
@@ -674,6 +719,30 @@ impl Store {
                 params![inv.token_hash, inv.revoked, inv.uses],
             )?;
             changed |= inserted + updated > 0;
+        }
+        for void in &catalog.voided {
+            if !void_lease(&tx, &void.network, void.vip, void.before)? {
+                continue;
+            }
+            changed = true;
+            // The lease here goes too if the release is of it (it was made, or its
+            // adopted proof issued, before): its holder gets a new VIP at its next join,
+            // as on the node that released it.
+            let issued: Option<i64> = tx
+                .query_row(
+                    "SELECT l.issued_ms FROM leases l JOIN networks n ON n.id = l.network_id
+                     WHERE n.name = ?1 AND l.vip = ?2",
+                    params![void.network, u32::from(void.vip)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if issued.is_some_and(|issued| issued < void.before) {
+                tx.execute(
+                    "DELETE FROM leases WHERE vip = ?2 AND network_id = (SELECT id FROM networks WHERE name = ?1)",
+                    params![void.network, u32::from(void.vip)],
+                )?;
+                tracing::info!(network = %void.network, vip = %void.vip, "lease released on another node of the cluster");
+            }
         }
         tx.commit()?;
         Ok((changed, conflicts))
@@ -760,6 +829,7 @@ impl Store {
         instance: &str,
         vip: Ipv4Addr,
         proof: &str,
+        issued_ms: i64,
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
@@ -768,9 +838,9 @@ impl Store {
         )?;
         let now = unix_now();
         tx.execute(
-            "INSERT INTO leases (network_id, identity, instance, vip, created_at, last_seen, proof)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
-            params![network, identity.to_string(), instance, u32::from(vip), now, proof],
+            "INSERT INTO leases (network_id, identity, instance, vip, created_at, last_seen, proof, issued_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
+            params![network, identity.to_string(), instance, u32::from(vip), now, proof, issued_ms],
         )?;
         tx.commit()?;
         Ok(())
@@ -883,8 +953,35 @@ impl Store {
             .find(|l| l.vip == vip)
             .ok_or_else(|| StoreError::NoSuchLease { network: network.to_owned(), vip })?;
         let net = self.network(network)?;
-        self.conn.execute("DELETE FROM leases WHERE network_id = ?1 AND vip = ?2", params![net.id, u32::from(vip)])?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM leases WHERE network_id = ?1 AND vip = ?2", params![net.id, u32::from(vip)])?;
+        void_lease(&tx, network, vip, unix_now_ms())?;
+        tx.commit()?;
         Ok(row)
+    }
+
+    /// When proofs of `vip` in `network` were voided (the lease was released), if ever.
+    pub fn voided_before(&self, network: &str, vip: Ipv4Addr) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT before FROM voided_leases WHERE network = ?1 AND vip = ?2",
+                params![network, u32::from(vip)],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// When the lease of `vip` in `network` was issued, unix milliseconds.
+    pub fn lease_issued_ms(&self, network: NetworkId, vip: Ipv4Addr) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT issued_ms FROM leases WHERE network_id = ?1 AND vip = ?2",
+                params![network, u32::from(vip)],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// Deletes leases last seen before `before` (unix seconds), except those in `keep`
@@ -900,8 +997,11 @@ impl Store {
             let rows = stmt.query_map([before], |r| Ok((r.get(0)?, Ipv4Addr::from(r.get::<_, u32>(1)?))))?;
             rows.collect::<Result<Vec<_>, _>>()?.into_iter().filter(|k| !keep.contains(k)).collect()
         };
+        let now = unix_now_ms();
         for (net, vip) in &stale {
             tx.execute("DELETE FROM leases WHERE network_id = ?1 AND vip = ?2", params![net, u32::from(*vip)])?;
+            let name: String = tx.query_row("SELECT name FROM networks WHERE id = ?1", [net], |r| r.get(0))?;
+            void_lease(&tx, &name, *vip, now)?;
         }
         tx.commit()?;
         Ok(stale)
@@ -927,8 +1027,9 @@ impl Store {
         }
         let now = unix_now();
         tx.execute(
-            "INSERT INTO leases (network_id, identity, instance, vip, created_at, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-            params![network, identity.to_string(), instance, u32::from(vip), now],
+            "INSERT INTO leases (network_id, identity, instance, vip, created_at, last_seen, issued_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+            params![network, identity.to_string(), instance, u32::from(vip), now, unix_now_ms()],
         )?;
         tx.commit()?;
         Ok(true)
@@ -1114,7 +1215,7 @@ mod schema_tests {
         assert_eq!(store.lease(1, &me, "game").unwrap(), Some(own));
         assert_eq!(store.lease_proof(1, &me, "game").unwrap(), None, "a node's own lease has no proof stored");
         let roamed = Ipv4Addr::new(10, 77, 16, 4);
-        store.adopt_lease(1, &me, "game", roamed, "proof-text").unwrap();
+        store.adopt_lease(1, &me, "game", roamed, "proof-text", 0).unwrap();
         assert_eq!(store.lease(1, &me, "game").unwrap(), Some(roamed));
         assert_eq!(store.lease_proof(1, &me, "game").unwrap().as_deref(), Some("proof-text"));
         assert_eq!(store.lease_proof(1, &Fingerprint::of(b"other"), "game").unwrap(), None);
@@ -1205,5 +1306,54 @@ mod schema_tests {
         assert_eq!(released.instance, "x");
         assert!(matches!(store.release_lease("default", vb), Err(StoreError::NoSuchLease { .. })));
         assert!(store.lease_rows(None).unwrap().is_empty());
+        // Both releases void the leases' proofs, expiry too.
+        let now = unix_now_ms();
+        for vip in [va, vb] {
+            assert!(store.voided_before("default", vip).unwrap().is_some_and(|t| t >= now - 2000 && t <= now));
+        }
+        assert_eq!(store.voided_before("default", "10.77.0.4".parse().unwrap()).unwrap(), None);
+    }
+
+    /// A release on one node voids the lease's proofs on every node: the void travels in
+    /// the catalog, and the lease goes where it was adopted (or made) before the
+    /// release; a lease made after it stays, and the latest release counts.
+    #[test]
+    fn released_leases_travel_in_catalogs_and_take_their_adopted_copies() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = Store::open(a_dir.path()).unwrap();
+        let mut b = Store::open(b_dir.path()).unwrap();
+        let net_a = a.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
+        let net_b = b.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
+        let invite = a.add_invite("default", "tok", "issued", None, None).unwrap();
+        let (me, other) = (Fingerprint::of(b"me"), Fingerprint::of(b"other"));
+        let (v, w): (Ipv4Addr, Ipv4Addr) = ("10.77.0.9".parse().unwrap(), "10.77.0.10".parse().unwrap());
+        // `me` holds v on a, and b adopted it (a proof issued a second ago); `other`
+        // holds w on b, adopted from a proof issued later (a lease made after a release).
+        a.create_lease(invite, net_a.id, &me, "", v).unwrap();
+        let now = unix_now_ms();
+        b.adopt_lease(net_b.id, &me, "", v, "proof", now - 1000).unwrap();
+        b.adopt_lease(net_b.id, &other, "", w, "proof", now + 100_000).unwrap();
+
+        a.release_lease("default", v).unwrap();
+        let catalog = a.catalog().unwrap();
+        assert_eq!(catalog.voided.len(), 1);
+        assert!(b.merge_catalog(&catalog).unwrap().0);
+        assert_eq!(b.lease(net_b.id, &me, "").unwrap(), None, "the adopted copy goes");
+        assert!(b.voided_before("default", v).unwrap().is_some());
+        assert!(!b.merge_catalog(&catalog).unwrap().0, "nothing new the second time");
+        // A void of w older than its lease leaves it.
+        let old = Catalog {
+            voided: vec![CatalogVoid { network: "default".into(), vip: w, before: unix_now_ms() }],
+            ..Catalog::default()
+        };
+        assert!(b.merge_catalog(&old).unwrap().0);
+        assert_eq!(b.lease(net_b.id, &other, "").unwrap(), Some(w));
+        // An earlier release does not move the time back.
+        let earlier = Catalog {
+            voided: vec![CatalogVoid { network: "default".into(), vip: w, before: 5 }],
+            ..Catalog::default()
+        };
+        assert!(!b.merge_catalog(&earlier).unwrap().0);
+        assert!(b.voided_before("default", w).unwrap().is_some_and(|t| t > 5));
     }
 }

@@ -416,6 +416,10 @@ pub struct LeaseClaim {
     pub instance: String,
     /// The issuing node.
     pub issuer: String,
+    /// When the issuer made the lease, unix milliseconds (0 in proofs made before it
+    /// was recorded). A release of the lease voids every proof issued before it.
+    #[serde(default)]
+    pub issued: i64,
 }
 
 /// Signs `claim` with `creds`' node key. The proof is text: the claim, the signature and
@@ -571,6 +575,7 @@ mod tests {
             identity: "ab".repeat(32),
             instance: "laptop".into(),
             issuer: "n2".into(),
+            issued: 1_700_000_000_000,
         };
         let proof = sign_lease(&creds, &claim).unwrap();
         let (back, issuer) = verify_lease(&proof, &creds.ca).unwrap();

@@ -102,6 +102,22 @@ pub struct Catalog {
     /// them back).
     #[serde(default)]
     pub removed: Vec<CatalogRemoval>,
+    /// Leases released (given back, released by the operator, expired): proofs of them
+    /// issued before the release no longer keep the VIP on any node.
+    #[serde(default)]
+    pub voided: Vec<CatalogVoid>,
+}
+
+/// A released lease in a [`Catalog`]: proofs for `vip` in `network` issued before
+/// `before` are void.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogVoid {
+    /// Network name.
+    pub network: String,
+    /// The VIP.
+    pub vip: std::net::Ipv4Addr,
+    /// When the lease was released, unix milliseconds.
+    pub before: i64,
 }
 
 /// A removed network in a [`Catalog`].
