@@ -832,6 +832,9 @@ async fn carry(
     tokio::join!(up, down);
 }
 
+/// How long a command waits for `up`'s reason once `up` closed the connection under it.
+const REASON_WAIT: Duration = Duration::from_secs(1);
+
 /// A stream of the running `up`, as a command sees it over its control connection.
 pub struct ProxiedStream {
     read: tokio::net::unix::OwnedReadHalf,
@@ -864,17 +867,25 @@ impl ProxiedStream {
     ) -> Ended {
         use tokio::io::AsyncReadExt;
         let ProxiedStream { mut read, mut write, .. } = self;
+        // Why the upload stopped: the input failed, or `up` closed the connection (after
+        // saying why on it, as a rule: the download reads that).
+        enum Stopped {
+            Input(String),
+            Up(String),
+        }
         let upload = async move {
             let mut buf = vec![0u8; frame::MAX];
             loop {
                 match input.read(&mut buf).await {
                     Ok(0) => break,
-                    Ok(n) => write_frame(&mut write, frame::DATA, &buf[..n]).await.map_err(|e| e.to_string())?,
-                    Err(e) => return Err(format!("reading input: {e}")),
+                    Ok(n) => {
+                        write_frame(&mut write, frame::DATA, &buf[..n]).await.map_err(|e| Stopped::Up(e.to_string()))?
+                    }
+                    Err(e) => return Err(Stopped::Input(format!("reading input: {e}"))),
                 }
             }
-            write_frame(&mut write, frame::FIN, &[]).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(write)
+            write_frame(&mut write, frame::FIN, &[]).await.map_err(|e| Stopped::Up(e.to_string()))?;
+            Ok(write)
         };
         let download = async move {
             let (mut fin, mut delivered) = (false, false);
@@ -907,9 +918,29 @@ impl ProxiedStream {
             }
             output.flush().await.map_err(|e| format!("writing output: {e}"))
         };
-        // The first failure ends the transfer at once (it must not wait for input).
-        match tokio::try_join!(upload, download) {
-            Ok(_) => Ended::Clean,
+        let went_away =
+            |e: String| format!("the instance's session (`overlan up`) went away during the transfer ({e})");
+        // The first failure ends the transfer at once (it must not wait for input); when
+        // `up` closed the connection under the upload, what it said last is the cause.
+        tokio::pin!(upload, download);
+        let outcome = tokio::select! {
+            uploaded = &mut upload => match uploaded {
+                // The write half stays open until the download ends (`up` takes a closed
+                // one for a command gone without finishing).
+                Ok(_write) => download.await,
+                Err(Stopped::Input(e)) => Err(e),
+                Err(Stopped::Up(e)) => match tokio::time::timeout(REASON_WAIT, &mut download).await {
+                    Ok(Err(why)) => Err(why),
+                    _ => Err(went_away(e)),
+                },
+            },
+            downloaded = &mut download => match downloaded {
+                Err(e) => Err(e),
+                Ok(()) => upload.await.map(drop).map_err(|(Stopped::Input(e) | Stopped::Up(e))| e),
+            },
+        };
+        match outcome {
+            Ok(()) => Ended::Clean,
             Err(e) => Ended::Failed(e),
         }
     }
