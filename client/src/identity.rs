@@ -41,6 +41,7 @@ pub fn load_lease(file: &Path, network: &str, instance: &str) -> Option<String> 
 /// Stores `proof` for `network` and `instance` in `file` (owner-only, replaced
 /// atomically), keeping the others.
 pub fn save_lease(file: &Path, network: &str, instance: &str, proof: &str) -> Result<(), Error> {
+    let _lock = lock_leases(file)?;
     let mut map = read_leases(file);
     let key = format!("{network}/{instance}");
     if map.get(&key).map(String::as_str) == Some(proof) {
@@ -53,11 +54,23 @@ pub fn save_lease(file: &Path, network: &str, instance: &str, proof: &str) -> Re
 /// Forgets the lease proof of `network` and `instance` in `file` (the VIP was given
 /// back), keeping the others.
 pub fn forget_lease(file: &Path, network: &str, instance: &str) -> Result<(), Error> {
+    let _lock = lock_leases(file)?;
     let mut map = read_leases(file);
     if map.remove(&format!("{network}/{instance}")).is_none() {
         return Ok(());
     }
     write_leases(file, &map)
+}
+
+/// Holds the lease file's lock (a file beside it) while one command reads, changes and
+/// writes it: instances of one identity starting at once must not lose each other's
+/// proofs.
+fn lock_leases(file: &Path) -> Result<std::fs::File, Error> {
+    let path = file.with_extension("leases.json.lock");
+    let io = |e: std::io::Error| Error::Config(format!("lease file lock {}: {e}", path.display()));
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    lock.lock().map_err(io)?;
+    Ok(lock)
 }
 
 fn read_leases(file: &Path) -> std::collections::BTreeMap<String, String> {
@@ -90,6 +103,17 @@ mod tests {
         assert_eq!(load_lease(&file, "games", "laptop").as_deref(), Some("p2"));
         forget_lease(&file, "games", "laptop").unwrap();
         assert_eq!(load_lease(&file, "games", "laptop"), None);
+        // Many instances saving at once keep every proof.
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let file = file.clone();
+                std::thread::spawn(move || save_lease(&file, "race", &format!("r{i}"), &format!("p{i}")).unwrap())
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        for i in 0..16 {
+            assert_eq!(load_lease(&file, "race", &format!("r{i}")), Some(format!("p{i}")));
+        }
         assert_eq!(load_lease(&file, "default", "").as_deref(), Some("p3"));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);

@@ -409,7 +409,7 @@ async fn server_lists_and_releases_leases_and_caps_instances() {
     assert_eq!(ip("two").await.0, 0);
     let (code, _, err) = ip("three").await;
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("already holds 2 instances in network \"lan\""), "{err}");
+    assert!(err.contains("already holds as many instances in network \"lan\" as it allows (2)"), "{err}");
 
     let (code, list, err) = server_run(&data, &["lease", "list", "lan"]).await;
     assert_eq!(code, 0, "{err}");

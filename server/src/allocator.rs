@@ -294,7 +294,7 @@ pub enum AdmitError {
     },
     /// The identity holds as many instances as the network allows.
     #[error(
-        "this identity already holds {limit} instances in network {network:?}, the most it allows; reuse an instance name, or ask the operator to release a lease (`overlan-server lease release`) or raise the limit (`overlan-server network set {network} --max-instances N`)"
+        "this identity already holds as many instances in network {network:?} as it allows ({limit}); reuse an instance name, or ask the operator to release a lease (`overlan-server lease release`) or raise the limit (`overlan-server network set {network} --max-instances N`)"
     )]
     InstanceLimit {
         /// Network name.
@@ -353,6 +353,30 @@ impl Handler<LeaseSeen> for VipAllocatorActor {
     type Result = ();
     fn handle(&mut self, msg: LeaseSeen, _ctx: &mut Self::Context) {
         self.mark_seen(LeaseKey { network: msg.network, identity: msg.identity, instance: msg.instance });
+    }
+}
+
+/// Members online now were seen now (sent every minute: `lease list` shows an online
+/// member as seen within the minute, not at its join).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SeenOnline {
+    /// The VIPs online, by network.
+    pub online: HashSet<(NetKey, Ipv4Addr)>,
+}
+
+impl Handler<SeenOnline> for VipAllocatorActor {
+    type Result = ();
+    fn handle(&mut self, msg: SeenOnline, _ctx: &mut Self::Context) {
+        let ids: HashMap<NetKey, NetworkId> = match self.store.networks() {
+            Ok(networks) => networks.into_iter().map(|n| (n.key, n.id)).collect(),
+            Err(e) => return tracing::warn!(error = %e, "could not record when members were last seen"),
+        };
+        let online = msg.online.iter().filter_map(|(key, vip)| Some((*ids.get(key)?, *vip)));
+        if let Err(e) = self.store.touch_vips(online, unix_now()) {
+            self.counters.add(Reason::LastSeenFailed);
+            tracing::warn!(error = %e, "could not record when members were last seen");
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 
 use crate::allocator::{
-    AdmitError, AllocateVip, CatalogIfChanged, ExpireLeases, FlushSeen, ListNetworks, VipAllocatorActor,
+    AdmitError, AllocateVip, CatalogIfChanged, ExpireLeases, FlushSeen, ListNetworks, SeenOnline, VipAllocatorActor,
 };
 use crate::cluster::NetworksChanged;
 use crate::config::RelayConfig;
@@ -369,6 +369,8 @@ pub const PREAUTH_MAX_FRAME: usize = 4 * 1024;
 pub const ALLOCATOR_DEADLINE: Duration = Duration::from_secs(5);
 /// How often last-seen times are written.
 const SEEN_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// How often members online are recorded as seen.
+const ONLINE_SEEN_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the networks in the database are read again (networks added by an
 /// operator command while the relay runs).
 const NETWORK_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
@@ -488,6 +490,7 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
     tracing::info!("relay shutting down");
     node.stopping.cancel();
     housekeeping.abort();
+    node.allocator.do_send(SeenOnline { online: node.router.online() });
     node.allocator.do_send(FlushSeen);
     endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"relay shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -498,6 +501,7 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
 /// the counters that changed.
 async fn housekeeping(node: Arc<Node>) {
     let mut flush = tokio::time::interval(SEEN_FLUSH_INTERVAL);
+    let mut online = tokio::time::interval(ONLINE_SEEN_INTERVAL);
     let mut networks = tokio::time::interval(NETWORK_REFRESH_INTERVAL);
     let mut catalog = tokio::time::interval(CATALOG_INTERVAL);
     let clustered = node.cluster.is_some();
@@ -509,6 +513,7 @@ async fn housekeeping(node: Arc<Node>) {
     loop {
         tokio::select! {
             _ = flush.tick() => node.allocator.do_send(FlushSeen),
+            _ = online.tick() => node.allocator.do_send(SeenOnline { online: node.router.online() }),
             _ = networks.tick() => refresh_networks(&node).await,
             _ = catalog.tick(), if clustered => {
                 if let Ok(Some(changed)) = node.allocator.send(CatalogIfChanged).await {

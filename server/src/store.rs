@@ -922,6 +922,24 @@ impl Store {
         Ok(())
     }
 
+    /// Marks the leases of `vips` (network id, VIP) as seen at `at`.
+    pub fn touch_vips(
+        &mut self,
+        vips: impl IntoIterator<Item = (NetworkId, Ipv4Addr)>,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt =
+                tx.prepare("UPDATE leases SET last_seen = MAX(last_seen, ?3) WHERE network_id = ?1 AND vip = ?2")?;
+            for (network, vip) in vips {
+                stmt.execute(params![network, u32::from(vip), at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Leases of one network (or all), by network and VIP.
     pub fn lease_rows(&self, network: Option<&str>) -> Result<Vec<LeaseRow>, StoreError> {
         if let Some(name) = network {
@@ -1296,10 +1314,13 @@ mod schema_tests {
         assert_eq!(rows.iter().map(|r| r.vip).collect::<Vec<_>>(), vec![va, vb]);
         assert!(matches!(store.lease_rows(Some("nope")), Err(StoreError::NoSuchNetwork(_))));
 
+        // Seen online (every minute, by VIP): a, as long as it is online.
+        store.touch_vips([(net.id, va)], unix_now() + 500).unwrap();
+        assert_eq!(store.lease_rows(None).unwrap()[0].last_seen, unix_now() + 500);
         let key = LeaseKey { network: net.id, identity: b, instance: "x".into() };
         store.touch_leases([(&key, unix_now() + 1000)]).unwrap();
         let keep: HashSet<_> = HashSet::new();
-        let expired = store.expire_leases(unix_now() + 10, &keep).unwrap();
+        let expired = store.expire_leases(unix_now() + 600, &keep).unwrap();
         assert_eq!(expired, vec![(net.id, va)], "only the lease not seen since");
 
         let released = store.release_lease("default", vb).unwrap();
