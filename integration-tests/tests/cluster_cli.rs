@@ -114,6 +114,19 @@ async fn three_nodes_from_the_command_line() {
     let (code, out, err) = output(info).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.lines().any(|l| l == format!("fingerprint {ca_fp}")), "{out}");
+    // Without the cluster credentials, or as another node, a node's data directory is
+    // refused (it would print invites no client could use), and nothing is made there.
+    let mut bare = server(&["invite", "default"]);
+    bare.arg("--data-dir").arg(dir.path().join("d1"));
+    let (code, out, err) = output(bare).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("belongs to cluster node n1: pass --cluster DIR --node n1"), "{err}");
+    assert!(!dir.path().join("d1/relay.pem").exists());
+    let mut other = server(&["--node", "n2", "info"]);
+    other.arg("--data-dir").arg(dir.path().join("d1")).arg("--cluster").arg(&ca);
+    let (code, _, err) = output(other).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("belongs to cluster node n1, not n2"), "{err}");
     // A network too small to give every node a block is refused on a cluster node.
     let mut add = server(&["--node", "n1", "network", "add", "tiny", "--subnet", "10.91.0.0/25"]);
     add.arg("--data-dir").arg(dir.path().join("d1")).arg("--cluster").arg(&ca);

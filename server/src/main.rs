@@ -260,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return ca(cmd);
     }
     let (config, log) = resolve_config(&cli.global)?;
+    overlan_server::relay::check_data_dir(&config)?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             init_logging(log.as_deref());

@@ -87,6 +87,7 @@ impl RelayHandle {
     /// Starts a relay on its own thread and waits until it listens.
     pub fn start(config: RelayConfig) -> anyhow::Result<Self> {
         config.validate()?;
+        check_data_dir(&config)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let thread = std::thread::Builder::new()
@@ -495,6 +496,36 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
     endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"relay shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     System::current().stop();
+}
+
+/// The file in a data directory that names the cluster node it belongs to.
+const NODE_FILE: &str = "cluster-node";
+
+/// Checks that `config` uses its data directory as what it is. A cluster node marks its
+/// directory with its name on first use; then only that node may use it, with its
+/// cluster credentials. Without them, a command on a node's directory would make a
+/// standalone relay's certificate there and print invites no client could use.
+pub fn check_data_dir(config: &RelayConfig) -> anyhow::Result<()> {
+    let path = config.data_dir.join(NODE_FILE);
+    let marked = std::fs::read_to_string(&path).ok().map(|text| text.trim().to_owned());
+    match (&config.cluster, marked) {
+        (None, Some(node)) => anyhow::bail!(
+            "{} belongs to cluster node {node}: pass --cluster DIR --node {node} (or the node's config file) to use it",
+            config.data_dir.display()
+        ),
+        (Some(cluster), Some(node)) if node != cluster.node => anyhow::bail!(
+            "{} belongs to cluster node {node}, not {}: give each node its own --data-dir",
+            config.data_dir.display(),
+            cluster.node
+        ),
+        (Some(cluster), None) => {
+            std::fs::create_dir_all(&config.data_dir)
+                .and_then(|()| std::fs::write(&path, format!("{}\n", cluster.node)))
+                .with_context(|| format!("marking {} as node {}'s", config.data_dir.display(), cluster.node))?;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Periodic chores: write last-seen times, expire unused leases (if configured), log
