@@ -596,14 +596,19 @@ async fn a_use_of_a_limited_invite_on_one_node_counts_on_every_node() {
     let twice = cluster.nodes[0].new_invite("default", Some(2), None);
     let on_n2 = overlan_shared::Invite { relay: cluster.nodes[2].addr().to_string(), ..twice.clone() };
     let (_first, _) = join_when_admitted(&on_n2).await;
-    // Once everything has settled, the last use, on n2: nothing else changes there.
+    // Once everything has settled, the last use, on n0: each node admitted one, and the
+    // uses add up (the highest count any node saw would be 1 of 2).
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let _second = join(&on_n2).await;
-    // The use reaches n0 within about a second (two hops): a third member is refused.
+    let _second = join(&twice).await;
+    // The uses meet on every node within about a second: a third member is refused,
+    // on the node that saw neither join too.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let err = join_err(&twice, &identity(), "").await;
-    assert!(matches!(err, Error::Unauthorized(_)), "{err}");
-    assert!(err.to_string().contains("no uses left"), "{err}");
+    let on_n1 = overlan_shared::Invite { relay: cluster.nodes[1].addr().to_string(), ..twice.clone() };
+    for invite in [&twice, &on_n1, &on_n2] {
+        let err = join_err(invite, &identity(), "").await;
+        assert!(matches!(err, Error::Unauthorized(_)), "{err}");
+        assert!(err.to_string().contains("no uses left"), "{err}");
+    }
 }
 
 #[tokio::test]

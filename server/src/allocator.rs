@@ -55,8 +55,11 @@ impl VipAllocatorActor {
         cluster: Option<NodeCredentials>,
         counters: Arc<Counters>,
     ) -> Result<Self, StoreError> {
-        let store = Store::open(data_dir)?;
+        let mut store = Store::open(data_dir)?;
         store.set_busy_timeout(BUSY_TIMEOUT)?;
+        if let Some(creds) = &cluster {
+            store.set_node_name(&creds.name);
+        }
         Ok(Self {
             store,
             pools: HashMap::new(),

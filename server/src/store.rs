@@ -5,7 +5,7 @@
 //! was told about survives a crash or a power loss. The schema carries a version
 //! (`PRAGMA user_version`), checked and migrated at open.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
@@ -240,9 +240,17 @@ pub fn unix_now_ms() -> i64 {
 /// The database.
 pub struct Store {
     conn: Connection,
+    /// This node's name in a cluster ("" for a standalone relay): its own invite uses
+    /// go into catalogs under it.
+    node: String,
 }
 
 impl Store {
+    /// Names this node of a cluster: its own invite uses go into catalogs under it.
+    pub fn set_node_name(&mut self, node: &str) {
+        self.node = node.to_owned();
+    }
+
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)
@@ -257,7 +265,7 @@ impl Store {
         // relay's memory flat as the lease table grows.
         conn.pragma_update(None, "cache_size", -512)?;
         migrate(&mut conn, &path)?;
-        Ok(Self { conn })
+        Ok(Self { conn, node: String::new() })
     }
 
     /// How long a statement waits for another connection's write lock before failing.
@@ -334,17 +342,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
                 last_seen INTEGER NOT NULL,
                 legacy_identity INTEGER NOT NULL DEFAULT 0,
                 proof TEXT,
-                issued_ms INTEGER NOT NULL DEFAULT 0,
                 PRIMARY KEY (network_id, identity, instance),
                 UNIQUE (network_id, vip)
             );
             CREATE TABLE removed_networks (
                 name TEXT PRIMARY KEY,
                 removed_at INTEGER NOT NULL
-            );
-            {VOIDED_LEASES}"
+            );"
         ))?;
-        version = SCHEMA_VERSION;
+        version = 6;
     }
     if version == 1 {
         // Version 1 keyed leases on the hash of the whole client certificate. Those rows
@@ -388,10 +394,20 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         // Version 7: released leases are remembered, so their proofs no longer keep
         // the VIP on other nodes of a cluster; a lease knows when it was issued, to the
         // millisecond (its issuer's time, for an adopted one).
+        // Uses of an invite are counted per node (the total is their sum): this node's
+        // own, and the other nodes' as their catalogs said.
         tx.execute_batch(VOIDED_LEASES)?;
         tx.execute_batch(
             "ALTER TABLE leases ADD COLUMN issued_ms INTEGER NOT NULL DEFAULT 0;
-             UPDATE leases SET issued_ms = created_at * 1000;",
+             UPDATE leases SET issued_ms = created_at * 1000;
+             ALTER TABLE invites ADD COLUMN local_uses INTEGER NOT NULL DEFAULT 0;
+             UPDATE invites SET local_uses = uses;
+             CREATE TABLE invite_uses (
+                token_hash TEXT NOT NULL,
+                node TEXT NOT NULL,
+                uses INTEGER NOT NULL,
+                PRIMARY KEY (token_hash, node)
+             );",
         )?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -614,11 +630,13 @@ impl Store {
             .query_map([], |r| Ok(CatalogRemoval { name: r.get(0)?, removed_at: r.get(1)? }))?
             .collect::<Result<_, _>>()?;
         let mut stmt = self.conn.prepare(
-            "SELECT i.token_hash, n.name, i.kind, i.max_uses, i.uses, i.expires_at, i.revoked, i.created_at, i.label
+            "SELECT i.token_hash, n.name, i.kind, i.max_uses, i.uses, i.expires_at, i.revoked, i.created_at, i.label,
+                    i.local_uses
              FROM invites i JOIN networks n ON n.id = i.network_id ORDER BY i.id",
         )?;
-        let invites = stmt
+        let mut invites: Vec<CatalogInvite> = stmt
             .query_map([], |r| {
+                let local: i64 = r.get(9)?;
                 Ok(CatalogInvite {
                     token_hash: r.get(0)?,
                     network: r.get(1)?,
@@ -629,9 +647,21 @@ impl Store {
                     revoked: r.get(6)?,
                     created_at: r.get(7)?,
                     label: r.get(8)?,
+                    uses_by: [(self.node.clone(), local)].into_iter().filter(|(_, n)| *n > 0).collect(),
                 })
             })?
             .collect::<Result<_, _>>()?;
+        let mut stmt = self.conn.prepare("SELECT token_hash, node, uses FROM invite_uses")?;
+        let others =
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
+        let by_hash: HashMap<String, usize> =
+            invites.iter().enumerate().map(|(i, inv)| (inv.token_hash.clone(), i)).collect();
+        for row in others {
+            let (hash, node, uses) = row?;
+            if let Some(&i) = by_hash.get(&hash) {
+                invites[i].uses_by.insert(node, uses);
+            }
+        }
         let mut stmt = self.conn.prepare("SELECT network, vip, before FROM voided_leases ORDER BY network, vip")?;
         let voided = stmt
             .query_map([], |r| {
@@ -713,12 +743,32 @@ impl Store {
                  WHERE NOT EXISTS (SELECT 1 FROM invites WHERE token_hash = ?2)",
                 params![network, inv.token_hash, inv.kind, inv.max_uses, inv.uses, inv.expires_at, inv.revoked, inv.created_at, inv.label],
             )?;
-            let updated = tx.execute(
-                "UPDATE invites SET revoked = MAX(revoked, ?2), uses = MAX(uses, ?3)
-                 WHERE token_hash = ?1 AND (revoked < ?2 OR uses < ?3)",
-                params![inv.token_hash, inv.revoked, inv.uses],
+            let revoked = tx.execute(
+                "UPDATE invites SET revoked = ?2 WHERE token_hash = ?1 AND revoked < ?2",
+                params![inv.token_hash, inv.revoked],
             )?;
-            changed |= inserted + updated > 0;
+            // Every node's own count, the highest heard (counts only grow); the total is
+            // their sum. A peer that counts no uses per node gives its total.
+            let counted = if inv.uses_by.is_empty() {
+                tx.execute(
+                    "UPDATE invites SET uses = ?2 WHERE token_hash = ?1 AND uses < ?2",
+                    params![inv.token_hash, inv.uses],
+                )?
+            } else {
+                for (node, uses) in inv.uses_by.iter().filter(|(node, _)| **node != self.node) {
+                    tx.execute(
+                        "INSERT INTO invite_uses (token_hash, node, uses) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (token_hash, node) DO UPDATE SET uses = excluded.uses WHERE uses < excluded.uses",
+                        params![inv.token_hash, node, uses],
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE invites SET uses = local_uses + (SELECT COALESCE(SUM(uses), 0) FROM invite_uses WHERE token_hash = ?1)
+                     WHERE token_hash = ?1 AND uses < local_uses + (SELECT COALESCE(SUM(uses), 0) FROM invite_uses WHERE token_hash = ?1)",
+                    [&inv.token_hash],
+                )?
+            };
+            changed |= inserted + revoked + counted > 0;
         }
         for void in &catalog.voided {
             if !void_lease(&tx, &void.network, void.vip, void.before)? {
@@ -1037,7 +1087,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let used = tx.execute(
-            "UPDATE invites SET uses = uses + 1 WHERE id = ?1 AND (max_uses IS NULL OR uses < max_uses)",
+            "UPDATE invites SET uses = uses + 1, local_uses = local_uses + 1
+             WHERE id = ?1 AND (max_uses IS NULL OR uses < max_uses)",
             [invite],
         )?;
         if used == 0 {
@@ -1333,6 +1384,44 @@ mod schema_tests {
             assert!(store.voided_before("default", vip).unwrap().is_some_and(|t| t >= now - 2000 && t <= now));
         }
         assert_eq!(store.voided_before("default", "10.77.0.4".parse().unwrap()).unwrap(), None);
+    }
+
+    /// Uses of one invite on different nodes add up: each node counts its own, catalogs
+    /// carry every node's count, and the total is their sum (the highest total any
+    /// node saw would let each node admit up to the limit).
+    #[test]
+    fn invite_uses_on_different_nodes_add_up() {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut nodes: Vec<Store> = dirs.iter().map(|d| Store::open(d.path()).unwrap()).collect();
+        for (node, name) in nodes.iter_mut().zip(["a", "b", "c"]) {
+            node.set_node_name(name);
+            node.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
+        }
+        nodes[0].add_invite("default", "tok", "issued", Some(2), None).unwrap();
+        let catalog = nodes[0].catalog().unwrap();
+        nodes[1].merge_catalog(&catalog).unwrap();
+        nodes[2].merge_catalog(&catalog).unwrap();
+        // One member on a, one on b, at the same moment.
+        for (i, who) in [(0, "m1"), (1, "m2")] {
+            let valid = nodes[i].check_token("tok", unix_now()).unwrap().unwrap();
+            assert!(valid.has_uses_left);
+            let net = nodes[i].network("default").unwrap();
+            let vip = Ipv4Addr::new(10, 77, 0, 2 + i as u8);
+            assert!(nodes[i].create_lease(valid.id, net.id, &Fingerprint::of(who.as_bytes()), "", vip).unwrap());
+        }
+        let (from_a, from_b) = (nodes[0].catalog().unwrap(), nodes[1].catalog().unwrap());
+        for node in nodes.iter_mut() {
+            node.merge_catalog(&from_a).unwrap();
+            node.merge_catalog(&from_b).unwrap();
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            let valid = node.check_token("tok", unix_now()).unwrap().unwrap();
+            assert!(!valid.has_uses_left, "node {i}: both uses count");
+            assert_eq!(node.catalog().unwrap().invites[0].uses, 2, "node {i}");
+        }
+        // Hearing a count again, or an older one, changes nothing.
+        assert!(!nodes[2].merge_catalog(&from_a).unwrap().0);
+        assert!(!nodes[0].merge_catalog(&catalog).unwrap().0);
     }
 
     /// A release on one node voids the lease's proofs on every node: the void travels in

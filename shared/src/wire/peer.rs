@@ -165,6 +165,10 @@ pub struct CatalogInvite {
     /// The operator's label.
     #[serde(default)]
     pub label: String,
+    /// New members admitted, by the node that admitted them (as far as the sender
+    /// knows); `uses` is their sum.
+    #[serde(default)]
+    pub uses_by: std::collections::BTreeMap<String, i64>,
 }
 
 fn max_hops() -> u8 {
