@@ -182,6 +182,23 @@ async fn server_manages_invites_and_networks() {
     let (code, _, err) = server_run(&data, &["invite", "revoke", "999"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("no invite with id 999"), "{err}");
+    // By token (the same on every node of a cluster, unlike ids).
+    let (_, uri, _) = server_run(&data, &["invite", "default", "--label", "by-token"]).await;
+    assert!(uri.trim().parse::<Invite>().is_ok(), "{uri}");
+    let (_, list, _) = server_run(&data, &["invite", "list"]).await;
+    let row = list.lines().find(|l| l.contains("by-token")).unwrap();
+    let token = row.split_whitespace().last().unwrap().to_owned();
+    assert_eq!(token.len(), 8, "{list}");
+    let (code, out, err) = server_run(&data, &["invite", "revoke", "--token", &token[..6]]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("revoked invite "), "{out}");
+    let (_, list, _) = server_run(&data, &["invite", "list"]).await;
+    assert!(list.lines().find(|l| l.contains("by-token")).unwrap().contains("revoked"), "{list}");
+    let (code, _, err) = server_run(&data, &["invite", "revoke", "--token", "zz"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no invite with token zz"), "{err}");
+    let (code, _, _) = server_run(&data, &["invite", "revoke"]).await;
+    assert_eq!(code, 2, "an id or a token is needed");
 
     let (code, out, err) = server_run(&data, &["network", "add", "games", "--subnet", "10.88.0.0/24"]).await;
     assert_eq!(code, 0, "{err}");

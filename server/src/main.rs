@@ -144,10 +144,14 @@ fn positive_duration(text: &str) -> Result<HumanDuration, String> {
 enum InviteAction {
     /// List invites (tokens are stored hashed and cannot be shown again).
     List,
-    /// Revoke an invite by id; members it admitted keep their VIPs.
+    /// Revoke an invite by id (or token); members it admitted keep their VIPs.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "token"])))]
     Revoke {
-        /// Invite id from `invite list`.
-        id: i64,
+        /// Invite id from `invite list` (each node of a cluster numbers invites its own way).
+        id: Option<i64>,
+        /// The invite's token as `invite list` shows it (the same on every node).
+        #[arg(long, value_name = "HEX")]
+        token: Option<String>,
     },
 }
 
@@ -349,8 +353,8 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
         (Some(InviteAction::List), _) => {
             let store = open_store(config)?;
             println!(
-                "{:<5} {:<16} {:<16} {:<8} {:<8} {:<17} {:<12} STATUS",
-                "ID", "NETWORK", "LABEL", "KIND", "USES", "CREATED (UTC)", "EXPIRES"
+                "{:<5} {:<16} {:<16} {:<8} {:<8} {:<17} {:<12} {:<8} TOKEN",
+                "ID", "NETWORK", "LABEL", "KIND", "USES", "CREATED (UTC)", "EXPIRES", "STATUS"
             );
             let now = unix_now();
             for row in store.invites()? {
@@ -380,20 +384,27 @@ fn invite(config: &RelayConfig, cmd: InviteCmd) -> anyhow::Result<()> {
                 };
                 let label = if row.label.is_empty() { "-" } else { row.label.as_str() };
                 println!(
-                    "{:<5} {:<16} {:<16} {:<8} {:<8} {:<17} {:<12} {status}",
+                    "{:<5} {:<16} {:<16} {:<8} {:<8} {:<17} {:<12} {status:<8} {}",
                     row.id,
                     row.network,
                     label,
                     row.kind,
                     uses,
                     utc_minute(row.created_at),
-                    expires
+                    expires,
+                    row.token
                 );
             }
             Ok(())
         }
-        (Some(InviteAction::Revoke { id }), _) => {
-            if open_store(config)?.revoke_invite(id)? {
+        (Some(InviteAction::Revoke { id, token }), _) => {
+            let store = open_store(config)?;
+            let id = match (id, token) {
+                (Some(id), _) => id,
+                (None, Some(token)) => store.invite_by_token(&token)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            if store.revoke_invite(id)? {
                 println!("revoked invite {id}");
             } else {
                 println!("invite {id} was revoked already");

@@ -73,6 +73,12 @@ pub enum StoreError {
     /// No invite with that id.
     #[error("no invite with id {0} (see `overlan-server invite list`)")]
     NoSuchInvite(i64),
+    /// No invite whose token starts so.
+    #[error("no invite with token {0} (at least 4 of the hex digits `overlan-server invite list` shows)")]
+    NoSuchToken(String),
+    /// Several invites' tokens start so.
+    #[error("token {0} matches several invites; give more of its digits")]
+    AmbiguousToken(String),
     /// Stored data does not parse (hand-edited database?).
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -175,6 +181,9 @@ pub struct InviteRow {
     pub label: String,
     /// When made, unix seconds.
     pub created_at: i64,
+    /// The first 8 hex digits of the token's hash: the same on every node of a cluster
+    /// (ids are each node's own), for `invite revoke --token`.
+    pub token: String,
 }
 
 /// A lease: who holds which VIP in which network.
@@ -579,7 +588,8 @@ impl Store {
     /// All invites.
     pub fn invites(&self) -> Result<Vec<InviteRow>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT i.id, n.name, i.max_uses, i.uses, i.expires_at, i.revoked, i.kind, i.label, i.created_at
+            "SELECT i.id, n.name, i.max_uses, i.uses, i.expires_at, i.revoked, i.kind, i.label, i.created_at,
+                    substr(i.token_hash, 1, 8)
              FROM invites i JOIN networks n ON n.id = i.network_id ORDER BY i.id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -593,9 +603,26 @@ impl Store {
                 kind: r.get(6)?,
                 label: r.get(7)?,
                 created_at: r.get(8)?,
+                token: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The id of the invite whose token hash starts with `prefix` (as `invite list`
+    /// shows it: the same on every node of a cluster).
+    pub fn invite_by_token(&self, prefix: &str) -> Result<i64, StoreError> {
+        let prefix = prefix.to_ascii_lowercase();
+        if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::NoSuchToken(prefix));
+        }
+        let mut stmt = self.conn.prepare("SELECT id FROM invites WHERE substr(token_hash, 1, ?2) = ?1")?;
+        let ids: Vec<i64> = stmt.query_map(params![prefix, prefix.len()], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        match ids[..] {
+            [id] => Ok(id),
+            [] => Err(StoreError::NoSuchToken(prefix)),
+            _ => Err(StoreError::AmbiguousToken(prefix)),
+        }
     }
 
     /// Revokes an invite; members it admitted keep their leases, new joins with it fail.
