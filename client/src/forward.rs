@@ -144,14 +144,13 @@ impl PortMap {
             PortMap::Expose { port, target, udp, idle_secs } => {
                 let (target, idle) = (*target, Duration::from_secs((*idle_secs).max(1)));
                 if *udp {
-                    let socket = client.bind_datagram(*port).await.map_err(|e| format!("udp port {port}: {e}"))?;
+                    let socket = client.bind_datagram(*port).await.map_err(|e| on_port("udp", *port, e))?;
                     let exposed = socket.local_addr();
                     let run = until(stopped, expose_udp(socket, target, idle, log));
                     let run = run.map(move |r| format!("expose udp {exposed}: {}", ended(r.err()))).boxed();
                     Ok(Started { line: format!("expose {exposed} -> {target} udp"), run, stop })
                 } else {
-                    let listener =
-                        client.listen_with_approval(*port).await.map_err(|e| format!("tcp port {port}: {e}"))?;
+                    let listener = client.listen_with_approval(*port).await.map_err(|e| on_port("tcp", *port, e))?;
                     let exposed = listener.local_addr();
                     let run = expose_tcp(listener, target, log, stopped);
                     let run = run.map(move |r| format!("expose tcp {exposed}: {}", ended(r.err()))).boxed();
@@ -159,6 +158,15 @@ impl PortMap {
                 }
             }
         }
+    }
+}
+
+/// `tcp port 80: why`, without saying the port twice (`port 80: address in use`).
+fn on_port(kind: &str, port: u16, e: Error) -> String {
+    let text = e.to_string();
+    match text.strip_prefix(&format!("port {port}: ")) {
+        Some(rest) => format!("{kind} port {port}: {rest}"),
+        None => format!("{kind} port {port}: {text}"),
     }
 }
 
@@ -581,6 +589,13 @@ pub fn parse_local_addr(text: &str) -> Result<SocketAddr, String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_port_is_said_once() {
+        assert_eq!(on_port("tcp", 8000, Error::AddrInUse { port: 8000 }), "tcp port 8000: address in use");
+        assert_eq!(on_port("udp", 9, Error::Limit("too many ports".into())), "udp port 9: too many ports");
+    }
+
     use super::*;
 
     #[test]

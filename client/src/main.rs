@@ -693,7 +693,22 @@ async fn peers(
         Ok(Some(control::Response::Error { message })) => return Err(format!("peers: {message}").into()),
         Ok(Some(other)) => return Err(format!("`overlan up` answered unexpectedly: {other:?}").into()),
         Ok(None) => {
-            let client = join_or_signal(cli, shutdown).await?;
+            // Only with a VIP held already: a mistyped --name must not lease one.
+            let joined = tokio::select! {
+                joined = join_attempt(cli, |options| options.existing_only(true)) => joined?,
+                signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
+            };
+            let client = match joined {
+                Ok(client) => client,
+                Err(Error::NoLease(_)) => {
+                    return Err(format!(
+                        "instance {} has not joined this network: `overlan up` (or `overlan ip`) joins it",
+                        instance_label(cli.name())
+                    )
+                    .into())
+                }
+                Err(e) => return Err(join_failure(e)),
+            };
             let peers = client.peers().await.map_err(|e| format!("peers: {e}"))?;
             client.leave().await;
             peers

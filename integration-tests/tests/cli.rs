@@ -518,6 +518,15 @@ async fn commands_share_the_running_up_and_status_and_peers_report_it() {
     assert_eq!(bob["online"], false);
     let (_, out, _) = output(cmd("me", &["peers"])).await;
     assert!(out.lines().next().unwrap().starts_with("VIP") && out.contains("bob"), "{out}");
+    // Without an `up`: bob's own session; a mistyped name is told, and leases nothing.
+    let (code, out, err) = output(cmd("bob", &["--name", "bob", "peers"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&vip), "{out}");
+    let (code, _, err) = output(cmd("bob", &["--name", "bbo", "peers"])).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("instance bbo has not joined this network"), "{err}");
+    let (_, out, _) = output(cmd("me", &["peers"])).await;
+    assert!(!out.contains("bbo"), "{out}");
 
     // A second `up` of the instance is refused instead of replacing the first.
     let (code, _, err) = output(cmd("me", &["up"])).await;
