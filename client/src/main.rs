@@ -503,7 +503,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     }
                 }
             }
-            let result = up(client, &mut shutdown, &mut maps).await;
+            let result = up(client, &mut shutdown, &mut maps, cli.relays.len() > 1).await;
             drop(maps);
             result
         }
@@ -1068,8 +1068,15 @@ impl Maps {
     }
 }
 
-async fn up(client: Client, shutdown: &mut Shutdown, maps: &mut Maps) -> Result<ExitCode, CliError> {
-    eprintln!("joined network {} ({}) as {}; Ctrl-C to leave", client.network(), client.subnet(), client.vip());
+/// `up` after the join. With several `--relay`s, `name_relay` says which one it joined.
+async fn up(client: Client, shutdown: &mut Shutdown, maps: &mut Maps, name_relay: bool) -> Result<ExitCode, CliError> {
+    let through = if name_relay { format!(" through relay {}", client.relay_addr()) } else { String::new() };
+    eprintln!(
+        "joined network {} ({}) as {}{through}; Ctrl-C to leave",
+        client.network(),
+        client.subnet(),
+        client.vip()
+    );
     let mut state = client.watch_state();
     loop {
         tokio::select! {
@@ -1085,7 +1092,7 @@ async fn up(client: Client, shutdown: &mut Shutdown, maps: &mut Maps) -> Result<
                     return Err("client stopped".into());
                 }
                 match state.borrow_and_update().clone() {
-                    SessionState::Up => eprintln!("reconnected as {}", client.vip()),
+                    SessionState::Up => eprintln!("reconnected as {} through relay {}", client.vip(), client.relay_addr()),
                     SessionState::Reconnecting(why) => eprintln!("{why}; reconnecting"),
                     SessionState::Closed(why) => return Err(CliError::refused(why)),
                 }
@@ -1271,7 +1278,7 @@ fn say_session_changes(client: &Client) -> tokio::task::JoinHandle<()> {
                 SessionState::Reconnecting(_) => {}
                 SessionState::Up => {
                     up = true;
-                    eprintln!("overlan: reconnected as {}", client.vip());
+                    eprintln!("overlan: reconnected as {} through relay {}", client.vip(), client.relay_addr());
                 }
                 SessionState::Closed(_) => return,
             }
@@ -1302,7 +1309,7 @@ async fn session_ended(client: &Client) -> CliError {
             SessionState::Up if initial => {}
             SessionState::Up => {
                 up = true;
-                eprintln!("overlan: reconnected as {}", client.vip());
+                eprintln!("overlan: reconnected as {} through relay {}", client.vip(), client.relay_addr());
             }
             SessionState::Closed(why) => return CliError::refused(why),
         }

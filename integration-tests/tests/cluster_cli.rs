@@ -241,3 +241,17 @@ async fn a_node_dialing_a_dead_peer_stops_quietly() {
     assert!(!after.iter().any(|l| l.contains("cannot link")), "{after:?}");
     drop(dead);
 }
+
+/// A --peer that is a standalone relay is named as such, once, not as a protocol error.
+#[tokio::test]
+async fn a_peer_that_is_a_standalone_relay_is_said_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("cluster");
+    let ca_s = ca.to_str().unwrap();
+    assert_eq!(output(server(&["ca", "init", "--dir", ca_s])).await.0, 0);
+    assert_eq!(output(server(&["ca", "issue", "n1", "--dir", ca_s])).await.0, 0);
+    let standalone = TestRelay::start();
+    let mut n1 = start_node(&ca, &dir.path().join("d1"), "n1", &[&standalone.addr().to_string()]).await;
+    let line = within("the dial failure", n1.proc.stderr_until("cannot link to peer")).await;
+    assert!(line.contains("is not a node of a cluster (a standalone relay"), "{line}");
+}

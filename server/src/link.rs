@@ -819,7 +819,12 @@ pub async fn accept(conn: quinn::Connection, node: Arc<Node>) {
         Ok(peer) => peer,
         Err(why) => {
             node.count(Reason::PeerRefused);
-            tracing::warn!(addr = %conn.remote_address(), %why, "refusing peer link");
+            let addr = conn.remote_address();
+            if node.warn_once(format!("{} {why}", addr.ip())) {
+                tracing::warn!(%addr, %why, "refusing peer link");
+            } else {
+                tracing::debug!(%addr, %why, "refusing peer link");
+            }
             conn.close(VarInt::from_u32(close_code::UNAUTHORIZED), b"not a node of this cluster");
             return;
         }
@@ -831,7 +836,11 @@ pub async fn accept(conn: quinn::Connection, node: Arc<Node>) {
         Ok(control) => start_link(conn, node, peer, control, None),
         Err(why) => {
             node.count(Reason::PeerRefused);
-            tracing::warn!(peer = %peer.name, %why, "refusing peer link");
+            if node.warn_once(format!("{} {why}", peer.name)) {
+                tracing::warn!(peer = %peer.name, %why, "refusing peer link");
+            } else {
+                tracing::debug!(peer = %peer.name, %why, "refusing peer link");
+            }
             conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), why.as_bytes());
         }
     }
@@ -902,11 +911,16 @@ async fn connect(
         .map_err(|e| format!("resolving {addr}: {e}"))?
         .find(|a| a.is_ipv4() == endpoint.local_addr().map(|l| l.is_ipv4()).unwrap_or(true))
         .ok_or_else(|| format!("{addr} has no address of this endpoint's family"))?;
-    let conn = endpoint
-        .connect_with(client.clone(), target, RELAY_SERVER_NAME)
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn =
+        endpoint.connect_with(client.clone(), target, RELAY_SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(
+            |e| match e {
+                // TLS alert 120, no_application_protocol: the peer does not speak links.
+                quinn::ConnectionError::ConnectionClosed(close) if u64::from(close.error_code) == 0x100 + 120 => {
+                    format!("{addr} is not a node of a cluster (a standalone relay, or another version of overlan)")
+                }
+                e => e.to_string(),
+            },
+        )?;
     let peer = verified_peer(&conn, node).inspect_err(|e| {
         // The TLS verifier checked the chain already; only the name check can fail here.
         conn.close(VarInt::from_u32(close_code::UNAUTHORIZED), e.as_bytes());

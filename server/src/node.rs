@@ -3,6 +3,7 @@
 //! budget of held bytes, the counters of what was refused or cut, and — in a cluster —
 //! its credentials, the cluster actor and the filter of broadcasts seen already.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use actix::{Actor, Addr};
@@ -49,6 +50,8 @@ pub struct Node {
     dedup: Mutex<BroadcastDedup>,
     /// Cancelled when the relay shuts down (peer dialers stop).
     pub stopping: tokio_util::sync::CancellationToken,
+    /// Refusals logged as warnings lately, by peer and reason ([`Node::warn_once`]).
+    warned: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Node {
@@ -76,6 +79,7 @@ impl Node {
             known: DashMap::new(),
             dedup: Mutex::new(BroadcastDedup::default()),
             stopping: tokio_util::sync::CancellationToken::new(),
+            warned: Mutex::new(HashMap::new()),
         }
     }
 
@@ -144,4 +148,25 @@ impl Node {
     pub fn count(&self, reason: Reason) {
         self.counters.add(reason);
     }
+
+    /// Whether a refusal keyed `key` (who, and why) is to be logged as a warning now: once
+    /// per [`REFUSAL_LOG_INTERVAL`], so a refused peer that keeps retrying makes one
+    /// line, not one per try (the rest go to debug).
+    pub fn warn_once(&self, key: String) -> bool {
+        let now = std::time::Instant::now();
+        let mut warned = self.warned.lock().expect("warned lock");
+        if warned.len() > 1024 {
+            warned.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_INTERVAL);
+        }
+        match warned.get(&key) {
+            Some(at) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => false,
+            _ => {
+                warned.insert(key, now);
+                true
+            }
+        }
+    }
 }
+
+/// How long a refusal logged as a warning stays quiet for the same peer and reason.
+const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);

@@ -631,8 +631,24 @@ async fn handshake(
     let conn = match connecting.await {
         Ok(conn) => conn,
         Err(e) if offered.as_deref() == Some(ALPN_PEER) => {
+            // A TLS failure (either side's certificate check) is a refusal; a handshake
+            // that timed out or was cut off is not.
+            let crypto = |code: u64| (0x100..0x200).contains(&code);
+            let refused = match &e {
+                quinn::ConnectionError::TransportError(t) => crypto(t.code.into()),
+                quinn::ConnectionError::ConnectionClosed(c) => crypto(c.error_code.into()),
+                _ => false,
+            };
+            if !refused {
+                tracing::debug!(%remote, error = %e, "a peer's link handshake did not complete");
+                return;
+            }
             node.count(Reason::PeerRefused);
-            tracing::warn!(%remote, error = %e, "refusing peer link: its TLS handshake failed (a node of another cluster?)");
+            if node.warn_once(format!("{} tls", remote.ip())) {
+                tracing::warn!(%remote, error = %e, "refusing peer link: its TLS handshake failed (a node of another cluster?)");
+            } else {
+                tracing::debug!(%remote, error = %e, "refusing peer link: its TLS handshake failed");
+            }
             return;
         }
         Err(e) => {

@@ -284,10 +284,13 @@ impl ClusterDir {
 
     /// Loads `node`'s credentials and the CA certificate, checking that they agree.
     pub fn load_node(&self, node: &str) -> Result<NodeCredentials, ClusterError> {
+        // On a node's host the credentials are copied in; the CA is made (and its key
+        // kept) on the admin machine, so the hints say where they come from.
         let ca = self.ca_cert().map_err(|e| match e {
-            ClusterError::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
-                ClusterError::NoCa(self.dir.display().to_string())
-            }
+            ClusterError::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => ClusterError::Format {
+                path: self.ca_cert_path().display().to_string(),
+                what: "no cluster CA certificate: copy ca.crt here from the cluster directory made by `overlan-server ca init` (on the admin machine; never copy ca.pem)".into(),
+            },
             other => other,
         })?;
         let path = self.node_path(node);
@@ -295,8 +298,7 @@ impl ClusterDir {
             std::io::ErrorKind::NotFound => ClusterError::Format {
                 path: path.display().to_string(),
                 what: format!(
-                    "no credentials for node {node}: run `overlan-server ca issue {node} --dir {}`",
-                    self.dir.display()
+                    "no credentials for node {node}: copy {node}.pem here from the cluster directory, where `overlan-server ca issue {node} --dir DIR` makes it (on the admin machine)"
                 ),
             },
             _ => io(&path)(e),
