@@ -68,6 +68,10 @@ async fn leases_of_the_first_release_are_migrated_on_the_next_join() {
              ALTER TABLE leases DROP COLUMN proof;
              ALTER TABLE invites DROP COLUMN label;
              DROP TABLE removed_networks;
+             DROP TABLE voided_leases;
+             DROP TABLE invite_uses;
+             ALTER TABLE leases DROP COLUMN issued_ms;
+             ALTER TABLE invites DROP COLUMN local_uses;
              PRAGMA user_version = 0;",
         )
         .unwrap();
