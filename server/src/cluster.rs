@@ -79,13 +79,23 @@ impl ClusterActor {
             match out {
                 RouteOutput::BestChanged { net, vip, best } => self.sync(net, vip, best),
                 RouteOutput::SourcesChanged { net, vip, sources } => self.node.router.set_sources(net, vip, sources),
-                RouteOutput::Superseded { net, vip } => {
+                RouteOutput::Superseded { net, vip, by } => {
                     // Only the session the table judged: a newer one may hold the VIP now.
-                    let judged = self.attached.get(&(net, vip)).map(|(session, _)| *session);
+                    let judged = self.attached.get(&(net, vip)).map(|(session, holder)| (*session, holder.digest()));
                     if let Some(Route::Local(session)) = self.node.router.route(net, vip) {
-                        if Some(session.id) == judged {
-                            tracing::info!(%vip, "the client joined another node; replacing its session here");
-                            session.addr.do_send(Replace);
+                        match judged {
+                            Some((id, _)) if id != session.id => {}
+                            None => {}
+                            // Another client holds the VIP where it is announced: this
+                            // session's lease was released (and the release missed here).
+                            Some((_, mine)) if by.as_ref().is_some_and(|by| *by != mine) => {
+                                tracing::info!(%vip, "another client holds the VIP on another node; ending the stale session here");
+                                session.addr.do_send(Replace { taken: true });
+                            }
+                            Some(_) => {
+                                tracing::info!(%vip, "the client joined another node; replacing its session here");
+                                session.addr.do_send(Replace { taken: false });
+                            }
                         }
                     }
                 }
@@ -218,11 +228,21 @@ pub struct Holder {
     pub instance: String,
 }
 
+impl Holder {
+    /// What route announcements say of the holder: a digest of identity and instance
+    /// (enough to tell one client from another, naming neither).
+    pub fn digest(&self) -> String {
+        let text = format!("{}/{}", self.identity, self.instance);
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        hex::encode(&digest.as_ref()[..8])
+    }
+}
+
 impl Handler<LocalAttach> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LocalAttach, _ctx: &mut Self::Context) {
-        self.attached.insert((msg.net, msg.vip), (msg.session, msg.holder));
-        self.table.handle_local_attach(msg.net, msg.vip, msg.proof, Self::now_ms());
+        self.attached.insert((msg.net, msg.vip), (msg.session, msg.holder.clone()));
+        self.table.handle_local_attach(msg.net, msg.vip, msg.proof, Some(msg.holder.digest()), Self::now_ms());
         self.drive();
     }
 }

@@ -503,7 +503,11 @@ impl StreamHandler<Result<ClientMessage, FrameError>> for SessionActor {
 /// A newer session of the same identity and instance took over.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Replace;
+pub struct Replace {
+    /// Another client holds the VIP now (this session's lease was released), rather
+    /// than a newer session of this same client.
+    pub taken: bool,
+}
 
 /// How long a replaced session's connection stays open after it was told, so the
 /// goodbye reaches the client even if a packet is lost.
@@ -511,12 +515,18 @@ const REPLACED_GRACE: Duration = Duration::from_millis(500);
 
 impl Handler<Replace> for SessionActor {
     type Result = ();
-    fn handle(&mut self, _: Replace, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Replace, ctx: &mut Self::Context) {
         // The client is told on the control stream first, which QUIC delivers even when
         // the packet with the connection's close is lost (a client that missed the close
         // would time out and reconnect, taking the VIP back from the newer session). Its
         // listeners and ports go at once; the connection closes a moment later.
-        let why = ErrorCode::Replaced.describe().to_owned();
+        let why = match msg.taken {
+            true => format!(
+                "another member holds {} now: this instance's lease was released; join again for a new VIP",
+                self.vip
+            ),
+            false => ErrorCode::Replaced.describe().to_owned(),
+        };
         if std::mem::replace(&mut self.replaced, true) {
             return;
         }

@@ -72,6 +72,11 @@ pub struct Announce {
     /// proof its issuing node signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proof: Option<String>,
+    /// Who holds the VIP there: a digest of the client's identity and instance, so a
+    /// node whose session this announcement supersedes can tell the same client that
+    /// moved from another client that now holds the VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
 }
 
 impl Announce {
@@ -118,12 +123,14 @@ pub enum RouteOutput {
         sources: Option<Sources>,
     },
     /// A local session's VIP is announced fresher by another node (the client roamed
-    /// there): the local session is stale.
+    /// there, or the VIP's lease went to another client): the local session is stale.
     Superseded {
         /// Network.
         net: NetKey,
         /// The VIP.
         vip: Ipv4Addr,
+        /// Who holds it where it is announced, if that node said.
+        by: Option<String>,
     },
     /// Send these updates on `link`, in order.
     Send {
@@ -170,6 +177,7 @@ struct Told {
     path: Vec<String>,
     origin_slot: u8,
     proof: Option<String>,
+    holder: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +186,7 @@ struct Learned {
     path: Vec<String>,
     origin_slot: u8,
     proof: Option<String>,
+    holder: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -186,6 +195,8 @@ struct Entry {
     local: Option<u64>,
     /// The lease proof of a local VIP outside this node's slot.
     local_proof: Option<String>,
+    /// Who holds the local VIP (a digest of identity and instance).
+    local_holder: Option<String>,
     /// What each link announced.
     learned: BTreeMap<LinkId, Learned>,
     best: Option<Hop>,
@@ -270,9 +281,17 @@ impl RouteTable {
     }
 
     /// A session here took `vip` (`proof`: the lease proof of a VIP outside this node's
-    /// slot). `now_ms` is wall-clock milliseconds; sequence numbers never go backwards
-    /// even if the clock does.
-    pub fn handle_local_attach(&mut self, net: NetKey, vip: Ipv4Addr, proof: Option<String>, now_ms: u64) {
+    /// slot; `holder`: a digest of the client's identity and instance). `now_ms` is
+    /// wall-clock milliseconds; sequence numbers never go backwards even if the clock
+    /// does.
+    pub fn handle_local_attach(
+        &mut self,
+        net: NetKey,
+        vip: Ipv4Addr,
+        proof: Option<String>,
+        holder: Option<String>,
+        now_ms: u64,
+    ) {
         // Newer than anything announced for this VIP (a Lamport clock): a client that
         // just joined here wins over its older session elsewhere even if that node's
         // clock runs ahead.
@@ -282,6 +301,7 @@ impl RouteTable {
         let entry = self.entries.entry((net, vip)).or_default();
         entry.local = Some(seq);
         entry.local_proof = proof;
+        entry.local_holder = holder;
         self.recompute(net, vip);
     }
 
@@ -306,6 +326,7 @@ impl RouteTable {
         if let Some(entry) = self.entries.get_mut(&(net, vip)) {
             entry.local = None;
             entry.local_proof = None;
+            entry.local_holder = None;
             self.recompute(net, vip);
         }
     }
@@ -389,8 +410,13 @@ impl RouteTable {
                     return Err(Dropped::TooMany);
                 }
                 let entry = self.entries.entry((a.net, a.vip)).or_default();
-                let learned =
-                    Learned { seq: a.seq, path: a.path.clone(), origin_slot: a.origin_slot, proof: a.proof.clone() };
+                let learned = Learned {
+                    seq: a.seq,
+                    path: a.path.clone(),
+                    origin_slot: a.origin_slot,
+                    proof: a.proof.clone(),
+                    holder: a.holder.clone(),
+                };
                 if entry.learned.insert(link, learned).is_none() {
                     *held += 1;
                 }
@@ -468,7 +494,11 @@ impl RouteTable {
             self.out.push_back(RouteOutput::SourcesChanged { net, vip, sources });
         }
         if entry.local.is_some() && best != Some(Hop::Local) {
-            self.out.push_back(RouteOutput::Superseded { net, vip });
+            let by = match best {
+                Some(Hop::Peer(via)) => entry.learned[&via].holder.clone(),
+                _ => None,
+            };
+            self.out.push_back(RouteOutput::Superseded { net, vip, by });
         }
         if best != entry.best {
             entry.best = best;
@@ -490,20 +520,24 @@ impl RouteTable {
     fn tell(&mut self, link: LinkId, net: NetKey, vip: Ipv4Addr) -> Option<RouteUpdate> {
         let peer = self.links.get(&link)?.clone();
         let entry = self.entries.get(&(net, vip))?;
-        let (seq, mut path, origin_slot, proof) = match entry.best {
-            Some(Hop::Local) => {
-                (entry.local.expect("a local best has a local seq"), Vec::new(), self.slot, entry.local_proof.clone())
-            }
+        let (seq, mut path, origin_slot, proof, holder) = match entry.best {
+            Some(Hop::Local) => (
+                entry.local.expect("a local best has a local seq"),
+                Vec::new(),
+                self.slot,
+                entry.local_proof.clone(),
+                entry.local_holder.clone(),
+            ),
             Some(Hop::Peer(via)) => {
                 let learned = &entry.learned[&via];
-                (learned.seq, learned.path.clone(), learned.origin_slot, learned.proof.clone())
+                (learned.seq, learned.path.clone(), learned.origin_slot, learned.proof.clone(), learned.holder.clone())
             }
-            None => (0, Vec::new(), 0, None),
+            None => (0, Vec::new(), 0, None, None),
         };
         let wanted = match entry.best {
             Some(_) if !path.contains(&peer) => {
                 path.push(self.me.clone());
-                Some(Told { seq, path, origin_slot, proof })
+                Some(Told { seq, path, origin_slot, proof, holder })
             }
             _ => None,
         };
@@ -513,9 +547,9 @@ impl RouteTable {
                 if entry.told.get(&link) == Some(&told) {
                     return None;
                 }
-                let Told { seq, path, origin_slot, proof } = told.clone();
+                let Told { seq, path, origin_slot, proof, holder } = told.clone();
                 entry.told.insert(link, told);
-                Some(RouteUpdate::Announce(Announce { net, vip, seq, path, origin_slot, proof }))
+                Some(RouteUpdate::Announce(Announce { net, vip, seq, path, origin_slot, proof, holder }))
             }
             None => {
                 entry.told.remove(&link)?;
@@ -679,7 +713,7 @@ mod tests {
         let mut c = Cluster::new(3);
         c.connect(0, 1);
         c.connect(1, 2);
-        c.tables[2].handle_local_attach(NET, vip(3), None, 1);
+        c.tables[2].handle_local_attach(NET, vip(3), None, None, 1);
         c.settle();
         assert_eq!(c.path(0, vip(3)), names(&["n2", "n1"]));
         assert_eq!(c.tables[0].best(NET, vip(3)), Some(Hop::Peer(1)));
@@ -700,7 +734,7 @@ mod tests {
         c.connect(1, 2);
         c.connect(2, 3);
         c.connect(3, 0);
-        c.tables[0].handle_local_attach(NET, vip(1), None, 1);
+        c.tables[0].handle_local_attach(NET, vip(1), None, None, 1);
         let outputs = c.settle();
         let n2_links: Vec<LinkId> = c.links.iter().filter(|l| l.0 == 2 || l.2 == 2).map(|l| l.1).collect();
         assert_eq!(c.tables[2].sources(NET, vip(1)), Some(&Sources { links: n2_links, origin_slot: 0 }));
@@ -730,6 +764,7 @@ mod tests {
                 path: vec!["n1".into()],
                 origin_slot: 1,
                 proof: None,
+                holder: None,
             })
         };
         let dropped = table.handle_updates(1, (1..=5).map(announce));
@@ -748,8 +783,8 @@ mod tests {
     #[test]
     fn a_link_that_comes_up_later_gets_the_whole_table() {
         let mut c = Cluster::new(3);
-        c.tables[0].handle_local_attach(NET, vip(1), None, 1);
-        c.tables[2].handle_local_attach(NET, vip(3), None, 1);
+        c.tables[0].handle_local_attach(NET, vip(1), None, None, 1);
+        c.tables[2].handle_local_attach(NET, vip(3), None, None, 1);
         c.connect(0, 1);
         c.connect(1, 2);
         assert_eq!(c.path(0, vip(3)), names(&["n2", "n1"]));
@@ -762,7 +797,7 @@ mod tests {
         c.connect(0, 1);
         c.connect(1, 2);
         c.connect(0, 2);
-        c.tables[2].handle_local_attach(NET, vip(3), None, 1);
+        c.tables[2].handle_local_attach(NET, vip(3), None, None, 1);
         c.settle();
         assert_eq!(c.path(0, vip(3)), names(&["n2"]));
         c.cut(0, 2);
@@ -776,7 +811,7 @@ mod tests {
     fn changes_report_the_new_best_hop() {
         let mut c = Cluster::new(2);
         c.connect(0, 1);
-        c.tables[1].handle_local_attach(NET, vip(9), None, 1);
+        c.tables[1].handle_local_attach(NET, vip(9), None, None, 1);
         let outputs = c.settle();
         assert!(outputs.contains(&(0, RouteOutput::BestChanged { net: NET, vip: vip(9), best: Some(Hop::Peer(1)) })));
         assert!(outputs.contains(&(1, RouteOutput::BestChanged { net: NET, vip: vip(9), best: Some(Hop::Local) })));
@@ -790,12 +825,12 @@ mod tests {
         let mut c = Cluster::new(3);
         c.connect(0, 1);
         c.connect(1, 2);
-        c.tables[0].handle_local_attach(NET, vip(5), None, 100);
+        c.tables[0].handle_local_attach(NET, vip(5), None, Some("me".into()), 100);
         c.settle();
-        // The client joins n2 before n0 noticed it left.
-        c.tables[2].handle_local_attach(NET, vip(5), None, 200);
+        // The client joins n2 before n0 noticed it left: n0 hears who holds it there.
+        c.tables[2].handle_local_attach(NET, vip(5), None, Some("me".into()), 200);
         let outputs = c.settle();
-        assert!(outputs.contains(&(0, RouteOutput::Superseded { net: NET, vip: vip(5) })));
+        assert!(outputs.contains(&(0, RouteOutput::Superseded { net: NET, vip: vip(5), by: Some("me".into()) })));
         assert_eq!(c.path(1, vip(5)), names(&["n2"]));
         assert_eq!(c.tables[0].best(NET, vip(5)), Some(Hop::Peer(1)));
         // n0's late detach changes nothing elsewhere.
@@ -812,7 +847,7 @@ mod tests {
         t.handle_link_up(2, "liar");
         let announce = |seq: u64, path: &[&str]| {
             let path = names(path).unwrap();
-            RouteUpdate::Announce(Announce { net: NET, vip: vip(7), seq, path, origin_slot: 1, proof: None })
+            RouteUpdate::Announce(Announce { net: NET, vip: vip(7), seq, path, origin_slot: 1, proof: None, holder: None })
         };
         assert!(t.handle_updates(1, [announce(10, &["n1"])]).is_empty());
         // The liar relays "n1's" route with a far fresher number: not taken.
@@ -837,9 +872,10 @@ mod tests {
             path: vec!["n1".into()],
             origin_slot: 1,
             proof: None,
+            holder: None,
         });
         t.handle_updates(1, [ahead]);
-        t.handle_local_attach(NET, vip(4), None, 5);
+        t.handle_local_attach(NET, vip(4), None, None, 5);
         assert_eq!(t.best(NET, vip(4)), Some(Hop::Local));
         assert!(!std::iter::from_fn(|| t.poll_output()).any(|o| matches!(o, RouteOutput::Superseded { .. })));
     }
@@ -847,8 +883,8 @@ mod tests {
     #[test]
     fn sequence_numbers_never_go_backwards() {
         let mut t = RouteTable::new("n0", 0);
-        t.handle_local_attach(NET, vip(1), None, 500);
-        t.handle_local_attach(NET, vip(2), None, 10);
+        t.handle_local_attach(NET, vip(1), None, None, 500);
+        t.handle_local_attach(NET, vip(2), None, None, 10);
         t.handle_link_up(1, "n1");
         let Some(RouteOutput::Send { updates, .. }) =
             std::iter::from_fn(|| t.poll_output()).find(|o| matches!(o, RouteOutput::Send { .. }))
@@ -876,6 +912,7 @@ mod tests {
                 path: names(path).unwrap(),
                 origin_slot: 1,
                 proof: None,
+                holder: None,
             })
         };
         assert_eq!(t.handle_updates(1, [announce(&["n1"])])[0].1, Dropped::UnknownLink);
@@ -892,7 +929,7 @@ mod tests {
     fn networks_are_kept_apart() {
         let mut c = Cluster::new(2);
         c.connect(0, 1);
-        c.tables[1].handle_local_attach(NetKey::of("a"), vip(1), None, 1);
+        c.tables[1].handle_local_attach(NetKey::of("a"), vip(1), None, None, 1);
         c.settle();
         assert_eq!(c.tables[0].best(NetKey::of("b"), vip(1)), None);
         assert!(c.tables[0].best(NetKey::of("a"), vip(1)).is_some());
