@@ -421,8 +421,15 @@ async fn a_peer_cannot_forge_sources_or_spoil_another_nodes_broadcasts() {
     let own = std::net::Ipv4Addr::from(u32::from(block.network()) + 5);
     let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     let (now_ms, now_us) = (clock.as_millis() as u64, clock.as_micros() as u64);
-    let announce =
-        Announce { net, vip: own, seq: now_ms, path: vec!["liar".into()], origin_slot: issued.slot, proof: None, holder: None };
+    let announce = Announce {
+        net,
+        vip: own,
+        seq: now_ms,
+        path: vec!["liar".into()],
+        origin_slot: issued.slot,
+        proof: None,
+        holder: None,
+    };
     send_peer(&mut send, &PeerMessage::Routes { updates: vec![RouteUpdate::Announce(announce)] }).await;
     assert_eq!(cluster.nodes[0].routed(own).await, "liar");
 

@@ -307,6 +307,9 @@ const VOIDED_LEASES: &str = "CREATE TABLE voided_leases (
     PRIMARY KEY (network, vip)
 );";
 
+/// How far ahead of this node's clock a peer's void may be (clocks of nodes differ).
+const VOID_AHEAD_MS: i64 = 3_600_000;
+
 /// Records that proofs of `vip` in `network` issued before `before` are void (the
 /// latest release counts).
 fn void_lease(tx: &Connection, network: &str, vip: Ipv4Addr, before: i64) -> Result<bool, StoreError> {
@@ -410,13 +413,13 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             "ALTER TABLE leases ADD COLUMN issued_ms INTEGER NOT NULL DEFAULT 0;
              UPDATE leases SET issued_ms = created_at * 1000;
              ALTER TABLE invites ADD COLUMN local_uses INTEGER NOT NULL DEFAULT 0;
-             UPDATE invites SET local_uses = uses;
              CREATE TABLE invite_uses (
                 token_hash TEXT NOT NULL,
                 node TEXT NOT NULL,
                 uses INTEGER NOT NULL,
                 PRIMARY KEY (token_hash, node)
-             );",
+             );
+             INSERT INTO invite_uses (token_hash, node, uses) SELECT token_hash, '(schema 6)', uses FROM invites WHERE uses > 0;",
         )?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -782,7 +785,16 @@ impl Store {
                     params![inv.token_hash, inv.uses],
                 )?
             } else {
-                for (node, uses) in inv.uses_by.iter().filter(|(node, _)| **node != self.node) {
+                for (node, uses) in inv.uses_by.iter().filter(|(_, uses)| **uses >= 0) {
+                    if *node == self.node {
+                        // More of this node's own than it counts: its database was
+                        // restored from a backup. The peers' count stands.
+                        tx.execute(
+                            "UPDATE invites SET local_uses = ?2 WHERE token_hash = ?1 AND local_uses < ?2",
+                            params![inv.token_hash, uses],
+                        )?;
+                        continue;
+                    }
                     tx.execute(
                         "INSERT INTO invite_uses (token_hash, node, uses) VALUES (?1, ?2, ?3)
                          ON CONFLICT (token_hash, node) DO UPDATE SET uses = excluded.uses WHERE uses < excluded.uses",
@@ -798,6 +810,11 @@ impl Store {
             changed |= inserted + revoked + counted > 0;
         }
         for void in &catalog.voided {
+            // A time far ahead (a node's broken clock) would void every later lease of
+            // the VIP for good: not taken.
+            if void.before > unix_now_ms() + VOID_AHEAD_MS {
+                continue;
+            }
             if !void_lease(&tx, &void.network, void.vip, void.before)? {
                 continue;
             }
@@ -1049,13 +1066,19 @@ impl Store {
             .ok_or_else(|| StoreError::NoSuchLease { network: network.to_owned(), vip })?;
         let net = self.network(network)?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let issued: i64 = tx.query_row(
+            "SELECT issued_ms FROM leases WHERE network_id = ?1 AND vip = ?2",
+            params![net.id, u32::from(vip)],
+            |r| r.get(0),
+        )?;
         tx.execute("DELETE FROM leases WHERE network_id = ?1 AND vip = ?2", params![net.id, u32::from(vip)])?;
-        void_lease(&tx, network, vip, unix_now_ms())?;
+        void_lease(&tx, network, vip, issued + 1)?;
         tx.commit()?;
         Ok(row)
     }
 
-    /// When proofs of `vip` in `network` were voided (the lease was released), if ever.
+    /// Proofs of `vip` in `network` issued before this (unix ms, the issuer's clock) are
+    /// void: a lease of it issued then or earlier was released.
     pub fn voided_before(&self, network: &str, vip: Ipv4Addr) -> Result<Option<i64>, StoreError> {
         Ok(self
             .conn
@@ -1080,26 +1103,31 @@ impl Store {
     }
 
     /// Deletes leases last seen before `before` (unix seconds), except those in `keep`
-    /// (online now). Returns the VIPs released.
+    /// (online now). Returns the VIPs released. The proofs of this node's own leases are
+    /// voided with them; a copy adopted here just goes (its holder may use the lease on
+    /// its issuing node every day).
     pub fn expire_leases(
         &mut self,
         before: i64,
         keep: &HashSet<(NetworkId, Ipv4Addr)>,
     ) -> Result<Vec<(NetworkId, Ipv4Addr)>, StoreError> {
         let tx = self.conn.transaction()?;
-        let stale: Vec<(NetworkId, Ipv4Addr)> = {
-            let mut stmt = tx.prepare("SELECT network_id, vip FROM leases WHERE last_seen < ?1")?;
-            let rows = stmt.query_map([before], |r| Ok((r.get(0)?, Ipv4Addr::from(r.get::<_, u32>(1)?))))?;
-            rows.collect::<Result<Vec<_>, _>>()?.into_iter().filter(|k| !keep.contains(k)).collect()
+        let stale: Vec<(NetworkId, Ipv4Addr, bool, i64)> = {
+            let mut stmt =
+                tx.prepare("SELECT network_id, vip, proof IS NULL, issued_ms FROM leases WHERE last_seen < ?1")?;
+            let rows = stmt
+                .query_map([before], |r| Ok((r.get(0)?, Ipv4Addr::from(r.get::<_, u32>(1)?), r.get(2)?, r.get(3)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?.into_iter().filter(|(n, v, _, _)| !keep.contains(&(*n, *v))).collect()
         };
-        let now = unix_now_ms();
-        for (net, vip) in &stale {
+        for (net, vip, own, issued) in &stale {
             tx.execute("DELETE FROM leases WHERE network_id = ?1 AND vip = ?2", params![net, u32::from(*vip)])?;
-            let name: String = tx.query_row("SELECT name FROM networks WHERE id = ?1", [net], |r| r.get(0))?;
-            void_lease(&tx, &name, *vip, now)?;
+            if *own {
+                let name: String = tx.query_row("SELECT name FROM networks WHERE id = ?1", [net], |r| r.get(0))?;
+                void_lease(&tx, &name, *vip, issued + 1)?;
+            }
         }
         tx.commit()?;
-        Ok(stale)
+        Ok(stale.into_iter().map(|(net, vip, _, _)| (net, vip)).collect())
     }
 
     /// Stores a new lease and counts one use of the invite, atomically. Fails (without
@@ -1124,7 +1152,8 @@ impl Store {
         let now = unix_now();
         tx.execute(
             "INSERT INTO leases (network_id, identity, instance, vip, created_at, last_seen, issued_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, MAX(?6, COALESCE((SELECT v.before FROM voided_leases v
+                 JOIN networks n ON n.name = v.network WHERE n.id = ?1 AND v.vip = ?4), 0)))",
             params![network, identity.to_string(), instance, u32::from(vip), now, unix_now_ms()],
         )?;
         tx.commit()?;
@@ -1393,8 +1422,9 @@ mod schema_tests {
         assert!(matches!(store.lease_rows(Some("nope")), Err(StoreError::NoSuchNetwork(_))));
 
         // Seen online (every minute, by VIP): a, as long as it is online.
-        store.touch_vips([(net.id, va)], unix_now() + 500).unwrap();
-        assert_eq!(store.lease_rows(None).unwrap()[0].last_seen, unix_now() + 500);
+        let online_at = unix_now() + 500;
+        store.touch_vips([(net.id, va)], online_at).unwrap();
+        assert_eq!(store.lease_rows(None).unwrap()[0].last_seen, online_at);
         let key = LeaseKey { network: net.id, identity: b, instance: "x".into() };
         store.touch_leases([(&key, unix_now() + 1000)]).unwrap();
         let keep: HashSet<_> = HashSet::new();
@@ -1451,6 +1481,43 @@ mod schema_tests {
         assert!(!nodes[0].merge_catalog(&catalog).unwrap().0);
     }
 
+    /// Schema 6 kept one count per invite, the highest any node saw: it carries over as
+    /// a count every node shares (not as each node's own, which would add it up once
+    /// per node).
+    #[test]
+    fn version_6_use_counts_carry_over_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            store.ensure_default_network("10.77.0.0/16".parse().unwrap()).unwrap();
+            store.add_invite("default", "tok", "issued", Some(5), None).unwrap();
+            store
+                .conn
+                .execute_batch(
+                    "UPDATE invites SET uses = 3;
+                     DROP TABLE voided_leases;
+                     DROP TABLE invite_uses;
+                     ALTER TABLE leases DROP COLUMN issued_ms;
+                     ALTER TABLE invites DROP COLUMN local_uses;
+                     PRAGMA user_version = 6;",
+                )
+                .unwrap();
+        }
+        let mut store = Store::open(dir.path()).unwrap();
+        store.set_node_name("n1");
+        let invite = &store.catalog().unwrap().invites[0];
+        assert_eq!(invite.uses, 3);
+        assert_eq!(invite.uses_by.get("(schema 6)"), Some(&3));
+        assert_eq!(invite.uses_by.get("n1"), None, "none of them this node's own");
+        // The same carried-over count from a peer adds nothing.
+        let from_peer = store.catalog().unwrap();
+        assert!(!store.merge_catalog(&from_peer).unwrap().0);
+        let valid = store.check_token("tok", unix_now()).unwrap().unwrap();
+        let net = store.network("default").unwrap();
+        store.create_lease(valid.id, net.id, &Fingerprint::of(b"m"), "", "10.77.0.2".parse().unwrap()).unwrap();
+        assert_eq!(store.catalog().unwrap().invites[0].uses, 4);
+    }
+
     /// A release on one node voids the lease's proofs on every node: the void travels in
     /// the catalog, and the lease goes where it was adopted (or made) before the
     /// release; a lease made after it stays, and the latest release counts.
@@ -1492,5 +1559,22 @@ mod schema_tests {
         };
         assert!(!b.merge_catalog(&earlier).unwrap().0);
         assert!(b.voided_before("default", w).unwrap().is_some_and(|t| t > 5));
+        // A time far ahead (a broken clock) is not taken.
+        let ahead = Catalog {
+            voided: vec![CatalogVoid { network: "default".into(), vip: w, before: unix_now_ms() + 86_400_000 }],
+            ..Catalog::default()
+        };
+        assert!(!b.merge_catalog(&ahead).unwrap().0);
+        assert_eq!(b.lease(net_b.id, &other, "").unwrap(), Some(w));
+        // An adopted copy that expires here just goes: its holder may use the lease on
+        // its issuing node every day.
+        let keep = HashSet::new();
+        assert_eq!(b.expire_leases(unix_now() + 10, &keep).unwrap(), vec![(net_b.id, w)]);
+        assert!(b.catalog().unwrap().voided.iter().all(|v| v.vip != w || v.before < unix_now_ms()));
+        // A lease made again after a release is issued after it (whatever the clock).
+        a.conn.execute("UPDATE voided_leases SET before = before + 60000", []).unwrap();
+        let before = a.voided_before("default", v).unwrap().unwrap();
+        a.create_lease(invite, net_a.id, &other, "", v).unwrap();
+        assert!(a.lease_issued_ms(net_a.id, v).unwrap().unwrap() >= before);
     }
 }

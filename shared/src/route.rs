@@ -847,7 +847,15 @@ mod tests {
         t.handle_link_up(2, "liar");
         let announce = |seq: u64, path: &[&str]| {
             let path = names(path).unwrap();
-            RouteUpdate::Announce(Announce { net: NET, vip: vip(7), seq, path, origin_slot: 1, proof: None, holder: None })
+            RouteUpdate::Announce(Announce {
+                net: NET,
+                vip: vip(7),
+                seq,
+                path,
+                origin_slot: 1,
+                proof: None,
+                holder: None,
+            })
         };
         assert!(t.handle_updates(1, [announce(10, &["n1"])]).is_empty());
         // The liar relays "n1's" route with a far fresher number: not taken.
