@@ -307,6 +307,19 @@ async fn join_with(cli: &Cli, mode: impl FnOnce(JoinOptions) -> JoinOptions) -> 
     join_attempt(cli, mode).await?.map_err(join_failure)
 }
 
+/// Joins only with the VIP the instance holds ([`JoinOptions::existing_only`]). A relay
+/// of an earlier version refuses the hello field it does not know: then the join is
+/// plain (a VIP may be leased, as that version always did).
+async fn join_holding(cli: &Cli) -> Result<Result<Client, Error>, CliError> {
+    match join_attempt(cli, |options| options.existing_only(true)).await? {
+        Err(Error::Relay { message, .. }) if message.contains("existing_only") => {
+            tracing::debug!(%message, "the relay predates joins with a held VIP only; joining plainly");
+            join_attempt(cli, |options| options).await
+        }
+        joined => Ok(joined),
+    }
+}
+
 /// A failed join as the command's error: exit 3 when the relay refused for good.
 fn join_failure(e: Error) -> CliError {
     let message = format!("join: {e}");
@@ -695,7 +708,7 @@ async fn peers(
         Ok(None) => {
             // Only with a VIP held already: a mistyped --name must not lease one.
             let joined = tokio::select! {
-                joined = join_attempt(cli, |options| options.existing_only(true)) => joined?,
+                joined = join_holding(cli) => joined?,
                 signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
             };
             let client = match joined {
@@ -1010,18 +1023,17 @@ async fn leave(cli: &Cli, control: &std::path::Path, shutdown: &mut Shutdown) ->
     }
     // Only with a VIP held already: leaving must not lease one first.
     let joined = tokio::select! {
-        joined = join_attempt(cli, |options| options.existing_only(true)) => joined?,
+        joined = join_holding(cli) => joined?,
         signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
     };
     let client = match joined {
         Ok(client) => client,
         Err(Error::NoLease(_)) => {
             let network = cli.invite.as_deref().and_then(|i| i.parse::<Invite>().ok()).map(|i| i.network);
-            println!(
-                "instance {} holds no VIP in network {}; nothing to give back",
-                instance_label(cli.name()),
-                network.unwrap_or_default()
-            );
+            let network = network.unwrap_or_default();
+            // A proof kept for it is of a lease released already: nothing to show again.
+            let _ = forget_lease(&lease_file_path(&identity_path(cli)), &network, cli.name());
+            println!("instance {} holds no VIP in network {network}; nothing to give back", instance_label(cli.name()));
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => return Err(join_failure(e)),

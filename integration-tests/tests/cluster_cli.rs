@@ -104,6 +104,12 @@ async fn three_nodes_from_the_command_line() {
     assert!(err.contains("bad node name"), "{err}");
 
     // A line n1 — n2 — n3; n1 names no peer and accepts n2's link.
+    // A mistyped --node fails on its credentials and claims no directory.
+    let mut typo = server(&["--node", "n9", "info"]);
+    typo.arg("--data-dir").arg(dir.path().join("d1")).arg("--cluster").arg(&ca);
+    let (code, _, err) = output(typo).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no credentials for node n9"), "{err}");
     let n1 = start_node(&ca, &dir.path().join("d1"), "n1", &[]).await;
     let n2 = start_node(&ca, &dir.path().join("d2"), "n2", &[&n1.addr]).await;
     let mut n3 = start_node(&ca, &dir.path().join("d3"), "n3", &[&n2.addr]).await;

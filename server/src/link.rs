@@ -855,9 +855,15 @@ pub async fn dial(node: Arc<Node>, endpoint: quinn::Endpoint, client: quinn::Cli
     loop {
         let started = Instant::now();
         let attempt = tokio::select! {
-            attempt = connect(&node, &endpoint, &client, &addr) => attempt,
+            biased;
             _ = node.stopping.cancelled() => return,
+            attempt = connect(&node, &endpoint, &client, &addr) => attempt,
         };
+        // A dial that failed because the relay is stopping (its endpoint closed) is no
+        // failure to report.
+        if node.stopping.is_cancelled() {
+            return;
+        }
         match attempt {
             Ok(ended) => {
                 last_error.clear();

@@ -241,7 +241,10 @@ impl RelayState {
             None => None,
         };
         let identity = match &cluster {
-            Some(creds) => creds.identity.clone(),
+            Some(creds) => {
+                mark_data_dir(config, &creds.name)?;
+                creds.identity.clone()
+            }
             None => load_identity(&config.data_dir)?,
         };
         let store = open_store(config)?;
@@ -502,8 +505,8 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
 const NODE_FILE: &str = "cluster-node";
 
 /// Checks that `config` uses its data directory as what it is. A cluster node marks its
-/// directory with its name on first use; then only that node may use it, with its
-/// cluster credentials. Without them, a command on a node's directory would make a
+/// directory with its name on first use (its credentials loaded); then only that node
+/// may use it, with its cluster credentials. Without them, a command on a node's directory would make a
 /// standalone relay's certificate there and print invites no client could use.
 pub fn check_data_dir(config: &RelayConfig) -> anyhow::Result<()> {
     let path = config.data_dir.join(NODE_FILE);
@@ -518,14 +521,20 @@ pub fn check_data_dir(config: &RelayConfig) -> anyhow::Result<()> {
             config.data_dir.display(),
             cluster.node
         ),
-        (Some(cluster), None) => {
-            std::fs::create_dir_all(&config.data_dir)
-                .and_then(|()| std::fs::write(&path, format!("{}\n", cluster.node)))
-                .with_context(|| format!("marking {} as node {}'s", config.data_dir.display(), cluster.node))?;
-            Ok(())
-        }
         _ => Ok(()),
     }
+}
+
+/// Marks `config`'s data directory as its node's (once the node's credentials loaded:
+/// a mistyped `--node` must not claim a directory).
+fn mark_data_dir(config: &RelayConfig, node: &str) -> anyhow::Result<()> {
+    let path = config.data_dir.join(NODE_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .and_then(|()| std::fs::write(&path, format!("{node}\n")))
+        .with_context(|| format!("marking {} as node {node}'s", config.data_dir.display()))
 }
 
 /// Periodic chores: write last-seen times, expire unused leases (if configured), log
