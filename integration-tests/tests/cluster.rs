@@ -581,6 +581,42 @@ async fn a_node_run_twice_is_refused_while_the_first_runs() {
     .expect("the twin links once the first n1 has stopped");
 }
 
+/// A node that restarted while its old link still looks up (no close reached the peer):
+/// the old link, silent, is closed at once and the new process linked, without waiting
+/// for the old one to time out.
+#[tokio::test]
+async fn a_restarted_node_replaces_its_silent_old_link_at_once() {
+    let cluster = TestCluster::start(1, &[]).await;
+    let dir = overlan_shared::cluster::ClusterDir::new(cluster.dir());
+    dir.issue("n1").unwrap();
+    // The old process: linked, then silent (it answers no ping), as a crashed host is.
+    let (old, _send, _recv) = rogue_peer(&cluster, "n1", dir.load_node("n1").unwrap()).await;
+    within("the old link up", async {
+        while !cluster.nodes[0].handle().peer_links().contains(&"n1".to_owned()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let n1 = TestRelay::start_with(|c| {
+        c.cluster = Some(overlan_server::config::ClusterConfig {
+            dir: cluster.dir().to_path_buf(),
+            node: "n1".into(),
+            peers: vec![cluster.nodes[0].addr().to_string()],
+        })
+    });
+    within("the new process linked", async {
+        while !n1.handle().peer_links().contains(&"n0".to_owned()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Closed by the probe's verdict (a link that timed out would end without a reason).
+    let (_, reason) = close_reason(&old).await;
+    assert!(reason.contains("new process"), "{reason} (after {:?})", started.elapsed());
+    assert_eq!(cluster.nodes[0].handle().peer_links(), vec!["n1".to_owned()]);
+}
+
 /// Joins with `invite` until the relay admits it (its catalog may still be on the way).
 async fn join_when_admitted(invite: &overlan_shared::Invite) -> (overlan_client::Client, Duration) {
     let started = std::time::Instant::now();

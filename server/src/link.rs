@@ -764,11 +764,16 @@ fn refusal(conn: &quinn::Connection) -> String {
 /// nodes' routes under one name); a link of an earlier process that is silent (the
 /// node restarted, and its old link has not timed out yet) is closed.
 async fn one_process(node: &Node, name: &str, incarnation: u64) -> Result<(), String> {
-    let others = node.router.links().into_iter().filter(|l| *l.node == *name && l.incarnation != incarnation);
-    for other in others {
+    let others: Vec<PeerLink> =
+        node.router.links().into_iter().filter(|l| *l.node == *name && l.incarnation != incarnation).collect();
+    // All at once: a hello waits one probe's time at most.
+    let probes = others.iter().map(|other| async move {
         let (tx, rx) = oneshot::channel();
-        let answered = other.addr.send(Probe(tx)).await.is_ok()
-            && tokio::time::timeout(PROBE_TIMEOUT, rx).await.is_ok_and(|pong| pong.is_ok());
+        other.addr.send(Probe(tx)).await.is_ok()
+            && tokio::time::timeout(PROBE_TIMEOUT, rx).await.is_ok_and(|pong| pong.is_ok())
+    });
+    let answers = futures_util::future::join_all(probes).await;
+    for (other, answered) in others.iter().zip(answers) {
         if answered {
             return Err(format!(
                 "node {name} is linked already from {} by another process: do two relays run with {name}'s credentials? Issue each node its own (`overlan-server ca issue NODE`)",
