@@ -310,13 +310,20 @@ async fn join_with(cli: &Cli, mode: impl FnOnce(JoinOptions) -> JoinOptions) -> 
 /// Joins only with the VIP the instance holds ([`JoinOptions::existing_only`]). A relay
 /// of an earlier version refuses the hello field it does not know: then the join is
 /// plain (a VIP may be leased, as that version always did).
-async fn join_holding(cli: &Cli) -> Result<Result<Client, Error>, CliError> {
-    match join_attempt(cli, |options| options.existing_only(true)).await? {
-        Err(Error::Relay { message, .. }) if message.contains("existing_only") => {
-            tracing::debug!(%message, "the relay predates joins with a held VIP only; joining plainly");
-            join_attempt(cli, |options| options).await
+/// A signal ends it.
+async fn join_holding(cli: &Cli, shutdown: &mut Shutdown) -> Result<Result<Client, Error>, CliError> {
+    let joining = async {
+        match join_attempt(cli, |options| options.existing_only(true)).await? {
+            Err(Error::Relay { message, .. }) if message.contains("existing_only") => {
+                tracing::debug!(%message, "the relay predates joins with a held VIP only; joining plainly");
+                join_attempt(cli, |options| options).await
+            }
+            joined => Ok(joined),
         }
-        joined => Ok(joined),
+    };
+    tokio::select! {
+        joined = joining => joined,
+        signal = shutdown.recv() => Err(CliError::interrupted(signal)),
     }
 }
 
@@ -707,11 +714,7 @@ async fn peers(
         Ok(Some(other)) => return Err(format!("`overlan up` answered unexpectedly: {other:?}").into()),
         Ok(None) => {
             // Only with a VIP held already: a mistyped --name must not lease one.
-            let joined = tokio::select! {
-                joined = join_holding(cli) => joined?,
-                signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
-            };
-            let client = match joined {
+            let client = match join_holding(cli, shutdown).await? {
                 Ok(client) => client,
                 Err(Error::NoLease(_)) => {
                     return Err(format!(
@@ -1022,11 +1025,7 @@ async fn leave(cli: &Cli, control: &std::path::Path, shutdown: &mut Shutdown) ->
         .into());
     }
     // Only with a VIP held already: leaving must not lease one first.
-    let joined = tokio::select! {
-        joined = join_holding(cli) => joined?,
-        signal = shutdown.recv() => return Err(CliError::interrupted(signal)),
-    };
-    let client = match joined {
+    let client = match join_holding(cli, shutdown).await? {
         Ok(client) => client,
         Err(Error::NoLease(_)) => {
             let network = cli.invite.as_deref().and_then(|i| i.parse::<Invite>().ok()).map(|i| i.network);

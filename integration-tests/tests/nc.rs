@@ -205,21 +205,38 @@ async fn signals_end_nc_at_every_stage_with_the_conventional_status() {
     assert!(sent.elapsed() < Duration::from_secs(3), "took {:?} to obey Ctrl-C", sent.elapsed());
 }
 
+/// A relay, the running `up` of instance "me", and a member to talk to: commands of the
+/// instance ([`ThroughUp::cmd`]) go through that `up`.
+struct ThroughUp {
+    relay: TestRelay,
+    dir: tempfile::TempDir,
+    peer: overlan_client::Client,
+}
+
+impl ThroughUp {
+    async fn start() -> (Self, Proc) {
+        bin("overlan");
+        let relay = TestRelay::start();
+        let dir = tempfile::tempdir().unwrap();
+        let peer = join(&relay.invite()).await;
+        let me = Self { relay, dir, peer };
+        let mut up = Proc::spawn(me.cmd(&["up"]));
+        let _ = up.stdout_line().await;
+        up.stderr_until("joined network").await;
+        (me, up)
+    }
+
+    fn cmd(&self, args: &[&str]) -> tokio::process::Command {
+        let mut c = overlan_cmd(&self.relay.invite(), self.dir.path(), "me");
+        c.env("XDG_RUNTIME_DIR", self.dir.path().join("run")).args(args);
+        c
+    }
+}
+
 #[tokio::test]
 async fn a_signal_aborts_a_stream_running_through_up_and_up_lives_on() {
-    bin("overlan");
-    let relay = TestRelay::start();
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = dir.path().join("run");
-    let cmd = |args: &[&str]| {
-        let mut c = overlan_cmd(&relay.invite(), dir.path(), "me");
-        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
-        c
-    };
-    let mut up = Proc::spawn(cmd(&["up"]));
-    let _ = up.stdout_line().await;
-    up.stderr_until("joined network").await;
-    let peer = join(&relay.invite()).await;
+    let (t, mut up) = ThroughUp::start().await;
+    let (cmd, peer) = (|args: &[&str]| t.cmd(args), &t.peer);
     let listener = peer.listen(7103).await.unwrap();
     let mut talker = Proc::spawn(cmd(&["nc", &peer.vip().to_string(), "7103"]));
     let (mut stream, _) = within("accept", listener.accept()).await.unwrap();
@@ -237,19 +254,8 @@ async fn a_signal_aborts_a_stream_running_through_up_and_up_lives_on() {
 
 #[tokio::test]
 async fn up_stopped_under_a_stream_it_carries_aborts_it() {
-    bin("overlan");
-    let relay = TestRelay::start();
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = dir.path().join("run");
-    let cmd = |args: &[&str]| {
-        let mut c = overlan_cmd(&relay.invite(), dir.path(), "me");
-        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
-        c
-    };
-    let mut up = Proc::spawn(cmd(&["up"]));
-    let _ = up.stdout_line().await;
-    up.stderr_until("joined network").await;
-    let peer = join(&relay.invite()).await;
+    let (t, mut up) = ThroughUp::start().await;
+    let (cmd, peer) = (|args: &[&str]| t.cmd(args), &t.peer);
     let listener = peer.listen(7106).await.unwrap();
     let mut talker = Proc::spawn(cmd(&["nc", &peer.vip().to_string(), "7106"]));
     let (mut stream, _) = within("accept", listener.accept()).await.unwrap();
@@ -274,19 +280,8 @@ async fn up_stopped_under_a_stream_it_carries_aborts_it() {
 /// from writing to the connection `up` closed. The race showed in about one try of five.
 #[tokio::test]
 async fn an_abort_under_an_nc_sending_through_up_is_said_as_such() {
-    bin("overlan");
-    let relay = TestRelay::start();
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = dir.path().join("run");
-    let cmd = |args: &[&str]| {
-        let mut c = overlan_cmd(&relay.invite(), dir.path(), "me");
-        c.env("XDG_RUNTIME_DIR", &runtime).args(args);
-        c
-    };
-    let mut up = Proc::spawn(cmd(&["up"]));
-    let _ = up.stdout_line().await;
-    up.stderr_until("joined network").await;
-    let peer = join(&relay.invite()).await;
+    let (t, mut up) = ThroughUp::start().await;
+    let (cmd, peer) = (|args: &[&str]| t.cmd(args), &t.peer);
     for round in 0..8u16 {
         let port = 7110 + round;
         let listener = peer.listen(port).await.unwrap();
