@@ -209,6 +209,9 @@ async fn server_manages_invites_and_networks() {
     let (code, _, err) = server_run(&data, &["network", "add", "bad", "--subnet", "10.90.0.1/24"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("did you mean 10.90.0.0/24"), "{err}");
+    let (code, _, err) = server_run(&data, &["network", "add", "Bad Name", "--subnet", "10.91.0.0/24"]).await;
+    assert_eq!(code, 2, "a bad name is a usage error: {err}");
+    assert!(err.contains("use 1-32 of a-z"), "{err}");
     let (_, list, _) = server_run(&data, &["network", "list"]).await;
     assert!(list.contains("default") && list.contains("games") && list.contains("10.88.0.0/24"), "{list}");
     let (code, _, err) = server_run(&data, &["invite", "nosuch"]).await;

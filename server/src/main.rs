@@ -131,6 +131,14 @@ struct InviteCmd {
     label: Option<String>,
 }
 
+/// A name a network may have (a bad one is a usage error, as every other bad argument).
+fn network_name(text: &str) -> Result<String, String> {
+    match overlan_shared::invite::valid_network_name(text) {
+        true => Ok(text.to_owned()),
+        false => Err("use 1-32 of a-z, 0-9, - and _, starting with a letter or digit".into()),
+    }
+}
+
 /// A duration longer than zero (an invite that expires at once could never be used).
 fn positive_duration(text: &str) -> Result<HumanDuration, String> {
     let d: HumanDuration = text.parse().map_err(|e| format!("{e}"))?;
@@ -160,6 +168,7 @@ enum NetworkCmd {
     /// Add a virtual network.
     Add {
         /// Name: 1-32 of a-z, 0-9, - and _.
+        #[arg(value_parser = network_name)]
         name: String,
         /// Subnet in CIDR form, e.g. 10.88.0.0/24.
         #[arg(long)]
