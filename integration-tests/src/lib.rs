@@ -237,6 +237,18 @@ impl TestCluster {
         .await
     }
 
+    /// Another relay process running as node `name` of this cluster (credentials
+    /// issued already), dialing node `peer`: a restarted node, or the same credentials
+    /// run twice.
+    pub fn process_as(&self, name: &str, peer: usize) -> TestRelay {
+        let cluster = overlan_server::config::ClusterConfig {
+            dir: self.dir().to_path_buf(),
+            node: name.to_owned(),
+            peers: vec![self.nodes[peer].addr().to_string()],
+        };
+        TestRelay::start_with(|c| c.cluster = Some(cluster))
+    }
+
     /// The cluster directory (CA and node credentials).
     pub fn dir(&self) -> &Path {
         self.ca.path()

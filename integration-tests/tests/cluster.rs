@@ -548,13 +548,7 @@ async fn a_node_run_twice_is_refused_while_the_first_runs() {
     let b = join(&cluster.invite(1)).await;
     let listener = b.listen(7000).await.unwrap();
     let refused = cluster.nodes[0].counters().get(Reason::PeerRefused);
-    let twin = TestRelay::start_with(|c| {
-        c.cluster = Some(overlan_server::config::ClusterConfig {
-            dir: cluster.dir().to_path_buf(),
-            node: "n1".into(),
-            peers: vec![cluster.nodes[0].addr().to_string()],
-        })
-    });
+    let twin = cluster.process_as("n1", 0);
     within("the twin refused", async {
         while cluster.nodes[0].counters().get(Reason::PeerRefused) == refused {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -598,13 +592,7 @@ async fn a_restarted_node_replaces_its_silent_old_link_at_once() {
     })
     .await;
     let started = std::time::Instant::now();
-    let n1 = TestRelay::start_with(|c| {
-        c.cluster = Some(overlan_server::config::ClusterConfig {
-            dir: cluster.dir().to_path_buf(),
-            node: "n1".into(),
-            peers: vec![cluster.nodes[0].addr().to_string()],
-        })
-    });
+    let n1 = cluster.process_as("n1", 0);
     within("the new process linked", async {
         while !n1.handle().peer_links().contains(&"n0".to_owned()) {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -897,10 +897,7 @@ pub async fn dial(node: Arc<Node>, endpoint: quinn::Endpoint, client: quinn::Cli
 
 /// A number in [0, 1) from the system's randomness.
 fn rand_fraction() -> f64 {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
+    f64::from((random_u64() >> 32) as u32) / (f64::from(u32::MAX) + 1.0)
 }
 
 /// A number from the system's randomness.
