@@ -386,6 +386,69 @@ async fn a_lying_peer_cannot_take_over_another_nodes_clients() {
     drop(conn);
 }
 
+/// A peer that announces a roamed client's VIP with its lease proof loses the route
+/// when the lease is released (the proof is void from then on), and cannot announce it
+/// again with that proof.
+#[tokio::test]
+async fn a_route_whose_lease_was_released_is_withdrawn_and_refused() {
+    use overlan_shared::route::{Announce, NetKey, RouteUpdate};
+    use overlan_shared::wire::peer::PeerMessage;
+    let cluster = TestCluster::start(2, &[(1, 0)]).await;
+    let victim = join_as(&cluster.invite(1), &identity(), "").await;
+    let (vip, proof) = (victim.vip(), victim.lease().expect("a cluster lease proof"));
+    assert_eq!(cluster.nodes[0].routed(vip).await, "n1");
+
+    let dir = overlan_shared::cluster::ClusterDir::new(cluster.dir());
+    let issued = dir.issue("liar").unwrap();
+    let (conn, mut send, _recv) = rogue_peer(&cluster, "liar", dir.load_node("liar").unwrap()).await;
+    within("rogue link up", async {
+        while !cluster.nodes[0].handle().peer_links().contains(&"liar".to_owned()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let announce = || {
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        PeerMessage::Routes {
+            updates: vec![RouteUpdate::Announce(Announce {
+                net: NetKey::of("default"),
+                vip,
+                seq: now_ms + 1000,
+                path: vec!["liar".into()],
+                origin_slot: issued.slot,
+                proof: Some(proof.clone()),
+                holder: None,
+            })],
+        }
+    };
+    // As if the client had roamed to the liar: a valid proof, a fresher route (n1 takes
+    // it so too, and ends the client's session there).
+    send_peer(&mut send, &announce()).await;
+    within("the roamed route taken", async {
+        while cluster.nodes[0].handle().next_hop("default", vip).as_deref() != Some("liar") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    within("the session at n1 replaced", victim.closed()).await;
+    // The operator releases the lease on its issuing node: the release reaches n0 with
+    // n1's catalog, and the route that leaned on the proof goes.
+    cluster.nodes[1].store().release_lease("default", vip).unwrap();
+    cluster.nodes[0].unrouted(vip).await;
+    // Announced again with the void proof: refused and counted.
+    let rejected = || cluster.nodes[0].counters().get(overlan_server::counters::Reason::RouteRejected);
+    let before = rejected();
+    send_peer(&mut send, &announce()).await;
+    within("the void proof refused", async {
+        while rejected() == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(cluster.nodes[0].handle().next_hop("default", vip), None);
+    drop(conn);
+}
+
 /// Writes `msg` on a rogue link's control stream.
 async fn send_peer(send: &mut quinn::SendStream, msg: &overlan_shared::wire::peer::PeerMessage) {
     use overlan_shared::wire::frame::FrameCodec;

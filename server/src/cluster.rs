@@ -14,7 +14,7 @@ use overlan_shared::cluster::{in_slot, valid_node_name, verify_lease};
 use overlan_shared::route::{
     Announce, Dropped, Hop, LinkId, NetKey, RouteOutput, RouteTable, RouteUpdate, MAX_ROUTES_PER_LINK,
 };
-use overlan_shared::wire::peer::MAX_HOPS;
+use overlan_shared::wire::peer::{CatalogVoid, MAX_HOPS};
 
 use crate::counters::Reason;
 use crate::link::SendRoutes;
@@ -35,6 +35,9 @@ pub struct ClusterActor {
     /// The session each local VIP was attached by (so a stale verdict never replaces a
     /// newer session).
     attached: HashMap<(NetKey, Ipv4Addr), (SessionId, Holder)>,
+    /// Released leases, as the catalog lists them: a proof of the VIP issued before
+    /// this time (unix ms) proves nothing.
+    voids: HashMap<(NetKey, Ipv4Addr), i64>,
 }
 
 /// Most announcements one link may have held for networks not known yet.
@@ -64,6 +67,7 @@ impl ClusterActor {
             links: Default::default(),
             pending: HashMap::new(),
             attached: HashMap::new(),
+            voids: HashMap::new(),
         }
     }
 
@@ -163,6 +167,11 @@ impl ClusterActor {
         Ok(())
     }
 
+    /// Whether a release of `vip` voided proofs issued at `issued`.
+    fn voided(&self, net: NetKey, vip: Ipv4Addr, issued: i64) -> bool {
+        self.voids.get(&(net, vip)).is_some_and(|before| issued < *before)
+    }
+
     fn check_vip(&self, network: &crate::store::Network, a: &Announce) -> Result<(), Refusal> {
         // Outside the origin's slot: only a client that roamed there, with its lease. A
         // proof that comes along is checked wherever the VIP lies.
@@ -194,6 +203,14 @@ impl ClusterActor {
                     a.vip
                 )));
             }
+        }
+        // (After the check above: a node that missed a release is answered with the
+        // holder here, which ends its stale session.)
+        if self.voided(a.net, a.vip, claim.issued) {
+            return Err(Refusal::Invalid(format!(
+                "{} and its lease was released after the proof was issued",
+                outside()
+            )));
         }
         Ok(())
     }
@@ -384,6 +401,49 @@ impl Handler<RoutesReceived> for ClusterActor {
             tracing::warn!(%peer, rejected, first = %why, "dropping route announcements");
         }
         self.drive();
+    }
+}
+
+/// The releases of leases the node knows of (the `voided` list of its catalog, sent
+/// whenever the catalog changed). Routes already taken whose lease proof a release
+/// voided are withdrawn: a peer that announced one before the release reached this node
+/// (or that lies) cannot keep the VIP's traffic.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct VoidsChanged(pub Vec<CatalogVoid>);
+
+impl Handler<VoidsChanged> for ClusterActor {
+    type Result = ();
+    fn handle(&mut self, msg: VoidsChanged, _ctx: &mut Self::Context) {
+        let mut raised = Vec::new();
+        for void in msg.0 {
+            let key = (NetKey::of(&void.network), void.vip);
+            if self.voids.get(&key).is_none_or(|before| *before < void.before) {
+                self.voids.insert(key, void.before);
+                raised.push(key);
+            }
+        }
+        let ca = &self.node.cluster.as_ref().expect("a cluster actor runs on a cluster node").credentials.ca;
+        let mut withdrawn = 0;
+        for (net, vip) in raised {
+            let stale: Vec<LinkId> = self
+                .table
+                .learned_proofs(net, vip)
+                .into_iter()
+                .filter(|(_, proof)| {
+                    verify_lease(proof, ca).is_ok_and(|(claim, _)| self.voided(net, vip, claim.issued))
+                })
+                .map(|(link, _)| link)
+                .collect();
+            for link in stale {
+                self.table.handle_updates(link, [RouteUpdate::Withdraw { net, vip }]);
+                withdrawn += 1;
+            }
+        }
+        if withdrawn > 0 {
+            tracing::info!(routes = withdrawn, "routes whose lease was released withdrawn");
+            self.drive();
+        }
     }
 }
 

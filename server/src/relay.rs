@@ -32,7 +32,7 @@ use tokio_util::codec::FramedRead;
 use crate::allocator::{
     AdmitError, AllocateVip, CatalogIfChanged, ExpireLeases, FlushSeen, ListNetworks, SeenOnline, VipAllocatorActor,
 };
-use crate::cluster::NetworksChanged;
+use crate::cluster::{NetworksChanged, VoidsChanged};
 use crate::config::RelayConfig;
 use crate::counters::{Counters, Reason};
 use crate::link;
@@ -561,6 +561,9 @@ async fn housekeeping(node: Arc<Node>) {
                         link.addr.do_send(SendCatalog(changed.clone()));
                     }
                     refresh_networks(&node).await;
+                    if let Some(cluster) = node.cluster_actor() {
+                        cluster.do_send(VoidsChanged(changed.voided));
+                    }
                 }
             },
             _ = expire.tick() => if let Some(max_age) = expiry {

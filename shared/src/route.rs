@@ -275,6 +275,12 @@ impl RouteTable {
         }
     }
 
+    /// The lease proofs the links' routes toward `vip` came with, by link.
+    pub fn learned_proofs(&self, net: NetKey, vip: Ipv4Addr) -> Vec<(LinkId, &str)> {
+        let Some(entry) = self.entries.get(&(net, vip)) else { return Vec::new() };
+        entry.learned.iter().filter_map(|(link, l)| Some((*link, l.proof.as_deref()?))).collect()
+    }
+
     /// The peer node of `link`.
     pub fn peer(&self, link: LinkId) -> Option<&str> {
         self.links.get(&link).map(String::as_str)
@@ -828,10 +834,14 @@ mod tests {
         c.tables[0].handle_local_attach(NET, vip(5), None, Some("me".into()), 100);
         c.settle();
         // The client joins n2 before n0 noticed it left: n0 hears who holds it there.
-        c.tables[2].handle_local_attach(NET, vip(5), None, Some("me".into()), 200);
+        c.tables[2].handle_local_attach(NET, vip(5), Some("proof".into()), Some("me".into()), 200);
         let outputs = c.settle();
         assert!(outputs.contains(&(0, RouteOutput::Superseded { net: NET, vip: vip(5), by: Some("me".into()) })));
         assert_eq!(c.path(1, vip(5)), names(&["n2"]));
+        // The proof travels with the route: each node can check it again later.
+        assert_eq!(c.tables[1].learned_proofs(NET, vip(5)), vec![(2, "proof")]);
+        assert_eq!(c.tables[0].learned_proofs(NET, vip(5)), vec![(1, "proof")]);
+        assert!(c.tables[2].learned_proofs(NET, vip(5)).is_empty(), "its own session's is not learned");
         assert_eq!(c.tables[0].best(NET, vip(5)), Some(Hop::Peer(1)));
         // n0's late detach changes nothing elsewhere.
         c.tables[0].handle_local_detach(NET, vip(5));
