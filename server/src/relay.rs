@@ -381,6 +381,8 @@ const NETWORK_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a cluster node checks whether its networks and invites changed (an
 /// operator command, or a peer's change taken in) and tells its peers.
 const CATALOG_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest a relay waits on shutdown for its sessions' and links' connections to drain.
+const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(2);
 /// How often changed counters are logged.
 const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -496,8 +498,13 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
     housekeeping.abort();
     node.allocator.do_send(SeenOnline { online: node.router.online() });
     node.allocator.do_send(FlushSeen);
+    // Sessions and links get their close, and a while to drain (quinn answers a peer
+    // whose close was lost): about three round trips. With none open, what is left are
+    // dials to peers that never answered, which would take seconds to drain for nothing.
+    let served = !node.router.online().is_empty() || !node.router.links().is_empty();
     endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"relay shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let drain = if served { DRAIN_ON_SHUTDOWN } else { Duration::from_millis(100) };
+    let _ = tokio::time::timeout(drain, endpoint.wait_idle()).await;
     System::current().stop();
 }
 
