@@ -60,6 +60,33 @@ async fn streams_cross_a_line_of_three_nodes() {
     assert_eq!(back, b"reply after half-close");
 }
 
+/// Members of other nodes are listed by their instance names (`overlan peers`, and
+/// `nc NAME PORT` resolves through the list), two hops away too.
+#[tokio::test]
+async fn members_of_other_nodes_are_known_by_name() {
+    let cluster = TestCluster::line().await;
+    let a = join_as(&cluster.invite(0), &identity(), "alice").await;
+    let carol = join_as(&cluster.invite(2), &identity(), "carol").await;
+    let unnamed = join(&cluster.invite(1)).await;
+    cluster.nodes[0].routed(carol.vip()).await;
+    cluster.nodes[0].routed(unnamed.vip()).await;
+    let peers = a.peers().await.unwrap();
+    let of = |vip| peers.iter().find(|p| p.vip == vip).unwrap_or_else(|| panic!("{vip} missing: {peers:?}"));
+    assert_eq!(of(carol.vip()).instance.as_deref(), Some("carol"));
+    assert!(of(carol.vip()).online);
+    assert_eq!(of(unnamed.vip()).instance.as_deref(), Some(""), "the unnamed instance");
+    assert!(!peers.iter().any(|p| p.vip == a.vip()), "not itself");
+    // The other way round, from the far end.
+    cluster.nodes[2].routed(a.vip()).await;
+    let peers = carol.peers().await.unwrap();
+    assert!(peers.iter().any(|p| p.vip == a.vip() && p.instance.as_deref() == Some("alice")), "{peers:?}");
+    // Gone from the list's names when it leaves (its route is withdrawn).
+    carol.close();
+    cluster.nodes[0].unrouted(carol.vip()).await;
+    let peers = a.peers().await.unwrap();
+    assert!(!peers.iter().any(|p| p.vip == carol.vip()), "{peers:?}");
+}
+
 #[tokio::test]
 async fn denied_and_unreachable_across_nodes() {
     let cluster = TestCluster::line().await;
@@ -335,6 +362,7 @@ async fn a_lying_peer_cannot_take_over_another_nodes_clients() {
             origin_slot: slot,
             proof: None,
             holder: None,
+            name: None,
         })
     };
     let lie = |origin: &str, slot: u8| lie_at(origin, slot, now_ms + 1000);
@@ -418,6 +446,7 @@ async fn a_route_whose_lease_was_released_is_withdrawn_and_refused() {
                 origin_slot: issued.slot,
                 proof: Some(proof.clone()),
                 holder: None,
+                name: None,
             })],
         }
     };
@@ -492,6 +521,7 @@ async fn a_peer_cannot_forge_sources_or_spoil_another_nodes_broadcasts() {
         origin_slot: issued.slot,
         proof: None,
         holder: None,
+        name: None,
     };
     send_peer(&mut send, &PeerMessage::Routes { updates: vec![RouteUpdate::Announce(announce)] }).await;
     assert_eq!(cluster.nodes[0].routed(own).await, "liar");

@@ -14,6 +14,7 @@ use overlan_shared::cluster::{in_slot, valid_node_name, verify_lease};
 use overlan_shared::route::{
     Announce, Dropped, Hop, LinkId, NetKey, RouteOutput, RouteTable, RouteUpdate, MAX_ROUTES_PER_LINK,
 };
+use overlan_shared::wire::control::valid_instance;
 use overlan_shared::wire::peer::{CatalogVoid, MAX_HOPS};
 
 use crate::counters::Reason;
@@ -143,6 +144,9 @@ impl ClusterActor {
         if a.path.len() > usize::from(MAX_HOPS) || !a.path.iter().all(|n| valid_node_name(n)) {
             return Err(format!("a path of {} nodes, or with a name no node can have", a.path.len()));
         }
+        if a.name.as_deref().is_some_and(|name| !valid_instance(name)) {
+            return Err("a holder's name no instance can have".into());
+        }
         // A slot belongs to one node: this node's own, and those of the peers whose
         // certificates it has seen, are known. (A roamed client's VIP lies outside its
         // origin's slot, but the origin still announces its own slot: a proof changes
@@ -259,7 +263,8 @@ impl Handler<LocalAttach> for ClusterActor {
     type Result = ();
     fn handle(&mut self, msg: LocalAttach, _ctx: &mut Self::Context) {
         self.attached.insert((msg.net, msg.vip), (msg.session, msg.holder.clone()));
-        self.table.handle_local_attach(msg.net, msg.vip, msg.proof, Some(msg.holder.digest()), Self::now_ms());
+        let (digest, name) = (msg.holder.digest(), msg.holder.instance.clone());
+        self.table.handle_local_attach(msg.net, msg.vip, msg.proof, Some(digest), Some(name), Self::now_ms());
         self.drive();
     }
 }
@@ -444,6 +449,18 @@ impl Handler<VoidsChanged> for ClusterActor {
             tracing::info!(routes = withdrawn, "routes whose lease was released withdrawn");
             self.drive();
         }
+    }
+}
+
+/// The instance names of the members of a network online on other nodes, by VIP.
+#[derive(Message)]
+#[rtype(result = "HashMap<Ipv4Addr, String>")]
+pub struct RemoteNames(pub NetKey);
+
+impl Handler<RemoteNames> for ClusterActor {
+    type Result = MessageResult<RemoteNames>;
+    fn handle(&mut self, msg: RemoteNames, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.table.names_in(msg.0).into_iter().map(|(vip, name)| (vip, name.to_owned())).collect())
     }
 }
 

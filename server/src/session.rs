@@ -24,7 +24,7 @@ use quinn::VarInt;
 use tokio_util::codec::FramedRead;
 
 use crate::allocator::{LeaseSeen, ListLeases, ReleaseLease};
-use crate::cluster::Holder;
+use crate::cluster::{Holder, RemoteNames};
 use crate::control::{ControlQueue, PushError};
 use crate::counters::Reason;
 use crate::datagram::{DatagramPath, Sender};
@@ -277,10 +277,19 @@ impl SessionActor {
     }
 
     /// Lists the other members: the network's leases (instance, last seen) with whether
-    /// each VIP is online anywhere in the cluster, plus online VIPs known only by route.
+    /// each VIP is online anywhere in the cluster, plus online VIPs known only by route
+    /// (members of other nodes, named as their routes name them).
     fn handle_peers(&mut self, ctx: &mut Context<Self>, req: u64) {
-        let query = self.node.allocator.send(ListLeases(self.network.name.clone()));
-        ctx.spawn(query.into_actor(self).map(move |leases, act, ctx| {
+        let leases = self.node.allocator.send(ListLeases(self.network.name.clone()));
+        let names = self.node.cluster_actor().map(|cluster| cluster.send(RemoteNames(self.net())));
+        let query = async move {
+            let names = match names {
+                Some(names) => names.await.unwrap_or_default(),
+                None => HashMap::new(),
+            };
+            (leases.await, names)
+        };
+        ctx.spawn(query.into_actor(self).map(move |(leases, mut names), act, ctx| {
             let Ok(Ok(leases)) = leases else {
                 return act.fail(ctx, req, ErrorCode::Internal, "relay database unavailable; try again".into());
             };
@@ -297,7 +306,7 @@ impl SessionActor {
                 .collect();
             for (vip, _) in online {
                 if vip != act.vip && !peers.iter().any(|p| p.vip == vip) {
-                    peers.push(PeerInfo { vip, instance: None, online: true, last_seen: None });
+                    peers.push(PeerInfo { vip, instance: names.remove(&vip), online: true, last_seen: None });
                 }
             }
             peers.sort_by_key(|p| p.vip);

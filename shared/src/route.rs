@@ -77,6 +77,10 @@ pub struct Announce {
     /// moved from another client that now holds the VIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
+    /// The holder's instance name, as members see it in `peers` and connect by it on
+    /// every node (empty for the unnamed instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Announce {
@@ -178,6 +182,7 @@ struct Told {
     origin_slot: u8,
     proof: Option<String>,
     holder: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +192,7 @@ struct Learned {
     origin_slot: u8,
     proof: Option<String>,
     holder: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -197,6 +203,8 @@ struct Entry {
     local_proof: Option<String>,
     /// Who holds the local VIP (a digest of identity and instance).
     local_holder: Option<String>,
+    /// The local holder's instance name.
+    local_name: Option<String>,
     /// What each link announced.
     learned: BTreeMap<LinkId, Learned>,
     best: Option<Hop>,
@@ -275,6 +283,18 @@ impl RouteTable {
         }
     }
 
+    /// The instance name of each VIP of `net` held on another node (by the best route).
+    pub fn names_in(&self, net: NetKey) -> Vec<(Ipv4Addr, &str)> {
+        self.entries
+            .iter()
+            .filter(|((n, _), _)| *n == net)
+            .filter_map(|((_, vip), e)| match e.best? {
+                Hop::Peer(link) => Some((*vip, e.learned.get(&link)?.name.as_deref()?)),
+                Hop::Local => None,
+            })
+            .collect()
+    }
+
     /// The lease proofs the links' routes toward `vip` came with, by link.
     pub fn learned_proofs(&self, net: NetKey, vip: Ipv4Addr) -> Vec<(LinkId, &str)> {
         let Some(entry) = self.entries.get(&(net, vip)) else { return Vec::new() };
@@ -287,15 +307,16 @@ impl RouteTable {
     }
 
     /// A session here took `vip` (`proof`: the lease proof of a VIP outside this node's
-    /// slot; `holder`: a digest of the client's identity and instance). `now_ms` is
-    /// wall-clock milliseconds; sequence numbers never go backwards even if the clock
-    /// does.
+    /// slot; `holder`: a digest of the client's identity and instance; `name`: its
+    /// instance name). `now_ms` is wall-clock milliseconds; sequence numbers never go
+    /// backwards even if the clock does.
     pub fn handle_local_attach(
         &mut self,
         net: NetKey,
         vip: Ipv4Addr,
         proof: Option<String>,
         holder: Option<String>,
+        name: Option<String>,
         now_ms: u64,
     ) {
         // Newer than anything announced for this VIP (a Lamport clock): a client that
@@ -308,6 +329,7 @@ impl RouteTable {
         entry.local = Some(seq);
         entry.local_proof = proof;
         entry.local_holder = holder;
+        entry.local_name = name;
         self.recompute(net, vip);
     }
 
@@ -333,6 +355,7 @@ impl RouteTable {
             entry.local = None;
             entry.local_proof = None;
             entry.local_holder = None;
+            entry.local_name = None;
             self.recompute(net, vip);
         }
     }
@@ -422,6 +445,7 @@ impl RouteTable {
                     origin_slot: a.origin_slot,
                     proof: a.proof.clone(),
                     holder: a.holder.clone(),
+                    name: a.name.clone(),
                 };
                 if entry.learned.insert(link, learned).is_none() {
                     *held += 1;
@@ -526,24 +550,25 @@ impl RouteTable {
     fn tell(&mut self, link: LinkId, net: NetKey, vip: Ipv4Addr) -> Option<RouteUpdate> {
         let peer = self.links.get(&link)?.clone();
         let entry = self.entries.get(&(net, vip))?;
-        let (seq, mut path, origin_slot, proof, holder) = match entry.best {
+        let (seq, mut path, origin_slot, proof, holder, name) = match entry.best {
             Some(Hop::Local) => (
                 entry.local.expect("a local best has a local seq"),
                 Vec::new(),
                 self.slot,
                 entry.local_proof.clone(),
                 entry.local_holder.clone(),
+                entry.local_name.clone(),
             ),
             Some(Hop::Peer(via)) => {
-                let learned = &entry.learned[&via];
-                (learned.seq, learned.path.clone(), learned.origin_slot, learned.proof.clone(), learned.holder.clone())
+                let l = &entry.learned[&via];
+                (l.seq, l.path.clone(), l.origin_slot, l.proof.clone(), l.holder.clone(), l.name.clone())
             }
-            None => (0, Vec::new(), 0, None, None),
+            None => (0, Vec::new(), 0, None, None, None),
         };
         let wanted = match entry.best {
             Some(_) if !path.contains(&peer) => {
                 path.push(self.me.clone());
-                Some(Told { seq, path, origin_slot, proof, holder })
+                Some(Told { seq, path, origin_slot, proof, holder, name })
             }
             _ => None,
         };
@@ -553,9 +578,9 @@ impl RouteTable {
                 if entry.told.get(&link) == Some(&told) {
                     return None;
                 }
-                let Told { seq, path, origin_slot, proof, holder } = told.clone();
+                let Told { seq, path, origin_slot, proof, holder, name } = told.clone();
                 entry.told.insert(link, told);
-                Some(RouteUpdate::Announce(Announce { net, vip, seq, path, origin_slot, proof, holder }))
+                Some(RouteUpdate::Announce(Announce { net, vip, seq, path, origin_slot, proof, holder, name }))
             }
             None => {
                 entry.told.remove(&link)?;
@@ -719,7 +744,7 @@ mod tests {
         let mut c = Cluster::new(3);
         c.connect(0, 1);
         c.connect(1, 2);
-        c.tables[2].handle_local_attach(NET, vip(3), None, None, 1);
+        c.tables[2].handle_local_attach(NET, vip(3), None, None, None, 1);
         c.settle();
         assert_eq!(c.path(0, vip(3)), names(&["n2", "n1"]));
         assert_eq!(c.tables[0].best(NET, vip(3)), Some(Hop::Peer(1)));
@@ -740,7 +765,7 @@ mod tests {
         c.connect(1, 2);
         c.connect(2, 3);
         c.connect(3, 0);
-        c.tables[0].handle_local_attach(NET, vip(1), None, None, 1);
+        c.tables[0].handle_local_attach(NET, vip(1), None, None, None, 1);
         let outputs = c.settle();
         let n2_links: Vec<LinkId> = c.links.iter().filter(|l| l.0 == 2 || l.2 == 2).map(|l| l.1).collect();
         assert_eq!(c.tables[2].sources(NET, vip(1)), Some(&Sources { links: n2_links, origin_slot: 0 }));
@@ -771,6 +796,7 @@ mod tests {
                 origin_slot: 1,
                 proof: None,
                 holder: None,
+                name: None,
             })
         };
         let dropped = table.handle_updates(1, (1..=5).map(announce));
@@ -789,8 +815,8 @@ mod tests {
     #[test]
     fn a_link_that_comes_up_later_gets_the_whole_table() {
         let mut c = Cluster::new(3);
-        c.tables[0].handle_local_attach(NET, vip(1), None, None, 1);
-        c.tables[2].handle_local_attach(NET, vip(3), None, None, 1);
+        c.tables[0].handle_local_attach(NET, vip(1), None, None, None, 1);
+        c.tables[2].handle_local_attach(NET, vip(3), None, None, None, 1);
         c.connect(0, 1);
         c.connect(1, 2);
         assert_eq!(c.path(0, vip(3)), names(&["n2", "n1"]));
@@ -803,7 +829,7 @@ mod tests {
         c.connect(0, 1);
         c.connect(1, 2);
         c.connect(0, 2);
-        c.tables[2].handle_local_attach(NET, vip(3), None, None, 1);
+        c.tables[2].handle_local_attach(NET, vip(3), None, None, None, 1);
         c.settle();
         assert_eq!(c.path(0, vip(3)), names(&["n2"]));
         c.cut(0, 2);
@@ -817,7 +843,7 @@ mod tests {
     fn changes_report_the_new_best_hop() {
         let mut c = Cluster::new(2);
         c.connect(0, 1);
-        c.tables[1].handle_local_attach(NET, vip(9), None, None, 1);
+        c.tables[1].handle_local_attach(NET, vip(9), None, None, None, 1);
         let outputs = c.settle();
         assert!(outputs.contains(&(0, RouteOutput::BestChanged { net: NET, vip: vip(9), best: Some(Hop::Peer(1)) })));
         assert!(outputs.contains(&(1, RouteOutput::BestChanged { net: NET, vip: vip(9), best: Some(Hop::Local) })));
@@ -831,10 +857,17 @@ mod tests {
         let mut c = Cluster::new(3);
         c.connect(0, 1);
         c.connect(1, 2);
-        c.tables[0].handle_local_attach(NET, vip(5), None, Some("me".into()), 100);
+        c.tables[0].handle_local_attach(NET, vip(5), None, Some("me".into()), None, 100);
         c.settle();
         // The client joins n2 before n0 noticed it left: n0 hears who holds it there.
-        c.tables[2].handle_local_attach(NET, vip(5), Some("proof".into()), Some("me".into()), 200);
+        c.tables[2].handle_local_attach(
+            NET,
+            vip(5),
+            Some("proof".into()),
+            Some("me".into()),
+            Some("carol".into()),
+            200,
+        );
         let outputs = c.settle();
         assert!(outputs.contains(&(0, RouteOutput::Superseded { net: NET, vip: vip(5), by: Some("me".into()) })));
         assert_eq!(c.path(1, vip(5)), names(&["n2"]));
@@ -842,6 +875,11 @@ mod tests {
         assert_eq!(c.tables[1].learned_proofs(NET, vip(5)), vec![(2, "proof")]);
         assert_eq!(c.tables[0].learned_proofs(NET, vip(5)), vec![(1, "proof")]);
         assert!(c.tables[2].learned_proofs(NET, vip(5)).is_empty(), "its own session's is not learned");
+        // So does the holder's name; n2's own member is not another node's.
+        assert_eq!(c.tables[0].names_in(NET), vec![(vip(5), "carol")]);
+        assert_eq!(c.tables[1].names_in(NET), vec![(vip(5), "carol")]);
+        assert!(c.tables[2].names_in(NET).is_empty());
+        assert!(c.tables[0].names_in(NetKey(8)).is_empty());
         assert_eq!(c.tables[0].best(NET, vip(5)), Some(Hop::Peer(1)));
         // n0's late detach changes nothing elsewhere.
         c.tables[0].handle_local_detach(NET, vip(5));
@@ -865,6 +903,7 @@ mod tests {
                 origin_slot: 1,
                 proof: None,
                 holder: None,
+                name: None,
             })
         };
         assert!(t.handle_updates(1, [announce(10, &["n1"])]).is_empty());
@@ -891,9 +930,10 @@ mod tests {
             origin_slot: 1,
             proof: None,
             holder: None,
+            name: None,
         });
         t.handle_updates(1, [ahead]);
-        t.handle_local_attach(NET, vip(4), None, None, 5);
+        t.handle_local_attach(NET, vip(4), None, None, None, 5);
         assert_eq!(t.best(NET, vip(4)), Some(Hop::Local));
         assert!(!std::iter::from_fn(|| t.poll_output()).any(|o| matches!(o, RouteOutput::Superseded { .. })));
     }
@@ -901,8 +941,8 @@ mod tests {
     #[test]
     fn sequence_numbers_never_go_backwards() {
         let mut t = RouteTable::new("n0", 0);
-        t.handle_local_attach(NET, vip(1), None, None, 500);
-        t.handle_local_attach(NET, vip(2), None, None, 10);
+        t.handle_local_attach(NET, vip(1), None, None, None, 500);
+        t.handle_local_attach(NET, vip(2), None, None, None, 10);
         t.handle_link_up(1, "n1");
         let Some(RouteOutput::Send { updates, .. }) =
             std::iter::from_fn(|| t.poll_output()).find(|o| matches!(o, RouteOutput::Send { .. }))
@@ -931,6 +971,7 @@ mod tests {
                 origin_slot: 1,
                 proof: None,
                 holder: None,
+                name: None,
             })
         };
         assert_eq!(t.handle_updates(1, [announce(&["n1"])])[0].1, Dropped::UnknownLink);
@@ -947,7 +988,7 @@ mod tests {
     fn networks_are_kept_apart() {
         let mut c = Cluster::new(2);
         c.connect(0, 1);
-        c.tables[1].handle_local_attach(NetKey::of("a"), vip(1), None, None, 1);
+        c.tables[1].handle_local_attach(NetKey::of("a"), vip(1), None, None, None, 1);
         c.settle();
         assert_eq!(c.tables[0].best(NetKey::of("b"), vip(1)), None);
         assert!(c.tables[0].best(NetKey::of("a"), vip(1)).is_some());

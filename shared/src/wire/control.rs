@@ -119,8 +119,8 @@ pub enum ClientMessage {
 pub struct PeerInfo {
     /// Its VIP.
     pub vip: Ipv4Addr,
-    /// Its instance name (empty for the unnamed instance; `None` if only a route to it
-    /// is known here: a member of another node of a cluster).
+    /// Its instance name (empty for the unnamed instance; `None` if the relay does not
+    /// know it: a member of another node of a cluster whose route did not name it).
     pub instance: Option<String>,
     /// Online now (its session, here or on another node, holds the VIP).
     pub online: bool,
