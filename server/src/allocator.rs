@@ -20,7 +20,7 @@ use overlan_shared::config::Secret;
 use overlan_shared::pool::VipPool;
 use overlan_shared::route::NetKey;
 use overlan_shared::tls::Fingerprint;
-use overlan_shared::wire::peer::Catalog;
+use overlan_shared::wire::peer::{Catalog, CatalogVoid};
 use overlan_shared::Subnet;
 
 use crate::counters::{Counters, Reason};
@@ -420,7 +420,9 @@ impl Handler<GetCatalog> for VipAllocatorActor {
 }
 
 /// The catalog, if it changed since it was last returned (an operator command or a
-/// merge changed the database).
+/// merge changed the database): networks, invites and removals whole, and of the
+/// releases only those new since (a network of 65,536 VIPs can hold as many; a link
+/// that comes up gets them all, [`GetCatalog`]).
 #[derive(Message)]
 #[rtype(result = "Option<Catalog>")]
 pub struct CatalogIfChanged;
@@ -436,11 +438,19 @@ impl Handler<CatalogIfChanged> for VipAllocatorActor {
         state.data_version = version;
         state.dirty = false;
         let catalog = self.store.catalog().map_err(|e| tracing::warn!(error = %e, "cannot read the catalog")).ok()?;
-        if state.sent.as_ref() == Some(&catalog) {
-            return None;
-        }
-        state.sent = Some(catalog.clone());
-        Some(catalog)
+        let news = match &state.sent {
+            Some(sent) if *sent == catalog => return None,
+            Some(sent) => {
+                let known: HashSet<&CatalogVoid> = sent.voided.iter().collect();
+                Catalog {
+                    voided: catalog.voided.iter().filter(|v| !known.contains(v)).cloned().collect(),
+                    ..catalog.clone()
+                }
+            }
+            None => catalog.clone(),
+        };
+        state.sent = Some(catalog);
+        Some(news)
     }
 }
 
@@ -600,6 +610,51 @@ mod tests {
             assert_eq!(allocator.send(admit("a")).await.unwrap().unwrap().vip, vips[0]);
             let newcomer = allocator.send(admit("f")).await.unwrap().unwrap();
             assert!(newcomer.new_lease && vips[1..].contains(&newcomer.vip));
+        });
+    }
+
+    /// Catalogs sent on a change carry only the releases new since the last one; a link
+    /// that comes up gets them all.
+    #[test]
+    fn a_changed_catalog_carries_only_new_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            store.ensure_default_network("10.9.0.0/24".parse().unwrap()).unwrap();
+            store.add_invite(DEFAULT_NETWORK, "tok", "issued", None, None).unwrap();
+        }
+        let system = actix::System::new();
+        system.block_on(async {
+            let dir_path = dir.path().to_path_buf();
+            let allocator = SyncArbiter::start(1, move || {
+                VipAllocatorActor::open(&dir_path, 16, None, Arc::new(Counters::default())).unwrap()
+            });
+            let mut vips = Vec::new();
+            for name in ["a", "b", "c"] {
+                let admit = AllocateVip {
+                    token: Secret::new("tok"),
+                    identity: Fingerprint::of(name.as_bytes()),
+                    legacy: Fingerprint::of(b"none"),
+                    instance: String::new(),
+                    lease: None,
+                    network: None,
+                    existing_only: false,
+                };
+                vips.push(allocator.send(admit).await.unwrap().unwrap().vip);
+            }
+            let release = |vip| ReleaseLease { network: DEFAULT_NETWORK.into(), vip };
+            let released = |c: &Catalog| c.voided.iter().map(|v| v.vip).collect::<Vec<_>>();
+            allocator.send(release(vips[0])).await.unwrap().unwrap();
+            let first = allocator.send(CatalogIfChanged).await.unwrap().expect("the first catalog");
+            assert_eq!(released(&first), [vips[0]]);
+            assert!(allocator.send(CatalogIfChanged).await.unwrap().is_none(), "nothing changed");
+            allocator.send(release(vips[1])).await.unwrap().unwrap();
+            allocator.send(release(vips[2])).await.unwrap().unwrap();
+            let next = allocator.send(CatalogIfChanged).await.unwrap().expect("a release changes it");
+            assert_eq!(released(&next), [vips[1], vips[2]], "only the new releases");
+            assert_eq!(next.networks, first.networks, "networks whole every time");
+            let all = allocator.send(GetCatalog).await.unwrap().unwrap();
+            assert_eq!(released(&all), vips, "a new link gets every release");
         });
     }
 }

@@ -40,6 +40,8 @@ use crate::router::{PeerLink, Route, Router};
 /// Largest control frame on a link (a full route table goes in pieces of
 /// [`ROUTES_PER_FRAME`]).
 const MAX_LINK_FRAME: usize = 16 << 20;
+/// Most lease releases of a peer's catalogs held while an earlier catalog is recorded.
+const MAX_WAITING_VOIDS: usize = 1 << 20;
 /// Route updates per `Routes` frame.
 const ROUTES_PER_FRAME: usize = 1000;
 /// How long a new link has to exchange hellos.
@@ -277,15 +279,22 @@ impl PeerLinkActor {
                     pair.do_send(PartyGone { session: self.id });
                 }
             }
-            // Catalogs are whole snapshots: while one is being merged, only the latest
-            // that came meanwhile waits (the allocator's queue holds one per link, and
-            // reading the link never waits for its disk).
+            // Networks, invites and removals come whole in every catalog; releases only
+            // when new (all of them when the link comes up). While one catalog is being
+            // merged, what came meanwhile waits as one: the latest networks and invites,
+            // and every release (the allocator's queue holds one per link, and reading
+            // the link never waits for its disk).
             PeerMessage::Catalog(catalog) => {
-                if self.catalog_merging {
-                    self.catalog_next = Some(catalog);
-                } else {
+                if !self.catalog_merging {
                     self.merge_catalog(ctx, catalog);
+                    return;
                 }
+                let (next, dropped) = queue_catalog(self.catalog_next.take(), catalog, MAX_WAITING_VOIDS);
+                if dropped {
+                    // A peer outpacing this node's disk: these come again when the link does.
+                    tracing::warn!(peer = %self.peer.name, "too many lease releases waiting to be recorded; dropping some");
+                }
+                self.catalog_next = Some(next);
             }
             PeerMessage::Ping { nonce } => self.send(ctx, &PeerMessage::Pong { nonce }),
             PeerMessage::Pong { nonce } => {
@@ -939,4 +948,52 @@ async fn connect(
     let (tx, rx) = oneshot::channel();
     start_link(conn, node.clone(), peer, control, Some(tx));
     Ok(rx)
+}
+
+/// A peer's `catalog` that came while an earlier one is being recorded, joined to
+/// `waiting` (what came before it meanwhile): its networks, invites and removals (whole in
+/// every catalog) replace those waiting; its releases join them, up to `max` (returns
+/// whether some were dropped).
+fn queue_catalog(waiting: Option<Catalog>, catalog: Catalog, max: usize) -> (Catalog, bool) {
+    let Catalog { networks, invites, removed, voided: more } = catalog;
+    let mut voided = waiting.map(|c| c.voided).unwrap_or_default();
+    let dropped = voided.len() + more.len() > max;
+    if !dropped {
+        voided.extend(more);
+    }
+    (Catalog { networks, invites, removed, voided }, dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use overlan_shared::wire::peer::CatalogVoid;
+
+    fn catalog(label: &str, vips: &[u8]) -> Catalog {
+        Catalog {
+            networks: Vec::new(),
+            invites: Vec::new(),
+            removed: vec![overlan_shared::wire::peer::CatalogRemoval { name: label.into(), removed_at: 1 }],
+            voided: vips
+                .iter()
+                .map(|v| CatalogVoid { network: "default".into(), vip: [10, 77, 0, *v].into(), before: 5 })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn catalogs_waiting_keep_every_release_and_the_latest_rest() {
+        let (first, dropped) = queue_catalog(None, catalog("a", &[1]), 10);
+        assert!(!dropped);
+        let (next, dropped) = queue_catalog(Some(first), catalog("b", &[2, 3]), 10);
+        assert!(!dropped);
+        assert_eq!(next.removed[0].name, "b", "the latest networks and invites");
+        let vips: Vec<u8> = next.voided.iter().map(|v| v.vip.octets()[3]).collect();
+        assert_eq!(vips, [1, 2, 3], "no release lost");
+        // Past the bound, what came last is dropped (the link's next start sends it all).
+        let (full, dropped) = queue_catalog(Some(next), catalog("c", &[4, 5, 6, 7, 8, 9, 10, 11]), 10);
+        assert!(dropped);
+        assert_eq!(full.voided.len(), 3);
+        assert_eq!(full.removed[0].name, "c");
+    }
 }

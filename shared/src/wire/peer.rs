@@ -103,14 +103,15 @@ pub struct Catalog {
     #[serde(default)]
     pub removed: Vec<CatalogRemoval>,
     /// Leases released (given back, released by the operator, expired): proofs of them
-    /// issued before the release no longer keep the VIP on any node.
+    /// issued before the release no longer keep the VIP on any node. All of them when a
+    /// link comes up; after that only those new since the sender's last catalog.
     #[serde(default)]
     pub voided: Vec<CatalogVoid>,
 }
 
 /// A released lease in a [`Catalog`]: proofs for `vip` in `network` issued before
 /// `before` are void.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CatalogVoid {
     /// Network name.
     pub network: String,
