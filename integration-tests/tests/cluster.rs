@@ -316,6 +316,16 @@ async fn rogue_peer(
     name: &str,
     creds: overlan_shared::cluster::NodeCredentials,
 ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    rogue_process(cluster, name, creds, 7).await
+}
+
+/// A rogue peer whose hello says it is process `incarnation` of node `name`.
+async fn rogue_process(
+    cluster: &TestCluster,
+    name: &str,
+    creds: overlan_shared::cluster::NodeCredentials,
+    incarnation: u64,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     use overlan_shared::wire::frame::FrameCodec;
     use overlan_shared::wire::peer::{PeerMessage, PEER_PROTOCOL_VERSION};
     let conn = rogue_connect(cluster, creds).await;
@@ -323,10 +333,7 @@ async fn rogue_peer(
     let codec = FrameCodec::<PeerMessage, PeerMessage>::new(1 << 20);
     let mut buf = bytes::BytesMut::new();
     codec
-        .encode_into(
-            &PeerMessage::Hello { protocol: PEER_PROTOCOL_VERSION, node: name.into(), incarnation: 7 },
-            &mut buf,
-        )
+        .encode_into(&PeerMessage::Hello { protocol: PEER_PROTOCOL_VERSION, node: name.into(), incarnation }, &mut buf)
         .unwrap();
     send.write_all(&buf).await.unwrap();
     (conn, send, recv)
@@ -666,6 +673,71 @@ async fn a_node_run_twice_is_refused_while_the_first_runs() {
     })
     .await
     .expect("the twin links once the first n1 has stopped");
+}
+
+/// Two processes with one node's credentials that say hello at the same moment: one
+/// is linked, the other refused. The node's old link is silent (it restarted), so each
+/// hello waits on the probe of that link: without a claim on the name while a hello is
+/// checked, both would pass.
+#[tokio::test]
+async fn two_processes_of_a_node_saying_hello_at_once_get_one_link() {
+    use futures_util::StreamExt;
+    use overlan_shared::wire::frame::FrameCodec;
+    use overlan_shared::wire::peer::PeerMessage;
+    let cluster = TestCluster::start(1, &[]).await;
+    let dir = overlan_shared::cluster::ClusterDir::new(cluster.dir());
+    dir.issue("twin").unwrap();
+    let creds = dir.load_node("twin").unwrap();
+    for round in 0..3u64 {
+        // An earlier process, linked, that no longer answers.
+        let (old, _old_send, _old_recv) = rogue_process(&cluster, "twin", creds.clone(), 100 + round).await;
+        within("the old process linked", async {
+            while cluster.nodes[0].handle().peer_links().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let ((c1, s1, r1), (c2, s2, r2)) = tokio::join!(
+            rogue_process(&cluster, "twin", creds.clone(), 2 * round + 1),
+            rogue_process(&cluster, "twin", creds.clone(), 2 * round + 2)
+        );
+        // The node answers a hello only when it takes the link; a process taken answers
+        // the node's pings from then on, as a live node does.
+        let live = |mut send: quinn::SendStream, recv: quinn::RecvStream| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let codec = FrameCodec::<PeerMessage, PeerMessage>::new(1 << 20);
+                let mut framed = tokio_util::codec::FramedRead::new(recv, codec.clone());
+                let taken = matches!(framed.next().await, Some(Ok(PeerMessage::Hello { .. })));
+                let _ = tx.send(taken);
+                while let Some(Ok(msg)) = framed.next().await {
+                    if let PeerMessage::Ping { nonce } = msg {
+                        let mut buf = bytes::BytesMut::new();
+                        codec.encode_into(&PeerMessage::Pong { nonce }, &mut buf).unwrap();
+                        if send.write_all(&buf).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            rx
+        };
+        let (t1, t2) = (live(s1, r1), live(s2, r2));
+        let taken1 = within("the hello answered or refused", t1).await.unwrap_or(false);
+        let taken2 = within("the hello answered or refused", t2).await.unwrap_or(false);
+        assert!(taken1 != taken2, "round {round}: exactly one process linked (taken: {taken1}, {taken2})");
+        assert_eq!(cluster.nodes[0].handle().peer_links(), vec!["twin".to_owned()]);
+        // Both go; the next round starts with no link.
+        c1.close(0u32.into(), b"");
+        c2.close(0u32.into(), b"");
+        old.close(0u32.into(), b"");
+        within("the link gone", async {
+            while !cluster.nodes[0].handle().peer_links().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
 }
 
 /// A node that restarted while its old link still looks up (no close reached the peer):

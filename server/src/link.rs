@@ -120,6 +120,8 @@ pub struct PeerLinkActor {
     peer: NodeInfo,
     /// The peer process's number from its hello.
     incarnation: u64,
+    /// The claim on the peer's name until the link is in the router.
+    claim: Option<LinkClaim>,
     /// Pings sent for [`Probe`]s, by nonce, with whom to tell of the pong.
     probes: Vec<(u64, oneshot::Sender<()>)>,
     conn: quinn::Connection,
@@ -320,6 +322,7 @@ impl Actor for PeerLinkActor {
         };
         self.me = Some(link.clone());
         self.node.router.add_link(link);
+        self.claim = None;
         tracing::info!(peer = %self.peer.name, slot = self.peer.slot, addr = %self.conn.remote_address(), link = self.id, "peer link up");
         if let Some(cluster) = self.node.cluster_actor() {
             cluster.do_send(LinkUp {
@@ -708,8 +711,9 @@ fn verified_peer(conn: &quinn::Connection, node: &Node) -> Result<NodeInfo, Stri
     Ok(info)
 }
 
-/// A new link's control stream, and the peer process's number from its hello.
-type Hello = (quinn::SendStream, FramedRead<quinn::RecvStream, LinkCodec>, u64);
+/// A new link's control stream, the peer process's number from its hello, and its claim
+/// on the peer's name until the link is up.
+type Hello = (quinn::SendStream, FramedRead<quinn::RecvStream, LinkCodec>, u64, LinkClaim);
 
 /// Exchanges hellos on a new link's control stream. The dialer opens the stream and
 /// speaks first; the accepting node answers only once it takes the link (see
@@ -747,11 +751,11 @@ async fn hello(conn: &quinn::Connection, node: &Node, peer: &NodeInfo, dialer: b
             Some(Err(e)) => return Err(e.to_string()),
             None => return Err("control stream closed before hello".to_owned()),
         };
-        one_process(node, &peer.name, incarnation).await?;
+        let claim = one_process(node, &peer.name, incarnation).await?;
         if !dialer {
             send.write_all(&buf).await.map_err(|e| format!("sending hello: {e}"))?;
         }
-        Ok((send, framed, incarnation))
+        Ok((send, framed, incarnation, claim))
     };
     tokio::time::timeout(HELLO_TIMEOUT, exchange).await.map_err(|_| "no hello in time".to_owned())?
 }
@@ -767,12 +771,57 @@ fn refusal(conn: &quinn::Connection) -> String {
     }
 }
 
+/// The peer processes whose links are being set up, by node name and process: a claim
+/// lasts from a hello's check ([`one_process`]) until the link is in the router, so two
+/// processes of one node that say hello at the same moment cannot both pass the check.
+#[derive(Default)]
+pub struct LinkClaims(Arc<std::sync::Mutex<HashMap<String, (u64, usize)>>>);
+
+impl LinkClaims {
+    /// Claims `name` for its process `incarnation`; refused while another process of
+    /// it holds a claim.
+    fn claim(&self, name: &str, incarnation: u64) -> Result<LinkClaim, ()> {
+        let mut claims = self.0.lock().expect("link claims lock");
+        let entry = claims.entry(name.to_owned()).or_insert((incarnation, 0));
+        if entry.0 != incarnation {
+            return Err(());
+        }
+        entry.1 += 1;
+        Ok(LinkClaim { claims: self.0.clone(), name: name.to_owned() })
+    }
+}
+
+/// One link's claim on its peer's name; given up when dropped.
+pub struct LinkClaim {
+    claims: Arc<std::sync::Mutex<HashMap<String, (u64, usize)>>>,
+    name: String,
+}
+
+impl Drop for LinkClaim {
+    fn drop(&mut self) {
+        let mut claims = self.claims.lock().expect("link claims lock");
+        if let Some(entry) = claims.get_mut(&self.name) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                claims.remove(&self.name);
+            }
+        }
+    }
+}
+
 /// Whether a link from `name`'s process `incarnation` may be taken. A node's links all
 /// come from one process: while a link from another process of `name` answers pings,
-/// the new one is refused (the node's credentials run twice, which would mix two
-/// nodes' routes under one name); a link of an earlier process that is silent (the
-/// node restarted, and its old link has not timed out yet) is closed.
-async fn one_process(node: &Node, name: &str, incarnation: u64) -> Result<(), String> {
+/// or is being set up, the new one is refused (the node's credentials run twice, which
+/// would mix two nodes' routes under one name); a link of an earlier process that is
+/// silent (the node restarted, and its old link has not timed out yet) is closed. The
+/// claim returned lasts until the link is up.
+async fn one_process(node: &Node, name: &str, incarnation: u64) -> Result<LinkClaim, String> {
+    let twice = |from: String| {
+        format!(
+            "node {name} is linked already from {from} by another process: do two relays run with {name}'s credentials? Issue each node its own (`overlan-server ca issue NODE`)"
+        )
+    };
+    let claim = node.link_claims.claim(name, incarnation).map_err(|()| twice("elsewhere at this moment".into()))?;
     let others: Vec<PeerLink> =
         node.router.links().into_iter().filter(|l| *l.node == *name && l.incarnation != incarnation).collect();
     // All at once: a hello waits one probe's time at most.
@@ -784,22 +833,19 @@ async fn one_process(node: &Node, name: &str, incarnation: u64) -> Result<(), St
     let answers = futures_util::future::join_all(probes).await;
     for (other, answered) in others.iter().zip(answers) {
         if answered {
-            return Err(format!(
-                "node {name} is linked already from {} by another process: do two relays run with {name}'s credentials? Issue each node its own (`overlan-server ca issue NODE`)",
-                other.conn.remote_address()
-            ));
+            return Err(twice(other.conn.remote_address().to_string()));
         }
         tracing::info!(peer = %name, addr = %other.conn.remote_address(), link = other.id, "closing the silent link of an earlier process of this peer (it restarted)");
         other.conn.close(VarInt::from_u32(close_code::NORMAL), b"the node linked again from a new process");
     }
-    Ok(())
+    Ok(claim)
 }
 
 fn start_link(
     conn: quinn::Connection,
     node: Arc<Node>,
     peer: NodeInfo,
-    (send, recv, incarnation): Hello,
+    (send, recv, incarnation, claim): Hello,
     ended: Option<oneshot::Sender<()>>,
 ) {
     let id = node.router.next_session_id();
@@ -807,6 +853,7 @@ fn start_link(
         id,
         peer,
         incarnation,
+        claim: Some(claim),
         probes: Vec::new(),
         conn,
         codec: LinkCodec::new(MAX_LINK_FRAME),
@@ -979,6 +1026,19 @@ mod tests {
                 .map(|v| CatalogVoid { network: "default".into(), vip: [10, 77, 0, *v].into(), before: 5 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn one_process_of_a_node_claims_its_name_at_a_time() {
+        let claims = LinkClaims::default();
+        let first = claims.claim("n1", 7).unwrap();
+        assert!(claims.claim("n1", 8).is_err(), "another process of n1");
+        let again = claims.claim("n1", 7).expect("a second link of the same process");
+        assert!(claims.claim("n2", 8).is_ok(), "another node");
+        drop(first);
+        assert!(claims.claim("n1", 8).is_err(), "still claimed by the second link");
+        drop(again);
+        assert!(claims.claim("n1", 8).is_ok(), "given up with the last link");
     }
 
     #[test]

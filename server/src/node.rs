@@ -52,6 +52,8 @@ pub struct Node {
     pub stopping: tokio_util::sync::CancellationToken,
     /// Refusals logged as warnings lately, by peer and reason ([`Node::warn_once`]).
     warned: Mutex<HashMap<String, std::time::Instant>>,
+    /// Peer processes whose links are being set up.
+    pub link_claims: crate::link::LinkClaims,
 }
 
 impl Node {
@@ -80,6 +82,7 @@ impl Node {
             dedup: Mutex::new(BroadcastDedup::default()),
             stopping: tokio_util::sync::CancellationToken::new(),
             warned: Mutex::new(HashMap::new()),
+            link_claims: Default::default(),
         }
     }
 
