@@ -40,6 +40,9 @@ use crate::router::{PeerLink, Route, Router};
 /// Largest control frame on a link (a full route table goes in pieces of
 /// [`ROUTES_PER_FRAME`]).
 const MAX_LINK_FRAME: usize = 16 << 20;
+/// Most lease releases in one catalog frame (about 4 MiB; a catalog with more goes in
+/// several frames, each merged as it comes).
+const VOIDS_PER_FRAME: usize = 50_000;
 /// Most lease releases of a peer's catalogs held while an earlier catalog is recorded.
 const MAX_WAITING_VOIDS: usize = 1 << 20;
 /// Route updates per `Routes` frame.
@@ -163,6 +166,13 @@ impl PeerLinkActor {
         if self.control.push(buf.freeze()).is_err() {
             tracing::warn!(peer = %self.peer.name, "peer link control queue full or closed; dropping the link");
             ctx.stop();
+        }
+    }
+
+    /// Sends `catalog`, its releases in frames of at most [`VOIDS_PER_FRAME`].
+    fn send_catalog(&mut self, ctx: &mut Context<Self>, catalog: Catalog) {
+        for frame in catalog_frames(catalog, VOIDS_PER_FRAME) {
+            self.send(ctx, &PeerMessage::Catalog(frame));
         }
     }
 
@@ -338,7 +348,7 @@ impl Actor for PeerLinkActor {
         // The peer gets this node's networks and invites at once, then changes as they
         // happen.
         let catalog = self.node.allocator.send(GetCatalog).into_actor(self).map(|got, act, ctx| match got {
-            Ok(Ok(catalog)) => act.send(ctx, &PeerMessage::Catalog(catalog)),
+            Ok(Ok(catalog)) => act.send_catalog(ctx, catalog),
             _ => tracing::warn!(peer = %act.peer.name, "cannot read the catalog for a new link"),
         });
         ctx.spawn(catalog);
@@ -403,7 +413,7 @@ pub struct SendCatalog(pub Catalog);
 impl Handler<SendCatalog> for PeerLinkActor {
     type Result = ();
     fn handle(&mut self, msg: SendCatalog, ctx: &mut Self::Context) {
-        self.send(ctx, &PeerMessage::Catalog(msg.0));
+        self.send_catalog(ctx, msg.0);
     }
 }
 
@@ -997,6 +1007,18 @@ async fn connect(
     Ok(rx)
 }
 
+/// `catalog` as frames: the first with its networks, invites and removals, each with at
+/// most `per_frame` of its releases (merging is additive, so a release may come in any
+/// frame).
+fn catalog_frames(catalog: Catalog, per_frame: usize) -> Vec<Catalog> {
+    let Catalog { networks, invites, removed, voided } = catalog;
+    let mut chunks = voided.chunks(per_frame.max(1)).map(<[_]>::to_vec);
+    let first = Catalog { networks, invites, removed, voided: chunks.next().unwrap_or_default() };
+    std::iter::once(first)
+        .chain(chunks.map(|voided| Catalog { networks: Vec::new(), invites: Vec::new(), removed: Vec::new(), voided }))
+        .collect()
+}
+
 /// A peer's `catalog` that came while an earlier one is being recorded, joined to
 /// `waiting` (what came before it meanwhile): its networks, invites and removals (whole in
 /// every catalog) replace those waiting; its releases join them, up to `max` (returns
@@ -1026,6 +1048,29 @@ mod tests {
                 .map(|v| CatalogVoid { network: "default".into(), vip: [10, 77, 0, *v].into(), before: 5 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_large_catalog_goes_in_frames_that_each_fit() {
+        let frames = catalog_frames(catalog("a", &[1, 2, 3, 4, 5]), 2);
+        let sizes: Vec<usize> = frames.iter().map(|f| f.voided.len()).collect();
+        assert_eq!(sizes, [2, 2, 1]);
+        assert_eq!(frames[0].removed.len(), 1, "the rest goes in the first");
+        assert!(frames[1..].iter().all(|f| f.removed.is_empty() && f.networks.is_empty()));
+        let vips: Vec<u8> = frames.iter().flat_map(|f| f.voided.iter().map(|v| v.vip.octets()[3])).collect();
+        assert_eq!(vips, [1, 2, 3, 4, 5]);
+        assert_eq!(catalog_frames(catalog("a", &[]), 2).len(), 1, "a catalog without releases is one frame");
+        // The most releases one frame carries encode within the frame limit (with network
+        // names twice the longest allowed, and the widest times).
+        let many: Vec<u8> = (0..=255).collect();
+        let mut big = catalog("a", &many);
+        big.voided = big.voided.iter().cycle().take(VOIDS_PER_FRAME).cloned().collect();
+        for v in &mut big.voided {
+            v.network = "x".repeat(64);
+            v.before = i64::MAX;
+        }
+        let mut buf = BytesMut::new();
+        LinkCodec::new(MAX_LINK_FRAME).encode_into(&PeerMessage::Catalog(big), &mut buf).expect("fits one frame");
     }
 
     #[test]
