@@ -156,20 +156,51 @@ impl Node {
     /// per [`REFUSAL_LOG_INTERVAL`], so a refused peer that keeps retrying makes one
     /// line, not one per try (the rest go to debug).
     pub fn warn_once(&self, key: String) -> bool {
-        let now = std::time::Instant::now();
         let mut warned = self.warned.lock().expect("warned lock");
-        if warned.len() > 1024 {
-            warned.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_INTERVAL);
-        }
-        match warned.get(&key) {
-            Some(at) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => false,
-            _ => {
-                warned.insert(key, now);
-                true
-            }
+        quiet_since(&mut warned, key, std::time::Instant::now())
+    }
+}
+
+/// Whether `key` is to be logged at `now`: not if it was within the last
+/// [`REFUSAL_LOG_INTERVAL`] (`warned`: when each key was last logged; more than 1,024
+/// keys and those logged longer ago are forgotten).
+fn quiet_since(warned: &mut HashMap<String, std::time::Instant>, key: String, now: std::time::Instant) -> bool {
+    if warned.len() > 1024 {
+        warned.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_INTERVAL);
+    }
+    match warned.get(&key) {
+        Some(at) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => false,
+        _ => {
+            warned.insert(key, now);
+            true
         }
     }
 }
 
 /// How long a refusal logged as a warning stays quiet for the same peer and reason.
 const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_refusal_is_warned_of_once_per_interval_per_peer_and_reason() {
+        let mut warned = HashMap::new();
+        let start = Instant::now();
+        assert!(quiet_since(&mut warned, "n9 foreign".into(), start));
+        assert!(!quiet_since(&mut warned, "n9 foreign".into(), start + Duration::from_secs(1)), "retries are quiet");
+        assert!(quiet_since(&mut warned, "n8 foreign".into(), start + Duration::from_secs(1)), "another peer");
+        assert!(quiet_since(&mut warned, "n9 twice".into(), start + Duration::from_secs(1)), "another reason");
+        assert!(!quiet_since(&mut warned, "n9 foreign".into(), start + REFUSAL_LOG_INTERVAL - Duration::from_secs(1)));
+        assert!(quiet_since(&mut warned, "n9 foreign".into(), start + REFUSAL_LOG_INTERVAL), "said again after it");
+        // Many peers: the old entries go, the map stays small.
+        let later = start + 3 * REFUSAL_LOG_INTERVAL;
+        for i in 0..2000 {
+            quiet_since(&mut warned, format!("peer{i}"), later);
+        }
+        quiet_since(&mut warned, "one more".into(), later + REFUSAL_LOG_INTERVAL);
+        assert!(warned.len() <= 1025, "{}", warned.len());
+    }
+}
