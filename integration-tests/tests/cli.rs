@@ -137,7 +137,17 @@ async fn server_prints_its_address_fingerprint_and_invite_and_clients_join() {
     let (code, _) = relay.wait().await;
     assert_eq!(code, 0);
 
-    // `info` prints the same fingerprint and default invite without running the relay.
+    // `info` prints the relay's three lines without running it: the addresses it last
+    // ran with (not the configured default listen address beside them).
+    let (code, out, err) = output({
+        let mut cmd = server_cmd(&dir.path().join("data"));
+        cmd.arg("info");
+        cmd
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("{listen}\n{fingerprint}\n{invite_line}\n"));
+    // With --public-addr, the invite names it, and the listen line is the configured one.
     let (code, out, err) = output({
         let mut cmd = server_cmd(&dir.path().join("data"));
         cmd.args(["--public-addr", &invite.relay, "info"]);
@@ -145,6 +155,7 @@ async fn server_prints_its_address_fingerprint_and_invite_and_clients_join() {
     })
     .await;
     assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("listen 0.0.0.0:7700\n"), "{out}");
     assert!(out.contains(&format!("fingerprint {fp}\n")), "{out}");
     assert!(out.contains(&format!("invite {uri}\n")), "{out}");
 }

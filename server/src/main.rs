@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use overlan_server::config::{ClusterFileConfig, FileConfig, RelayConfig};
-use overlan_server::relay::{open_store, operator_invite_addr, RelayState};
+use overlan_server::relay::{open_store, operator_invite_addr, operator_listen_addr, RelayState};
 use overlan_server::store::unix_now;
 use overlan_server::RelayHandle;
 use overlan_shared::cluster::ClusterDir;
@@ -348,7 +348,7 @@ fn run_relay(config: RelayConfig) -> anyhow::Result<()> {
 
 fn info(config: &RelayConfig) -> anyhow::Result<()> {
     let state = RelayState::open(config)?;
-    println!("listen {}", config.listen);
+    println!("listen {}", operator_listen_addr(config));
     println!("fingerprint {}", state.pin());
     match state.default_invite(operator_invite_addr(config)) {
         Some(invite) => println!("invite {invite}"),

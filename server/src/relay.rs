@@ -42,22 +42,37 @@ use crate::session::{NetworkRemoved, SessionActor, SessionParts};
 use crate::store::{DataDirLock, Store, DEFAULT_NETWORK};
 
 /// File in the data directory holding the address the running (or last) relay put into
-/// its invites, for the operator commands that print invites beside it.
+/// its invites, for the operator commands that print invites beside it, and on a second
+/// line the address it listened on.
 pub const INVITE_ADDR_FILE: &str = "invite-addr";
+
+/// What the relay on this data directory last ran with: the address in its invites and
+/// the one it listened on (`None` for a relay before it recorded that).
+fn last_run(config: &RelayConfig) -> Option<(String, Option<String>)> {
+    let text = std::fs::read_to_string(config.data_dir.join(INVITE_ADDR_FILE)).ok()?;
+    let mut lines = text.lines().map(str::trim);
+    let invite = lines.next().filter(|l| !l.is_empty())?.to_owned();
+    Some((invite, lines.next().filter(|l| !l.is_empty()).map(str::to_owned)))
+}
 
 /// The address to put into invites made by an operator command: `public_addr` if set,
 /// else the address the relay on this data directory last ran with, else one derived
 /// from the configured listen address.
 pub fn operator_invite_addr(config: &RelayConfig) -> String {
-    if config.public_addr.is_none() {
-        if let Ok(text) = std::fs::read_to_string(config.data_dir.join(INVITE_ADDR_FILE)) {
-            let text = text.trim();
-            if !text.is_empty() {
-                return text.to_owned();
-            }
-        }
+    match (&config.public_addr, last_run(config)) {
+        (None, Some((invite, _))) => invite,
+        _ => config.invite_addr(config.listen),
     }
-    config.invite_addr(config.listen)
+}
+
+/// The listen address an operator command prints beside [`operator_invite_addr`]: the
+/// one the relay last ran with where its invite address comes from that run too, else
+/// the configured one.
+pub fn operator_listen_addr(config: &RelayConfig) -> String {
+    match (&config.public_addr, last_run(config)) {
+        (None, Some((_, Some(listen)))) => listen,
+        _ => config.listen.to_string(),
+    }
 }
 
 /// File name of the relay's certificate and key inside the data directory.
@@ -310,7 +325,7 @@ async fn prepare(config: RelayConfig) -> anyhow::Result<(Prepared, RelayInfo)> {
     let fingerprint = state.pin();
     let invite_addr = config.invite_addr(local_addr);
     // Operator commands run beside the relay print invites naming the address it runs on.
-    if let Err(e) = std::fs::write(config.data_dir.join(INVITE_ADDR_FILE), format!("{invite_addr}\n")) {
+    if let Err(e) = std::fs::write(config.data_dir.join(INVITE_ADDR_FILE), format!("{invite_addr}\n{local_addr}\n")) {
         tracing::warn!(error = %e, "cannot record the relay's address for operator commands");
     }
     let default_invite = state.default_invite(invite_addr);
