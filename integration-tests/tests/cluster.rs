@@ -457,6 +457,25 @@ async fn a_route_whose_lease_was_released_is_withdrawn_and_refused() {
             })],
         }
     };
+    let rejected = || cluster.nodes[0].counters().get(overlan_server::counters::Reason::RouteRejected);
+    // The proof does not lend the route another holder's name.
+    let misnamed = match announce() {
+        PeerMessage::Routes { mut updates } => {
+            if let RouteUpdate::Announce(a) = &mut updates[0] {
+                a.name = Some("mallory".into());
+            }
+            PeerMessage::Routes { updates }
+        }
+        _ => unreachable!(),
+    };
+    send_peer(&mut send, &misnamed).await;
+    within("the misnamed route refused", async {
+        while rejected() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(cluster.nodes[0].handle().next_hop("default", vip).as_deref(), Some("n1"));
     // As if the client had roamed to the liar: a valid proof, a fresher route (n1 takes
     // it so too, and ends the client's session there).
     send_peer(&mut send, &announce()).await;
@@ -472,7 +491,6 @@ async fn a_route_whose_lease_was_released_is_withdrawn_and_refused() {
     cluster.nodes[1].store().release_lease("default", vip).unwrap();
     cluster.nodes[0].unrouted(vip).await;
     // Announced again with the void proof: refused and counted.
-    let rejected = || cluster.nodes[0].counters().get(overlan_server::counters::Reason::RouteRejected);
     let before = rejected();
     send_peer(&mut send, &announce()).await;
     within("the void proof refused", async {
@@ -483,6 +501,31 @@ async fn a_route_whose_lease_was_released_is_withdrawn_and_refused() {
     .await;
     assert_eq!(cluster.nodes[0].handle().next_hop("default", vip), None);
     drop(conn);
+}
+
+/// A client that roamed to another node, whose lease its issuing node then releases:
+/// the node it roamed to ends its session (and so stops announcing the VIP).
+#[tokio::test]
+async fn a_roamed_session_whose_lease_is_released_is_ended() {
+    let cluster = TestCluster::start(2, &[(1, 0)]).await;
+    let me = identity();
+    let first = join_as(&cluster.invite(1), &me, "").await;
+    let (vip, proof) = (first.vip(), first.lease().expect("a cluster lease proof"));
+    first.close();
+    let options = overlan_client::JoinOptions::new(cluster.invite(0), me.clone()).lease(Some(proof));
+    let roamed = within("join n0", overlan_client::Client::join(options)).await.unwrap();
+    assert_eq!(roamed.vip(), vip, "roaming keeps the VIP");
+    within("routed to n0 at n1", async {
+        while cluster.nodes[1].handle().next_hop("default", vip).as_deref() != Some("n0") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    cluster.nodes[1].store().release_lease("default", vip).unwrap();
+    let why = within("the roamed session ended", roamed.closed()).await;
+    assert!(why.contains("lease was released"), "{why}");
+    cluster.nodes[1].unrouted(vip).await;
+    cluster.nodes[0].unrouted(vip).await;
 }
 
 /// Writes `msg` on a rogue link's control stream.
@@ -726,14 +769,17 @@ async fn two_processes_of_a_node_saying_hello_at_once_get_one_link() {
         let taken1 = within("the hello answered or refused", t1).await.unwrap_or(false);
         let taken2 = within("the hello answered or refused", t2).await.unwrap_or(false);
         assert!(taken1 != taken2, "round {round}: exactly one process linked (taken: {taken1}, {taken2})");
-        // (The hello is answered just before the link is up, and the old one closed.)
+        // The old link is closed before the hello is answered, and the new one up just
+        // after: once the old is gone, one link, and it stays one.
+        within("the old link closed", old.closed()).await;
         let links = || cluster.nodes[0].handle().peer_links();
-        within("the new link up", async {
-            while links().is_empty() {
+        within("the new link alone", async {
+            while links() != vec!["twin".to_owned()] {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(links(), vec!["twin".to_owned()]);
         // Both go; the next round starts with no link.
         c1.close(0u32.into(), b"");

@@ -454,14 +454,15 @@ impl Handler<CatalogIfChanged> for VipAllocatorActor {
     }
 }
 
-/// Another node's catalog.
+/// Another node's catalog. Given back if it could not be recorded (the database was
+/// busy or failing), for the link to try again: a catalog's releases come only once.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), Catalog>")]
 pub struct MergeCatalog(pub Catalog);
 
 impl Handler<MergeCatalog> for VipAllocatorActor {
-    type Result = ();
-    fn handle(&mut self, msg: MergeCatalog, _ctx: &mut Self::Context) {
+    type Result = Result<(), Catalog>;
+    fn handle(&mut self, msg: MergeCatalog, _ctx: &mut Self::Context) -> Self::Result {
         match self.store.merge_catalog(&msg.0) {
             Ok((changed, conflicts)) => {
                 self.catalog.dirty |= changed;
@@ -470,8 +471,12 @@ impl Handler<MergeCatalog> for VipAllocatorActor {
                         tracing::warn!(%conflict, "networks disagree between nodes; keeping this node's");
                     }
                 }
+                Ok(())
             }
-            Err(e) => tracing::warn!(error = %e, "cannot take in a peer's networks and invites; will retry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take in a peer's networks and invites; will retry");
+                Err(msg.0)
+            }
         }
     }
 }

@@ -210,6 +210,9 @@ impl ClusterActor {
         }
         // (After the check above: a node that missed a release is answered with the
         // holder here, which ends its stale session.)
+        if a.name.as_ref().is_some_and(|name| *name != claim.instance) {
+            return Err(Refusal::Invalid(format!("{} and its holder is named unlike its lease proof's", outside())));
+        }
         if self.voided(a.net, a.vip, claim.issued) {
             return Err(Refusal::Invalid(format!(
                 "{} and its lease was released after the proof was issued",
@@ -409,10 +412,12 @@ impl Handler<RoutesReceived> for ClusterActor {
     }
 }
 
-/// The releases of leases the node knows of (the `voided` list of its catalog, sent
-/// whenever the catalog changed). Routes already taken whose lease proof a release
+/// Releases of leases the node learned (its catalog's: all of them the first time, then
+/// those new whenever it changed). Routes already taken whose lease proof a release
 /// voided are withdrawn: a peer that announced one before the release reached this node
-/// (or that lies) cannot keep the VIP's traffic.
+/// (or that lies) cannot keep the VIP's traffic. A session here that holds its VIP by
+/// such a proof (its client roamed here, and the lease was released meanwhile) is ended,
+/// so this node stops announcing it.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct VoidsChanged(pub Vec<CatalogVoid>);
@@ -443,6 +448,17 @@ impl Handler<VoidsChanged> for ClusterActor {
             for link in stale {
                 self.table.handle_updates(link, [RouteUpdate::Withdraw { net, vip }]);
                 withdrawn += 1;
+            }
+            let local_void = self.table.local_proof(net, vip).is_some_and(|proof| {
+                verify_lease(proof, ca).is_ok_and(|(claim, _)| self.voided(net, vip, claim.issued))
+            });
+            if let (true, Some((attached, _))) = (local_void, self.attached.get(&(net, vip))) {
+                if let Some(Route::Local(session)) = self.node.router.route(net, vip) {
+                    if session.id == *attached {
+                        tracing::info!(%vip, "the lease of a session here was released; ending it");
+                        session.addr.do_send(Replace { taken: true });
+                    }
+                }
             }
         }
         if withdrawn > 0 {

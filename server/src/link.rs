@@ -43,8 +43,11 @@ const MAX_LINK_FRAME: usize = 16 << 20;
 /// Most lease releases in one catalog frame (about 4 MiB; a catalog with more goes in
 /// several frames, each merged as it comes).
 const VOIDS_PER_FRAME: usize = 50_000;
-/// Most lease releases of a peer's catalogs held while an earlier catalog is recorded.
-const MAX_WAITING_VOIDS: usize = 1 << 20;
+/// Most entries (networks, invites, removals, releases) of a peer's catalogs held while an
+/// earlier catalog is recorded.
+const MAX_WAITING_ENTRIES: usize = 1 << 20;
+/// How long a link waits before trying again a catalog the database did not take.
+const MERGE_RETRY: Duration = Duration::from_secs(1);
 /// Route updates per `Routes` frame.
 const ROUTES_PER_FRAME: usize = 1000;
 /// How long a new link has to exchange hellos.
@@ -238,13 +241,40 @@ impl PeerLinkActor {
 
     fn merge_catalog(&mut self, ctx: &mut Context<Self>, catalog: Catalog) {
         self.catalog_merging = true;
-        let merged = self.node.allocator.send(MergeCatalog(catalog)).into_actor(self).map(|_, act, ctx| {
-            act.catalog_merging = false;
-            if let Some(next) = act.catalog_next.take() {
-                act.merge_catalog(ctx, next);
+        let merged = self.node.allocator.send(MergeCatalog(catalog)).into_actor(self).map(|merged, act, ctx| {
+            if let Ok(Err(failed)) = merged {
+                // Not recorded: it goes first, with what came meanwhile, after a pause.
+                let after = act.catalog_next.take();
+                act.catalog_next = Some(failed);
+                if let Some(after) = after {
+                    act.wait_catalog(ctx, after);
+                }
+                ctx.run_later(MERGE_RETRY, |act, ctx| act.merge_next(ctx));
+                return;
             }
+            act.merge_next(ctx);
         });
         ctx.spawn(merged);
+    }
+
+    /// Merges what waits, if anything.
+    fn merge_next(&mut self, ctx: &mut Context<Self>) {
+        self.catalog_merging = false;
+        if let Some(next) = self.catalog_next.take() {
+            self.merge_catalog(ctx, next);
+        }
+    }
+
+    /// Keeps `catalog` to merge after the one being merged. Past [`MAX_WAITING_ENTRIES`]
+    /// the link is dropped: when it comes back, the peer sends everything again.
+    fn wait_catalog(&mut self, ctx: &mut Context<Self>, catalog: Catalog) {
+        match queue_catalog(self.catalog_next.take(), catalog, MAX_WAITING_ENTRIES) {
+            Ok(next) => self.catalog_next = Some(next),
+            Err(()) => {
+                tracing::warn!(peer = %self.peer.name, "the peer's catalogs outpace this node's database; dropping the link to start over");
+                ctx.stop();
+            }
+        }
     }
 
     /// Records that the peer's socket `remote` is this node's `local`.
@@ -291,22 +321,16 @@ impl PeerLinkActor {
                     pair.do_send(PartyGone { session: self.id });
                 }
             }
-            // Networks, invites and removals come whole in every catalog; releases only
-            // when new (all of them when the link comes up). While one catalog is being
-            // merged, what came meanwhile waits as one: the latest networks and invites,
-            // and every release (the allocator's queue holds one per link, and reading
-            // the link never waits for its disk).
+            // Releases come only when new (all of them when the link comes up), and a
+            // large catalog in several frames. While one catalog is being merged, what
+            // came meanwhile waits as one (the allocator's queue holds one per link, and
+            // reading the link never waits for its disk).
             PeerMessage::Catalog(catalog) => {
-                if !self.catalog_merging {
+                if self.catalog_merging {
+                    self.wait_catalog(ctx, catalog);
+                } else {
                     self.merge_catalog(ctx, catalog);
-                    return;
                 }
-                let (next, dropped) = queue_catalog(self.catalog_next.take(), catalog, MAX_WAITING_VOIDS);
-                if dropped {
-                    // A peer outpacing this node's disk: these come again when the link does.
-                    tracing::warn!(peer = %self.peer.name, "too many lease releases waiting to be recorded; dropping some");
-                }
-                self.catalog_next = Some(next);
             }
             PeerMessage::Ping { nonce } => self.send(ctx, &PeerMessage::Pong { nonce }),
             PeerMessage::Pong { nonce } => {
@@ -799,6 +823,11 @@ impl LinkClaims {
         entry.1 += 1;
         Ok(LinkClaim { claims: self.0.clone(), name: name.to_owned() })
     }
+
+    /// Whether a link is being set up.
+    pub fn any(&self) -> bool {
+        !self.0.lock().expect("link claims lock").is_empty()
+    }
 }
 
 /// One link's claim on its peer's name; given up when dropped.
@@ -1020,17 +1049,19 @@ fn catalog_frames(catalog: Catalog, per_frame: usize) -> Vec<Catalog> {
 }
 
 /// A peer's `catalog` that came while an earlier one is being recorded, joined to
-/// `waiting` (what came before it meanwhile): its networks, invites and removals (whole in
-/// every catalog) replace those waiting; its releases join them, up to `max` (returns
-/// whether some were dropped).
-fn queue_catalog(waiting: Option<Catalog>, catalog: Catalog, max: usize) -> (Catalog, bool) {
-    let Catalog { networks, invites, removed, voided: more } = catalog;
-    let mut voided = waiting.map(|c| c.voided).unwrap_or_default();
-    let dropped = voided.len() + more.len() > max;
-    if !dropped {
-        voided.extend(more);
+/// `waiting` (what came before it meanwhile). Merging is additive and keeps the newest of
+/// each entry, so the two are simply put together; an error past `max` entries.
+fn queue_catalog(waiting: Option<Catalog>, catalog: Catalog, max: usize) -> Result<Catalog, ()> {
+    let Some(mut waiting) = waiting else { return Ok(catalog) };
+    let size = |c: &Catalog| c.networks.len() + c.invites.len() + c.removed.len() + c.voided.len();
+    if size(&waiting) + size(&catalog) > max {
+        return Err(());
     }
-    (Catalog { networks, invites, removed, voided }, dropped)
+    waiting.networks.extend(catalog.networks);
+    waiting.invites.extend(catalog.invites);
+    waiting.removed.extend(catalog.removed);
+    waiting.voided.extend(catalog.voided);
+    Ok(waiting)
 }
 
 #[cfg(test)]
@@ -1083,22 +1114,21 @@ mod tests {
         drop(first);
         assert!(claims.claim("n1", 8).is_err(), "still claimed by the second link");
         drop(again);
+        assert!(!claims.any());
         assert!(claims.claim("n1", 8).is_ok(), "given up with the last link");
     }
 
     #[test]
-    fn catalogs_waiting_keep_every_release_and_the_latest_rest() {
-        let (first, dropped) = queue_catalog(None, catalog("a", &[1]), 10);
-        assert!(!dropped);
-        let (next, dropped) = queue_catalog(Some(first), catalog("b", &[2, 3]), 10);
-        assert!(!dropped);
-        assert_eq!(next.removed[0].name, "b", "the latest networks and invites");
+    fn catalogs_waiting_keep_every_entry_of_each() {
+        let first = queue_catalog(None, catalog("a", &[1]), 10).unwrap();
+        let next = queue_catalog(Some(first), catalog("b", &[2, 3]), 10).unwrap();
+        // A continuation frame (releases only) takes nothing away.
+        let next = queue_catalog(Some(next), catalog_frames(catalog("c", &[7, 4, 5]), 1).pop().unwrap(), 10).unwrap();
+        let removed: Vec<&str> = next.removed.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(removed, ["a", "b"]);
         let vips: Vec<u8> = next.voided.iter().map(|v| v.vip.octets()[3]).collect();
-        assert_eq!(vips, [1, 2, 3], "no release lost");
-        // Past the bound, what came last is dropped (the link's next start sends it all).
-        let (full, dropped) = queue_catalog(Some(next), catalog("c", &[4, 5, 6, 7, 8, 9, 10, 11]), 10);
-        assert!(dropped);
-        assert_eq!(full.voided.len(), 3);
-        assert_eq!(full.removed[0].name, "c");
+        assert_eq!(vips, [1, 2, 3, 5], "no release lost");
+        // Past the bound: refused (the link starts over, and the peer sends it all).
+        assert!(queue_catalog(Some(next), catalog("d", &[6, 7, 8, 9]), 10).is_err());
     }
 }

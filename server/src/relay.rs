@@ -30,7 +30,8 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 
 use crate::allocator::{
-    AdmitError, AllocateVip, CatalogIfChanged, ExpireLeases, FlushSeen, ListNetworks, SeenOnline, VipAllocatorActor,
+    AdmitError, AllocateVip, CatalogIfChanged, ExpireLeases, FlushSeen, GetCatalog, ListNetworks, SeenOnline,
+    VipAllocatorActor,
 };
 use crate::cluster::{NetworksChanged, VoidsChanged};
 use crate::config::RelayConfig;
@@ -396,6 +397,8 @@ const NETWORK_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a cluster node checks whether its networks and invites changed (an
 /// operator command, or a peer's change taken in) and tells its peers.
 const CATALOG_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a cluster node sends its whole catalog to its peers (changes go at once).
+const FULL_CATALOG_INTERVAL: Duration = Duration::from_secs(600);
 /// Longest a relay waits on shutdown for its sessions' and links' connections to drain.
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(2);
 /// How often changed counters are logged.
@@ -514,9 +517,13 @@ async fn serve(prepared: Prepared, mut shutdown: oneshot::Receiver<()>) {
     node.allocator.do_send(SeenOnline { online: node.router.online() });
     node.allocator.do_send(FlushSeen);
     // Sessions and links get their close, and a while to drain (quinn answers a peer
-    // whose close was lost): about three round trips. With none open, what is left are
-    // dials to peers that never answered, which would take seconds to drain for nothing.
-    let served = !node.router.online().is_empty() || !node.router.links().is_empty();
+    // whose close was lost): about three round trips. With none open or joining, what is
+    // left are dials to peers that never answered, which would take seconds to drain for
+    // nothing.
+    let served = !node.router.online().is_empty()
+        || !node.router.links().is_empty()
+        || unauthenticated.available_permits() < max_unauth
+        || node.link_claims.any();
     endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"relay shutting down");
     let drain = if served { DRAIN_ON_SHUTDOWN } else { Duration::from_millis(100) };
     let _ = tokio::time::timeout(drain, endpoint.wait_idle()).await;
@@ -566,6 +573,8 @@ async fn housekeeping(node: Arc<Node>) {
     let mut online = tokio::time::interval(ONLINE_SEEN_INTERVAL);
     let mut networks = tokio::time::interval(NETWORK_REFRESH_INTERVAL);
     let mut catalog = tokio::time::interval(CATALOG_INTERVAL);
+    let mut full_catalog =
+        tokio::time::interval_at(tokio::time::Instant::now() + FULL_CATALOG_INTERVAL, FULL_CATALOG_INTERVAL);
     let clustered = node.cluster.is_some();
     let mut log = tokio::time::interval(COUNTER_LOG_INTERVAL);
     let expiry = node.config.limits.lease_expiry.map(|d| d.0);
@@ -585,6 +594,16 @@ async fn housekeeping(node: Arc<Node>) {
                     refresh_networks(&node).await;
                     if let Some(cluster) = node.cluster_actor() {
                         cluster.do_send(VoidsChanged(changed.voided));
+                    }
+                }
+            },
+            // Now and then the whole catalog, releases included: whatever a peer missed
+            // (a catalog its database could not take, an older node that keeps only the
+            // latest of several) reaches it without waiting for the link to start over.
+            _ = full_catalog.tick(), if clustered => {
+                if let Ok(Ok(whole)) = node.allocator.send(GetCatalog).await {
+                    for link in node.router.links() {
+                        link.addr.do_send(SendCatalog(whole.clone()));
                     }
                 }
             },

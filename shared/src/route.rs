@@ -295,6 +295,11 @@ impl RouteTable {
             .collect()
     }
 
+    /// The lease proof of a session here holding `vip`, if it has one.
+    pub fn local_proof(&self, net: NetKey, vip: Ipv4Addr) -> Option<&str> {
+        self.entries.get(&(net, vip))?.local_proof.as_deref()
+    }
+
     /// The lease proofs the links' routes toward `vip` came with, by link.
     pub fn learned_proofs(&self, net: NetKey, vip: Ipv4Addr) -> Vec<(LinkId, &str)> {
         let Some(entry) = self.entries.get(&(net, vip)) else { return Vec::new() };
@@ -875,6 +880,8 @@ mod tests {
         assert_eq!(c.tables[1].learned_proofs(NET, vip(5)), vec![(2, "proof")]);
         assert_eq!(c.tables[0].learned_proofs(NET, vip(5)), vec![(1, "proof")]);
         assert!(c.tables[2].learned_proofs(NET, vip(5)).is_empty(), "its own session's is not learned");
+        assert_eq!(c.tables[2].local_proof(NET, vip(5)), Some("proof"));
+        assert_eq!(c.tables[1].local_proof(NET, vip(5)), None);
         // So does the holder's name; n2's own member is not another node's.
         assert_eq!(c.tables[0].names_in(NET), vec![(vip(5), "carol")]);
         assert_eq!(c.tables[1].names_in(NET), vec![(vip(5), "carol")]);
