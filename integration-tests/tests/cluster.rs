@@ -981,6 +981,28 @@ async fn a_lease_given_up_is_void_on_every_node() {
     assert_ne!(back.vip(), vip, "the kept proof does not bring the VIP back");
 }
 
+/// A release that reaches a node while its database is locked (an operator command
+/// holding it) is recorded once the lock is gone: the link tries the catalog again.
+#[tokio::test]
+async fn a_release_arriving_while_the_database_is_locked_is_recorded_later() {
+    let cluster = TestCluster::start(2, &[(1, 0)]).await;
+    let member = join(&cluster.invite(0)).await;
+    let vip = member.vip();
+    let db = cluster.nodes[1].data_dir().join(overlan_server::store::DB_FILE);
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    assert_eq!(member.release().await.unwrap(), vip);
+    // Longer than the node waits for the lock (1 s): its first tries fail.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    lock.execute_batch("COMMIT").unwrap();
+    within("the release recorded at n1", async {
+        while cluster.nodes[1].store().voided_before("default", vip).unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// Defence in depth for a node that missed a release: the node where the VIP's new
 /// holder is online refuses the stale route and announces its holder anew.
 #[tokio::test]
