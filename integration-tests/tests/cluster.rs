@@ -319,6 +319,22 @@ async fn rogue_peer(
     rogue_process(cluster, name, creds, 7).await
 }
 
+/// A node "liar" issued by the cluster's CA, linked to node 0 as a rogue peer.
+async fn linked_liar(
+    cluster: &TestCluster,
+) -> (overlan_shared::cluster::Issued, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let dir = overlan_shared::cluster::ClusterDir::new(cluster.dir());
+    let issued = dir.issue("liar").unwrap();
+    let (conn, send, recv) = rogue_peer(cluster, "liar", dir.load_node("liar").unwrap()).await;
+    within("rogue link up", async {
+        while !cluster.nodes[0].handle().peer_links().contains(&"liar".to_owned()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    (issued, conn, send, recv)
+}
+
 /// A rogue peer whose hello says it is process `incarnation` of node `name`.
 async fn rogue_process(
     cluster: &TestCluster,
@@ -349,15 +365,7 @@ async fn a_lying_peer_cannot_take_over_another_nodes_clients() {
     let _l = victim.listen(7000).await.unwrap();
     assert_eq!(cluster.nodes[0].routed(victim.vip()).await, "n1");
 
-    let dir = overlan_shared::cluster::ClusterDir::new(cluster.dir());
-    let issued = dir.issue("liar").unwrap();
-    let (conn, mut send, _recv) = rogue_peer(&cluster, "liar", dir.load_node("liar").unwrap()).await;
-    within("rogue link up", async {
-        while !cluster.nodes[0].handle().peer_links().contains(&"liar".to_owned()) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let (issued, conn, mut send, _recv) = linked_liar(&cluster).await;
     // Fresher than the victim's own announcement, but not from the future.
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let lie_at = |origin: &str, slot: u8, seq: u64| {
@@ -433,15 +441,7 @@ async fn a_route_whose_lease_was_released_is_withdrawn_and_refused() {
     let (vip, proof) = (victim.vip(), victim.lease().expect("a cluster lease proof"));
     assert_eq!(cluster.nodes[0].routed(vip).await, "n1");
 
-    let dir = overlan_shared::cluster::ClusterDir::new(cluster.dir());
-    let issued = dir.issue("liar").unwrap();
-    let (conn, mut send, _recv) = rogue_peer(&cluster, "liar", dir.load_node("liar").unwrap()).await;
-    within("rogue link up", async {
-        while !cluster.nodes[0].handle().peer_links().contains(&"liar".to_owned()) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let (issued, conn, mut send, _recv) = linked_liar(&cluster).await;
     let announce = || {
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
         PeerMessage::Routes {

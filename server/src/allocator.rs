@@ -572,6 +572,19 @@ mod tests {
     use super::*;
     use crate::store::DEFAULT_NETWORK;
 
+    /// A join of the unnamed instance of identity `name` with `token`.
+    fn admit(token: &str, name: &str) -> AllocateVip {
+        AllocateVip {
+            token: Secret::new(token),
+            identity: Fingerprint::of(name.as_bytes()),
+            legacy: Fingerprint::of(b"none"),
+            instance: String::new(),
+            lease: None,
+            network: None,
+            existing_only: false,
+        }
+    }
+
     #[test]
     fn unused_leases_expire_and_their_vips_return_to_the_pool() {
         let dir = tempfile::tempdir().unwrap();
@@ -588,15 +601,7 @@ mod tests {
             let c = counters.clone();
             let allocator =
                 SyncArbiter::start(1, move || VipAllocatorActor::open(&dir_path, 16, None, c.clone()).unwrap());
-            let admit = |name: &str| AllocateVip {
-                token: Secret::new(token),
-                identity: Fingerprint::of(name.as_bytes()),
-                legacy: Fingerprint::of(b"none"),
-                instance: String::new(),
-                lease: None,
-                network: None,
-                existing_only: false,
-            };
+            let admit = |name: &str| admit(token, name);
             // The /29 has five VIPs: fill it.
             let mut vips = Vec::new();
             for name in ["a", "b", "c", "d", "e"] {
@@ -636,16 +641,7 @@ mod tests {
             });
             let mut vips = Vec::new();
             for name in ["a", "b", "c"] {
-                let admit = AllocateVip {
-                    token: Secret::new("tok"),
-                    identity: Fingerprint::of(name.as_bytes()),
-                    legacy: Fingerprint::of(b"none"),
-                    instance: String::new(),
-                    lease: None,
-                    network: None,
-                    existing_only: false,
-                };
-                vips.push(allocator.send(admit).await.unwrap().unwrap().vip);
+                vips.push(allocator.send(admit("tok", name)).await.unwrap().unwrap().vip);
             }
             let release = |vip| ReleaseLease { network: DEFAULT_NETWORK.into(), vip };
             let released = |c: &Catalog| c.voided.iter().map(|v| v.vip).collect::<Vec<_>>();
