@@ -268,3 +268,31 @@ async fn a_peer_that_is_a_standalone_relay_is_said_as_such() {
     let line = within("the dial failure", n1.proc.stderr_until("cannot link to peer")).await;
     assert!(line.contains("is not a node of a cluster (a standalone relay"), "{line}");
 }
+
+/// A second process run with a node's credentials is told why its link was refused,
+/// on its own side too.
+#[tokio::test]
+async fn a_node_run_twice_is_told_why_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("cluster");
+    let ca_s = ca.to_str().unwrap();
+    assert_eq!(output(server(&["ca", "init", "--dir", ca_s])).await.0, 0);
+    for node in ["n1", "n2"] {
+        assert_eq!(output(server(&["ca", "issue", node, "--dir", ca_s])).await.0, 0);
+    }
+    let mut n1 = start_node(&ca, &dir.path().join("d1"), "n1", &[]).await;
+    let mut n2 = start_node(&ca, &dir.path().join("d2"), "n2", &[&n1.addr]).await;
+    within("n2 links", n2.proc.stderr_until("peer link up")).await;
+    let mut twin = start_node(&ca, &dir.path().join("d2b"), "n2", &[&n1.addr]).await;
+    let line = within("the twin's refusal", twin.proc.stderr_until("cannot link to peer")).await;
+    assert!(line.contains("linked already from"), "{line}");
+    let line = within("n1's refusal", n1.proc.stderr_until("refusing peer link")).await;
+    assert!(line.contains("linked already from"), "{line}");
+    // Its retries are refused alike (a changed reason would make another line).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let pid = twin.proc.child.id().unwrap().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let (_, err) = twin.proc.wait().await;
+    let failures: Vec<_> = err.iter().filter(|l| l.contains("cannot link to peer")).collect();
+    assert!(failures.iter().all(|l| l.contains("linked already from")), "{failures:?}");
+}

@@ -285,8 +285,8 @@ impl PeerLinkActor {
 
     fn handle_message(&mut self, ctx: &mut Context<Self>, msg: PeerMessage) {
         match msg {
-            PeerMessage::Hello { .. } => {
-                tracing::warn!(peer = %self.peer.name, "protocol violation on a peer link: hello sent twice");
+            PeerMessage::Hello { .. } | PeerMessage::Refused { .. } => {
+                tracing::warn!(peer = %self.peer.name, "protocol violation on a peer link: a hello or refusal on a link up");
                 ctx.stop();
             }
             // A peer that floods its control stream is slowed to what this node can
@@ -745,6 +745,10 @@ fn verified_peer(conn: &quinn::Connection, node: &Node) -> Result<NodeInfo, Stri
     Ok(info)
 }
 
+/// How long a link whose control stream ended before the peer's hello waits for the
+/// peer's close, which says why it refused.
+const REFUSAL_WAIT: Duration = Duration::from_millis(500);
+
 /// A new link's control stream, the peer process's number from its hello, and its claim
 /// on the peer's name until the link is up.
 type Hello = (quinn::SendStream, FramedRead<quinn::RecvStream, LinkCodec>, u64, LinkClaim);
@@ -779,13 +783,35 @@ async fn hello(conn: &quinn::Connection, node: &Node, peer: &NodeInfo, dialer: b
                 }
                 incarnation
             }
+            Some(Ok(PeerMessage::Refused { why })) => return Err(format!("the peer refused the link: {why}")),
             Some(Ok(other)) => return Err(format!("expected hello, got {other:?}")),
-            // Refused: the peer said why in its close.
-            _ if conn.close_reason().is_some() => return Err(refusal(conn)),
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("control stream closed before hello".to_owned()),
+            // Refused: the peer said why in its close, which may come a moment after
+            // the stream's end.
+            ended => {
+                let _ = tokio::time::timeout(REFUSAL_WAIT, conn.closed()).await;
+                return Err(match ended {
+                    _ if conn.close_reason().is_some() => refusal(conn),
+                    Some(Err(e)) => e.to_string(),
+                    _ => "control stream closed before hello".to_owned(),
+                });
+            }
         };
-        let claim = one_process(node, &peer.name, incarnation).await?;
+        let claim = match one_process(node, &peer.name, incarnation).await {
+            Ok(claim) => claim,
+            Err(why) => {
+                if !dialer {
+                    // Said on the stream (delivered even if the close's packet is lost),
+                    // and a moment given for it before the caller closes.
+                    let mut refused = BytesMut::new();
+                    if codec.encode_into(&PeerMessage::Refused { why: why.clone() }, &mut refused).is_ok() {
+                        let _ = send.write_all(&refused).await;
+                        let _ = send.finish();
+                        let _ = tokio::time::timeout(REFUSAL_WAIT, send.stopped()).await;
+                    }
+                }
+                return Err(why);
+            }
+        };
         if !dialer {
             send.write_all(&buf).await.map_err(|e| format!("sending hello: {e}"))?;
         }

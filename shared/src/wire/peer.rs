@@ -39,6 +39,12 @@ pub enum PeerMessage {
         #[serde(default)]
         incarnation: u64,
     },
+    /// The answer to a hello when the link is refused (then the connection closes):
+    /// why, so the dialer can say so even if the close's packet is lost.
+    Refused {
+        /// Why, in words.
+        why: String,
+    },
     /// Route changes, in order.
     Routes {
         /// The changes.
