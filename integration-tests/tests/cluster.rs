@@ -523,7 +523,8 @@ async fn a_roamed_session_whose_lease_is_released_is_ended() {
     .await;
     cluster.nodes[1].store().release_lease("default", vip).unwrap();
     let why = within("the roamed session ended", roamed.closed()).await;
-    assert!(why.contains("lease was released"), "{why}");
+    assert!(why.contains(&format!("the lease of {vip} was released")), "{why}");
+    assert!(!why.contains("another member"), "nobody else holds it: {why}");
     cluster.nodes[1].unrouted(vip).await;
     cluster.nodes[0].unrouted(vip).await;
 }

@@ -21,7 +21,7 @@ use crate::counters::Reason;
 use crate::link::SendRoutes;
 use crate::node::Node;
 use crate::router::{Route, SessionId};
-use crate::session::Replace;
+use crate::session::{Replace, ReplaceReason};
 use std::collections::HashMap;
 
 /// The route table's shell.
@@ -95,11 +95,11 @@ impl ClusterActor {
                             // session's lease was released (and the release missed here).
                             Some((_, mine)) if by.as_ref().is_some_and(|by| *by != mine) => {
                                 tracing::info!(%vip, "another client holds the VIP on another node; ending the stale session here");
-                                session.addr.do_send(Replace { taken: true });
+                                session.addr.do_send(Replace { why: ReplaceReason::Taken });
                             }
                             Some(_) => {
                                 tracing::info!(%vip, "the client joined another node; replacing its session here");
-                                session.addr.do_send(Replace { taken: false });
+                                session.addr.do_send(Replace { why: ReplaceReason::Newer });
                             }
                         }
                     }
@@ -456,7 +456,7 @@ impl Handler<VoidsChanged> for ClusterActor {
                 if let Some(Route::Local(session)) = self.node.router.route(net, vip) {
                     if session.id == *attached {
                         tracing::info!(%vip, "the lease of a session here was released; ending it");
-                        session.addr.do_send(Replace { taken: true });
+                        session.addr.do_send(Replace { why: ReplaceReason::Released });
                     }
                 }
             }

@@ -13,7 +13,7 @@ use actix::prelude::*;
 use crate::cluster::{Holder, LocalAttach, LocalDetach};
 use crate::node::Node;
 use crate::router::{LocalSession, SessionId};
-use crate::session::Replace;
+use crate::session::{Replace, ReplaceReason};
 use crate::store::Network;
 use overlan_shared::route::NetKey;
 
@@ -66,7 +66,7 @@ impl Handler<JoinNetwork> for NetworkActor {
         let session = msg.session.id;
         if let Some(old) = self.node.router.attach_session(self.id(), msg.vip, msg.session) {
             tracing::info!(network = %self.network.name, vip = %msg.vip, old = old.id, "replacing the older session");
-            old.addr.do_send(Replace { taken: false });
+            old.addr.do_send(Replace { why: ReplaceReason::Newer });
         }
         let stamped = self.node.cluster_actor().map(|cluster| {
             cluster.send(LocalAttach { net: self.id(), vip: msg.vip, proof: msg.proof, session, holder: msg.holder })

@@ -513,9 +513,21 @@ impl StreamHandler<Result<ClientMessage, FrameError>> for SessionActor {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Replace {
-    /// Another client holds the VIP now (this session's lease was released), rather
-    /// than a newer session of this same client.
-    pub taken: bool,
+    /// Why.
+    pub why: ReplaceReason,
+}
+
+/// Why a session is ended for its VIP's sake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplaceReason {
+    /// A newer session of this same client (identity and instance) holds it.
+    Newer,
+    /// Another client holds the VIP now (this session's lease was released, and the
+    /// release missed this node).
+    Taken,
+    /// The lease this session held its VIP by (a client that roamed here) was released
+    /// on the node that issued it.
+    Released,
 }
 
 /// How long a replaced session's connection stays open after it was told, so the
@@ -529,12 +541,16 @@ impl Handler<Replace> for SessionActor {
         // the packet with the connection's close is lost (a client that missed the close
         // would time out and reconnect, taking the VIP back from the newer session). Its
         // listeners and ports go at once; the connection closes a moment later.
-        let why = match msg.taken {
-            true => format!(
+        let why = match msg.why {
+            ReplaceReason::Taken => format!(
                 "another member holds {} now: this instance's lease was released; join again for a new VIP",
                 self.vip
             ),
-            false => ErrorCode::Replaced.describe().to_owned(),
+            ReplaceReason::Released => format!(
+                "the lease of {} was released (by the operator, or it expired); join again for a new VIP",
+                self.vip
+            ),
+            ReplaceReason::Newer => ErrorCode::Replaced.describe().to_owned(),
         };
         if std::mem::replace(&mut self.replaced, true) {
             return;
