@@ -66,12 +66,11 @@ pub fn operator_invite_addr(config: &RelayConfig) -> String {
     }
 }
 
-/// The listen address an operator command prints beside [`operator_invite_addr`]: the
-/// one the relay last ran with where its invite address comes from that run too, else
-/// the configured one.
+/// The listen address an operator command prints: the one the relay on this data
+/// directory last ran with (running now, or the last to run), else the configured one.
 pub fn operator_listen_addr(config: &RelayConfig) -> String {
-    match (&config.public_addr, last_run(config)) {
-        (None, Some((_, Some(listen)))) => listen,
+    match last_run(config) {
+        Some((_, Some(listen))) => listen,
         _ => config.listen.to_string(),
     }
 }
