@@ -80,6 +80,12 @@ async fn members_of_other_nodes_are_known_by_name() {
     cluster.nodes[2].routed(a.vip()).await;
     let peers = carol.peers().await.unwrap();
     assert!(peers.iter().any(|p| p.vip == a.vip() && p.instance.as_deref() == Some("alice")), "{peers:?}");
+    // Its node still names it once the operator released its lease there (the session
+    // goes on until its next join).
+    let neighbour = join(&cluster.invite(2)).await;
+    cluster.nodes[2].store().release_lease("default", carol.vip()).unwrap();
+    let peers = neighbour.peers().await.unwrap();
+    assert!(peers.iter().any(|p| p.vip == carol.vip() && p.instance.as_deref() == Some("carol")), "{peers:?}");
     // Gone from the list's names when it leaves (its route is withdrawn).
     carol.close();
     cluster.nodes[0].unrouted(carol.vip()).await;

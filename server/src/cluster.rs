@@ -468,7 +468,8 @@ impl Handler<VoidsChanged> for ClusterActor {
     }
 }
 
-/// The instance names of the members of a network online on other nodes, by VIP.
+/// The instance names of the members of a network online, by VIP: on other nodes (as
+/// their routes name them) and here (whether or not a lease names them still).
 #[derive(Message)]
 #[rtype(result = "HashMap<Ipv4Addr, String>")]
 pub struct RemoteNames(pub NetKey);
@@ -476,7 +477,14 @@ pub struct RemoteNames(pub NetKey);
 impl Handler<RemoteNames> for ClusterActor {
     type Result = MessageResult<RemoteNames>;
     fn handle(&mut self, msg: RemoteNames, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.table.names_in(msg.0).into_iter().map(|(vip, name)| (vip, name.to_owned())).collect())
+        let mut names: HashMap<Ipv4Addr, String> =
+            self.table.names_in(msg.0).into_iter().map(|(vip, name)| (vip, name.to_owned())).collect();
+        for ((net, vip), (_, holder)) in &self.attached {
+            if *net == msg.0 {
+                names.insert(*vip, holder.instance.clone());
+            }
+        }
+        MessageResult(names)
     }
 }
 
