@@ -890,6 +890,15 @@ async fn networks_and_invites_made_on_one_node_work_on_every_node() {
     let mut buf = [0u8; 3];
     within("read", inc.read_exact(&mut buf)).await.unwrap();
 
+    // Its instance cap set on n2 (`network set lan --max-instances 3`) holds on n0 too.
+    cluster.nodes[2].store().set_max_instances("lan", Some(3)).unwrap();
+    within("the cap reaches n0", async {
+        while cluster.nodes[0].store().network("lan").unwrap().max_instances != Some(3) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
     // Revoked on n2: refused on n0 soon after.
     let id = cluster.nodes[2].store().invites().unwrap().into_iter().find(|i| i.network == "lan").unwrap().id;
     cluster.nodes[2].store().revoke_invite(id).unwrap();

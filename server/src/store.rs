@@ -29,7 +29,7 @@ pub const LOCK_FILE: &str = "relay.lock";
 /// Schema version this build reads and writes. 1: the first release (no version
 /// recorded); 2: leases keyed on the client's public key, per-network instance caps;
 /// 3: proofs of adopted leases; 4: invite labels; 5: removed networks remembered; 6: invite ids never reused.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// Database id of a network.
 pub type NetworkId = i64;
@@ -307,7 +307,8 @@ const VOIDED_LEASES: &str = "CREATE TABLE voided_leases (
     PRIMARY KEY (network, vip)
 );";
 
-/// How far ahead of this node's clock a peer's void may be (clocks of nodes differ).
+/// How far ahead of this node's clock a peer's void, or a network's cap setting, may be
+/// (clocks of nodes differ).
 const VOID_AHEAD_MS: i64 = 3_600_000;
 
 /// Records that proofs of `vip` in `network` issued before `before` are void (the
@@ -421,6 +422,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
              );
              INSERT INTO invite_uses (token_hash, node, uses) SELECT token_hash, '(schema 6)', uses FROM invites WHERE uses > 0;",
         )?;
+        version = 7;
+    }
+    if version == 7 {
+        // Version 8: when a network's instance cap was last set (unix ms), so the
+        // latest setting wins on every node of a cluster.
+        tx.execute_batch("ALTER TABLE networks ADD COLUMN cap_set_ms INTEGER NOT NULL DEFAULT 0;")?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -525,7 +532,10 @@ impl Store {
     /// Sets how many instances one identity may hold in a network (`None`: the relay's
     /// default). Existing leases over a lowered cap are kept.
     pub fn set_max_instances(&self, name: &str, max: Option<u32>) -> Result<Network, StoreError> {
-        let n = self.conn.execute("UPDATE networks SET max_instances = ?2 WHERE name = ?1", params![name, max])?;
+        let n = self.conn.execute(
+            "UPDATE networks SET max_instances = ?2, cap_set_ms = MAX(?3, cap_set_ms + 1) WHERE name = ?1",
+            params![name, max, unix_now_ms()],
+        )?;
         if n == 0 {
             return Err(StoreError::NoSuchNetwork(name.to_owned()));
         }
@@ -643,8 +653,9 @@ impl Store {
 
     /// The networks and invites, for the other nodes of a cluster.
     pub fn catalog(&self) -> Result<Catalog, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT name, subnet, max_instances, created_at FROM networks ORDER BY name")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, subnet, max_instances, created_at, cap_set_ms FROM networks ORDER BY name")?;
         let networks = stmt
             .query_map([], |r| {
                 Ok(CatalogNetwork {
@@ -652,6 +663,7 @@ impl Store {
                     subnet: r.get(1)?,
                     max_instances: r.get(2)?,
                     created_at: r.get(3)?,
+                    cap_set_ms: r.get(4)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -748,14 +760,22 @@ impl Store {
                 Some(k) if k.subnet != subnet => {
                     conflicts.push(format!("network {} is {} here but {} on a peer", net.name, k.subnet, subnet))
                 }
+                // The cap set last, on whichever node, wins (one set far ahead of this
+                // node's clock, a broken clock's, is not taken).
+                Some(_) if net.cap_set_ms <= unix_now_ms() + VOID_AHEAD_MS => {
+                    changed |= tx.execute(
+                        "UPDATE networks SET max_instances = ?2, cap_set_ms = ?3 WHERE name = ?1 AND cap_set_ms < ?3",
+                        params![net.name, net.max_instances, net.cap_set_ms],
+                    )? > 0;
+                }
                 Some(_) => {}
                 None if valid_network_name(&net.name) => {
                     // The creation time travels with the network, so every node
                     // compares it with a removal alike.
                     let created = if net.created_at > 0 { net.created_at } else { unix_now() };
                     tx.execute(
-                        "INSERT INTO networks (name, subnet, created_at, max_instances) VALUES (?1, ?2, ?3, ?4)",
-                        params![net.name, subnet.to_string(), created, net.max_instances],
+                        "INSERT INTO networks (name, subnet, created_at, max_instances, cap_set_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![net.name, subnet.to_string(), created, net.max_instances, net.cap_set_ms],
                     )?;
                     tx.execute("DELETE FROM removed_networks WHERE name = ?1", [&net.name])?;
                     changed = true;
@@ -1516,6 +1536,36 @@ mod schema_tests {
         let net = store.network("default").unwrap();
         store.create_lease(valid.id, net.id, &Fingerprint::of(b"m"), "", "10.77.0.2".parse().unwrap()).unwrap();
         assert_eq!(store.catalog().unwrap().invites[0].uses, 4);
+    }
+
+    /// A network's instance cap set on one node reaches the others: the latest setting
+    /// wins, whichever node made it; one from far ahead of the clock is not taken.
+    #[test]
+    fn the_latest_instance_cap_set_on_any_node_wins() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = Store::open(a_dir.path()).unwrap();
+        let mut b = Store::open(b_dir.path()).unwrap();
+        a.add_network("games", "10.90.0.0/16".parse().unwrap()).unwrap();
+        a.set_max_instances("games", Some(2)).unwrap();
+        b.merge_catalog(&a.catalog().unwrap()).unwrap();
+        assert_eq!(b.network("games").unwrap().max_instances, Some(2), "made with its cap");
+        // Set again on b, later: a takes it; a's older catalog does not undo it on b.
+        let older = a.catalog().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        b.set_max_instances("games", None).unwrap();
+        let (changed, _) = a.merge_catalog(&b.catalog().unwrap()).unwrap();
+        assert!(changed);
+        assert_eq!(a.network("games").unwrap().max_instances, None);
+        let (changed, _) = b.merge_catalog(&older).unwrap();
+        assert!(!changed);
+        assert_eq!(b.network("games").unwrap().max_instances, None);
+        // A setting from a clock an hour and more ahead is not taken.
+        let mut ahead = a.catalog().unwrap();
+        let games = ahead.networks.iter_mut().find(|n| n.name == "games").unwrap();
+        games.max_instances = Some(9);
+        games.cap_set_ms = unix_now_ms() + 2 * VOID_AHEAD_MS;
+        b.merge_catalog(&ahead).unwrap();
+        assert_eq!(b.network("games").unwrap().max_instances, None);
     }
 
     /// A release on one node voids the lease's proofs on every node: the void travels in

@@ -148,6 +148,10 @@ pub struct CatalogNetwork {
     /// When it was made, unix seconds (compared with a removal of the same name).
     #[serde(default)]
     pub created_at: i64,
+    /// When its instance cap was last set, unix milliseconds (0: never; the latest
+    /// setting wins on every node).
+    #[serde(default)]
+    pub cap_set_ms: i64,
 }
 
 /// An invite in a [`Catalog`].
