@@ -72,6 +72,7 @@ async fn leases_of_the_first_release_are_migrated_on_the_next_join() {
              DROP TABLE invite_uses;
              ALTER TABLE leases DROP COLUMN issued_ms;
              ALTER TABLE invites DROP COLUMN local_uses;
+             ALTER TABLE networks DROP COLUMN cap_set_ms;
              PRAGMA user_version = 0;",
         )
         .unwrap();

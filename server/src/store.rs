@@ -1519,6 +1519,7 @@ mod schema_tests {
                      DROP TABLE invite_uses;
                      ALTER TABLE leases DROP COLUMN issued_ms;
                      ALTER TABLE invites DROP COLUMN local_uses;
+                     ALTER TABLE networks DROP COLUMN cap_set_ms;
                      PRAGMA user_version = 6;",
                 )
                 .unwrap();
