@@ -198,6 +198,9 @@ impl ClusterActor {
                 outside()
             )));
         }
+        if a.name.as_ref().is_some_and(|name| *name != claim.instance) {
+            return Err(Refusal::Invalid(format!("{} and its holder is named unlike its lease proof's", outside())));
+        }
         // A client holds the VIP here: a proof of another client's (a lease given up
         // and since given to this one) cannot take it; the same client roaming can.
         if let Some((_, holder)) = self.attached.get(&(a.net, a.vip)) {
@@ -210,9 +213,6 @@ impl ClusterActor {
         }
         // (After the check above: a node that missed a release is answered with the
         // holder here, which ends its stale session.)
-        if a.name.as_ref().is_some_and(|name| *name != claim.instance) {
-            return Err(Refusal::Invalid(format!("{} and its holder is named unlike its lease proof's", outside())));
-        }
         if self.voided(a.net, a.vip, claim.issued) {
             return Err(Refusal::Invalid(format!(
                 "{} and its lease was released after the proof was issued",
@@ -472,11 +472,11 @@ impl Handler<VoidsChanged> for ClusterActor {
 /// their routes name them) and here (whether or not a lease names them still).
 #[derive(Message)]
 #[rtype(result = "HashMap<Ipv4Addr, String>")]
-pub struct RemoteNames(pub NetKey);
+pub struct MemberNames(pub NetKey);
 
-impl Handler<RemoteNames> for ClusterActor {
-    type Result = MessageResult<RemoteNames>;
-    fn handle(&mut self, msg: RemoteNames, _ctx: &mut Self::Context) -> Self::Result {
+impl Handler<MemberNames> for ClusterActor {
+    type Result = MessageResult<MemberNames>;
+    fn handle(&mut self, msg: MemberNames, _ctx: &mut Self::Context) -> Self::Result {
         let mut names: HashMap<Ipv4Addr, String> =
             self.table.names_in(msg.0).into_iter().map(|(vip, name)| (vip, name.to_owned())).collect();
         for ((net, vip), (_, holder)) in &self.attached {

@@ -24,7 +24,7 @@ use quinn::VarInt;
 use tokio_util::codec::FramedRead;
 
 use crate::allocator::{LeaseSeen, ListLeases, ReleaseLease};
-use crate::cluster::{Holder, RemoteNames};
+use crate::cluster::{Holder, MemberNames};
 use crate::control::{ControlQueue, PushError};
 use crate::counters::Reason;
 use crate::datagram::{DatagramPath, Sender};
@@ -281,7 +281,7 @@ impl SessionActor {
     /// (members of other nodes, named as their routes name them).
     fn handle_peers(&mut self, ctx: &mut Context<Self>, req: u64) {
         let leases = self.node.allocator.send(ListLeases(self.network.name.clone()));
-        let names = self.node.cluster_actor().map(|cluster| cluster.send(RemoteNames(self.net())));
+        let names = self.node.cluster_actor().map(|cluster| cluster.send(MemberNames(self.net())));
         let query = async move {
             let names = match names {
                 Some(names) => names.await.unwrap_or_default(),
