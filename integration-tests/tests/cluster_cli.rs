@@ -53,6 +53,26 @@ async fn start_node(cluster: &std::path::Path, data: &std::path::Path, node: &st
     NodeProc { proc, addr, invite }
 }
 
+/// A cluster CA made with `ca init` in a new directory, with `ca issue` for each of
+/// `nodes`: the directory (kept while it lives) and the CA's path.
+async fn issued(nodes: &[&str]) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("cluster");
+    let ca_s = ca.to_str().unwrap();
+    assert_eq!(output(server(&["ca", "init", "--dir", ca_s])).await.0, 0);
+    for node in nodes {
+        assert_eq!(output(server(&["ca", "issue", node, "--dir", ca_s])).await.0, 0);
+    }
+    (dir, ca)
+}
+
+/// Sends SIGTERM to a node and waits for it: its exit code and what it logged.
+async fn terminate(node: &mut NodeProc) -> (i32, Vec<String>) {
+    let pid = node.proc.child.id().unwrap().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    node.proc.wait().await
+}
+
 #[tokio::test]
 async fn three_nodes_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -230,21 +250,15 @@ async fn a_client_fails_over_when_its_node_is_killed() {
 
 #[tokio::test]
 async fn a_node_dialing_a_dead_peer_stops_quietly() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("cluster");
-    let ca_s = ca.to_str().unwrap();
-    assert_eq!(output(server(&["ca", "init", "--dir", ca_s])).await.0, 0);
-    assert_eq!(output(server(&["ca", "issue", "n1", "--dir", ca_s])).await.0, 0);
+    let (dir, ca) = issued(&["n1"]).await;
     // A peer address where nothing answers: the dialer keeps retrying.
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap().to_string();
     let mut n1 = start_node(&ca, &dir.path().join("d1"), "n1", &[&dead_addr]).await;
-    let pid = n1.proc.child.id().unwrap().to_string();
     // Dialing for a moment: a connection attempt is in flight when the signal comes.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let signalled = std::time::Instant::now();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let (code, err) = n1.proc.wait().await;
+    let (code, err) = terminate(&mut n1).await;
     let took = signalled.elapsed();
     assert_eq!(code, 0, "{err:?}");
     let after: Vec<_> = err.iter().skip_while(|l| !l.contains("relay shutting down")).collect();
@@ -258,11 +272,7 @@ async fn a_node_dialing_a_dead_peer_stops_quietly() {
 /// A --peer that is a standalone relay is named as such, once, not as a protocol error.
 #[tokio::test]
 async fn a_peer_that_is_a_standalone_relay_is_said_as_such() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("cluster");
-    let ca_s = ca.to_str().unwrap();
-    assert_eq!(output(server(&["ca", "init", "--dir", ca_s])).await.0, 0);
-    assert_eq!(output(server(&["ca", "issue", "n1", "--dir", ca_s])).await.0, 0);
+    let (dir, ca) = issued(&["n1"]).await;
     let standalone = TestRelay::start();
     let mut n1 = start_node(&ca, &dir.path().join("d1"), "n1", &[&standalone.addr().to_string()]).await;
     let line = within("the dial failure", n1.proc.stderr_until("cannot link to peer")).await;
@@ -273,13 +283,7 @@ async fn a_peer_that_is_a_standalone_relay_is_said_as_such() {
 /// on its own side too.
 #[tokio::test]
 async fn a_node_run_twice_is_told_why_on_both_sides() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("cluster");
-    let ca_s = ca.to_str().unwrap();
-    assert_eq!(output(server(&["ca", "init", "--dir", ca_s])).await.0, 0);
-    for node in ["n1", "n2"] {
-        assert_eq!(output(server(&["ca", "issue", node, "--dir", ca_s])).await.0, 0);
-    }
+    let (dir, ca) = issued(&["n1", "n2"]).await;
     let mut n1 = start_node(&ca, &dir.path().join("d1"), "n1", &[]).await;
     let mut n2 = start_node(&ca, &dir.path().join("d2"), "n2", &[&n1.addr]).await;
     within("n2 links", n2.proc.stderr_until("peer link up")).await;
@@ -290,9 +294,7 @@ async fn a_node_run_twice_is_told_why_on_both_sides() {
     assert!(line.contains("linked already from"), "{line}");
     // Its retries are refused alike (a changed reason would make another line).
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let pid = twin.proc.child.id().unwrap().to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let (_, err) = twin.proc.wait().await;
+    let (_, err) = terminate(&mut twin).await;
     let failures: Vec<_> = err.iter().filter(|l| l.contains("cannot link to peer")).collect();
     assert!(failures.iter().all(|l| l.contains("linked already from")), "{failures:?}");
 }
